@@ -1,0 +1,75 @@
+//! Rust side of Agora's contracts.
+//!
+//! - [`ModelRegistry`] and [`LicenseMarket`]: alloy bindings generated with `sol!` from the
+//!   committed compiled artifacts (`contracts/artifacts/*.json`, made by
+//!   `scripts/build-contracts`), so the Rust code always matches the deployed bytecode.
+//! - [`deploy`]: deploys both contracts, binds the market to the registry and returns a
+//!   [`Deployment`], the JSON file (`data/deployment.json`) every node and CLI reads.
+//! - [`order_domain`]: the EIP-712 domain sellers sign orders and buyers sign vouchers under.
+//! - [`anvil`]: a harness that runs the pinned anvil binary on a free loopback port and kills
+//!   it on drop; every test that needs a chain uses it.
+
+pub mod anvil;
+mod deploy;
+
+pub use deploy::{DeployError, DeployParams, Deployment, deploy, missing_code};
+
+use alloy::{
+    primitives::{Address, U256},
+    sol,
+    sol_types::Eip712Domain,
+};
+
+sol!(
+    #[sol(rpc)]
+    #[derive(Debug, PartialEq, Eq)]
+    ModelRegistry,
+    "../artifacts/ModelRegistry.json"
+);
+
+sol!(
+    #[sol(rpc)]
+    #[derive(Debug, PartialEq, Eq)]
+    #[allow(clippy::too_many_arguments)] // generated: LicensePurchased has nine fields
+    LicenseMarket,
+    "../artifacts/LicenseMarket.json"
+);
+
+/// The EIP-712 domain name of LicenseMarket.
+pub const MARKET_DOMAIN_NAME: &str = "Agora LicenseMarket";
+/// The EIP-712 domain version of LicenseMarket.
+pub const MARKET_DOMAIN_VERSION: &str = "1";
+
+/// Basis points in a whole (a split sums to this).
+pub const BPS: u16 = 10_000;
+
+/// Kinds of license terms, as `Term.kind` encodes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TermKind {
+    Perpetual = 0,
+    Timed = 1,
+    Usage = 2,
+}
+
+impl TermKind {
+    pub fn from_u8(kind: u8) -> Option<Self> {
+        match kind {
+            0 => Some(Self::Perpetual),
+            1 => Some(Self::Timed),
+            2 => Some(Self::Usage),
+            _ => None,
+        }
+    }
+}
+
+/// The domain orders and vouchers are signed under, for a market on `chain_id`.
+pub fn order_domain(chain_id: u64, market: Address) -> Eip712Domain {
+    Eip712Domain::new(
+        Some(MARKET_DOMAIN_NAME.into()),
+        Some(MARKET_DOMAIN_VERSION.into()),
+        Some(U256::from(chain_id)),
+        Some(market),
+        None,
+    )
+}

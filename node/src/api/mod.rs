@@ -1,0 +1,96 @@
+//! The HTTP API: axum routers per area, one error mapping ([`error`]), and an OpenAPI
+//! description generated from the handlers (served at `/openapi.json`).
+//!
+//! Handlers are thin: they parse, call a domain service, and map its answer. Every request is
+//! counted and timed per route in `/metrics`.
+
+pub mod error;
+mod health;
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use axum::{
+    Json, Router,
+    extract::{MatchedPath, Request},
+    middleware::{self, Next},
+    response::Response,
+    routing::get,
+};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::watch;
+use utoipa::OpenApi;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::chain::ChainHealth;
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub chain: watch::Receiver<ChainHealth>,
+    pub metrics: PrometheusHandle,
+    pub started: Instant,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Agora node API", description = "Marketplace, registry and MLOps node for machine-learning models anchored on an EVM chain."),
+    tags((name = "node", description = "Health, readiness, metrics"))
+)]
+struct ApiDoc;
+
+/// The routes and their OpenAPI description.
+pub fn router(state: AppState) -> Router {
+    let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(health::metrics))
+        .split_for_parts();
+    let api = Arc::new(api);
+    router
+        .route("/openapi.json", get(move || async move { Json(api.as_ref().clone()) }))
+        .fallback(|| async { error::ApiError::not_found("no such endpoint") })
+        .layer(middleware::from_fn(track))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn track(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = request.method().to_string();
+    let response = next.run(request).await;
+    let labels = [("method", method), ("route", route), ("status", response.status().as_u16().to_string())];
+    metrics::counter!("agora_http_requests_total", &labels).increment(1);
+    metrics::histogram!("agora_http_request_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}; choose another address with --http-addr or AGORA_HTTP_ADDR")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
+/// Binds the listener (separately from serving, so a busy port is reported at once).
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, BindError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })
+}
+
+/// Serves until `shutdown` flips to true, then finishes in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
+}

@@ -1,0 +1,67 @@
+//! The `agora` command line, grouped by who uses it. Every command reads the same
+//! configuration (flags > `AGORA_*` environment > `--config` TOML > defaults).
+
+mod contracts;
+mod dev;
+
+use clap::{Parser, Subcommand};
+
+use crate::{
+    config::{Config, ConfigArgs},
+    node, telemetry,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "agora",
+    version,
+    about = "Agora: a marketplace node for machine-learning models on an EVM chain"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a node: index the chain, serve the API.
+    Node(NodeArgs),
+    /// Run a local chain with the contracts deployed and a node on it (what scripts/dev runs).
+    Dev(dev::DevArgs),
+    /// Deploy and inspect the contracts.
+    #[command(subcommand)]
+    Contracts(contracts::ContractsCommand),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct NodeArgs {
+    /// Print the effective configuration (secrets masked) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl Cli {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let config = Config::load(&self.config)?;
+        match self.command {
+            Command::Node(args) => {
+                if args.print_config {
+                    print!("{}", config.to_masked_toml());
+                    return Ok(());
+                }
+                telemetry::init_tracing(&config.log)?;
+                let metrics = telemetry::init_metrics()?;
+                node::run(config, metrics, node::shutdown_on_signals()).await
+            }
+            Command::Dev(args) => {
+                telemetry::init_tracing(&config.log)?;
+                let metrics = telemetry::init_metrics()?;
+                dev::run(config, args, metrics).await
+            }
+            Command::Contracts(command) => command.run(&config).await,
+        }
+    }
+}

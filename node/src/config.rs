@@ -1,0 +1,335 @@
+//! One typed configuration for the node.
+//!
+//! Precedence, highest first: command-line flags, `AGORA_*` environment variables (clap reads
+//! both, so a flag beats its variable), the TOML file given by `--config`/`AGORA_CONFIG`, and
+//! the defaults below. [`Config::masked`] is what `agora node --print-config` prints: secrets
+//! replaced by `***`.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration of a node.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub chain: ChainConfig,
+    pub storage: StorageConfig,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChainConfig {
+    /// JSON-RPC endpoint of the EVM chain (http, https, ws or wss).
+    pub rpc_url: String,
+    /// The deployment file (addresses and deployment block); defaults to
+    /// `<data_dir>/deployment.json`.
+    pub deployment: Option<PathBuf>,
+    /// How often the chain is polled, in milliseconds.
+    pub poll_ms: u64,
+}
+
+impl Default for ChainConfig {
+    fn default() -> Self {
+        Self { rpc_url: "http://127.0.0.1:8545".into(), deployment: None, poll_ms: 1_000 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Where the node keeps its database and files.
+    pub data_dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { data_dir: PathBuf::from("data") }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address the HTTP API listens on.
+    pub addr: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { addr: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter such as `info` or `agora=debug,tower_http=info`.
+    pub filter: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { filter: "info".into(), format: LogFormat::Pretty }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+/// Where the configuration comes from: the TOML file and the overrides from flags and
+/// environment. Shared by every command that runs or talks to a node.
+#[derive(Args, Clone, Debug, Default)]
+pub struct ConfigArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "AGORA_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+
+    /// JSON-RPC endpoint of the chain.
+    #[arg(long, env = "AGORA_RPC_URL", global = true, help_heading = "Chain")]
+    pub rpc_url: Option<String>,
+
+    /// Deployment file written by `agora contracts deploy` [default: <data-dir>/deployment.json].
+    #[arg(long, env = "AGORA_DEPLOYMENT", global = true, help_heading = "Chain")]
+    pub deployment: Option<PathBuf>,
+
+    /// Chain polling interval in milliseconds [default: 1000].
+    #[arg(long, env = "AGORA_POLL_MS", global = true, help_heading = "Chain")]
+    pub poll_ms: Option<u64>,
+
+    /// Data directory [default: ./data].
+    #[arg(long, env = "AGORA_DATA_DIR", global = true, help_heading = "Storage")]
+    pub data_dir: Option<PathBuf>,
+
+    /// HTTP listen address [default: 127.0.0.1:8080].
+    #[arg(long, env = "AGORA_HTTP_ADDR", global = true, help_heading = "HTTP")]
+    pub http_addr: Option<SocketAddr>,
+
+    /// Log filter, e.g. `info` or `agora_node=debug` (RUST_LOG is read when this is unset) [default: info].
+    #[arg(long = "log", env = "AGORA_LOG", global = true, help_heading = "Logging")]
+    pub log_filter: Option<String>,
+
+    /// Log format.
+    #[arg(long, env = "AGORA_LOG_FORMAT", global = true, help_heading = "Logging")]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("chain.poll_ms must be at least 1")]
+    ZeroPoll,
+    #[error("chain.rpc_url {0:?} is not a URL: {1}")]
+    RpcUrl(String, url::ParseError),
+    #[error("chain.rpc_url {0:?} must use http, https, ws or wss")]
+    RpcScheme(String),
+}
+
+impl Config {
+    /// Defaults, then the TOML file, then flags and environment.
+    pub fn load(args: &ConfigArgs) -> Result<Self, ConfigError> {
+        let mut config = match &args.config {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        config.apply(args);
+        if config.log.filter.is_empty() {
+            config.log.filter = "info".into();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        toml::from_str(&text)
+            .map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source: Box::new(source) })
+    }
+
+    fn apply(&mut self, args: &ConfigArgs) {
+        if let Some(v) = &args.rpc_url {
+            self.chain.rpc_url = v.clone();
+        }
+        if let Some(v) = &args.deployment {
+            self.chain.deployment = Some(v.clone());
+        }
+        if let Some(v) = args.poll_ms {
+            self.chain.poll_ms = v;
+        }
+        if let Some(v) = &args.data_dir {
+            self.storage.data_dir = v.clone();
+        }
+        if let Some(v) = args.http_addr {
+            self.http.addr = v;
+        }
+        // RUST_LOG is an environment variable too: it beats the file, AGORA_LOG beats it.
+        match (&args.log_filter, std::env::var("RUST_LOG")) {
+            (Some(v), _) => self.log.filter = v.clone(),
+            (None, Ok(v)) if !v.is_empty() => self.log.filter = v,
+            _ => {}
+        }
+        if let Some(v) = args.log_format {
+            self.log.format = v;
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.chain.poll_ms == 0 {
+            return Err(ConfigError::ZeroPoll);
+        }
+        let url = url::Url::parse(&self.chain.rpc_url)
+            .map_err(|e| ConfigError::RpcUrl(self.chain.rpc_url.clone(), e))?;
+        if !matches!(url.scheme(), "http" | "https" | "ws" | "wss") {
+            return Err(ConfigError::RpcScheme(self.chain.rpc_url.clone()));
+        }
+        Ok(())
+    }
+
+    /// The deployment file this node reads.
+    pub fn deployment_path(&self) -> PathBuf {
+        self.chain.deployment.clone().unwrap_or_else(|| self.storage.data_dir.join("deployment.json"))
+    }
+
+    /// The RocksDB directory.
+    pub fn db_path(&self) -> PathBuf {
+        self.storage.data_dir.join("db")
+    }
+
+    /// The configuration with secrets masked, for printing.
+    pub fn masked(&self) -> Self {
+        let mut masked = self.clone();
+        masked.chain.rpc_url = mask_url(&self.chain.rpc_url);
+        masked
+    }
+
+    /// The configuration as TOML, secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        toml::to_string_pretty(&self.masked()).expect("the config always serialises")
+    }
+}
+
+/// Hides credentials an RPC URL may carry: the password, query values (API keys are often
+/// passed as `?key=`), and path segments that look like keys (`/v3/<key>`).
+pub fn mask_url(raw: &str) -> String {
+    let Ok(mut url) = url::Url::parse(raw) else { return "***".into() };
+    if url.password().is_some() {
+        let _ = url.set_password(Some("***"));
+    }
+    if url.query().is_some() {
+        let pairs: Vec<(String, String)> =
+            url.query_pairs().map(|(k, _)| (k.into_owned(), "***".to_owned())).collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    let segments: Option<Vec<String>> = url.path_segments().map(|segments| {
+        segments
+            .map(|s| {
+                if s.len() >= 20 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                    "***".into()
+                } else {
+                    s.to_owned()
+                }
+            })
+            .collect()
+    });
+    if let Some(segments) = segments {
+        url.set_path(&segments.join("/"));
+    }
+    url.to_string().replace("%2A%2A%2A", "***")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ConfigArgs {
+        ConfigArgs::default()
+    }
+
+    #[test]
+    fn defaults() {
+        let config = Config::load(&args()).unwrap();
+        assert_eq!(config.http.addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.chain.rpc_url, "http://127.0.0.1:8545");
+        assert_eq!(config.deployment_path(), PathBuf::from("data/deployment.json"));
+        assert_eq!(config.db_path(), PathBuf::from("data/db"));
+    }
+
+    #[test]
+    fn file_then_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agora.toml");
+        std::fs::write(
+            &path,
+            "[chain]\nrpc_url = \"http://10.0.0.1:8545\"\npoll_ms = 250\n[http]\naddr = \"127.0.0.1:9000\"\n[storage]\ndata_dir = \"/var/lib/agora\"\n",
+        )
+        .unwrap();
+        let from_file = Config::load(&ConfigArgs { config: Some(path.clone()), ..args() }).unwrap();
+        assert_eq!(from_file.chain.rpc_url, "http://10.0.0.1:8545");
+        assert_eq!(from_file.chain.poll_ms, 250);
+        assert_eq!(from_file.http.addr.to_string(), "127.0.0.1:9000");
+        assert_eq!(from_file.deployment_path(), PathBuf::from("/var/lib/agora/deployment.json"));
+
+        let overridden = Config::load(&ConfigArgs {
+            config: Some(path),
+            http_addr: Some("127.0.0.1:9100".parse().unwrap()),
+            deployment: Some("/tmp/d.json".into()),
+            ..args()
+        })
+        .unwrap();
+        assert_eq!(overridden.http.addr.to_string(), "127.0.0.1:9100");
+        assert_eq!(overridden.chain.rpc_url, "http://10.0.0.1:8545", "file value kept");
+        assert_eq!(overridden.deployment_path(), PathBuf::from("/tmp/d.json"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agora.toml");
+        std::fs::write(&path, "[chain]\nrpc_urll = \"x\"\n").unwrap();
+        let err = Config::load(&ConfigArgs { config: Some(path.clone()), ..args() }).unwrap_err();
+        assert!(err.to_string().contains("rpc_urll"), "{err}");
+
+        std::fs::write(&path, "[chain]\npoll_ms = 0\n").unwrap();
+        let err = Config::load(&ConfigArgs { config: Some(path), ..args() }).unwrap_err();
+        assert!(matches!(err, ConfigError::ZeroPoll), "{err}");
+
+        let err = Config::load(&ConfigArgs { rpc_url: Some("ftp://x".into()), ..args() }).unwrap_err();
+        assert!(matches!(err, ConfigError::RpcScheme(_)), "{err}");
+
+        let err = Config::load(&ConfigArgs { config: Some("/nonexistent/agora.toml".into()), ..args() })
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/agora.toml"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        assert_eq!(
+            mask_url("https://user:hunter2@rpc.example/v3/0123456789abcdef0123456789abcdef?apikey=s3cret"),
+            "https://user:***@rpc.example/v3/***?apikey=***"
+        );
+        assert_eq!(mask_url("http://127.0.0.1:8545"), "http://127.0.0.1:8545/");
+        let config = Config {
+            chain: ChainConfig { rpc_url: "https://rpc.example/?key=abc".into(), ..Default::default() },
+            ..Default::default()
+        };
+        let printed = config.to_masked_toml();
+        assert!(!printed.contains("abc"), "{printed}");
+        assert!(printed.contains("key=***"), "{printed}");
+    }
+}

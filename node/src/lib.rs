@@ -1,0 +1,22 @@
+//! The Agora node: a marketplace of machine-learning models anchored on an EVM chain, and an
+//! MLOps service (registry, deployments, monitoring) around it.
+//!
+//! One module per concern; dependencies point inwards. `api` (HTTP) and `cli` call the domain
+//! services; the domain modules call `store` (RocksDB) and `chain` (RPC); nothing calls `api`.
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`config`] | one typed config: flags > `AGORA_*` environment > TOML file > defaults |
+//! | [`store`] | RocksDB: typed tables, atomic batches, schema version |
+//! | [`chain`] | RPC provider, chain health (and the indexer) |
+//! | [`api`] | axum routers, error mapping, OpenAPI |
+//! | [`cli`] | `clap` commands |
+//! | [`node`] | wiring the services together, shutdown |
+
+pub mod api;
+pub mod chain;
+pub mod cli;
+pub mod config;
+pub mod node;
+pub mod store;
+pub mod telemetry;

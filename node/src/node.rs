@@ -1,0 +1,82 @@
+//! `agora node`: opens the store, connects to the chain, starts the long-running services and
+//! serves the API until a shutdown signal.
+//!
+//! Services each own their state in one task and stop when the shared shutdown channel flips
+//! to `true` (Ctrl-C or SIGTERM): the HTTP server finishes in-flight requests, the chain
+//! monitor stops polling, then the store is closed.
+
+use std::time::{Duration, Instant};
+
+use agora_contracts::Deployment;
+use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::watch;
+
+use crate::{api, chain, config::Config, store::Store};
+
+/// Runs the node until `shutdown` flips to true.
+pub async fn run(
+    config: Config,
+    metrics: PrometheusHandle,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let deployment_path = config.deployment_path();
+    let deployment = Deployment::load(&deployment_path).with_context(|| {
+        format!(
+            "the node needs the contracts' deployment file; create it with `agora contracts deploy --rpc-url URL --private-key KEY > {}` or point AGORA_DEPLOYMENT at it",
+            deployment_path.display()
+        )
+    })?;
+
+    std::fs::create_dir_all(&config.storage.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", config.storage.data_dir.display()))?;
+    let store = tokio::task::spawn_blocking({
+        let path = config.db_path();
+        move || Store::open(&path)
+    })
+    .await??;
+    store.bind_deployment(&deployment_id(&deployment))?;
+
+    let provider = chain::connect(&config.chain.rpc_url).await?;
+    let (monitor, chain_health) =
+        chain::ChainMonitor::new(provider, deployment.clone(), Duration::from_millis(config.chain.poll_ms));
+    let first = monitor.check_now().await;
+    if let Some(problem) = &first.problem {
+        tracing::warn!(target: "agora::node", %problem, "starting unready; the chain is checked again every {} ms", config.chain.poll_ms);
+    }
+    let monitor_task = tokio::spawn(monitor.run(shutdown.clone()));
+
+    let listener = api::bind(config.http.addr).await?;
+    let local = listener.local_addr()?;
+    let router = api::router(api::AppState { chain: chain_health, metrics, started: Instant::now() });
+    tracing::info!(target: "agora::node", %local, chain_id = deployment.chain_id, registry = %deployment.model_registry, market = %deployment.license_market, "node started");
+    // A plain line on stdout, for people and for scripts that start the node on port 0.
+    println!("agora node: listening on http://{local}");
+
+    api::serve(listener, router, shutdown).await.context("the HTTP server failed")?;
+    let _ = monitor_task.await;
+    drop(store);
+    tracing::info!(target: "agora::node", "node stopped");
+    Ok(())
+}
+
+/// Identifies a deployment in the store's metadata.
+pub fn deployment_id(deployment: &Deployment) -> String {
+    format!("{}:{}:{}", deployment.chain_id, deployment.model_registry, deployment.license_market)
+}
+
+/// A channel that flips to `true` on Ctrl-C or SIGTERM.
+pub fn shutdown_on_signals() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler cannot fail on unix");
+        tokio::select! {
+            _ = ctrl_c => tracing::info!(target: "agora::node", "Ctrl-C: shutting down"),
+            _ = term.recv() => tracing::info!(target: "agora::node", "SIGTERM: shutting down"),
+        }
+        let _ = tx.send(true);
+    });
+    rx
+}

@@ -1,0 +1,233 @@
+//! RocksDB storage: typed tables (one column family each), big-endian keys so range scans
+//! come out ordered, compact values (postcard), and atomic batches across tables.
+//!
+//! Invariants:
+//! - every table is declared once in [`tables`]; opening creates missing column families;
+//! - `meta` holds the schema version, checked at open: a database written by another schema
+//!   is refused with an error that says how to rebuild it (the chain index is derived data);
+//! - `meta` also records which deployment (chain id and contract addresses) the database
+//!   indexes, so a node never mixes two chains in one index;
+//! - writes that belong together go through one [`Batch`] (one RocksDB `WriteBatch`, WAL on).
+
+pub mod tables;
+
+use std::{path::Path, sync::Arc};
+
+use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
+
+pub use tables::{Meta, Table};
+
+/// Bumped whenever a table's key or value encoding changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the database at {path}: {source}")]
+    Open { path: String, source: rocksdb::Error },
+    #[error(
+        "the database at {path} has schema version {found}, this node needs {expected}; \
+         move it away (or delete it) to rebuild the index from the chain"
+    )]
+    Schema { path: String, found: u32, expected: u32 },
+    #[error(
+        "the database at {path} indexes deployment {found}, but the node is configured for {expected}; \
+         use another --data-dir, or move {path} away to rebuild it"
+    )]
+    OtherDeployment { path: String, found: String, expected: String },
+    #[error("database error: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("table {table}: cannot decode a stored value: {source}")]
+    Decode { table: &'static str, source: postcard::Error },
+    #[error("table {table}: cannot encode a value: {source}")]
+    Encode { table: &'static str, source: postcard::Error },
+}
+
+/// A cheaply cloneable handle to the database.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+    path: Arc<str>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database and checks its schema version.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let display = path.display().to_string();
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let descriptors =
+            tables::NAMES.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let db = DB::open_cf_descriptors(&options, path, descriptors)
+            .map_err(|source| StoreError::Open { path: display.clone(), source })?;
+        let store = Self { db: Arc::new(db), path: display.into() };
+
+        match store.get::<Meta>(&tables::MetaKey::SchemaVersion)? {
+            None => store
+                .put::<Meta>(&tables::MetaKey::SchemaVersion, &tables::MetaValue::Version(SCHEMA_VERSION))?,
+            Some(tables::MetaValue::Version(found)) if found == SCHEMA_VERSION => {}
+            Some(tables::MetaValue::Version(found)) => {
+                return Err(StoreError::Schema {
+                    path: store.path.to_string(),
+                    found,
+                    expected: SCHEMA_VERSION,
+                });
+            }
+            Some(_) => {
+                return Err(StoreError::Schema {
+                    path: store.path.to_string(),
+                    found: 0,
+                    expected: SCHEMA_VERSION,
+                });
+            }
+        }
+        Ok(store)
+    }
+
+    /// Records `deployment` (an identifying string) on first use and refuses any other later.
+    pub fn bind_deployment(&self, deployment: &str) -> Result<(), StoreError> {
+        match self.get::<Meta>(&tables::MetaKey::Deployment)? {
+            None => self
+                .put::<Meta>(&tables::MetaKey::Deployment, &tables::MetaValue::Text(deployment.to_owned())),
+            Some(tables::MetaValue::Text(found)) if found == deployment => Ok(()),
+            Some(other) => Err(StoreError::OtherDeployment {
+                path: self.path.to_string(),
+                found: match other {
+                    tables::MetaValue::Text(text) => text,
+                    tables::MetaValue::Version(v) => v.to_string(),
+                },
+                expected: deployment.to_owned(),
+            }),
+        }
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn cf(&self, name: &'static str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("every table's column family is created at open")
+    }
+
+    pub fn get<T: Table>(&self, key: &T::Key) -> Result<Option<T::Value>, StoreError> {
+        let bytes = self.db.get_pinned_cf(self.cf(T::NAME), T::encode_key(key))?;
+        bytes.map(|b| decode::<T>(&b)).transpose()
+    }
+
+    /// Writes one record, durably (synced). Several related writes belong in a [`Batch`].
+    pub fn put<T: Table>(&self, key: &T::Key, value: &T::Value) -> Result<(), StoreError> {
+        let mut batch = self.batch();
+        batch.put::<T>(key, value)?;
+        self.write(batch)
+    }
+
+    /// Iterates a table in key order.
+    pub fn iter<T: Table>(&self) -> impl Iterator<Item = Result<(Vec<u8>, T::Value), StoreError>> + '_ {
+        self.db.iterator_cf(self.cf(T::NAME), rocksdb::IteratorMode::Start).map(|item| {
+            let (k, v) = item?;
+            Ok((k.to_vec(), decode::<T>(&v)?))
+        })
+    }
+
+    pub fn batch(&self) -> Batch<'_> {
+        Batch { store: self, inner: WriteBatch::default() }
+    }
+
+    /// Applies a batch atomically across tables, with the WAL synced.
+    pub fn write(&self, batch: Batch<'_>) -> Result<(), StoreError> {
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db.write_opt(batch.inner, &options)?;
+        Ok(())
+    }
+}
+
+/// Writes to apply together (all or nothing).
+pub struct Batch<'a> {
+    store: &'a Store,
+    inner: WriteBatch,
+}
+
+impl Batch<'_> {
+    pub fn put<T: Table>(&mut self, key: &T::Key, value: &T::Value) -> Result<(), StoreError> {
+        let bytes =
+            postcard::to_stdvec(value).map_err(|source| StoreError::Encode { table: T::NAME, source })?;
+        self.inner.put_cf(self.store.cf(T::NAME), T::encode_key(key), bytes);
+        Ok(())
+    }
+
+    pub fn delete<T: Table>(&mut self, key: &T::Key) {
+        self.inner.delete_cf(self.store.cf(T::NAME), T::encode_key(key));
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+}
+
+fn decode<T: Table>(bytes: &[u8]) -> Result<T::Value, StoreError> {
+    postcard::from_bytes(bytes).map_err(|source| StoreError::Decode { table: T::NAME, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tables::{MetaKey, MetaValue};
+
+    #[test]
+    fn reopen_keeps_data_and_checks_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.bind_deployment("31337:0xabc").unwrap();
+        drop(store);
+
+        let store = Store::open(dir.path()).unwrap();
+        store.bind_deployment("31337:0xabc").unwrap();
+        let err = store.bind_deployment("1:0xdef").unwrap_err();
+        assert!(matches!(err, StoreError::OtherDeployment { .. }), "{err}");
+        assert!(err.to_string().contains("31337:0xabc"));
+
+        store.put::<Meta>(&MetaKey::SchemaVersion, &MetaValue::Version(SCHEMA_VERSION + 1)).unwrap();
+        drop(store);
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Schema { found, .. } if found == SCHEMA_VERSION + 1), "{err}");
+        assert!(err.to_string().contains("rebuild"), "{err}");
+    }
+
+    #[test]
+    fn batch_is_atomic_and_ordered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut batch = store.batch();
+        batch.put::<Meta>(&MetaKey::Deployment, &MetaValue::Text("x".into())).unwrap();
+        batch.delete::<Meta>(&MetaKey::Deployment);
+        batch.put::<Meta>(&MetaKey::Deployment, &MetaValue::Text("y".into())).unwrap();
+        assert_eq!(batch.len(), 3);
+        store.write(batch).unwrap();
+        assert_eq!(store.get::<Meta>(&MetaKey::Deployment).unwrap(), Some(MetaValue::Text("y".into())));
+        let keys: Vec<Vec<u8>> = store.iter::<Meta>().map(|r| r.unwrap().0).collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+    }
+
+    #[test]
+    fn unopenable_path_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let err = Store::open(&file).unwrap_err();
+        assert!(err.to_string().contains("not-a-dir"), "{err}");
+    }
+}

@@ -1,0 +1,181 @@
+//! Helpers for end-to-end tests: the `agora` binary as a child process (killed on drop), the
+//! URL it listens on, and waiting for conditions with a deadline instead of sleeping.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, OnceLock, mpsc},
+    time::{Duration, Instant},
+};
+
+/// The `agora` binary of this workspace, built once if it is not there yet.
+pub fn agora_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("AGORA_BIN") {
+            return PathBuf::from(path);
+        }
+        // target/debug/deps/<test> → target/debug/agora
+        let exe = std::env::current_exe().expect("the test knows its own path");
+        let dir = exe.parent().and_then(Path::parent).expect("tests run from target/<profile>/deps");
+        let bin = dir.join("agora");
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "--bin", "agora", "--package", "agora-node"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the agora binary failed");
+        assert!(bin.is_file(), "agora binary not found at {}", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// Runs `agora ARGS` to completion and returns (status, stdout, stderr).
+pub fn agora(args: &[&str], envs: &[(&str, &str)]) -> (ExitStatus, String, String) {
+    let output = Command::new(agora_bin())
+        .args(args)
+        .envs(envs.iter().copied())
+        .env_remove("AGORA_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("agora runs");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into(),
+        String::from_utf8_lossy(&output.stderr).into(),
+    )
+}
+
+/// A long-running `agora` process; killed on drop.
+pub struct AgoraProcess {
+    child: Option<Child>,
+    output: Arc<Mutex<String>>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl AgoraProcess {
+    pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(agora_bin())
+            .args(args)
+            .envs(envs.iter().copied())
+            .env_remove("AGORA_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agora starts");
+        let output = Arc::new(Mutex::new(String::new()));
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        for (stream, tx) in
+            [(Box::new(stdout) as Box<dyn std::io::Read + Send>, Some(tx)), (Box::new(stderr), None)]
+        {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    output.lock().unwrap().push_str(&format!("{line}\n"));
+                    if let Some(tx) = &tx {
+                        let _ = tx.send(line);
+                    }
+                }
+            });
+        }
+        Self { child: Some(child), output, lines }
+    }
+
+    /// Waits for a stdout line containing `needle` and returns it.
+    pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => {
+                    panic!("no line with {needle:?} within {timeout:?}; output so far:\n{}", self.output())
+                }
+            }
+        }
+    }
+
+    /// The base URL the node printed (`agora node: listening on http://…`).
+    pub fn wait_for_url(&self) -> String {
+        let line = self.wait_for_line("listening on http://", Duration::from_secs(60));
+        line.rsplit(' ').next().expect("the line ends with the URL").to_owned()
+    }
+
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        let child = self.child.as_ref().expect("the process has not been waited for");
+        nix::unistd::Pid::from_raw(child.id() as i32)
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit status (None: it did not exit and
+    /// was killed).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM).ok()?;
+        self.wait(timeout)
+    }
+
+    /// Waits up to `timeout` for the process to exit; kills it if it does not.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let pid = self.pid();
+        let mut child = self.child.take()?;
+        let (tx, rx) = mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        let status = match rx.recv_timeout(timeout) {
+            Ok(status) => status.ok(),
+            Err(_) => {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                None
+            }
+        };
+        let _ = waiter.join();
+        status
+    }
+}
+
+impl Drop for AgoraProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut interval = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        interval.tick().await;
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+    }
+}
+
+/// GET `url` and return the status and the body parsed as JSON (Null when it is not JSON).
+pub async fn get_json(url: &str) -> Option<(u16, serde_json::Value)> {
+    let response = reqwest::get(url).await.ok()?;
+    let status = response.status().as_u16();
+    let body = response.json().await.unwrap_or(serde_json::Value::Null);
+    Some((status, body))
+}

@@ -1,0 +1,4 @@
+//! End-to-end tests: real anvil, real `agora` processes, real HTTP on loopback.
+
+mod dev;
+mod node;
