@@ -33,11 +33,27 @@ pub struct ChainConfig {
     pub deployment: Option<PathBuf>,
     /// How often the chain is polled, in milliseconds.
     pub poll_ms: u64,
+    /// Depth at which a block counts as final (0 allowed).
+    pub confirmations: u64,
+    /// Largest `eth_getLogs` block range.
+    pub max_block_range: u64,
+    /// Client-side timeout of one RPC call, in milliseconds.
+    pub rpc_timeout_ms: u64,
+    /// The node reports itself not ready while the index is more blocks than this behind.
+    pub ready_max_lag: u64,
 }
 
 impl Default for ChainConfig {
     fn default() -> Self {
-        Self { rpc_url: "http://127.0.0.1:8545".into(), deployment: None, poll_ms: 1_000 }
+        Self {
+            rpc_url: "http://127.0.0.1:8545".into(),
+            deployment: None,
+            poll_ms: 1_000,
+            confirmations: 12,
+            max_block_range: 10_000,
+            rpc_timeout_ms: 10_000,
+            ready_max_lag: 32,
+        }
     }
 }
 
@@ -109,6 +125,22 @@ pub struct ConfigArgs {
     #[arg(long, env = "AGORA_POLL_MS", global = true, help_heading = "Chain")]
     pub poll_ms: Option<u64>,
 
+    /// Confirmations before a block counts as final [default: 12].
+    #[arg(long, env = "AGORA_CONFIRMATIONS", global = true, help_heading = "Chain")]
+    pub confirmations: Option<u64>,
+
+    /// Largest eth_getLogs block range [default: 10000].
+    #[arg(long, env = "AGORA_MAX_BLOCK_RANGE", global = true, help_heading = "Chain")]
+    pub max_block_range: Option<u64>,
+
+    /// Timeout of one RPC call in milliseconds [default: 10000].
+    #[arg(long, env = "AGORA_RPC_TIMEOUT_MS", global = true, help_heading = "Chain")]
+    pub rpc_timeout_ms: Option<u64>,
+
+    /// Not ready while the index lags the head by more blocks than this [default: 32].
+    #[arg(long, env = "AGORA_READY_MAX_LAG", global = true, help_heading = "Chain")]
+    pub ready_max_lag: Option<u64>,
+
     /// Data directory [default: ./data].
     #[arg(long, env = "AGORA_DATA_DIR", global = true, help_heading = "Storage")]
     pub data_dir: Option<PathBuf>,
@@ -134,6 +166,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, source: Box<toml::de::Error> },
     #[error("chain.poll_ms must be at least 1")]
     ZeroPoll,
+    #[error("chain.max_block_range and chain.rpc_timeout_ms must be at least 1")]
+    ZeroLimit,
     #[error("chain.rpc_url {0:?} is not a URL: {1}")]
     RpcUrl(String, url::ParseError),
     #[error("chain.rpc_url {0:?} must use http, https, ws or wss")]
@@ -172,6 +206,18 @@ impl Config {
         if let Some(v) = args.poll_ms {
             self.chain.poll_ms = v;
         }
+        if let Some(v) = args.confirmations {
+            self.chain.confirmations = v;
+        }
+        if let Some(v) = args.max_block_range {
+            self.chain.max_block_range = v;
+        }
+        if let Some(v) = args.rpc_timeout_ms {
+            self.chain.rpc_timeout_ms = v;
+        }
+        if let Some(v) = args.ready_max_lag {
+            self.chain.ready_max_lag = v;
+        }
         if let Some(v) = &args.data_dir {
             self.storage.data_dir = v.clone();
         }
@@ -193,6 +239,9 @@ impl Config {
         if self.chain.poll_ms == 0 {
             return Err(ConfigError::ZeroPoll);
         }
+        if self.chain.max_block_range == 0 || self.chain.rpc_timeout_ms == 0 {
+            return Err(ConfigError::ZeroLimit);
+        }
         let url = url::Url::parse(&self.chain.rpc_url)
             .map_err(|e| ConfigError::RpcUrl(self.chain.rpc_url.clone(), e))?;
         if !matches!(url.scheme(), "http" | "https" | "ws" | "wss") {
@@ -204,6 +253,22 @@ impl Config {
     /// The deployment file this node reads.
     pub fn deployment_path(&self) -> PathBuf {
         self.chain.deployment.clone().unwrap_or_else(|| self.storage.data_dir.join("deployment.json"))
+    }
+
+    /// The indexer's settings.
+    pub fn indexer(&self) -> crate::chain::indexer::IndexerConfig {
+        crate::chain::indexer::IndexerConfig {
+            poll: std::time::Duration::from_millis(self.chain.poll_ms),
+            confirmations: self.chain.confirmations,
+            max_range: self.chain.max_block_range,
+            rpc_timeout: std::time::Duration::from_millis(self.chain.rpc_timeout_ms),
+            to_block: None,
+        }
+    }
+
+    /// Whether the RPC endpoint can push new heads.
+    pub fn rpc_is_websocket(&self) -> bool {
+        self.chain.rpc_url.starts_with("ws://") || self.chain.rpc_url.starts_with("wss://")
     }
 
     /// The RocksDB directory.

@@ -8,7 +8,8 @@
 //! | --- | --- |
 //! | [`config`] | one typed config: flags > `AGORA_*` environment > TOML file > defaults |
 //! | [`store`] | RocksDB: typed tables, atomic batches, schema version |
-//! | [`chain`] | RPC provider, chain health (and the indexer) |
+//! | [`chain`] | RPC provider, chain health, the indexer, reorg rollback, state root |
+//! | [`market`] | the market as indexed: models, licenses, balances, earnings |
 //! | [`api`] | axum routers, error mapping, OpenAPI |
 //! | [`cli`] | `clap` commands |
 //! | [`node`] | wiring the services together, shutdown |
@@ -17,6 +18,7 @@ pub mod api;
 pub mod chain;
 pub mod cli;
 pub mod config;
+pub mod market;
 pub mod node;
 pub mod store;
 pub mod telemetry;

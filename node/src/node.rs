@@ -38,23 +38,43 @@ pub async fn run(
     store.bind_deployment(&deployment_id(&deployment))?;
 
     let provider = chain::connect(&config.chain.rpc_url).await?;
-    let (monitor, chain_health) =
-        chain::ChainMonitor::new(provider, deployment.clone(), Duration::from_millis(config.chain.poll_ms));
+    let (monitor, chain_health) = chain::ChainMonitor::new(
+        provider.clone(),
+        deployment.clone(),
+        Duration::from_millis(config.chain.poll_ms),
+    );
     let first = monitor.check_now().await;
     if let Some(problem) = &first.problem {
         tracing::warn!(target: "agora::node", %problem, "starting unready; the chain is checked again every {} ms", config.chain.poll_ms);
     }
     let monitor_task = tokio::spawn(monitor.run(shutdown.clone()));
+    let (indexer, index_status) = chain::indexer::Indexer::new(
+        provider,
+        deployment.clone(),
+        store.clone(),
+        config.indexer(),
+        config.rpc_is_websocket(),
+    )?;
+    let indexer_task = tokio::spawn(indexer.run(shutdown.clone()));
 
     let listener = api::bind(config.http.addr).await?;
     let local = listener.local_addr()?;
-    let router = api::router(api::AppState { chain: chain_health, metrics, started: Instant::now() });
+    let router = api::router(api::AppState {
+        chain: chain_health,
+        index: index_status,
+        store: store.clone(),
+        deployment: deployment.clone(),
+        ready_max_lag: config.chain.ready_max_lag,
+        metrics,
+        started: Instant::now(),
+    });
     tracing::info!(target: "agora::node", %local, chain_id = deployment.chain_id, registry = %deployment.model_registry, market = %deployment.license_market, "node started");
     // A plain line on stdout, for people and for scripts that start the node on port 0.
     println!("agora node: listening on http://{local}");
 
     api::serve(listener, router, shutdown).await.context("the HTTP server failed")?;
     let _ = monitor_task.await;
+    let _ = indexer_task.await;
     drop(store);
     tracing::info!(target: "agora::node", "node stopped");
     Ok(())

@@ -1,6 +1,9 @@
 //! Helpers for end-to-end tests: the `agora` binary as a child process (killed on drop), the
 //! URL it listens on, and waiting for conditions with a deadline instead of sleeping.
 
+pub mod market;
+pub mod proxy;
+
 use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
@@ -178,4 +181,74 @@ pub async fn get_json(url: &str) -> Option<(u16, serde_json::Value)> {
     let status = response.status().as_u16();
     let body = response.json().await.unwrap_or(serde_json::Value::Null);
     Some((status, body))
+}
+
+/// An `agora node` process for a market, with its own data dir.
+pub struct Node {
+    pub process: AgoraProcess,
+    pub url: String,
+    pub data_dir: PathBuf,
+}
+
+impl Node {
+    /// Starts a node against `rpc_url`; `extra` env entries override the defaults.
+    pub fn start(rpc_url: &str, deployment: &str, data_dir: &Path, extra: &[(&str, &str)]) -> Self {
+        let data = data_dir.display().to_string();
+        let mut env: Vec<(&str, &str)> = vec![
+            ("AGORA_RPC_URL", rpc_url),
+            ("AGORA_DEPLOYMENT", deployment),
+            ("AGORA_DATA_DIR", &data),
+            ("AGORA_HTTP_ADDR", "127.0.0.1:0"),
+            ("AGORA_POLL_MS", "50"),
+            ("AGORA_CONFIRMATIONS", "0"),
+            ("AGORA_LOG", "info"),
+        ];
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push((k, v));
+        }
+        let process = AgoraProcess::spawn(&["node"], &env);
+        let url = process.wait_for_url();
+        Self { process, url, data_dir: data_dir.to_path_buf() }
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        get_json(&format!("{}{path}", self.url)).await.expect("the node answers")
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        self.get("/api/v1/chain/status").await.1
+    }
+
+    /// Waits until the index is at block `number` with hash `hash`.
+    pub async fn wait_indexed(&self, number: u64, hash: alloy::primitives::B256) -> serde_json::Value {
+        let want_hash = hash.to_string();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = self.status().await;
+            if status["indexed_block"].as_u64() == Some(number)
+                && status["indexed_hash"].as_str() == Some(&want_hash)
+            {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "the index did not reach block {number} {want_hash} within 60 s; last status {status}\nnode output:\n{}",
+                    self.process.output()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// `agora index rebuild` from scratch to `to_block`: (block, hash, state_root) as JSON.
+pub fn rebuild(rpc_url: &str, deployment: &str, to_block: u64) -> serde_json::Value {
+    let to = to_block.to_string();
+    let (status, stdout, stderr) = agora(
+        &["index", "rebuild", "--rpc-url", rpc_url, "--deployment", deployment, "--to-block", &to],
+        &[("AGORA_CONFIRMATIONS", "0")],
+    );
+    assert!(status.success(), "rebuild failed: {stderr}");
+    serde_json::from_str(&stdout).expect("rebuild prints JSON")
 }

@@ -9,7 +9,7 @@ use axum::{
 use serde::Serialize;
 
 use super::{AppState, error::ApiError};
-use crate::chain::ChainHealth;
+use crate::chain::{ChainHealth, indexer::IndexStatus};
 
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct Health {
@@ -32,9 +32,11 @@ pub async fn healthz(State(state): State<AppState>) -> Json<Health> {
 pub struct Readiness {
     pub status: &'static str,
     pub chain: ChainHealth,
+    pub index: IndexStatus,
 }
 
-/// Ready when the chain answers, is the deployment's chain, and has the contracts.
+/// Ready when the chain answers, is the deployment's chain and has the contracts, and the index
+/// is running and within `AGORA_READY_MAX_LAG` blocks of the head.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -46,10 +48,31 @@ pub struct Readiness {
 )]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Readiness>, ApiError> {
     let chain = state.chain.borrow().clone();
-    match &chain.problem {
-        None if chain.is_ready() => Ok(Json(Readiness { status: "ready", chain })),
-        Some(problem) => Err(ApiError::chain_unavailable(problem.clone())),
-        None => Err(ApiError::chain_unavailable("the chain has not been checked yet")),
+    let index = state.index.borrow().clone();
+    if let Some(problem) = &chain.problem {
+        return Err(ApiError::chain_unavailable(problem.clone()));
+    }
+    if !chain.is_ready() {
+        return Err(ApiError::chain_unavailable("the chain has not been checked yet"));
+    }
+    if let Some(fatal) = &index.fatal {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "index_stopped", fatal.clone()));
+    }
+    if let Some(error) = index.rpc_error.as_ref().filter(|_| !index.rpc_healthy) {
+        return Err(ApiError::chain_unavailable(format!("the indexer cannot reach the chain: {error}")));
+    }
+    match index.lag {
+        None => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "index_behind",
+            "the index has not caught up with the chain yet",
+        )),
+        Some(lag) if lag > state.ready_max_lag => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "index_behind",
+            format!("the index is {lag} blocks behind the head (ready at {} or fewer)", state.ready_max_lag),
+        )),
+        Some(_) => Ok(Json(Readiness { status: "ready", chain, index })),
     }
 }
 

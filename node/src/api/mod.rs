@@ -6,6 +6,8 @@
 
 pub mod error;
 mod health;
+mod market;
+mod params;
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
@@ -21,12 +23,20 @@ use tokio::sync::watch;
 use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::chain::ChainHealth;
+use crate::{
+    chain::{ChainHealth, indexer::IndexStatus},
+    store::Store,
+};
 
 /// What handlers share.
 #[derive(Clone)]
 pub struct AppState {
     pub chain: watch::Receiver<ChainHealth>,
+    pub index: watch::Receiver<IndexStatus>,
+    pub store: Store,
+    pub deployment: agora_contracts::Deployment,
+    /// Not ready while the index lags the head by more blocks than this.
+    pub ready_max_lag: u64,
     pub metrics: PrometheusHandle,
     pub started: Instant,
 }
@@ -34,7 +44,12 @@ pub struct AppState {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Agora node API", description = "Marketplace, registry and MLOps node for machine-learning models anchored on an EVM chain."),
-    tags((name = "node", description = "Health, readiness, metrics"))
+    tags(
+        (name = "node", description = "Health, readiness, metrics"),
+        (name = "chain", description = "The chain index"),
+        (name = "marketplace", description = "Models, listings, earnings"),
+        (name = "licenses", description = "Licenses"),
+    )
 )]
 struct ApiDoc;
 
@@ -44,6 +59,12 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(health::metrics))
+        .routes(routes!(market::chain_status))
+        .routes(routes!(market::models))
+        .routes(routes!(market::model))
+        .routes(routes!(market::earnings))
+        .routes(routes!(market::licenses))
+        .routes(routes!(market::license))
         .split_for_parts();
     let api = Arc::new(api);
     router

@@ -1,10 +1,18 @@
-//! The node's link to the chain: an RPC provider and a monitor that keeps checking that the
-//! chain answers, is the deployment's chain, and has code at the contract addresses.
+//! The node's link to the chain.
 //!
-//! The monitor runs in its own task and publishes a [`ChainHealth`] on a watch channel that
-//! `/readyz` and `/metrics` read; a chain that is down or wrong makes the node unready, never
-//! makes it exit. (The indexer that builds the node's view of the market from contract events
-//! lives here too, from the indexer issue on.)
+//! - [`connect`]: the RPC provider (http(s) or ws(s)).
+//! - [`ChainMonitor`]: keeps checking that the chain answers, is the deployment's chain and has
+//!   code at the contract addresses; publishes a [`ChainHealth`] for `/readyz`.
+//! - [`indexer::Indexer`]: builds the node's view of models, licenses and money from the
+//!   contracts' events alone ([`apply`]), with reorg rollback ([`writer`]'s undo records) and a
+//!   state root ([`root`]) that two indexes at the same block can compare.
+//!
+//! A chain that is down or wrong makes the node unready, never makes it exit.
+
+pub mod apply;
+pub mod indexer;
+pub mod root;
+pub mod writer;
 
 use std::time::Duration;
 

@@ -3,6 +3,7 @@
 
 mod contracts;
 mod dev;
+pub mod index;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,9 @@ pub enum Command {
     /// Deploy and inspect the contracts.
     #[command(subcommand)]
     Contracts(contracts::ContractsCommand),
+    /// Inspect and rebuild the chain index.
+    #[command(subcommand)]
+    Index(index::IndexCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -62,6 +66,13 @@ impl Cli {
                 dev::run(config, args, metrics).await
             }
             Command::Contracts(command) => command.run(&config).await,
+            Command::Index(command) => {
+                telemetry::init_tracing(&crate::config::LogConfig {
+                    filter: "warn".into(),
+                    ..config.log.clone()
+                })?;
+                command.run(&config, self.config.data_dir.is_some()).await
+            }
         }
     }
 }

@@ -15,7 +15,7 @@ use std::{path::Path, sync::Arc};
 
 use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
 
-pub use tables::{Meta, Table};
+pub use tables::{Meta, MetaKey, MetaValue, Table};
 
 /// Bumped whenever a table's key or value encoding changes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -91,6 +91,14 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens an existing database for reading only, alongside a node that may be writing it.
+    pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+        let display = path.display().to_string();
+        let db = DB::open_cf_for_read_only(&Options::default(), path, tables::NAMES.iter().copied(), false)
+            .map_err(|source| StoreError::Open { path: display.clone(), source })?;
+        Ok(Self { db: Arc::new(db), path: display.into() })
+    }
+
     /// Records `deployment` (an identifying string) on first use and refuses any other later.
     pub fn bind_deployment(&self, deployment: &str) -> Result<(), StoreError> {
         match self.get::<Meta>(&tables::MetaKey::Deployment)? {
@@ -101,7 +109,7 @@ impl Store {
                 path: self.path.to_string(),
                 found: match other {
                     tables::MetaValue::Text(text) => text,
-                    tables::MetaValue::Version(v) => v.to_string(),
+                    other => format!("{other:?}"),
                 },
                 expected: deployment.to_owned(),
             }),
@@ -112,8 +120,48 @@ impl Store {
         &self.path
     }
 
-    fn cf(&self, name: &'static str) -> &rocksdb::ColumnFamily {
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         self.db.cf_handle(name).expect("every table's column family is created at open")
+    }
+
+    /// The stored bytes of `key` in the table named `table`.
+    pub fn get_raw(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_pinned_cf(self.cf(table), key)?.map(|b| b.to_vec()))
+    }
+
+    /// Iterates the records of `T` whose key starts with `prefix`, in key order (or backwards),
+    /// from `start` (inclusive) when given, else from the first (or last) key of the prefix.
+    pub fn scan<T: Table>(
+        &self,
+        prefix: &[u8],
+        start: Option<&[u8]>,
+        reverse: bool,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, T::Value), StoreError>> + '_ {
+        self.scan_with::<T>(rocksdb::ReadOptions::default(), prefix, start, reverse)
+    }
+
+    fn scan_with<T: Table>(
+        &self,
+        mut options: rocksdb::ReadOptions,
+        prefix: &[u8],
+        start: Option<&[u8]>,
+        reverse: bool,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, T::Value), StoreError>> + '_ {
+        options.set_iterate_lower_bound(prefix.to_vec());
+        let mut upper = prefix.to_vec();
+        if increment(&mut upper) {
+            options.set_iterate_upper_bound(upper);
+        }
+        let direction = if reverse { rocksdb::Direction::Reverse } else { rocksdb::Direction::Forward };
+        let mode = match (start, reverse) {
+            (Some(key), _) => rocksdb::IteratorMode::From(key, direction),
+            (None, false) => rocksdb::IteratorMode::Start,
+            (None, true) => rocksdb::IteratorMode::End,
+        };
+        self.db.iterator_cf_opt(self.cf(T::NAME), options, mode).map(|item| {
+            let (k, v) = item?;
+            Ok((k.to_vec(), decode::<T>(&v)?))
+        })
     }
 
     pub fn get<T: Table>(&self, key: &T::Key) -> Result<Option<T::Value>, StoreError> {
@@ -128,12 +176,15 @@ impl Store {
         self.write(batch)
     }
 
-    /// Iterates a table in key order.
+    /// Iterates a whole table in key order.
     pub fn iter<T: Table>(&self) -> impl Iterator<Item = Result<(Vec<u8>, T::Value), StoreError>> + '_ {
-        self.db.iterator_cf(self.cf(T::NAME), rocksdb::IteratorMode::Start).map(|item| {
-            let (k, v) = item?;
-            Ok((k.to_vec(), decode::<T>(&v)?))
-        })
+        self.scan::<T>(&[], None, false)
+    }
+
+    /// A consistent read-only view (a RocksDB snapshot): every read through it sees the same
+    /// committed batch, however many batches are written meanwhile.
+    pub fn view(&self) -> View<'_> {
+        View { store: self, snapshot: self.db.snapshot() }
     }
 
     pub fn batch(&self) -> Batch<'_> {
@@ -146,6 +197,37 @@ impl Store {
         options.set_sync(true);
         self.db.write_opt(batch.inner, &options)?;
         Ok(())
+    }
+}
+
+/// Reads from one snapshot of the database.
+pub struct View<'a> {
+    store: &'a Store,
+    snapshot: rocksdb::Snapshot<'a>,
+}
+
+impl View<'_> {
+    fn options(&self) -> rocksdb::ReadOptions {
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_snapshot(&self.snapshot);
+        options
+    }
+
+    pub fn get<T: Table>(&self, key: &T::Key) -> Result<Option<T::Value>, StoreError> {
+        let bytes =
+            self.store.db.get_pinned_cf_opt(self.store.cf(T::NAME), T::encode_key(key), &self.options())?;
+        bytes.map(|b| decode::<T>(&b)).transpose()
+    }
+
+    /// As [`Store::scan`], within the snapshot.
+    pub fn scan<T: Table>(
+        &self,
+        prefix: &[u8],
+        start: Option<&[u8]>,
+        reverse: bool,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, T::Value), StoreError>> + '_ {
+        let options = self.options();
+        self.store.scan_with::<T>(options, prefix, start, reverse)
     }
 }
 
@@ -167,6 +249,14 @@ impl Batch<'_> {
         self.inner.delete_cf(self.store.cf(T::NAME), T::encode_key(key));
     }
 
+    pub fn put_raw(&mut self, table: &str, key: &[u8], value: &[u8]) {
+        self.inner.put_cf(self.store.cf(table), key, value);
+    }
+
+    pub fn delete_raw(&mut self, table: &str, key: &[u8]) {
+        self.inner.delete_cf(self.store.cf(table), key);
+    }
+
     pub fn len(&self) -> usize {
         self.inner.len()
     }
@@ -176,7 +266,23 @@ impl Batch<'_> {
     }
 }
 
-fn decode<T: Table>(bytes: &[u8]) -> Result<T::Value, StoreError> {
+/// The smallest byte string greater than every string with prefix `bytes` (false: none exists).
+fn increment(bytes: &mut Vec<u8>) -> bool {
+    while let Some(last) = bytes.last_mut() {
+        if *last < u8::MAX {
+            *last += 1;
+            return true;
+        }
+        bytes.pop();
+    }
+    false
+}
+
+pub fn encode<T: Table>(value: &T::Value) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(value).map_err(|source| StoreError::Encode { table: T::NAME, source })
+}
+
+pub fn decode<T: Table>(bytes: &[u8]) -> Result<T::Value, StoreError> {
     postcard::from_bytes(bytes).map_err(|source| StoreError::Decode { table: T::NAME, source })
 }
 

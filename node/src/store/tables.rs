@@ -1,44 +1,239 @@
-//! Every table of the database, declared in one place: its column family name, key type and
-//! value type. Keys encode big-endian so that iteration follows numeric order.
+//! Every table of the database, declared in one place: its column family name, key type,
+//! value type, and whether it is part of the index's state root. Keys encode big-endian so
+//! that iteration follows numeric order; values are postcard.
+//!
+//! Tables in the state root hold the canonical content of the chain index: what any two honest
+//! indexes at the same block agree on. Secondary indexes (lookups by holder, by token, by
+//! recipient) are derived from them and left out.
 
+use alloy::primitives::{Address, B256, U256};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// A typed column family.
 pub trait Table {
     const NAME: &'static str;
+    /// Whether records of this table count in the index's state root.
+    const IN_ROOT: bool;
     type Key;
     type Value: Serialize + DeserializeOwned;
 
     fn encode_key(key: &Self::Key) -> Vec<u8>;
 }
 
-/// Column families, in creation order.
-pub const NAMES: &[&str] = &[Meta::NAME];
+macro_rules! tables {
+    ($($(#[$doc:meta])* $name:ident = $cf:literal, root: $root:literal, key: $key:ty, value: $value:ty, encode: |$k:ident| $encode:expr;)*) => {
+        $(
+            $(#[$doc])*
+            pub struct $name;
 
-/// Node-wide facts: schema version, the deployment this database indexes.
-pub struct Meta;
+            impl Table for $name {
+                const NAME: &'static str = $cf;
+                const IN_ROOT: bool = $root;
+                type Key = $key;
+                type Value = $value;
+
+                fn encode_key($k: &$key) -> Vec<u8> {
+                    $encode
+                }
+            }
+        )*
+
+        /// Column families, in creation order.
+        pub const NAMES: &[&str] = &[$($cf),*];
+
+        /// Whether the table named `name` counts in the state root.
+        pub fn in_root(name: &str) -> bool {
+            match name {
+                $($cf => $root,)*
+                _ => false,
+            }
+        }
+    };
+}
+
+fn u256_key(v: &U256) -> Vec<u8> {
+    v.to_be_bytes::<32>().to_vec()
+}
+
+fn concat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+tables! {
+    /// Node-wide facts: schema version, deployment, the index cursor and state root.
+    Meta = "meta", root: false, key: MetaKey, value: MetaValue, encode: |k| k.as_bytes().to_vec();
+    /// Recent blocks: hash, parent, timestamp and the undo record of what the block changed.
+    Blocks = "blocks", root: false, key: u64, value: BlockRecord, encode: |k| k.to_be_bytes().to_vec();
+    /// Models by token id.
+    Models = "models", root: true, key: U256, value: ModelRecord, encode: |k| u256_key(k);
+    /// Versions by (token id, version).
+    Versions = "versions", root: true, key: (U256, u32), value: VersionRecord,
+        encode: |k| concat(&[&k.0.to_be_bytes::<32>(), &k.1.to_be_bytes()]);
+    /// Licenses by license id.
+    Licenses = "licenses", root: true, key: U256, value: LicenseRecord, encode: |k| u256_key(k);
+    /// Withdrawable money per account.
+    Balances = "balances", root: true, key: Address, value: BalanceRecord, encode: |k| k.to_vec();
+    /// What each account was credited per model (royalties and fees).
+    Earnings = "earnings", root: true, key: (Address, U256), value: U256,
+        encode: |k| concat(&[k.0.as_slice(), &k.1.to_be_bytes::<32>()]);
+    /// Revenue booked per model, and how much of it has been distributed.
+    Revenue = "revenue", root: true, key: U256, value: RevenueRecord, encode: |k| u256_key(k);
+    /// Cancelled orders.
+    Cancelled = "cancelled", root: true, key: B256, value: CancelRecord, encode: |k| k.to_vec();
+    /// Sellers' current order nonces.
+    Nonces = "nonces", root: true, key: Address, value: U256, encode: |k| k.to_vec();
+    /// Lookup: licenses by holder.
+    HolderLicenses = "holder_licenses", root: false, key: (Address, U256), value: (),
+        encode: |k| concat(&[k.0.as_slice(), &k.1.to_be_bytes::<32>()]);
+    /// Lookup: licenses by model.
+    TokenLicenses = "token_licenses", root: false, key: (U256, U256), value: (),
+        encode: |k| concat(&[&k.0.to_be_bytes::<32>(), &k.1.to_be_bytes::<32>()]);
+    /// Lookup: models whose split pays a recipient, with the recipient's share.
+    RecipientModels = "recipient_models", root: false, key: (Address, U256), value: u16,
+        encode: |k| concat(&[k.0.as_slice(), &k.1.to_be_bytes::<32>()]);
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MetaKey {
     SchemaVersion,
     Deployment,
+    /// The last block applied to the index.
+    Cursor,
+    /// The LtHash accumulator of the state root.
+    RootAccumulator,
+    /// How many reorgs the index has rolled back.
+    Reorgs,
+}
+
+impl MetaKey {
+    fn as_bytes(&self) -> &'static [u8] {
+        match self {
+            Self::SchemaVersion => b"schema_version",
+            Self::Deployment => b"deployment",
+            Self::Cursor => b"cursor",
+            Self::RootAccumulator => b"root_accumulator",
+            Self::Reorgs => b"reorgs",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaValue {
     Version(u32),
     Text(String),
+    Cursor(Cursor),
+    Bytes(Vec<u8>),
+    Count(u64),
 }
 
-impl Table for Meta {
-    const NAME: &'static str = "meta";
-    type Key = MetaKey;
-    type Value = MetaValue;
+/// The block the index has applied up to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub number: u64,
+    pub hash: B256,
+    pub timestamp: u64,
+}
 
-    fn encode_key(key: &MetaKey) -> Vec<u8> {
-        match key {
-            MetaKey::SchemaVersion => b"schema_version".to_vec(),
-            MetaKey::Deployment => b"deployment".to_vec(),
-        }
+/// One table write to reverse when the block is unwound: the key's previous value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UndoEntry {
+    pub table: String,
+    pub key: Vec<u8>,
+    pub previous: Option<Vec<u8>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRecord {
+    pub hash: B256,
+    pub parent_hash: B256,
+    pub timestamp: u64,
+    /// In the order the writes happened; unwinding applies them backwards.
+    pub undo: Vec<UndoEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Split {
+    pub recipient: Address,
+    pub bps: u16,
+}
+
+/// Where an on-chain fact came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub block: u64,
+    pub tx: B256,
+    pub log_index: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    pub owner: Address,
+    pub metadata_uri: String,
+    pub splits: Vec<Split>,
+    pub version_count: u32,
+    /// The `ModelRegistered` event (zero until it is seen).
+    pub registered: Origin,
+    /// The last change of owner.
+    pub transferred: Origin,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    pub content_hash: B256,
+    pub anchored: Origin,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LicenseRecord {
+    pub token_id: U256,
+    pub holder: Address,
+    pub kind: u8,
+    /// Paid for perpetual and timed licenses, extensions included.
+    pub paid: U256,
+    /// Timed licenses: end of access (unix seconds); 0 otherwise.
+    pub expires_at: u64,
+    /// Usage licenses: escrow ever deposited.
+    pub deposited: U256,
+    pub settled_units: U256,
+    pub settled_amount: U256,
+    /// Usage licenses: when the close may happen, once requested.
+    pub closable_at: Option<u64>,
+    pub closed: bool,
+    pub refund: U256,
+    pub order_hash: B256,
+    pub term_index: u8,
+    pub purchased: Origin,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalanceRecord {
+    /// From `Credited` (distributed royalties).
+    pub royalties: U256,
+    /// Platform fees (the treasury only).
+    pub fees: U256,
+    /// Unused escrow returned by `Closed`.
+    pub refunds: U256,
+    pub withdrawn: U256,
+}
+
+impl BalanceRecord {
+    pub fn credited(&self) -> U256 {
+        self.royalties + self.fees + self.refunds
     }
+
+    pub fn withdrawable(&self) -> U256 {
+        self.credited().saturating_sub(self.withdrawn)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevenueRecord {
+    pub earned: U256,
+    pub distributed: U256,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelRecord {
+    pub seller: Address,
+    pub cancelled: Origin,
 }

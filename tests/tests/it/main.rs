@@ -1,4 +1,6 @@
 //! End-to-end tests: real anvil, real `agora` processes, real HTTP on loopback.
 
 mod dev;
+mod indexer;
+mod market_api;
 mod node;

@@ -1,0 +1,221 @@
+//! The read API of the index: chain status, models, licenses, earnings. Every answer carries
+//! `as_of: {block, hash, finality}`.
+
+use alloy::primitives::U256;
+use axum::{
+    Json,
+    extract::{Path, Query, State},
+};
+use serde::Serialize;
+
+use super::{
+    AppState,
+    error::ApiError,
+    params::{self, Params},
+};
+use crate::{
+    chain::indexer::IndexStatus,
+    market::{
+        AsOf, Earnings, LicenseFilter, LicenseView, MarketView, ModelDetail, ModelFilter, ModelSummary,
+    },
+};
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ChainStatus {
+    pub chain_id: u64,
+    #[serde(flatten)]
+    pub index: IndexStatus,
+    pub as_of: AsOf,
+}
+
+fn view(state: &AppState) -> MarketView<'_> {
+    MarketView::new(&state.store, state.index.borrow().clone())
+}
+
+/// Chain head, indexed and final blocks, lag, state root, reorgs, RPC health.
+#[utoipa::path(get, path = "/api/v1/chain/status", tag = "chain", responses((status = 200, body = ChainStatus)))]
+pub async fn chain_status(State(state): State<AppState>) -> Result<Json<ChainStatus>, ApiError> {
+    let view = view(&state);
+    Ok(Json(ChainStatus {
+        chain_id: state.deployment.chain_id,
+        index: state.index.borrow().clone(),
+        as_of: view.as_of()?,
+    }))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ModelList {
+    pub models: Vec<ModelSummary>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+    pub as_of: AsOf,
+}
+
+/// Models, with filters and cursor pagination (stable order by token id).
+#[utoipa::path(
+    get,
+    path = "/api/v1/marketplace/models",
+    tag = "marketplace",
+    params(
+        ("owner" = Option<String>, Query, description = "owner address"),
+        ("q" = Option<String>, Query, description = "text in the metadata URI"),
+        ("sort" = Option<String>, Query, description = "recent (default) or oldest"),
+        ("limit" = Option<usize>, Query, description = "1 to 100, default 20"),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
+    ),
+    responses((status = 200, body = ModelList), (status = 400, body = super::error::ErrorBody))
+)]
+pub async fn models(
+    State(state): State<AppState>,
+    Query(q): Query<Params>,
+) -> Result<Json<ModelList>, ApiError> {
+    params::only(&q, &["owner", "q", "sort", "limit", "cursor"])?;
+    let filter = ModelFilter {
+        owner: params::address(&q, "owner")?,
+        text: q.get("q").cloned(),
+        newest_first: params::one_of(&q, "sort", &["recent", "oldest"], "recent")? == "recent",
+        limit: params::limit(&q, 20, 100)?,
+        after: params::u256(&q, "cursor")?,
+    };
+    let view = view(&state);
+    let page = view.models(&filter)?;
+    Ok(Json(ModelList {
+        models: page.items,
+        next_cursor: page.next.map(|n| n.to_string()),
+        as_of: view.as_of()?,
+    }))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ModelAnswer {
+    pub model: ModelDetail,
+    pub as_of: AsOf,
+}
+
+fn token_id(raw: &str) -> Result<U256, ApiError> {
+    params::parse_u256(raw).map_err(|why| {
+        ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            format!("token id `{raw}`: {why}"),
+        )
+    })
+}
+
+/// One model: owner, versions with content hashes, splits, license counts by kind.
+#[utoipa::path(
+    get,
+    path = "/api/v1/marketplace/models/{token_id}",
+    tag = "marketplace",
+    params(("token_id" = String, Path, description = "decimal or 0x-hex token id")),
+    responses((status = 200, body = ModelAnswer), (status = 404, body = super::error::ErrorBody))
+)]
+pub async fn model(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<ModelAnswer>, ApiError> {
+    let id = token_id(&raw)?;
+    let view = view(&state);
+    let model = view.model(id)?.ok_or_else(|| ApiError::not_found(format!("no model with token id {id}")))?;
+    Ok(Json(ModelAnswer { model, as_of: view.as_of()? }))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EarningsAnswer {
+    pub earnings: Earnings,
+    pub as_of: AsOf,
+}
+
+/// Credited, withdrawn and withdrawable wei of an address, per model.
+#[utoipa::path(
+    get,
+    path = "/api/v1/marketplace/earnings",
+    tag = "marketplace",
+    params(("address" = String, Query, description = "the recipient")),
+    responses((status = 200, body = EarningsAnswer), (status = 400, body = super::error::ErrorBody))
+)]
+pub async fn earnings(
+    State(state): State<AppState>,
+    Query(q): Query<Params>,
+) -> Result<Json<EarningsAnswer>, ApiError> {
+    params::only(&q, &["address"])?;
+    let address = params::address(&q, "address")?.ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            "parameter `address` is required",
+        )
+    })?;
+    let view = view(&state);
+    Ok(Json(EarningsAnswer { earnings: view.earnings(address)?, as_of: view.as_of()? }))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct LicenseList {
+    pub licenses: Vec<LicenseView>,
+    pub next_cursor: Option<String>,
+    pub as_of: AsOf,
+}
+
+/// Licenses by holder and/or model.
+#[utoipa::path(
+    get,
+    path = "/api/v1/licenses",
+    tag = "licenses",
+    params(
+        ("holder" = Option<String>, Query, description = "holder address"),
+        ("token_id" = Option<String>, Query, description = "model token id"),
+        ("limit" = Option<usize>, Query, description = "1 to 500, default 100"),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
+    ),
+    responses((status = 200, body = LicenseList), (status = 400, body = super::error::ErrorBody))
+)]
+pub async fn licenses(
+    State(state): State<AppState>,
+    Query(q): Query<Params>,
+) -> Result<Json<LicenseList>, ApiError> {
+    params::only(&q, &["holder", "token_id", "limit", "cursor"])?;
+    let filter = LicenseFilter {
+        holder: params::address(&q, "holder")?,
+        token_id: params::u256(&q, "token_id")?,
+        limit: params::limit(&q, 100, 500)?,
+        after: params::u256(&q, "cursor")?,
+    };
+    let view = view(&state);
+    let page = view.licenses(&filter)?;
+    Ok(Json(LicenseList {
+        licenses: page.items,
+        next_cursor: page.next.map(|n| n.to_string()),
+        as_of: view.as_of()?,
+    }))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct LicenseAnswer {
+    pub license: LicenseView,
+    pub as_of: AsOf,
+}
+
+/// One license: kind, holder, expiry, whether active now, escrow, purchase tx and block.
+#[utoipa::path(
+    get,
+    path = "/api/v1/licenses/{license_id}",
+    tag = "licenses",
+    params(("license_id" = String, Path, description = "decimal or 0x-hex license id")),
+    responses((status = 200, body = LicenseAnswer), (status = 404, body = super::error::ErrorBody))
+)]
+pub async fn license(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<LicenseAnswer>, ApiError> {
+    let id = params::parse_u256(&raw).map_err(|why| {
+        ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            format!("license id `{raw}`: {why}"),
+        )
+    })?;
+    let view = view(&state);
+    let license = view.license(id)?.ok_or_else(|| ApiError::not_found(format!("no license with id {id}")))?;
+    Ok(Json(LicenseAnswer { license, as_of: view.as_of()? }))
+}

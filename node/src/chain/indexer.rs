@@ -1,0 +1,573 @@
+//! The indexer: a stage that applies the contracts' logs block range by block range, and
+//! unwinds when the chain reorganises.
+//!
+//! Each step fetches `eth_getLogs` for the next range (which doubles on success up to a cap
+//! and halves on any RPC error), checks the logs against the block headers it fetched, and
+//! writes the range's effects, the blocks' hashes and undo records, the state root and the
+//! cursor in one atomic batch: a crash at any instant leaves the index at a block boundary,
+//! and a restart resumes from the cursor.
+//!
+//! Reorgs: before each step the stored cursor's hash is compared with the chain's block at
+//! that height (so a reorg that happened while the node was down is found at start-up).
+//! On a mismatch the indexer walks back through the kept block hashes (the last
+//! `max(128, confirmations)` blocks) to the common ancestor, applies the undo records newest
+//! first, and re-indexes the canonical branch. A reorg deeper than the kept window stops the
+//! indexer loudly: it never carries on with an index it cannot prove right. A head below the
+//! cursor whose blocks still match is a lagging RPC replica, not a reorg: the indexer waits.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use agora_contracts::Deployment;
+use alloy::{
+    eips::BlockNumberOrTag,
+    primitives::B256,
+    providers::{DynProvider, Provider},
+    rpc::types::{Filter, Log},
+};
+use futures::{FutureExt, StreamExt};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::{
+    apply::{apply_log, describe},
+    writer::{IndexWriter, load_cursor, load_reorgs, load_root},
+};
+use crate::store::{
+    Store, StoreError,
+    tables::{Blocks, Cursor},
+};
+
+/// Blocks whose hashes and undo records are always kept.
+pub const MIN_REORG_WINDOW: u64 = 128;
+
+#[derive(Clone, Debug)]
+pub struct IndexerConfig {
+    /// Wait between polls when caught up.
+    pub poll: Duration,
+    /// Depth at which a block counts as final.
+    pub confirmations: u64,
+    /// Largest `eth_getLogs` range, in blocks.
+    pub max_range: u64,
+    /// Client-side timeout of one RPC call.
+    pub rpc_timeout: Duration,
+    /// Stop at this block (rebuilds); follow the head when `None`.
+    pub to_block: Option<u64>,
+}
+
+impl Default for IndexerConfig {
+    fn default() -> Self {
+        Self {
+            poll: Duration::from_millis(1_000),
+            confirmations: 12,
+            max_range: 10_000,
+            rpc_timeout: Duration::from_secs(10),
+            to_block: None,
+        }
+    }
+}
+
+impl IndexerConfig {
+    pub fn window(&self) -> u64 {
+        self.confirmations.max(MIN_REORG_WINDOW)
+    }
+}
+
+/// What the indexer reports about itself.
+#[derive(Clone, Debug, Default, Serialize, utoipa::ToSchema)]
+pub struct IndexStatus {
+    /// Latest block of the chain.
+    pub head: Option<u64>,
+    /// Timestamp of the chain's latest block (chain time).
+    pub head_timestamp: Option<u64>,
+    /// Last block applied to the index.
+    pub indexed_block: Option<u64>,
+    #[schema(value_type = Option<String>)]
+    pub indexed_hash: Option<B256>,
+    /// Newest block at `confirmations` depth.
+    pub final_block: Option<u64>,
+    pub confirmations: u64,
+    /// Blocks between the head and the index.
+    pub lag: Option<u64>,
+    #[schema(value_type = String)]
+    pub state_root: B256,
+    pub reorgs: u64,
+    pub last_reorg_depth: Option<u64>,
+    pub events_applied: u64,
+    pub decode_failures: u64,
+    pub rpc_healthy: bool,
+    pub rpc_error: Option<String>,
+    /// Set when the indexer stopped and needs an operator (e.g. a reorg deeper than the window).
+    pub fatal: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("chain RPC: {0}")]
+    Rpc(String),
+    #[error("the chain changed while a range was fetched ({0}); retrying")]
+    Inconsistent(String),
+    #[error("{0}")]
+    Fatal(String),
+}
+
+enum Step {
+    Advanced,
+    Waiting,
+}
+
+/// A block header, as much of it as the indexer needs.
+#[derive(Clone, Copy, Debug)]
+struct Header {
+    hash: B256,
+    parent_hash: B256,
+    timestamp: u64,
+}
+
+type LogFetch = tokio::task::JoinHandle<Result<Vec<Log>, IndexError>>;
+
+pub struct Indexer {
+    provider: DynProvider,
+    deployment: Deployment,
+    store: Store,
+    config: IndexerConfig,
+    range: u64,
+    /// The next range's logs, fetched while the current range is applied: (from, to, fetch).
+    prefetch: Option<(u64, u64, LogFetch)>,
+    status: watch::Sender<IndexStatus>,
+    subscribe: bool,
+}
+
+impl Indexer {
+    pub fn new(
+        provider: DynProvider,
+        deployment: Deployment,
+        store: Store,
+        config: IndexerConfig,
+        subscribe: bool,
+    ) -> Result<(Self, watch::Receiver<IndexStatus>), StoreError> {
+        let cursor = load_cursor(&store)?;
+        let status = IndexStatus {
+            indexed_block: cursor.map(|c| c.number),
+            indexed_hash: cursor.map(|c| c.hash),
+            confirmations: config.confirmations,
+            state_root: load_root(&store)?.digest(),
+            reorgs: load_reorgs(&store)?,
+            ..IndexStatus::default()
+        };
+        let (tx, rx) = watch::channel(status);
+        let range = config.max_range.clamp(1, 1_000);
+        Ok((Self { provider, deployment, store, config, range, prefetch: None, status: tx, subscribe }, rx))
+    }
+
+    /// Follows the chain until `shutdown` flips to true, or until a fatal error.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut heads = if self.subscribe {
+            match self.provider.subscribe_blocks().await {
+                Ok(sub) => Some(sub.into_stream()),
+                Err(e) => {
+                    tracing::warn!(target: "agora::indexer", error = %e, "cannot subscribe to new heads; polling instead");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        loop {
+            // A bug must not leave a node serving an index that silently stopped: a panic in a
+            // step stops the indexer loudly, like a reorg deeper than the window.
+            let step = tokio::select! {
+                step = std::panic::AssertUnwindSafe(self.step()).catch_unwind() => step.unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("unknown panic");
+                    Err(IndexError::Fatal(format!("the indexer crashed: {what}")))
+                }),
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            };
+            let wait = match step {
+                Ok(Step::Advanced) => {
+                    backoff = Duration::from_millis(100);
+                    continue;
+                }
+                Ok(Step::Waiting) => {
+                    backoff = Duration::from_millis(100);
+                    self.config.poll
+                }
+                Err(IndexError::Fatal(reason)) => {
+                    tracing::error!(target: "agora::indexer", %reason, "indexer stopped");
+                    self.status.send_modify(|s| s.fatal = Some(reason));
+                    let _ = shutdown.wait_for(|stop| *stop).await;
+                    return;
+                }
+                Err(e) => {
+                    metrics::counter!("agora_index_rpc_errors_total").increment(1);
+                    tracing::warn!(target: "agora::indexer", error = %e, retry_in = ?backoff, "indexer step failed");
+                    if let IndexError::Rpc(message) = &e {
+                        let message = message.clone();
+                        self.status.send_modify(|s| {
+                            s.rpc_healthy = false;
+                            s.rpc_error = Some(message);
+                        });
+                    }
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    wait
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                Some(_) = async { match heads.as_mut() { Some(h) => h.next().await, None => None } } => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+
+    /// Indexes up to `to_block` (or the head) and returns the cursor there; for rebuilds.
+    pub async fn sync(&mut self) -> Result<Option<Cursor>, IndexError> {
+        let mut failures = 0u32;
+        loop {
+            match self.step().await {
+                Ok(Step::Advanced) => failures = 0,
+                Ok(Step::Waiting) => return Ok(load_cursor(&self.store)?),
+                Err(e @ IndexError::Fatal(_)) => return Err(e),
+                Err(e) => {
+                    failures += 1;
+                    if failures > 20 {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(failures))).await;
+                }
+            }
+        }
+    }
+
+    async fn rpc<T, E: std::fmt::Display>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, IndexError> {
+        match tokio::time::timeout(self.config.rpc_timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(IndexError::Rpc(format!("{what}: {e}"))),
+            Err(_) => Err(IndexError::Rpc(format!("{what}: no answer within {:?}", self.config.rpc_timeout))),
+        }
+    }
+
+    async fn header(&self, number: u64) -> Result<Option<Header>, IndexError> {
+        let block = self
+            .rpc(
+                "eth_getBlockByNumber",
+                self.provider.get_block_by_number(BlockNumberOrTag::Number(number)).into_future(),
+            )
+            .await?;
+        Ok(block.map(|b| Header {
+            hash: b.header.hash,
+            parent_hash: b.header.parent_hash,
+            timestamp: b.header.timestamp,
+        }))
+    }
+
+    async fn headers(&self, numbers: impl Iterator<Item = u64>) -> Result<BTreeMap<u64, Header>, IndexError> {
+        let results: Vec<_> =
+            futures::stream::iter(numbers.map(|n| async move { (n, self.header(n).await) }))
+                .buffer_unordered(16)
+                .collect()
+                .await;
+        let mut headers = BTreeMap::new();
+        for (n, result) in results {
+            match result? {
+                Some(header) => {
+                    headers.insert(n, header);
+                }
+                None => return Err(IndexError::Inconsistent(format!("block {n} is not available yet"))),
+            }
+        }
+        Ok(headers)
+    }
+
+    fn logs_future(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> impl std::future::Future<Output = Result<Vec<Log>, IndexError>> + use<> {
+        let filter = Filter::new()
+            .address(vec![self.deployment.model_registry, self.deployment.license_market])
+            .from_block(from)
+            .to_block(to);
+        let provider = self.provider.clone();
+        let timeout = self.config.rpc_timeout;
+        async move {
+            match tokio::time::timeout(timeout, provider.get_logs(&filter)).await {
+                Ok(Ok(logs)) => Ok(logs),
+                Ok(Err(e)) => Err(IndexError::Rpc(format!("eth_getLogs: {e}"))),
+                Err(_) => Err(IndexError::Rpc(format!("eth_getLogs: no answer within {timeout:?}"))),
+            }
+        }
+    }
+
+    async fn fetch_logs(&self, from: u64, to: u64) -> Result<Vec<Log>, IndexError> {
+        self.logs_future(from, to).await
+    }
+
+    async fn step(&mut self) -> Result<Step, IndexError> {
+        let head = self.rpc("eth_blockNumber", self.provider.get_block_number()).await?;
+        let cursor = load_cursor(&self.store)?;
+        let window = self.config.window();
+
+        if let Some(cursor) = cursor {
+            match self.header(cursor.number).await? {
+                // A lagging replica: it has not seen our block yet.
+                None => {
+                    self.publish_head(head, None, cursor);
+                    return Ok(Step::Waiting);
+                }
+                Some(h) if h.hash != cursor.hash => {
+                    if let Some((_, _, fetch)) = self.prefetch.take() {
+                        fetch.abort();
+                    }
+                    self.unwind_reorg(cursor).await?;
+                    return Ok(Step::Advanced);
+                }
+                Some(_) => {}
+            }
+        }
+
+        let next = cursor.map(|c| c.number + 1).unwrap_or(self.deployment.deployment_block);
+        let limit = self.config.to_block.map_or(head, |to| to.min(head));
+        if next > limit {
+            let head_timestamp = self.header(head).await?.map(|h| h.timestamp);
+            if let Some(cursor) = cursor {
+                self.publish_head(head, head_timestamp, cursor);
+            }
+            return Ok(Step::Waiting);
+        }
+        let prefetched = match self.prefetch.take() {
+            Some((from, to, fetch)) if from == next && to <= limit => Some((to, fetch)),
+            Some((_, _, fetch)) => {
+                fetch.abort();
+                None
+            }
+            None => None,
+        };
+        let (to, fetched) = match prefetched {
+            Some((to, fetch)) => {
+                (to, fetch.await.unwrap_or_else(|e| Err(IndexError::Rpc(format!("eth_getLogs: {e}")))))
+            }
+            None => {
+                let to = limit.min(next + self.range - 1);
+                (to, self.fetch_logs(next, to).await)
+            }
+        };
+        let logs = match fetched {
+            Ok(logs) => logs,
+            Err(e) => {
+                // too many results, a provider's range limit, or a failure: ask for less
+                self.range = (self.range / 2).max(1);
+                return Err(e);
+            }
+        };
+        // Fetch the next range while this one is applied. Its logs are checked against the
+        // headers in the next step like any others.
+        if to < limit {
+            let (from, until) = (to + 1, limit.min(to + self.range));
+            self.prefetch = Some((from, until, tokio::spawn(self.logs_future(from, until))));
+        }
+
+        // Headers: the range's ends always, and every block inside the reorg window.
+        let window_start = head.saturating_sub(window);
+        let mut wanted: Vec<u64> = vec![next, to];
+        wanted.extend(next.max(window_start)..=to);
+        wanted.sort_unstable();
+        wanted.dedup();
+        let headers = self.headers(wanted.into_iter()).await?;
+        self.check_consistency(cursor, next, to, &headers, &logs)?;
+
+        let mut by_block: BTreeMap<u64, Vec<&Log>> = BTreeMap::new();
+        for log in &logs {
+            let block = log.block_number.unwrap_or_default();
+            if (next..=to).contains(&block) {
+                by_block.entry(block).or_default().push(log);
+            }
+        }
+        for block_logs in by_block.values_mut() {
+            block_logs.sort_by_key(|l| l.log_index);
+            block_logs.dedup_by_key(|l| l.log_index);
+        }
+        let mut blocks: Vec<u64> = by_block.keys().copied().collect();
+        blocks.extend(headers.keys().copied().filter(|n| *n >= window_start && *n >= next));
+        blocks.sort_unstable();
+        blocks.dedup();
+
+        let mut w = IndexWriter::new(&self.store)?;
+        let mut decode_failures = 0u64;
+        for number in blocks {
+            let keep = number >= window_start;
+            w.begin_block(keep);
+            for log in by_block.get(&number).map(Vec::as_slice).unwrap_or_default() {
+                if let Err(e) = apply_log(&mut w, &self.deployment, log) {
+                    if e.is_skippable() {
+                        decode_failures += 1;
+                        metrics::counter!("agora_index_decode_failures_total").increment(1);
+                        tracing::warn!(target: "agora::indexer", log = %describe(log), error = %e, "skipping a log that does not decode");
+                    } else {
+                        return Err(match e {
+                            super::apply::ApplyError::Store(e) => IndexError::Store(e),
+                            other => IndexError::Inconsistent(other.to_string()),
+                        });
+                    }
+                }
+            }
+            match headers.get(&number) {
+                Some(h) => w.end_block(number, h.hash, h.parent_hash, h.timestamp, keep)?,
+                None => w.end_block(number, B256::ZERO, B256::ZERO, 0, false)?,
+            }
+        }
+        if to > window {
+            w.prune_blocks_through(to - window - 1)?;
+        }
+        let events = w.events();
+        let last = headers[&to];
+        let new_cursor = Cursor { number: to, hash: last.hash, timestamp: last.timestamp };
+        let root = w.commit(Some(new_cursor), None)?;
+
+        self.range = (self.range * 2).min(self.config.max_range.max(1));
+        metrics::counter!("agora_index_events_applied_total").increment(events);
+        metrics::gauge!("agora_index_block").set(to as f64);
+        metrics::gauge!("agora_index_lag_blocks").set(head.saturating_sub(to) as f64);
+        let confirmations = self.config.confirmations;
+        self.status.send_modify(|s| {
+            s.head = Some(head);
+            s.indexed_block = Some(to);
+            s.indexed_hash = Some(last.hash);
+            s.final_block = head.checked_sub(confirmations);
+            s.lag = Some(head.saturating_sub(to));
+            s.state_root = root.digest();
+            s.events_applied += events;
+            s.decode_failures += decode_failures;
+            s.rpc_healthy = true;
+            s.rpc_error = None;
+            if to == head {
+                s.head_timestamp = Some(last.timestamp);
+            }
+        });
+        tracing::debug!(target: "agora::indexer", from = next, to, events, "applied range");
+        Ok(Step::Advanced)
+    }
+
+    fn publish_head(&self, head: u64, head_timestamp: Option<u64>, cursor: Cursor) {
+        let confirmations = self.config.confirmations;
+        metrics::gauge!("agora_index_lag_blocks").set(head.saturating_sub(cursor.number) as f64);
+        self.status.send_modify(|s| {
+            s.head = Some(head);
+            if head_timestamp.is_some() {
+                s.head_timestamp = head_timestamp;
+            }
+            s.final_block = head.checked_sub(confirmations);
+            s.lag = Some(head.saturating_sub(cursor.number));
+            s.rpc_healthy = true;
+            s.rpc_error = None;
+        });
+    }
+
+    /// The fetched logs and headers must form one chain that extends the cursor.
+    fn check_consistency(
+        &self,
+        cursor: Option<Cursor>,
+        next: u64,
+        to: u64,
+        headers: &BTreeMap<u64, Header>,
+        logs: &[Log],
+    ) -> Result<(), IndexError> {
+        if let Some(cursor) = cursor
+            && headers[&next].parent_hash != cursor.hash
+        {
+            return Err(IndexError::Inconsistent(format!(
+                "block {next} does not extend block {}",
+                cursor.number
+            )));
+        }
+        for (n, header) in headers.range(next..=to).skip_while(|(n, _)| **n == next) {
+            if let Some(parent) = headers.get(&(n - 1))
+                && header.parent_hash != parent.hash
+            {
+                return Err(IndexError::Inconsistent(format!("block {n} does not extend block {}", n - 1)));
+            }
+        }
+        for log in logs {
+            if log.removed {
+                return Err(IndexError::Inconsistent(format!("log {} was removed", describe(log))));
+            }
+            let (Some(number), Some(hash)) = (log.block_number, log.block_hash) else {
+                return Err(IndexError::Inconsistent(format!("log {} is pending", describe(log))));
+            };
+            if let Some(header) = headers.get(&number)
+                && header.hash != hash
+            {
+                return Err(IndexError::Inconsistent(format!(
+                    "log {} is from another branch",
+                    describe(log)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The cursor's block is no longer canonical: unwind to the common ancestor.
+    async fn unwind_reorg(&mut self, cursor: Cursor) -> Result<(), IndexError> {
+        let window = self.config.window();
+        let start = self.deployment.deployment_block;
+        let floor = cursor.number.saturating_sub(window);
+        let mut ancestor: Option<Cursor> = None;
+        let mut n = cursor.number;
+        while n > floor && n > start {
+            n -= 1;
+            let Some(record) = self.store.get::<Blocks>(&n)? else {
+                return Err(self.too_deep(cursor, n));
+            };
+            if self.header(n).await?.is_some_and(|h| h.hash == record.hash) {
+                ancestor = Some(Cursor { number: n, hash: record.hash, timestamp: record.timestamp });
+                break;
+            }
+        }
+        if ancestor.is_none() && n > start {
+            return Err(self.too_deep(cursor, n));
+        }
+
+        let bottom = ancestor.map_or(start, |a| a.number + 1);
+        let mut w = IndexWriter::new(&self.store)?;
+        for number in (bottom..=cursor.number).rev() {
+            match self.store.get::<Blocks>(&number)? {
+                Some(record) => w.unwind_block(number, &record)?,
+                None => return Err(self.too_deep(cursor, number)),
+            }
+        }
+        let reorgs = load_reorgs(&self.store)? + 1;
+        let root = w.commit(ancestor, Some(reorgs))?;
+        let depth = cursor.number + 1 - bottom;
+        metrics::counter!("agora_index_reorgs_total").increment(1);
+        metrics::histogram!("agora_index_reorg_depth_blocks").record(depth as f64);
+        tracing::warn!(target: "agora::indexer", depth, from = cursor.number, to = ?ancestor.map(|a| a.number), "chain reorganised; unwound the index");
+        self.status.send_modify(|s| {
+            s.reorgs = reorgs;
+            s.last_reorg_depth = Some(depth);
+            s.indexed_block = ancestor.map(|a| a.number);
+            s.indexed_hash = ancestor.map(|a| a.hash);
+            s.state_root = root.digest();
+        });
+        Ok(())
+    }
+
+    fn too_deep(&self, cursor: Cursor, at: u64) -> IndexError {
+        IndexError::Fatal(format!(
+            "the chain reorganised deeper than the {} blocks the index keeps (block {at} of an index at {}); \
+             the index cannot be unwound safely: stop the node and rebuild it (`agora index rebuild`, or move the data dir's db/ away)",
+            self.config.window(),
+            cursor.number
+        ))
+    }
+}

@@ -1,0 +1,144 @@
+//! `scripts/bench`: benchmarks printed beside a ceiling measured in the same run.
+//!
+//! `agora-bench index [--events N]`: makes N marketplace events on a local anvil (purchases,
+//! distributions with their credits), then times a cold backfill into an empty data dir, beside
+//! the ceiling of fetching the same logs with `eth_getLogs` and decoding them without storing.
+
+use std::time::{Duration, Instant};
+
+use agora_contracts::{LicenseMarket, ModelRegistry};
+use agora_e2e::market::Market;
+use agora_node::{
+    chain::{
+        self,
+        indexer::{Indexer, IndexerConfig},
+    },
+    node::deployment_id,
+    store::Store,
+};
+use alloy::{providers::Provider, rpc::types::Filter, sol_types::SolEventInterface};
+use futures::StreamExt;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("index") => {
+            let events = match args.iter().position(|a| a == "--events") {
+                Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(50_000),
+                None => 50_000,
+            };
+            bench_index(events).await
+        }
+        _ => anyhow::bail!("usage: agora-bench index [--events N]"),
+    }
+}
+
+async fn bench_index(target_events: u64) -> anyhow::Result<()> {
+    println!("index: making {target_events} marketplace events on a local anvil …");
+    let market =
+        Market::start_with(agora_contracts::anvil::Anvil::builder().arg("--gas-limit").arg("100000000"))
+            .await;
+    let models = 250u64;
+    let mut tokens = Vec::new();
+    for i in 0..models {
+        tokens.push(market.register(&format!("bench-{i}")).await);
+    }
+    let made = Instant::now();
+    market.set_automine(false).await;
+    let buyer = 5;
+    let mut buyer_nonce = market.nonce_of(buyer).await;
+    let mut operator_nonce = market.nonce_of(0).await;
+    let mut events = 0u64;
+    while events < target_events {
+        // one purchase per model, then one distribution per model (Distributed + 3 Credited)
+        let sends = tokens.iter().enumerate().map(|(i, token)| {
+            let nonce = buyer_nonce + i as u64;
+            let market = &market;
+            async move { market.send_buy(*token, buyer, 0, nonce).await }
+        });
+        futures::stream::iter(sends).buffer_unordered(32).collect::<Vec<_>>().await;
+        buyer_nonce += models;
+        market.mine(1).await;
+        let sends = tokens.iter().enumerate().map(|(i, token)| {
+            let nonce = operator_nonce + i as u64;
+            let market = &market;
+            async move {
+                market
+                    .market
+                    .distribute(*token)
+                    .from(market.address(0))
+                    .nonce(nonce)
+                    .gas(200_000)
+                    .send()
+                    .await
+                    .unwrap()
+            }
+        });
+        futures::stream::iter(sends).buffer_unordered(32).collect::<Vec<_>>().await;
+        operator_nonce += models;
+        market.mine(1).await;
+        events += models * 5;
+    }
+    market.set_automine(true).await;
+    let head = market.provider.get_block_number().await?;
+    println!("index: {events} events in {head} blocks made in {:.1} s", made.elapsed().as_secs_f64());
+
+    // ceiling: eth_getLogs over the same range and decode, nothing stored
+    // Both sides fetch the same 64-block ranges (about 10,000 logs each here).
+    let config =
+        IndexerConfig { to_block: Some(head), confirmations: 0, max_range: 64, ..IndexerConfig::default() };
+    let started = Instant::now();
+    let mut decoded = 0u64;
+    let mut from = market.deployment.deployment_block;
+    while from <= head {
+        let to = (from + config.max_range - 1).min(head);
+        let filter = Filter::new()
+            .address(vec![market.deployment.model_registry, market.deployment.license_market])
+            .from_block(from)
+            .to_block(to);
+        for log in market.provider.get_logs(&filter).await? {
+            let ok = if log.address() == market.deployment.model_registry {
+                ModelRegistry::ModelRegistryEvents::decode_log(&log.inner).is_ok()
+            } else {
+                LicenseMarket::LicenseMarketEvents::decode_log(&log.inner).is_ok()
+            };
+            decoded += u64::from(ok);
+        }
+        from = to + 1;
+    }
+    let ceiling = started.elapsed();
+
+    // the indexer: cold backfill into an empty data dir
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(&dir.path().join("db"))?;
+    store.bind_deployment(&deployment_id(&market.deployment))?;
+    let provider = chain::connect(&market.anvil.endpoint()).await?;
+    let (mut indexer, status) = Indexer::new(provider, market.deployment.clone(), store, config, false)?;
+    let started = Instant::now();
+    let cursor = indexer.sync().await?;
+    let took = started.elapsed();
+    let applied = status.borrow().events_applied;
+    anyhow::ensure!(cursor.map(|c| c.number) == Some(head), "the backfill stopped short of the head");
+    anyhow::ensure!(applied == decoded, "applied {applied} events, the chain has {decoded}");
+
+    let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
+    println!();
+    println!("| index backfill ({decoded} events, {head} blocks) | events/s | time |");
+    println!("| --- | ---: | ---: |");
+    println!(
+        "| ceiling: eth_getLogs + decode, nothing stored | {:.0} | {:.2} s |",
+        rate(decoded, ceiling),
+        ceiling.as_secs_f64()
+    );
+    println!(
+        "| agora indexer, cold, into RocksDB | {:.0} | {:.2} s |",
+        rate(applied, took),
+        took.as_secs_f64()
+    );
+    println!(
+        "| ratio | {:.0} % of the ceiling (target ≥ 80 %), target ≥ 20 000 events/s | |",
+        100.0 * rate(applied, took) / rate(decoded, ceiling)
+    );
+    Ok(())
+}
