@@ -299,6 +299,8 @@ async fn empty_blocks_advance_and_sigterm_keeps_the_checkpoint() {
         (node.status().await["indexed_block"].as_u64().unwrap_or(0) > 200).then_some(())
     })
     .await;
+    let (status, body) = node.get("/readyz").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("index_behind")), "{body}");
     let status = node.process.terminate(Duration::from_secs(15)).expect("SIGTERM exits within 15 s");
     assert!(status.success(), "{}", node.process.output());
 
@@ -312,4 +314,24 @@ async fn empty_blocks_advance_and_sigterm_keeps_the_checkpoint() {
 
     let node = Node::start(&market.anvil.endpoint(), &deployment, data.path(), &[]);
     assert_matches_rebuild(&market, &node).await;
+}
+
+#[tokio::test]
+async fn follows_new_heads_over_a_websocket() {
+    let market = Market::start().await;
+    let token = market.register("ws").await;
+    let data = tempfile::tempdir().unwrap();
+    // a long poll interval: only the subscription can make the node this quick
+    let node = Node::start(
+        &market.anvil.ws_endpoint(),
+        &market.deployment_path(),
+        data.path(),
+        &[("AGORA_POLL_MS", "60000")],
+    );
+    let (head, hash) = market.head().await;
+    node.wait_indexed(head, hash).await;
+    market.buy(token, 5, 0).await;
+    assert_matches_rebuild(&market, &node).await;
+    let (status, _) = node.get("/readyz").await;
+    assert_eq!(status, 200);
 }
