@@ -2,7 +2,7 @@
 //! value in the block's undo record and updates the state root, and all of a range's writes,
 //! undo records, block hashes, root and cursor go to RocksDB in one atomic batch.
 
-use std::collections::HashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use alloy::primitives::B256;
 
@@ -34,11 +34,12 @@ pub fn load_reorgs(store: &Store) -> Result<u64, StoreError> {
     })
 }
 
-/// A record's place: its table and encoded key.
+/// A record's place: its table and encoded key. (Fx hashing: these maps see every write of a
+/// backfill, and SipHash's DoS resistance buys nothing for keys the node derives itself.)
 type RecordKey = (&'static str, Vec<u8>);
 
 /// A block's undo record in the making, and the keys it already holds.
-type BlockUndo = (Vec<UndoEntry>, std::collections::HashSet<RecordKey>);
+type BlockUndo = (Vec<UndoEntry>, FxHashSet<RecordKey>);
 
 /// A batch of index writes in progress.
 ///
@@ -50,9 +51,9 @@ pub struct IndexWriter<'s> {
     store: &'s Store,
     batch: Batch<'s>,
     /// Each touched key's value now.
-    overlay: HashMap<RecordKey, Option<Vec<u8>>>,
+    overlay: FxHashMap<RecordKey, Option<Vec<u8>>>,
     /// Each touched key's value before this batch.
-    original: HashMap<RecordKey, Option<Vec<u8>>>,
+    original: FxHashMap<RecordKey, Option<Vec<u8>>>,
     root: StateRoot,
     /// The undo record of the block being applied, when it keeps one, and the keys it holds.
     undo: Option<BlockUndo>,
@@ -64,8 +65,8 @@ impl<'s> IndexWriter<'s> {
         Ok(Self {
             store,
             batch: store.batch(),
-            overlay: HashMap::new(),
-            original: HashMap::new(),
+            overlay: FxHashMap::default(),
+            original: FxHashMap::default(),
             root: load_root(store)?,
             undo: None,
             events: 0,
