@@ -224,7 +224,9 @@ impl Node {
     pub async fn wait_indexed(&self, number: u64, hash: alloy::primitives::B256) -> serde_json::Value {
         let want_hash = hash.to_string();
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut poll = tokio::time::interval(Duration::from_millis(50));
         loop {
+            poll.tick().await;
             let status = self.status().await;
             if status["indexed_block"].as_u64() == Some(number)
                 && status["indexed_hash"].as_str() == Some(&want_hash)
@@ -237,7 +239,6 @@ impl Node {
                     self.process.output()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

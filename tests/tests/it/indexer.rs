@@ -294,7 +294,7 @@ async fn empty_blocks_advance_and_sigterm_keeps_the_checkpoint() {
     let data = tempfile::tempdir().unwrap();
     let deployment = market.deployment_path();
     let mut node =
-        Node::start(&market.anvil.endpoint(), &deployment, data.path(), &[("AGORA_MAX_BLOCK_RANGE", "50")]);
+        Node::start(&market.anvil.endpoint(), &deployment, data.path(), &[("AGORA_MAX_BLOCK_RANGE", "10")]);
     eventually("backfill under way", Duration::from_secs(60), || async {
         (node.status().await["indexed_block"].as_u64().unwrap_or(0) > 200).then_some(())
     })
