@@ -55,31 +55,35 @@ async fn index_follows_the_chain_and_matches_a_rebuild_after_reorgs() {
     }
     assert_matches_rebuild(&market, &node).await;
 
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-    for round in 0..8u64 {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let depth = 1 + rng % 20;
-        let snapshot = market.snapshot().await;
-        // branch A: different licenses, withdrawals, cancellations
-        for step in 0..depth.div_ceil(4) {
-            activity(&market, token, round * 7 + step).await;
+    let mut reorgs = 0u64;
+    for seed in [0x9E37_79B9_7F4A_7C15u64, 0xD1B5_4A32_D192_ED03, 0x8CB9_2BA7_2F3D_8DD7] {
+        let mut rng = seed;
+        for round in 0..6u64 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let depth = 1 + rng % 20;
+            let snapshot = market.snapshot().await;
+            // branch A: different licenses, withdrawals, cancellations, nonce bumps
+            for step in 0..depth.div_ceil(4) {
+                activity(&market, token, rng % 97 + round * 7 + step).await;
+            }
+            market.mine(depth / 2).await;
+            let (head_a, hash_a) = market.head().await;
+            node.wait_indexed(head_a, hash_a).await;
+            // branch B replaces A and is longer
+            market.revert(snapshot).await;
+            for step in 0..2 {
+                activity(&market, token, rng % 89 + round * 11 + step + 100).await;
+            }
+            let (now, _) = market.head().await;
+            if now <= head_a {
+                market.mine(head_a - now + 1).await;
+            }
+            let status = assert_matches_rebuild(&market, &node).await;
+            reorgs += 1;
+            assert!(status["reorgs"].as_u64().unwrap() >= reorgs, "reorg {reorgs} was seen: {status}");
         }
-        market.mine(depth / 2).await;
-        let (head_a, hash_a) = market.head().await;
-        node.wait_indexed(head_a, hash_a).await;
-        // branch B replaces A and is longer
-        market.revert(snapshot).await;
-        for step in 0..2 {
-            activity(&market, token, round * 11 + step + 100).await;
-        }
-        let (now, _) = market.head().await;
-        if now <= head_a {
-            market.mine(head_a - now + 1).await;
-        }
-        let status = assert_matches_rebuild(&market, &node).await;
-        assert!(status["reorgs"].as_u64().unwrap() > round, "reorg {round} was seen: {status}");
     }
     // anvil_reorg: the last blocks replaced by empty ones (events removed, not changed)
     let before = market.buy(token, 6, 0).await;
