@@ -1,7 +1,6 @@
 //! The read API of the index: chain status, models, licenses, earnings. Every answer carries
 //! `as_of: {block, hash, finality}`.
 
-use alloy::primitives::U256;
 use axum::{
     Json,
     extract::{Path, Query, State},
@@ -92,16 +91,6 @@ pub struct ModelAnswer {
     pub as_of: AsOf,
 }
 
-fn token_id(raw: &str) -> Result<U256, ApiError> {
-    params::parse_u256(raw).map_err(|why| {
-        ApiError::new(
-            axum::http::StatusCode::BAD_REQUEST,
-            "invalid_parameter",
-            format!("token id `{raw}`: {why}"),
-        )
-    })
-}
-
 /// One model: owner, versions with content hashes, splits, license counts by kind.
 #[utoipa::path(
     get,
@@ -114,7 +103,7 @@ pub async fn model(
     State(state): State<AppState>,
     Path(raw): Path<String>,
 ) -> Result<Json<ModelAnswer>, ApiError> {
-    let id = token_id(&raw)?;
+    let id = params::path_id("token id", &raw)?;
     let view = view(&state);
     let model = view.model(id)?.ok_or_else(|| ApiError::not_found(format!("no model with token id {id}")))?;
     Ok(Json(ModelAnswer { model, as_of: view.as_of()? }))
@@ -139,13 +128,7 @@ pub async fn earnings(
     Query(q): Query<Params>,
 ) -> Result<Json<EarningsAnswer>, ApiError> {
     params::only(&q, &["address"])?;
-    let address = params::address(&q, "address")?.ok_or_else(|| {
-        ApiError::new(
-            axum::http::StatusCode::BAD_REQUEST,
-            "invalid_parameter",
-            "parameter `address` is required",
-        )
-    })?;
+    let address = params::required(params::address(&q, "address")?, "address")?;
     let view = view(&state);
     Ok(Json(EarningsAnswer { earnings: view.earnings(address)?, as_of: view.as_of()? }))
 }
@@ -208,13 +191,7 @@ pub async fn license(
     State(state): State<AppState>,
     Path(raw): Path<String>,
 ) -> Result<Json<LicenseAnswer>, ApiError> {
-    let id = params::parse_u256(&raw).map_err(|why| {
-        ApiError::new(
-            axum::http::StatusCode::BAD_REQUEST,
-            "invalid_parameter",
-            format!("license id `{raw}`: {why}"),
-        )
-    })?;
+    let id = params::path_id("license id", &raw)?;
     let view = view(&state);
     let license = view.license(id)?.ok_or_else(|| ApiError::not_found(format!("no license with id {id}")))?;
     Ok(Json(LicenseAnswer { license, as_of: view.as_of()? }))

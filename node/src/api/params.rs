@@ -34,6 +34,18 @@ pub fn u256(params: &Params, name: &str) -> Result<Option<U256>, ApiError> {
     params.get(name).map(|v| parse_u256(v).map_err(|why| bad(name, why))).transpose()
 }
 
+/// A uint256 id from the path (`what` names it in the error: "token id", "license id").
+pub fn path_id(what: &str, raw: &str) -> Result<U256, ApiError> {
+    parse_u256(raw).map_err(|why| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_parameter", format!("{what} `{raw}`: {why}"))
+    })
+}
+
+/// A parameter that must be there.
+pub fn required<T>(value: Option<T>, name: &str) -> Result<T, ApiError> {
+    value.ok_or_else(|| bad(name, "is required"))
+}
+
 pub fn parse_u256(v: &str) -> Result<U256, String> {
     let parsed = match v.strip_prefix("0x") {
         Some(hex) => U256::from_str_radix(hex, 16),

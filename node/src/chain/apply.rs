@@ -131,6 +131,18 @@ fn balance(w: &IndexWriter<'_>, account: Address) -> Result<BalanceRecord, Store
     Ok(w.get::<Balances>(&account)?.unwrap_or_default())
 }
 
+/// Adds to what `account` was credited for `token_id`.
+fn add_earnings(
+    w: &mut IndexWriter<'_>,
+    account: Address,
+    token_id: U256,
+    amount: U256,
+) -> Result<(), StoreError> {
+    let key = (account, token_id);
+    let earned = w.get::<Earnings>(&key)?.unwrap_or_default();
+    w.put::<Earnings>(&key, &(earned + amount))
+}
+
 /// Books a payment as the contract does: the fee to the treasury, the rest as model revenue.
 fn book(
     w: &mut IndexWriter<'_>,
@@ -149,9 +161,7 @@ fn book(
         let mut treasury = balance(w, deployment.treasury)?;
         treasury.fees += fee;
         w.put::<Balances>(&deployment.treasury, &treasury)?;
-        let key = (deployment.treasury, token_id);
-        let earned = w.get::<Earnings>(&key)?.unwrap_or_default();
-        w.put::<Earnings>(&key, &(earned + fee))?;
+        add_earnings(w, deployment.treasury, token_id, fee)?;
     }
     Ok(())
 }
@@ -239,9 +249,7 @@ fn apply_market(
             let mut b = balance(w, e.recipient)?;
             b.royalties += e.amount;
             w.put::<Balances>(&e.recipient, &b)?;
-            let key = (e.recipient, e.tokenId);
-            let earned = w.get::<Earnings>(&key)?.unwrap_or_default();
-            w.put::<Earnings>(&key, &(earned + e.amount))?;
+            add_earnings(w, e.recipient, e.tokenId, e.amount)?;
         }
         E::Withdrawn(e) => {
             let mut b = balance(w, e.account)?;

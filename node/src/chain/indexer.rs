@@ -117,6 +117,19 @@ enum Step {
     Waiting,
 }
 
+/// One RPC call with the client-side timeout, its failure named after `what`.
+async fn with_timeout<T, E: std::fmt::Display>(
+    what: &str,
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, IndexError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(IndexError::Rpc(format!("{what}: {e}"))),
+        Err(_) => Err(IndexError::Rpc(format!("{what}: no answer within {timeout:?}"))),
+    }
+}
+
 /// A block header, as much of it as the indexer needs.
 #[derive(Clone, Copy, Debug)]
 struct Header {
@@ -251,11 +264,7 @@ impl Indexer {
         what: &str,
         call: impl std::future::Future<Output = Result<T, E>>,
     ) -> Result<T, IndexError> {
-        match tokio::time::timeout(self.config.rpc_timeout, call).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(IndexError::Rpc(format!("{what}: {e}"))),
-            Err(_) => Err(IndexError::Rpc(format!("{what}: no answer within {:?}", self.config.rpc_timeout))),
-        }
+        with_timeout(what, self.config.rpc_timeout, call).await
     }
 
     async fn header(&self, number: u64) -> Result<Option<Header>, IndexError> {
@@ -301,17 +310,7 @@ impl Indexer {
             .to_block(to);
         let provider = self.provider.clone();
         let timeout = self.config.rpc_timeout;
-        async move {
-            match tokio::time::timeout(timeout, provider.get_logs(&filter)).await {
-                Ok(Ok(logs)) => Ok(logs),
-                Ok(Err(e)) => Err(IndexError::Rpc(format!("eth_getLogs: {e}"))),
-                Err(_) => Err(IndexError::Rpc(format!("eth_getLogs: no answer within {timeout:?}"))),
-            }
-        }
-    }
-
-    async fn fetch_logs(&self, from: u64, to: u64) -> Result<Vec<Log>, IndexError> {
-        self.logs_future(from, to).await
+        async move { with_timeout("eth_getLogs", timeout, provider.get_logs(&filter)).await }
     }
 
     async fn step(&mut self) -> Result<Step, IndexError> {
@@ -360,7 +359,7 @@ impl Indexer {
             }
             None => {
                 let to = limit.min(next + self.range - 1);
-                (to, self.fetch_logs(next, to).await)
+                (to, self.logs_future(next, to).await)
             }
         };
         let logs = match fetched {
