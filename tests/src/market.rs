@@ -25,13 +25,24 @@ pub struct Market {
 pub const UNIT_PRICE: u64 = 1_000_000_000;
 
 /// Waits (boundedly) for a sent transaction's receipt and checks that it succeeded.
+///
+/// Polls `eth_getTransactionReceipt` rather than alloy's block watcher: after a snapshot revert
+/// the same transaction (same sender, nonce and calldata, so the same hash) is sent again, and
+/// the watcher, which remembers the blocks of the abandoned branch, reports it mined before the
+/// new branch holds it.
 trait Mined {
     async fn mined(self) -> alloy::rpc::types::TransactionReceipt;
 }
 
 impl Mined for alloy::providers::PendingTransactionBuilder<alloy::network::Ethereum> {
     async fn mined(self) -> alloy::rpc::types::TransactionReceipt {
-        let receipt = self.with_timeout(Some(RECEIPT_TIMEOUT)).get_receipt().await.expect("a receipt");
+        let hash = *self.tx_hash();
+        let provider = self.provider().clone();
+        let receipt = crate::eventually(&format!("the receipt of {hash}"), RECEIPT_TIMEOUT, || {
+            let provider = provider.clone();
+            async move { provider.get_transaction_receipt(hash).await.expect("eth_getTransactionReceipt") }
+        })
+        .await;
         assert!(receipt.status(), "transaction {} reverted", receipt.transaction_hash);
         receipt
     }
