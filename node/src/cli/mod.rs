@@ -4,6 +4,7 @@
 mod contracts;
 mod dev;
 pub mod index;
+mod watermark;
 
 use clap::{Parser, Subcommand};
 
@@ -38,6 +39,9 @@ pub enum Command {
     /// Inspect and rebuild the chain index.
     #[command(subcommand)]
     Index(index::IndexCommand),
+    /// Mark model files and check marks: keys, embed, verify, trace.
+    #[command(subcommand)]
+    Watermark(watermark::WatermarkCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -66,6 +70,7 @@ impl Cli {
                 dev::run(config, args, metrics).await
             }
             Command::Contracts(command) => command.run(&config).await,
+            Command::Watermark(command) => tokio::task::spawn_blocking(move || command.run()).await?,
             Command::Index(command) => {
                 telemetry::init_tracing(&crate::config::LogConfig {
                     filter: "warn".into(),

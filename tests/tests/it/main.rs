@@ -4,3 +4,4 @@ mod dev;
 mod indexer;
 mod market_api;
 mod node;
+mod watermark;

@@ -1,0 +1,368 @@
+//! Embedding: a ±1 ULP step on every eligible weight, written file to file in one pass.
+//!
+//! bf16 weights step their bit pattern by exactly one unit in the last place, up or down in
+//! value as the key bit says (down instead of up at the largest finite value, up instead of
+//! down at the smallest normal one). f16 and f32 weights move by one bf16-equivalent ULP
+//! (`2^(e-7)`), rounded to nearest. Zeros, subnormals, NaN and infinities never change. The
+//! output is the input with some byte ranges rewritten: header and ineligible bytes identical,
+//! offsets unchanged, hashed with blake3 while it is written.
+
+use std::{
+    fs::File,
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::{
+    LicenseKey, ModelKey, Options, WatermarkError,
+    format::{FloatKind, ModelFile, TensorEntry},
+    stream::{CHUNK, TensorStream, WORDS},
+};
+
+/// A model needs this many eligible weights: a mark on fewer does not survive 4-bit
+/// quantisation at the owner threshold.
+pub const MIN_ELIGIBLE_WEIGHTS: usize = 131_072;
+
+/// Chunks per write: 64 chunks = 4 Mi elements, at most 16 MiB of output buffered.
+const BLOCK_CHUNKS: usize = 64;
+
+/// What an embedding did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EmbedReport {
+    /// blake3 of the written file, hex.
+    pub output_blake3: String,
+    pub bytes: u64,
+    pub marked_tensors: usize,
+    pub eligible_weights: u64,
+    /// Weights changed by one step (half A with the owner mark, half B with the fingerprint).
+    pub owner_weights: u64,
+    pub license_weights: u64,
+}
+
+/// The bits that drive one chunk: which half each weight is in, and its direction.
+pub(crate) struct ChunkBits {
+    pub partition: Vec<u64>,
+    pub owner: Vec<u64>,
+    pub license: Vec<u64>,
+}
+
+impl ChunkBits {
+    pub fn new() -> Self {
+        Self { partition: vec![0; WORDS], owner: vec![0; WORDS], license: vec![0; WORDS] }
+    }
+}
+
+/// The streams of one tensor.
+pub(crate) struct TensorKeys {
+    pub partition: TensorStream,
+    pub owner: TensorStream,
+    pub license: Option<TensorStream>,
+}
+
+impl TensorKeys {
+    pub fn new(
+        model: &ModelKey,
+        license: Option<&LicenseKey>,
+        tensor: &TensorEntry,
+        kind: FloatKind,
+    ) -> Self {
+        let stream = |key: &[u8; 32]| TensorStream::new(key, &tensor.name, kind, &tensor.shape);
+        Self {
+            partition: stream(model.partition().expose()),
+            owner: stream(model.owner().expose()),
+            license: license.map(|key| stream(key.expose())),
+        }
+    }
+}
+
+/// Writes a marked copy of `original` to `out`: the owner mark on half A and, with a license
+/// key, that license's fingerprint on half B. Always embed from the original: marking a marked
+/// copy doubles the step. Nothing is written on error (the output appears by rename).
+pub fn embed(
+    original: &Path,
+    out: &Path,
+    model: &ModelKey,
+    license: Option<&LicenseKey>,
+    options: &Options,
+) -> Result<EmbedReport, WatermarkError> {
+    let file = ModelFile::open(original)?;
+    let eligible = file.eligible_elements();
+    if eligible < MIN_ELIGIBLE_WEIGHTS {
+        return Err(WatermarkError::TooFewWeights {
+            path: original.to_owned(),
+            eligible,
+            needed: MIN_ELIGIBLE_WEIGHTS,
+        });
+    }
+    let partial = partial_path(out);
+    let result = options.run(|| write_marked(&file, &partial, model, license, options)).and_then(|r| r);
+    match result {
+        Ok(report) => {
+            std::fs::rename(&partial, out).map_err(|source| WatermarkError::io(out, source))?;
+            Ok(report)
+        }
+        Err(error) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(error)
+        }
+    }
+}
+
+fn partial_path(out: &Path) -> PathBuf {
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    out.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+}
+
+fn write_marked(
+    file: &ModelFile,
+    path: &Path,
+    model: &ModelKey,
+    license: Option<&LicenseKey>,
+    options: &Options,
+) -> Result<EmbedReport, WatermarkError> {
+    let mut output = File::create(path).map_err(|source| WatermarkError::io(path, source))?;
+    let mut hasher = blake3::Hasher::new();
+    let total = file.map.len() as u64;
+    let mut done = 0u64;
+    let mut write = |bytes: &[u8], hasher: &mut blake3::Hasher| -> Result<(), WatermarkError> {
+        output.write_all(bytes).map_err(|source| WatermarkError::io(path, source))?;
+        if rayon::current_num_threads() > 1 && bytes.len() >= 1 << 20 {
+            hasher.update_rayon(bytes);
+        } else {
+            hasher.update(bytes);
+        }
+        done += bytes.len() as u64;
+        if let Some(progress) = &options.progress {
+            progress(done, total);
+        }
+        Ok(())
+    };
+    let mut report = EmbedReport {
+        output_blake3: String::new(),
+        bytes: total,
+        marked_tensors: 0,
+        eligible_weights: 0,
+        owner_weights: 0,
+        license_weights: 0,
+    };
+    write(&file.map[..file.header_len], &mut hasher)?;
+    let mut buffer = Vec::new();
+    for tensor in &file.tensors {
+        let source = file.bytes(tensor);
+        let Some(kind) = tensor.kind else {
+            for piece in source.chunks(BLOCK_CHUNKS * CHUNK * 4) {
+                write(piece, &mut hasher)?;
+            }
+            continue;
+        };
+        report.marked_tensors += 1;
+        report.eligible_weights += tensor.elements() as u64;
+        let keys = TensorKeys::new(model, license, tensor, kind);
+        let block_bytes = BLOCK_CHUNKS * CHUNK * kind.size();
+        for (block, input) in source.chunks(block_bytes).enumerate() {
+            buffer.resize(input.len(), 0);
+            let counts: (u64, u64) = input
+                .par_chunks(CHUNK * kind.size())
+                .zip(buffer.par_chunks_mut(CHUNK * kind.size()))
+                .enumerate()
+                .map_init(ChunkBits::new, |bits, (i, (src, dst))| {
+                    let first = (block * BLOCK_CHUNKS + i) * CHUNK;
+                    mark_chunk(kind, &keys, first, src, dst, bits)
+                })
+                .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            report.owner_weights += counts.0;
+            report.license_weights += counts.1;
+            write(&buffer, &mut hasher)?;
+        }
+    }
+    output.sync_all().map_err(|source| WatermarkError::io(path, source))?;
+    report.output_blake3 = hasher.finalize().to_hex().to_string();
+    Ok(report)
+}
+
+/// Marks one chunk (`first` is its first element); returns the weights changed in half A and B.
+pub(crate) fn mark_chunk(
+    kind: FloatKind,
+    keys: &TensorKeys,
+    first: usize,
+    src: &[u8],
+    dst: &mut [u8],
+    bits: &mut ChunkBits,
+) -> (u64, u64) {
+    let elements = src.len() / kind.size();
+    let words = elements.div_ceil(64);
+    keys.partition.fill(first, &mut bits.partition[..words]);
+    keys.owner.fill(first, &mut bits.owner[..words]);
+    let with_license = match &keys.license {
+        Some(stream) => {
+            stream.fill(first, &mut bits.license[..words]);
+            true
+        }
+        None => false,
+    };
+    let mut changed = (0u64, 0u64);
+    for w in 0..words {
+        let part = bits.partition[w];
+        let direction = (part & bits.owner[w]) | (!part & bits.license[w]);
+        let selected = if with_license { u64::MAX } else { part };
+        let size = kind.size();
+        let range = w * 64 * size..(w * 64 + (elements - w * 64).min(64)) * size;
+        let (src, dst) = (&src[range.clone()], &mut dst[range]);
+        let (a, b) = match kind {
+            FloatKind::Bf16 => step_words(src, dst, direction, selected, part, step_bf16),
+            FloatKind::F16 => step_words(src, dst, direction, selected, part, step_f16),
+            FloatKind::F32 => step_words(src, dst, direction, selected, part, step_f32),
+        };
+        changed.0 += a;
+        changed.1 += b;
+    }
+    changed
+}
+
+/// An element's bit pattern, little-endian in the file.
+trait Bits: Copy {
+    const SIZE: usize;
+    fn read(bytes: &[u8]) -> Self;
+    fn write(self, bytes: &mut [u8]);
+}
+
+impl Bits for u16 {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    fn read(bytes: &[u8]) -> Self {
+        u16::from_le_bytes([bytes[0], bytes[1]])
+    }
+    #[inline(always)]
+    fn write(self, bytes: &mut [u8]) {
+        bytes.copy_from_slice(&self.to_le_bytes());
+    }
+}
+
+impl Bits for u32 {
+    const SIZE: usize = 4;
+    #[inline(always)]
+    fn read(bytes: &[u8]) -> Self {
+        u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+    }
+    #[inline(always)]
+    fn write(self, bytes: &mut [u8]) {
+        bytes.copy_from_slice(&self.to_le_bytes());
+    }
+}
+
+/// Steps up to 64 elements; bit j of `direction` is element j's direction (1 = up in value),
+/// bit j of `selected` whether it is marked at all. Written without branches so the loop
+/// vectorises. Returns the elements changed in half A and in half B.
+#[inline(always)]
+fn step_words<B: Bits>(
+    src: &[u8],
+    dst: &mut [u8],
+    direction: u64,
+    selected: u64,
+    part: u64,
+    step: fn(B, bool) -> (B, bool),
+) -> (u64, u64) {
+    let mut changed = 0u64;
+    for (j, (s, d)) in src.chunks_exact(B::SIZE).zip(dst.chunks_exact_mut(B::SIZE)).enumerate() {
+        let bits = B::read(s);
+        let (moved, markable) = step(bits, direction >> j & 1 == 1);
+        let take = markable & (selected >> j & 1 == 1);
+        changed |= u64::from(take) << j;
+        (if take { moved } else { bits }).write(d);
+    }
+    ((changed & part).count_ones().into(), (changed & !part).count_ones().into())
+}
+
+/// One bf16 step and whether the value is marked at all (zero, subnormal, NaN and infinite
+/// values are not).
+#[inline(always)]
+pub(crate) fn step_bf16(bits: u16, up: bool) -> (u16, bool) {
+    let magnitude = bits & 0x7FFF;
+    let exponent = magnitude >> 7;
+    let markable = (exponent != 0) & (exponent != 0xFF);
+    let negative = bits >> 15;
+    let grow = u16::from(up) ^ negative;
+    // never to infinity from the largest finite value, never to a subnormal from the smallest
+    // normal one: step the other way there
+    let grow = if magnitude == 0x7F7F {
+        0
+    } else if magnitude == 0x0080 {
+        1
+    } else {
+        grow
+    };
+    let moved = (bits & 0x8000) | magnitude.wrapping_add(grow << 1).wrapping_sub(1);
+    (moved, markable)
+}
+
+fn step_f16(bits: u16, up: bool) -> (u16, bool) {
+    let exponent = (bits >> 10) & 0x1F;
+    if exponent == 0 || exponent == 0x1F {
+        return (bits, false);
+    }
+    let value = f16::from_bits(bits).to_f32();
+    let ulp = bf16_ulp(value);
+    let moved = f16::from_f32(if up { value + ulp } else { value - ulp });
+    let moved =
+        if moved.is_infinite() { f16::from_f32(if up { value - ulp } else { value + ulp }) } else { moved };
+    (moved.to_bits(), true)
+}
+
+#[inline(always)]
+pub(crate) fn step_f32(bits: u32, up: bool) -> (u32, bool) {
+    let exponent = (bits >> 23) & 0xFF;
+    let markable = (8..=253).contains(&exponent);
+    let value = f32::from_bits(bits);
+    let ulp = f32::from_bits(exponent.wrapping_sub(7) << 23);
+    let moved = if up { value + ulp } else { value - ulp };
+    (moved.to_bits(), markable)
+}
+
+/// One bf16 unit in the last place at `value`'s binade: `2^(e - 7)`.
+fn bf16_ulp(value: f32) -> f32 {
+    let exponent = (value.to_bits() >> 23) & 0xFF;
+    f32::from_bits(exponent.saturating_sub(7).max(1) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bf16(v: f32) -> u16 {
+        half::bf16::from_f32(v).to_bits()
+    }
+
+    #[test]
+    fn bf16_steps_are_one_ulp_in_value() {
+        let one = bf16(1.0);
+        assert_eq!(step_bf16(one, true), (one + 1, true));
+        assert_eq!(step_bf16(one, false), (one - 1, true));
+        let minus = bf16(-1.0);
+        // up in value is down in magnitude for negatives
+        assert_eq!(step_bf16(minus, true), (minus - 1, true));
+        assert_eq!(step_bf16(minus, false), (minus + 1, true));
+        assert_eq!(step_bf16(0x7F7F, true), (0x7F7E, true), "never to infinity");
+        assert_eq!(step_bf16(0x0080, false), (0x0081, true), "never to a subnormal");
+        for never in [0x0000, 0x8000, 0x0001, 0x7F80, 0xFF80, 0x7FC0] {
+            assert!(!step_bf16(never, true).1);
+            assert!(!step_bf16(never, false).1);
+        }
+    }
+
+    #[test]
+    fn wider_floats_step_by_a_bf16_ulp() {
+        let up = f32::from_bits(step_f32(1.0f32.to_bits(), true).0);
+        assert_eq!(up, 1.0 + 1.0 / 128.0);
+        let down = f32::from_bits(step_f32((-3.0f32).to_bits(), true).0);
+        assert_eq!(down, -3.0 + 2.0 / 128.0);
+        assert!(!step_f32(0, true).1);
+        assert!(!step_f32(f32::INFINITY.to_bits(), true).1);
+        let h = f16::from_f32(0.5).to_bits();
+        assert_eq!(f16::from_bits(step_f16(h, false).0).to_f32(), 0.5 - 0.5 / 128.0);
+        let max = f16::MAX.to_bits();
+        assert!(f16::from_bits(step_f16(max, true).0).to_f32() < f16::MAX.to_f32(), "never to infinity");
+    }
+}
