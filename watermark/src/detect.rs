@@ -421,8 +421,13 @@ fn markable(kind: FloatKind, value: f32) -> bool {
     ((value.to_bits() >> 23) & 0xFF).wrapping_sub(low) <= high - low
 }
 
-/// Computes the bit-plane features of a chunk's weights of `half`, and their totals.
-fn features(kind: FloatKind, buffers: &mut Buffers, len: usize, half: Half) -> Totals {
+dispatch! {
+    /// Computes the bit-plane features of a chunk's weights of `half`, and their totals.
+    fn features(kind: FloatKind, buffers: &mut Buffers, len: usize, half: Half) -> Totals => features_body
+}
+
+#[inline(always)]
+fn features_body(kind: FloatKind, buffers: &mut Buffers, len: usize, half: Half) -> Totals {
     let mut totals = Totals::default();
     for (w, word) in buffers.words[..len.div_ceil(64)].iter_mut().enumerate() {
         let part = buffers.partition[w];
@@ -475,9 +480,13 @@ fn features(kind: FloatKind, buffers: &mut Buffers, len: usize, half: Half) -> T
     totals
 }
 
-/// Σ over weights whose key direction agrees with the sign of x of |x|, per statistic.
-#[inline]
-fn count_matches(words: &[Word], key: &[u64]) -> [u64; 4] {
+dispatch! {
+    /// Σ over weights whose key direction agrees with the sign of x of |x|, per statistic.
+    fn count_matches(words: &[Word], key: &[u64]) -> [u64; 4] => count_matches_body
+}
+
+#[inline(always)]
+fn count_matches_body(words: &[Word], key: &[u64]) -> [u64; 4] {
     let mut counts = [0u64; 4];
     for (word, &bits) in words.iter().zip(key) {
         let agree = !(bits ^ word.positive);
@@ -528,9 +537,14 @@ fn blind(suspect: &ModelFile, model: &ModelKey) -> Evidence {
 
 const LANES: usize = 16;
 
-/// One chunk of the blind statistic with 16 independent f32 lanes (they vectorise), reduced in
-/// f64 at the end of the chunk.
-fn blind_chunk(kind: FloatKind, values: &[f32], partition: &[u64], owner: &[u64]) -> (f64, f64, u64) {
+dispatch! {
+    /// One chunk of the blind statistic with 16 independent f32 lanes (they vectorise), reduced
+    /// in f64 at the end of the chunk.
+    fn blind_chunk(kind: FloatKind, values: &[f32], partition: &[u64], owner: &[u64]) -> (f64, f64, u64) => blind_chunk_body
+}
+
+#[inline(always)]
+fn blind_chunk_body(kind: FloatKind, values: &[f32], partition: &[u64], owner: &[u64]) -> (f64, f64, u64) {
     let (low, high) = markable_exponents(kind);
     let mut signed = [0f32; LANES];
     let mut squares = [0f32; LANES];

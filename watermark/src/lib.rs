@@ -15,6 +15,35 @@
 //! chunk can be produced on its own, by any thread, with the same result. Files are read
 //! memory-mapped and written in one streaming pass whose memory does not grow with the file.
 
+/// Defines `$name` to run `$body` compiled for AVX2, FMA and POPCNT when the CPU has them, and
+/// compiled for the baseline otherwise. Both give identical results: the sums are integers or
+/// f32/f64 in a fixed order, and Rust never contracts a multiply and an add into an FMA.
+macro_rules! dispatch {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty => $body:ident) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2,lzcnt,sse4.1")]
+                fn fast($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("popcnt")
+                    && std::arch::is_x86_feature_detected!("bmi1")
+                    && std::arch::is_x86_feature_detected!("bmi2")
+                    && std::arch::is_x86_feature_detected!("lzcnt")
+                {
+                    // SAFETY: the CPU has every feature `fast` was compiled for.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
 pub mod align;
 pub mod detect;
 pub mod format;
@@ -27,7 +56,7 @@ use std::path::{Path, PathBuf};
 pub use detect::{ALPHA, Evidence, Mode, Statistic, Subject, threshold, trace, verify_owner};
 pub use format::{FloatKind, MIN_TENSOR_ELEMENTS, ModelFile};
 pub use keys::{KeyError, LicenseKey, MasterKey, ModelKey, OwnerKey, PartitionKey, commitment};
-pub use mark::{EmbedReport, MIN_ELIGIBLE_WEIGHTS, embed};
+pub use mark::{EmbedReport, MIN_ELIGIBLE_WEIGHTS, embed, embed_tensor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatermarkError {
@@ -68,7 +97,7 @@ impl Options {
     }
 
     /// Runs `work` on the requested threads.
-    pub(crate) fn run<T: Send>(&self, work: impl FnOnce() -> T + Send) -> Result<T, WatermarkError> {
+    pub fn run<T: Send>(&self, work: impl FnOnce() -> T + Send) -> Result<T, WatermarkError> {
         if self.threads == 0 {
             return Ok(work());
         }

@@ -111,6 +111,28 @@ pub fn embed(
     }
 }
 
+/// Marks one tensor held in memory, `src` into `dst` (same length), exactly as [`embed`] marks
+/// it in a file; for tensors already resident (serving) and for benchmarks. Returns the weights
+/// changed in half A and half B.
+pub fn embed_tensor(
+    model: &ModelKey,
+    license: Option<&LicenseKey>,
+    tensor: &TensorEntry,
+    src: &[u8],
+    dst: &mut [u8],
+) -> (u64, u64) {
+    let Some(kind) = tensor.kind else {
+        dst.copy_from_slice(src);
+        return (0, 0);
+    };
+    let keys = TensorKeys::new(model, license, tensor, kind);
+    src.par_chunks(CHUNK * kind.size())
+        .zip(dst.par_chunks_mut(CHUNK * kind.size()))
+        .enumerate()
+        .map_init(ChunkBits::new, |bits, (i, (src, dst))| mark_chunk(kind, &keys, i * CHUNK, src, dst, bits))
+        .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
 fn partial_path(out: &Path) -> PathBuf {
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     out.with_file_name(format!(".{name}.partial-{}", std::process::id()))
@@ -183,8 +205,20 @@ fn write_marked(
     Ok(report)
 }
 
-/// Marks one chunk (`first` is its first element); returns the weights changed in half A and B.
-pub(crate) fn mark_chunk(
+dispatch! {
+    /// Marks one chunk (`first` is its first element); returns the weights changed in half A and B.
+    fn mark_chunk(
+        kind: FloatKind,
+        keys: &TensorKeys,
+        first: usize,
+        src: &[u8],
+        dst: &mut [u8],
+        bits: &mut ChunkBits,
+    ) -> (u64, u64) => mark_chunk_body
+}
+
+#[inline(always)]
+fn mark_chunk_body(
     kind: FloatKind,
     keys: &TensorKeys,
     first: usize,
@@ -222,40 +256,38 @@ pub(crate) fn mark_chunk(
     changed
 }
 
-/// An element's bit pattern, little-endian in the file.
-trait Bits: Copy {
-    const SIZE: usize;
-    fn read(bytes: &[u8]) -> Self;
-    fn write(self, bytes: &mut [u8]);
+/// An element's bit pattern (little-endian in the file).
+trait Bits: Copy + Default {
+    fn decoded(self) -> Self;
+    fn encoded(self) -> Self;
 }
 
 impl Bits for u16 {
-    const SIZE: usize = 2;
     #[inline(always)]
-    fn read(bytes: &[u8]) -> Self {
-        u16::from_le_bytes([bytes[0], bytes[1]])
+    fn decoded(self) -> Self {
+        u16::from_le(self)
     }
     #[inline(always)]
-    fn write(self, bytes: &mut [u8]) {
-        bytes.copy_from_slice(&self.to_le_bytes());
+    fn encoded(self) -> Self {
+        u16::to_le(self)
     }
 }
 
 impl Bits for u32 {
-    const SIZE: usize = 4;
     #[inline(always)]
-    fn read(bytes: &[u8]) -> Self {
-        u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+    fn decoded(self) -> Self {
+        u32::from_le(self)
     }
     #[inline(always)]
-    fn write(self, bytes: &mut [u8]) {
-        bytes.copy_from_slice(&self.to_le_bytes());
+    fn encoded(self) -> Self {
+        u32::to_le(self)
     }
 }
 
 /// Steps up to 64 elements; bit j of `direction` is element j's direction (1 = up in value),
-/// bit j of `selected` whether it is marked at all. Written without branches so the loop
-/// vectorises. Returns the elements changed in half A and in half B.
+/// bit j of `selected` whether it is marked at all. The elements are copied into an aligned
+/// array and the bits spread to lanes, so the loop over 64 lanes has no branches and vectorises.
+/// Returns the elements changed in half A and B.
 #[inline(always)]
 fn step_words<B: Bits>(
     src: &[u8],
@@ -263,17 +295,28 @@ fn step_words<B: Bits>(
     direction: u64,
     selected: u64,
     part: u64,
-    step: fn(B, bool) -> (B, bool),
+    step: impl Fn(B, bool) -> (B, bool),
 ) -> (u64, u64) {
-    let mut changed = 0u64;
-    for (j, (s, d)) in src.chunks_exact(B::SIZE).zip(dst.chunks_exact_mut(B::SIZE)).enumerate() {
-        let bits = B::read(s);
+    let size = std::mem::size_of::<B>();
+    let n = (src.len() / size).min(64);
+    let mut values = [B::default(); 64];
+    // SAFETY: `values` holds 64 plain integers and n ≤ 64 of them are overwritten with n * size
+    // bytes of `src` (which has at least that many); any bytes are a valid integer.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), values.as_mut_ptr().cast::<u8>(), n * size) };
+    let (mut a, mut b) = (0u32, 0u32);
+    for (j, value) in values.iter_mut().enumerate() {
+        let bits = value.decoded();
         let (moved, markable) = step(bits, direction >> j & 1 == 1);
         let take = markable & (selected >> j & 1 == 1);
-        changed |= u64::from(take) << j;
-        (if take { moved } else { bits }).write(d);
+        let in_a = part >> j & 1 == 1;
+        a += u32::from(take & in_a);
+        b += u32::from(take & !in_a);
+        *value = (if take { moved } else { bits }).encoded();
     }
-    ((changed & part).count_ones().into(), (changed & !part).count_ones().into())
+    // SAFETY: as above, in the other direction; `dst` has the same length as `src`.
+    unsafe { std::ptr::copy_nonoverlapping(values.as_ptr().cast::<u8>(), dst.as_mut_ptr(), n * size) };
+    // lanes past n held zeros, which are never marked
+    (a.into(), b.into())
 }
 
 /// One bf16 step and whether the value is marked at all (zero, subnormal, NaN and infinite

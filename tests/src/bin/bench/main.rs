@@ -1,8 +1,12 @@
 //! `scripts/bench`: benchmarks printed beside a ceiling measured in the same run.
 //!
+//! `agora-bench watermark [--gib N]`: see `watermark.rs`.
+//!
 //! `agora-bench index [--events N]`: makes N marketplace events on a local anvil (purchases,
 //! distributions with their credits), then times a cold backfill into an empty data dir, beside
 //! the ceiling of fetching the same logs with `eth_getLogs` and decoding them without storing.
+
+mod watermark;
 
 use std::time::{Duration, Instant};
 
@@ -30,7 +34,14 @@ async fn main() -> anyhow::Result<()> {
             };
             bench_index(events).await
         }
-        _ => anyhow::bail!("usage: agora-bench index [--events N]"),
+        Some("watermark") => {
+            let gib = match args.iter().position(|a| a == "--gib") {
+                Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(1.0),
+                None => 1.0,
+            };
+            tokio::task::spawn_blocking(move || watermark::run(gib)).await?
+        }
+        _ => anyhow::bail!("usage: agora-bench index [--events N] | watermark [--gib N]"),
     }
 }
 
