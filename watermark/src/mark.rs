@@ -126,10 +126,17 @@ pub fn embed_tensor(
         return (0, 0);
     };
     let keys = TensorKeys::new(model, license, tensor, kind);
+    mark_range(kind, &keys, 0, src, dst)
+}
+
+/// Marks the elements from `first` on, chunk by chunk in parallel.
+fn mark_range(kind: FloatKind, keys: &TensorKeys, first: usize, src: &[u8], dst: &mut [u8]) -> (u64, u64) {
     src.par_chunks(CHUNK * kind.size())
         .zip(dst.par_chunks_mut(CHUNK * kind.size()))
         .enumerate()
-        .map_init(ChunkBits::new, |bits, (i, (src, dst))| mark_chunk(kind, &keys, i * CHUNK, src, dst, bits))
+        .map_init(ChunkBits::new, |bits, (i, (src, dst))| {
+            mark_chunk(kind, keys, first + i * CHUNK, src, dst, bits)
+        })
         .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
@@ -186,15 +193,7 @@ fn write_marked(
         let block_bytes = BLOCK_CHUNKS * CHUNK * kind.size();
         for (block, input) in source.chunks(block_bytes).enumerate() {
             buffer.resize(input.len(), 0);
-            let counts: (u64, u64) = input
-                .par_chunks(CHUNK * kind.size())
-                .zip(buffer.par_chunks_mut(CHUNK * kind.size()))
-                .enumerate()
-                .map_init(ChunkBits::new, |bits, (i, (src, dst))| {
-                    let first = (block * BLOCK_CHUNKS + i) * CHUNK;
-                    mark_chunk(kind, &keys, first, src, dst, bits)
-                })
-                .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            let counts = mark_range(kind, &keys, block * BLOCK_CHUNKS * CHUNK, input, &mut buffer);
             report.owner_weights += counts.0;
             report.license_weights += counts.1;
             write(&buffer, &mut hasher)?;
