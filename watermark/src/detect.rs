@@ -506,25 +506,30 @@ fn count_matches_body(words: &[Word], key: &[u64]) -> [u64; 4] {
 
 /// Blind owner detection: `T = Σ s·w' / sqrt(Σ w'²)` over half A.
 fn blind(suspect: &ModelFile, model: &ModelKey) -> Evidence {
-    let work: Vec<(&TensorEntry, FloatKind, usize)> = suspect
+    // the streams of each tensor, derived once
+    let tensors: Vec<(&TensorEntry, FloatKind, TensorKeys)> = suspect
         .tensors
         .iter()
-        .filter_map(|t| t.kind.map(|kind| (t, kind)))
-        .flat_map(|(t, kind)| (0..t.elements().div_ceil(CHUNK)).map(move |c| (t, kind, c)))
+        .filter_map(|t| t.kind.map(|kind| (t, kind, TensorKeys::new(model, None, t, kind))))
+        .collect();
+    let work: Vec<(usize, usize)> = tensors
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (t, _, _))| (0..t.elements().div_ceil(CHUNK)).map(move |c| (i, c)))
         .collect();
     let sums: Vec<(f64, f64, u64)> = work
         .par_iter()
         .map_init(
             || (vec![0f32; CHUNK], vec![0u64; WORDS], vec![0u64; WORDS]),
-            |(values, partition, owner), &(tensor, kind, chunk)| {
-                let keys = TensorKeys::new(model, None, tensor, kind);
+            |(values, partition, owner), &(i, chunk)| {
+                let (tensor, kind, keys) = &tensors[i];
                 let first = chunk * CHUNK;
                 let len = (tensor.elements() - first).min(CHUNK);
                 let words = len.div_ceil(64);
-                read_values(kind, suspect.bytes(tensor), first, &mut values[..len]);
+                read_values(*kind, suspect.bytes(tensor), first, &mut values[..len]);
                 keys.partition.fill(first, &mut partition[..words]);
                 keys.owner.fill(first, &mut owner[..words]);
-                blind_chunk(kind, &values[..len], &partition[..words], &owner[..words])
+                blind_chunk(*kind, &values[..len], &partition[..words], &owner[..words])
             },
         )
         .collect();

@@ -261,27 +261,22 @@ trait Bits: Copy + Default {
     fn encoded(self) -> Self;
 }
 
-impl Bits for u16 {
-    #[inline(always)]
-    fn decoded(self) -> Self {
-        u16::from_le(self)
-    }
-    #[inline(always)]
-    fn encoded(self) -> Self {
-        u16::to_le(self)
-    }
+macro_rules! little_endian_bits {
+    ($($int:ty),*) => {$(
+        impl Bits for $int {
+            #[inline(always)]
+            fn decoded(self) -> Self {
+                <$int>::from_le(self)
+            }
+            #[inline(always)]
+            fn encoded(self) -> Self {
+                self.to_le()
+            }
+        }
+    )*};
 }
 
-impl Bits for u32 {
-    #[inline(always)]
-    fn decoded(self) -> Self {
-        u32::from_le(self)
-    }
-    #[inline(always)]
-    fn encoded(self) -> Self {
-        u32::to_le(self)
-    }
-}
+little_endian_bits!(u16, u32);
 
 /// Steps up to 64 elements; bit j of `direction` is element j's direction (1 = up in value),
 /// bit j of `selected` whether it is marked at all. The elements are copied into an aligned

@@ -75,7 +75,8 @@ impl WatermarkCommand {
             Self::Keygen { output } => keygen(&output),
             Self::Embed { input, output, key, license, run } => {
                 let master = read_key(&key)?;
-                let model = model_key(&master, &input)?;
+                let original_hash = file_hash(&input)?;
+                let model = master.model_key(&original_hash);
                 let license_key = license.map(|id| model.license(id));
                 let bar = progress(run.json);
                 let options = Options {
@@ -90,7 +91,6 @@ impl WatermarkCommand {
                 };
                 let report = agora_watermark::embed(&input, &output, &model, license_key.as_ref(), &options)?;
                 bar.finish_and_clear();
-                let original_hash = file_hash(&input)?;
                 let commitment = agora_watermark::commitment(&master, &original_hash);
                 if run.json {
                     let mut value = serde_json::to_value(&report)?;
