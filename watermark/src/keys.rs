@@ -5,6 +5,7 @@ const CONTEXT_MODEL: &str = "agora watermark v1 model key";
 const CONTEXT_OWNER: &str = "agora watermark v1 owner key";
 const CONTEXT_PARTITION: &str = "agora watermark v1 partition key";
 const CONTEXT_LICENSE: &str = "agora watermark v1 license key";
+const CONTEXT_COIN: &str = "agora watermark v1 coin key";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
@@ -56,6 +57,11 @@ secret_key!(
     /// Keys the fingerprint of one license (half B).
     LicenseKey
 );
+secret_key!(
+    /// Keys the byte per weight that decides whether its step is taken (the Metropolis
+    /// acceptance that keeps the original's histogram of bit patterns).
+    CoinKey
+);
 
 impl MasterKey {
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
@@ -97,6 +103,10 @@ impl ModelKey {
         PartitionKey(blake3::derive_key(CONTEXT_PARTITION, &self.0))
     }
 
+    pub fn coin(&self) -> CoinKey {
+        CoinKey(blake3::derive_key(CONTEXT_COIN, &self.0))
+    }
+
     pub fn license(&self, license_id: u128) -> LicenseKey {
         let mut material = [0u8; 48];
         material[..32].copy_from_slice(&self.0);
@@ -129,6 +139,7 @@ mod tests {
         assert_ne!(model.license(1), model.license(2));
         assert_eq!(model.license(u128::MAX), model.license(u128::MAX));
         assert_ne!(model.owner().expose(), model.license(0).expose());
+        assert_ne!(model.coin().expose(), model.partition().expose());
     }
 
     #[test]

@@ -45,6 +45,7 @@ macro_rules! dispatch {
 }
 
 pub mod align;
+mod balance;
 pub mod detect;
 pub mod format;
 mod keys;
@@ -55,7 +56,7 @@ use std::path::{Path, PathBuf};
 
 pub use detect::{ALPHA, Evidence, Mode, Statistic, Subject, threshold, trace, verify_owner};
 pub use format::{FloatKind, MIN_TENSOR_ELEMENTS, ModelFile};
-pub use keys::{KeyError, LicenseKey, MasterKey, ModelKey, OwnerKey, PartitionKey, commitment};
+pub use keys::{CoinKey, KeyError, LicenseKey, MasterKey, ModelKey, OwnerKey, PartitionKey, commitment};
 pub use mark::{EmbedReport, MIN_ELIGIBLE_WEIGHTS, embed, embed_tensor};
 
 #[derive(Debug, thiserror::Error)]

@@ -18,13 +18,15 @@ use rayon::prelude::*;
 
 use crate::{
     LicenseKey, ModelKey, Options, WatermarkError,
+    balance::Acceptance,
     format::{FloatKind, ModelFile, TensorEntry},
     stream::{CHUNK, TensorStream, WORDS},
 };
 
-/// A model needs this many eligible weights: a mark on fewer does not survive 4-bit
-/// quantisation at the owner threshold.
-pub const MIN_ELIGIBLE_WEIGHTS: usize = 131_072;
+/// A model needs this many eligible weights: the owner mark keeps T ≈ 0.026·√(n/2) after 4-bit
+/// quantisation (measured), which at this size is 9.5, with room above the owner threshold of
+/// 6.65 for the steps the histogram balance holds back.
+pub const MIN_ELIGIBLE_WEIGHTS: usize = 262_144;
 
 /// Chunks per write: 64 chunks = 4 Mi elements, at most 16 MiB of output buffered.
 const BLOCK_CHUNKS: usize = 64;
@@ -47,11 +49,18 @@ pub(crate) struct ChunkBits {
     pub partition: Vec<u64>,
     pub owner: Vec<u64>,
     pub license: Vec<u64>,
+    /// One uniform byte per element.
+    pub coin: Vec<u8>,
 }
 
 impl ChunkBits {
     pub fn new() -> Self {
-        Self { partition: vec![0; WORDS], owner: vec![0; WORDS], license: vec![0; WORDS] }
+        Self {
+            partition: vec![0; WORDS],
+            owner: vec![0; WORDS],
+            license: vec![0; WORDS],
+            coin: vec![0; CHUNK],
+        }
     }
 }
 
@@ -60,6 +69,7 @@ pub(crate) struct TensorKeys {
     pub partition: TensorStream,
     pub owner: TensorStream,
     pub license: Option<TensorStream>,
+    pub coin: TensorStream,
 }
 
 impl TensorKeys {
@@ -74,6 +84,7 @@ impl TensorKeys {
             partition: stream(model.partition().expose()),
             owner: stream(model.owner().expose()),
             license: license.map(|key| stream(key.expose())),
+            coin: stream(model.coin().expose()),
         }
     }
 }
@@ -126,16 +137,23 @@ pub fn embed_tensor(
         return (0, 0);
     };
     let keys = TensorKeys::new(model, license, tensor, kind);
-    mark_range(kind, &keys, 0, src, dst)
+    mark_range(kind, &keys, &Acceptance::of(kind, src), 0, src, dst)
 }
 
 /// Marks the elements from `first` on, chunk by chunk in parallel.
-fn mark_range(kind: FloatKind, keys: &TensorKeys, first: usize, src: &[u8], dst: &mut [u8]) -> (u64, u64) {
+fn mark_range(
+    kind: FloatKind,
+    keys: &TensorKeys,
+    acceptance: &Acceptance,
+    first: usize,
+    src: &[u8],
+    dst: &mut [u8],
+) -> (u64, u64) {
     src.par_chunks(CHUNK * kind.size())
         .zip(dst.par_chunks_mut(CHUNK * kind.size()))
         .enumerate()
         .map_init(ChunkBits::new, |bits, (i, (src, dst))| {
-            mark_chunk(kind, keys, first + i * CHUNK, src, dst, bits)
+            mark_chunk(kind, keys, acceptance, first + i * CHUNK, src, dst, bits)
         })
         .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
@@ -190,10 +208,12 @@ fn write_marked(
         report.marked_tensors += 1;
         report.eligible_weights += tensor.elements() as u64;
         let keys = TensorKeys::new(model, license, tensor, kind);
+        let acceptance = Acceptance::of(kind, source);
         let block_bytes = BLOCK_CHUNKS * CHUNK * kind.size();
         for (block, input) in source.chunks(block_bytes).enumerate() {
             buffer.resize(input.len(), 0);
-            let counts = mark_range(kind, &keys, block * BLOCK_CHUNKS * CHUNK, input, &mut buffer);
+            let counts =
+                mark_range(kind, &keys, &acceptance, block * BLOCK_CHUNKS * CHUNK, input, &mut buffer);
             report.owner_weights += counts.0;
             report.license_weights += counts.1;
             write(&buffer, &mut hasher)?;
@@ -209,6 +229,7 @@ dispatch! {
     fn mark_chunk(
         kind: FloatKind,
         keys: &TensorKeys,
+        acceptance: &Acceptance,
         first: usize,
         src: &[u8],
         dst: &mut [u8],
@@ -220,6 +241,7 @@ dispatch! {
 fn mark_chunk_body(
     kind: FloatKind,
     keys: &TensorKeys,
+    acceptance: &Acceptance,
     first: usize,
     src: &[u8],
     dst: &mut [u8],
@@ -229,6 +251,7 @@ fn mark_chunk_body(
     let words = elements.div_ceil(64);
     keys.partition.fill(first, &mut bits.partition[..words]);
     keys.owner.fill(first, &mut bits.owner[..words]);
+    keys.coin.fill_bytes(first, &mut bits.coin[..elements]);
     let with_license = match &keys.license {
         Some(stream) => {
             stream.fill(first, &mut bits.license[..words]);
@@ -244,10 +267,12 @@ fn mark_chunk_body(
         let size = kind.size();
         let range = w * 64 * size..(w * 64 + (elements - w * 64).min(64)) * size;
         let (src, dst) = (&src[range.clone()], &mut dst[range]);
+        let coins = &bits.coin[w * 64..(w * 64 + 64).min(elements)];
+        let lanes = Lanes { direction, selected, part, coins, acceptance };
         let (a, b) = match kind {
-            FloatKind::Bf16 => step_words(src, dst, direction, selected, part, step_bf16),
-            FloatKind::F16 => step_words(src, dst, direction, selected, part, step_f16),
-            FloatKind::F32 => step_words(src, dst, direction, selected, part, step_f32),
+            FloatKind::Bf16 => step_words(src, dst, lanes, step_bf16),
+            FloatKind::F16 => step_words(src, dst, lanes, step_f16),
+            FloatKind::F32 => step_words(src, dst, lanes, step_f32),
         };
         changed.0 += a;
         changed.1 += b;
@@ -278,34 +303,51 @@ macro_rules! little_endian_bits {
 
 little_endian_bits!(u16, u32);
 
-/// Steps up to 64 elements; bit j of `direction` is element j's direction (1 = up in value),
-/// bit j of `selected` whether it is marked at all. The elements are copied into an aligned
-/// array and the bits spread to lanes, so the loop over 64 lanes has no branches and vectorises.
-/// Returns the elements changed in half A and B.
+/// The bits of 64 elements; bit j is element j's.
+#[derive(Clone, Copy)]
+struct Lanes<'a> {
+    /// 1 = step up in value.
+    direction: u64,
+    /// Whether the element is marked at all (half A only, without a license).
+    selected: u64,
+    /// 1 = half A.
+    part: u64,
+    /// One uniform byte per element: a step is taken when its byte is below the step's
+    /// acceptance (of 256).
+    coins: &'a [u8],
+    acceptance: &'a Acceptance,
+}
+
+/// Steps up to 64 elements, each taken with its Metropolis acceptance (see [`crate::balance`])
+/// so the marked codes keep the original's histogram. The elements are copied into an aligned
+/// array and the bits spread to lanes, so the loop over 64 lanes has no branches. Returns the
+/// elements changed in half A and B.
 #[inline(always)]
-fn step_words<B: Bits>(
+fn step_words<B: Bits + Into<u32>>(
     src: &[u8],
     dst: &mut [u8],
-    direction: u64,
-    selected: u64,
-    part: u64,
-    step: impl Fn(B, bool) -> (B, bool),
+    lanes: Lanes<'_>,
+    step: impl Fn(B, bool) -> Step<B>,
 ) -> (u64, u64) {
     let size = std::mem::size_of::<B>();
     let n = (src.len() / size).min(64);
     let mut values = [B::default(); 64];
+    let mut coins = [0u8; 64];
+    coins[..n].copy_from_slice(&lanes.coins[..n]);
     // SAFETY: `values` holds 64 plain integers and n ≤ 64 of them are overwritten with n * size
     // bytes of `src` (which has at least that many); any bytes are a valid integer.
     unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), values.as_mut_ptr().cast::<u8>(), n * size) };
     let (mut a, mut b) = (0u32, 0u32);
     for (j, value) in values.iter_mut().enumerate() {
         let bits = value.decoded();
-        let (moved, markable) = step(bits, direction >> j & 1 == 1);
-        let take = markable & (selected >> j & 1 == 1);
-        let in_a = part >> j & 1 == 1;
+        let up = lanes.direction >> j & 1 == 1;
+        let step = step(bits, up);
+        let accepted = u16::from(coins[j]) < lanes.acceptance.get(bits.into(), up);
+        let take = step.markable & accepted & (lanes.selected >> j & 1 == 1);
+        let in_a = lanes.part >> j & 1 == 1;
         a += u32::from(take & in_a);
         b += u32::from(take & !in_a);
-        *value = (if take { moved } else { bits }).encoded();
+        *value = (if take { step.moved } else { bits }).encoded();
     }
     // SAFETY: as above, in the other direction; `dst` has the same length as `src`.
     unsafe { std::ptr::copy_nonoverlapping(values.as_ptr().cast::<u8>(), dst.as_mut_ptr(), n * size) };
@@ -313,10 +355,17 @@ fn step_words<B: Bits>(
     (a.into(), b.into())
 }
 
-/// One bf16 step and whether the value is marked at all (zero, subnormal, NaN and infinite
-/// values are not).
+/// One element's step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Step<B> {
+    pub moved: B,
+    /// Zero, subnormal, NaN and infinite values are never marked.
+    pub markable: bool,
+}
+
+/// One bf16 step: the bit pattern moves by one code.
 #[inline(always)]
-pub(crate) fn step_bf16(bits: u16, up: bool) -> (u16, bool) {
+pub(crate) fn step_bf16(bits: u16, up: bool) -> Step<u16> {
     let magnitude = bits & 0x7FFF;
     let exponent = magnitude >> 7;
     let markable = (exponent != 0) & (exponent != 0xFF);
@@ -332,30 +381,31 @@ pub(crate) fn step_bf16(bits: u16, up: bool) -> (u16, bool) {
         grow
     };
     let moved = (bits & 0x8000) | magnitude.wrapping_add(grow << 1).wrapping_sub(1);
-    (moved, markable)
+    Step { moved, markable }
 }
 
-fn step_f16(bits: u16, up: bool) -> (u16, bool) {
+/// f16 and f32 move by a bf16-equivalent ULP; their finer codes make no binade edge.
+pub(crate) fn step_f16(bits: u16, up: bool) -> Step<u16> {
     let exponent = (bits >> 10) & 0x1F;
     if exponent == 0 || exponent == 0x1F {
-        return (bits, false);
+        return Step { moved: bits, markable: false };
     }
     let value = f16::from_bits(bits).to_f32();
     let ulp = bf16_ulp(value);
     let moved = f16::from_f32(if up { value + ulp } else { value - ulp });
     let moved =
         if moved.is_infinite() { f16::from_f32(if up { value - ulp } else { value + ulp }) } else { moved };
-    (moved.to_bits(), true)
+    Step { moved: moved.to_bits(), markable: true }
 }
 
 #[inline(always)]
-pub(crate) fn step_f32(bits: u32, up: bool) -> (u32, bool) {
+pub(crate) fn step_f32(bits: u32, up: bool) -> Step<u32> {
     let exponent = (bits >> 23) & 0xFF;
     let markable = (8..=253).contains(&exponent);
     let value = f32::from_bits(bits);
     let ulp = f32::from_bits(exponent.wrapping_sub(7) << 23);
     let moved = if up { value + ulp } else { value - ulp };
-    (moved.to_bits(), markable)
+    Step { moved: moved.to_bits(), markable }
 }
 
 /// One bf16 unit in the last place at `value`'s binade: `2^(e - 7)`.
@@ -374,32 +424,33 @@ mod tests {
 
     #[test]
     fn bf16_steps_are_one_ulp_in_value() {
+        let step = |moved| Step { moved, markable: true };
         let one = bf16(1.0);
-        assert_eq!(step_bf16(one, true), (one + 1, true));
-        assert_eq!(step_bf16(one, false), (one - 1, true));
+        assert_eq!(step_bf16(one, true), step(one + 1));
+        assert_eq!(step_bf16(one, false), step(one - 1));
         let minus = bf16(-1.0);
         // up in value is down in magnitude for negatives
-        assert_eq!(step_bf16(minus, true), (minus - 1, true));
-        assert_eq!(step_bf16(minus, false), (minus + 1, true));
-        assert_eq!(step_bf16(0x7F7F, true), (0x7F7E, true), "never to infinity");
-        assert_eq!(step_bf16(0x0080, false), (0x0081, true), "never to a subnormal");
+        assert_eq!(step_bf16(minus, true), step(minus - 1));
+        assert_eq!(step_bf16(minus, false), step(minus + 1));
+        assert_eq!(step_bf16(0x7F7F, true), step(0x7F7E), "never to infinity");
+        assert_eq!(step_bf16(0x0080, false), step(0x0081), "never to a subnormal");
         for never in [0x0000, 0x8000, 0x0001, 0x7F80, 0xFF80, 0x7FC0] {
-            assert!(!step_bf16(never, true).1);
-            assert!(!step_bf16(never, false).1);
+            assert!(!step_bf16(never, true).markable);
+            assert!(!step_bf16(never, false).markable);
         }
     }
 
     #[test]
     fn wider_floats_step_by_a_bf16_ulp() {
-        let up = f32::from_bits(step_f32(1.0f32.to_bits(), true).0);
+        let up = f32::from_bits(step_f32(1.0f32.to_bits(), true).moved);
         assert_eq!(up, 1.0 + 1.0 / 128.0);
-        let down = f32::from_bits(step_f32((-3.0f32).to_bits(), true).0);
+        let down = f32::from_bits(step_f32((-3.0f32).to_bits(), true).moved);
         assert_eq!(down, -3.0 + 2.0 / 128.0);
-        assert!(!step_f32(0, true).1);
-        assert!(!step_f32(f32::INFINITY.to_bits(), true).1);
+        assert!(!step_f32(0, true).markable);
+        assert!(!step_f32(f32::INFINITY.to_bits(), true).markable);
         let h = f16::from_f32(0.5).to_bits();
-        assert_eq!(f16::from_bits(step_f16(h, false).0).to_f32(), 0.5 - 0.5 / 128.0);
+        assert_eq!(f16::from_bits(step_f16(h, false).moved).to_f32(), 0.5 - 0.5 / 128.0);
         let max = f16::MAX.to_bits();
-        assert!(f16::from_bits(step_f16(max, true).0).to_f32() < f16::MAX.to_f32(), "never to infinity");
+        assert!(f16::from_bits(step_f16(max, true).moved).to_f32() < f16::MAX.to_f32(), "never to infinity");
     }
 }

@@ -55,6 +55,17 @@ impl TensorStream {
     }
 }
 
+impl TensorStream {
+    /// Fills `bytes` with one keystream byte per element, from element `first` on (any
+    /// position: the stream seeks to byte `first`).
+    pub fn fill_bytes(&self, first: usize, bytes: &mut [u8]) {
+        let mut cipher = ChaCha8::new(&self.key.into(), &[0u8; 12].into());
+        cipher.seek(first as u64);
+        bytes.fill(0);
+        cipher.apply_keystream(bytes);
+    }
+}
+
 fn bytemuck_words(words: &mut [u64]) -> &mut [u8] {
     let len = std::mem::size_of_val(words);
     // SAFETY: u64 has no padding and every byte pattern is a valid u64; the slice covers exactly

@@ -119,7 +119,8 @@ fn t1_bit_fidelity_and_the_same_pass_hash() {
                 }
             }
         }
-        assert!(changed as f64 > 0.99 * eligible as f64, "{changed} of {eligible} eligible weights changed");
+        // the rest are zeros and the steps the histogram balance held back (about 2%)
+        assert!(changed as f64 > 0.97 * eligible as f64, "{changed} of {eligible} eligible weights changed");
         let report_hash = blake3::hash(&after).to_hex().to_string();
         let again = fixture.path("again.safetensors");
         let report = embed(
@@ -206,7 +207,7 @@ fn mean_std(z: &[f64]) -> (f64, f64) {
 #[test]
 fn clean_copies_and_the_square_root_law_on_synthetic_llm_weights() {
     let mut previous = None;
-    for hidden in [128, 256, 512] {
+    for hidden in [256, 384, 512] {
         let fixture = Fixture::new(&model::synthetic(hidden, 1, 5));
         let clean = fixture.owner(&fixture.marked);
         let blind = verify_owner(&fixture.marked, None, &fixture.key, &Options::default()).unwrap();
@@ -225,9 +226,12 @@ fn clean_copies_and_the_square_root_law_on_synthetic_llm_weights() {
         );
         // blind detection is the weak fallback: it needs millions of weights (see T1 on MiniLM)
         assert!(clean.verdict && attacked.verdict);
+        // every stepped weight agrees with the key; those the histogram balance held back are zero
+        let stepped = clean.statistics[1].n;
+        assert!(stepped as f64 > 0.95 * clean.n as f64, "{stepped} of {} stepped", clean.n);
         assert!(
-            (clean.t - (clean.n as f64).sqrt()).abs() < 1e-6 * clean.t,
-            "a clean copy gives z = √n exactly"
+            (clean.t - (stepped as f64).sqrt()).abs() < 1e-6 * clean.t,
+            "a clean copy gives z = √(stepped weights) exactly"
         );
         if let Some(previous) = previous {
             let ratio: f64 = per_root / previous;
@@ -506,15 +510,14 @@ fn t14_low_bits_of_marked_and_unmarked_weights_are_indistinguishable() {
     let fixture = Fixture::new(&model::synthetic(512, 2, 14));
     let chi2 = low_bits_chi2(&fixture.original, &fixture.marked);
     println!(
-        "T14 synthetic bf16 (2.6 M weights): χ² of the low 4 bits, marked vs unmarked {chi2:.2} (p > 0.01 needs < {critical})"
+        "T14 synthetic bf16 (2.6 M weights): χ² of the low 4 bits, marked vs unmarked {chi2:.2} (p > 0.01 below {critical})"
     );
-    // Not met: a ±1 step smooths the histogram where the ULP doubles at binade boundaries, which
-    // millions of weights reveal. This bound guards the measured level (see the README).
-    assert!(chi2 < 400.0, "low-bit histograms differ more than measured: χ² {chi2}");
-    // MiniLM as distributed (fp32 upcast from fp16, cast here to bf16 with ties to even) has an
-    // even-mantissa excess that a ±1 step turns into an odd one: the mark shows there.
+    assert!(chi2 < critical, "low-bit histograms differ: χ² {chi2}");
+    // MiniLM as distributed, cast to bf16 with ties to even: even mantissas are commoner, which a
+    // plain ±1 step would turn into odd ones
     if let Some(fixture) = Fixture::minilm() {
         let chi2 = low_bits_chi2(&fixture.original, &fixture.marked);
-        println!("T14 MiniLM bf16: χ² {chi2:.1} (parity excess of the tie-rounded cast; see the README)");
+        println!("T14 MiniLM bf16 (22.5 M weights): χ² {chi2:.2}");
+        assert!(chi2 < critical, "low-bit histograms differ: χ² {chi2}");
     }
 }

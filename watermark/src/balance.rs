@@ -1,0 +1,127 @@
+//! Steps that keep the histogram of bit patterns: Metropolis acceptance per code.
+//!
+//! A ±1 step on every weight smooths the histogram of the weights' codes: mass moves from
+//! fuller codes to emptier neighbours. That shows wherever neighbouring codes are unequally
+//! filled: across every binade edge (the codes above an edge are twice as wide, and a binade's
+//! first code 1.5 times when the weights were rounded from higher precision) and wherever
+//! rounding left a pattern (ties to even make even mantissas commoner). An attacker with a
+//! histogram of the low bits would see the mark there.
+//!
+//! So a step from code `s` to code `t` is taken with probability `min(1, h(t) / h(s))`, where
+//! `h` counts the codes of the original tensor, drawn on a keyed byte per weight. That is the
+//! Metropolis rule for the symmetric ±1 proposal: the flows between every pair of neighbouring
+//! codes balance, so the expected histogram of the marked tensor is exactly the original's.
+//! Steps not taken leave their weight unchanged (it carries no mark); for smooth weights that
+//! is under 1% of them.
+
+use rayon::prelude::*;
+
+use crate::{format::FloatKind, mark};
+
+const PSEUDO_COUNT: u64 = 48;
+
+/// Acceptances out of 256 for each code and direction of one tensor.
+pub(crate) struct Acceptance {
+    shift: u32,
+    /// Per code: [down, up].
+    table: Vec<[u16; 2]>,
+}
+
+impl Acceptance {
+    /// Counts the codes of the original tensor (`bytes`, elements of `kind`).
+    pub fn of(kind: FloatKind, bytes: &[u8]) -> Self {
+        // the code is the bit pattern at bf16-equivalent precision
+        let (shift, codes): (u32, usize) = match kind {
+            FloatKind::Bf16 => (0, 1 << 16),
+            FloatKind::F16 => (3, 1 << 13),
+            FloatKind::F32 => (16, 1 << 16),
+        };
+        let size = kind.size();
+        let histogram = bytes
+            .par_chunks(size * (1 << 16))
+            .fold(
+                || vec![0u32; codes],
+                |mut counts, chunk| {
+                    for element in chunk.chunks_exact(size) {
+                        counts[(read_bits(element) >> shift) as usize] += 1;
+                    }
+                    counts
+                },
+            )
+            .reduce(
+                || vec![0u32; codes],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
+        let target = |code: u32, up: bool| -> u32 {
+            let bits = code << shift;
+            let moved = match kind {
+                FloatKind::Bf16 => u32::from(mark::step_bf16(bits as u16, up).moved),
+                FloatKind::F16 => u32::from(mark::step_f16(bits as u16, up).moved),
+                FloatKind::F32 => mark::step_f32(bits, up).moved,
+            };
+            (moved >> shift) & (codes as u32 - 1)
+        };
+        // a pseudo-count keeps sampling noise in sparse codes from rejecting steps; dense codes,
+        // the only ones whose counts an attacker could tell apart, keep their exact ratios
+        let count = |code: u32| u64::from(histogram[code as usize]) + PSEUDO_COUNT;
+        let table = (0..codes as u32)
+            .map(|code| {
+                let source = count(code);
+                [false, true]
+                    .map(|up| ((256 * count(target(code, up)) + source / 2) / source).min(256) as u16)
+            })
+            .collect();
+        Self { shift, table }
+    }
+
+    /// The acceptance (of 256) of stepping the element with bit pattern `bits` up or down.
+    #[inline(always)]
+    pub fn get(&self, bits: u32, up: bool) -> u16 {
+        self.table[(bits >> self.shift) as usize & (self.table.len() - 1)][usize::from(up)]
+    }
+}
+
+fn read_bits(element: &[u8]) -> u32 {
+    match *element {
+        [a, b] => u32::from(u16::from_le_bytes([a, b])),
+        [a, b, c, d] => u32::from_le_bytes([a, b, c, d]),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bf16(v: f32) -> u32 {
+        u32::from(half::bf16::from_f32(v).to_bits())
+    }
+
+    #[test]
+    fn steps_into_emptier_codes_are_thinned_by_the_fill_ratio() {
+        // 1,000 weights at 1.0, 500 one code above, 2,000 one code below
+        let one = bf16(1.0);
+        let mut bytes = Vec::new();
+        for (code, n) in [(one, 1000), (one + 1, 500), (one - 1, 2000)] {
+            for _ in 0..n {
+                bytes.extend_from_slice(&(code as u16).to_le_bytes());
+            }
+        }
+        let acceptance = Acceptance::of(FloatKind::Bf16, &bytes);
+        let ratio = |to: u64, from: u64| {
+            ((256 * (to + PSEUDO_COUNT) + (from + PSEUDO_COUNT) / 2) / (from + PSEUDO_COUNT)) as u16
+        };
+        assert_eq!(acceptance.get(one, true), ratio(500, 1000));
+        assert_eq!(acceptance.get(one, false), 256, "into a fuller code: always");
+        assert_eq!(acceptance.get(one + 1, false), 256);
+        assert_eq!(acceptance.get(one - 1, true), ratio(1000, 2000));
+        // an empty code next to an empty code: always
+        assert_eq!(acceptance.get(bf16(3.0), true), 256);
+        // negative values step up in value by shrinking in magnitude
+        let minus = bf16(-1.0);
+        assert_eq!(acceptance.get(minus, false), ratio(0, 0));
+    }
+}
