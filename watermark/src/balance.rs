@@ -23,8 +23,9 @@ const PSEUDO_COUNT: u64 = 48;
 /// Acceptances out of 256 for each code and direction of one tensor.
 pub(crate) struct Acceptance {
     shift: u32,
-    /// Per code: [down, up].
-    table: Vec<[u16; 2]>,
+    mask: u32,
+    /// At `2 * code + up`; 32-bit entries so the lookups can be vector gathers.
+    table: Vec<u32>,
 }
 
 impl Acceptance {
@@ -68,19 +69,19 @@ impl Acceptance {
         // the only ones whose counts an attacker could tell apart, keep their exact ratios
         let count = |code: u32| u64::from(histogram[code as usize]) + PSEUDO_COUNT;
         let table = (0..codes as u32)
-            .map(|code| {
+            .flat_map(|code| {
                 let source = count(code);
                 [false, true]
-                    .map(|up| ((256 * count(target(code, up)) + source / 2) / source).min(256) as u16)
+                    .map(|up| ((256 * count(target(code, up)) + source / 2) / source).min(256) as u32)
             })
             .collect();
-        Self { shift, table }
+        Self { shift, mask: codes as u32 - 1, table }
     }
 
     /// The acceptance (of 256) of stepping the element with bit pattern `bits` up or down.
     #[inline(always)]
-    pub fn get(&self, bits: u32, up: bool) -> u16 {
-        self.table[(bits >> self.shift) as usize & (self.table.len() - 1)][usize::from(up)]
+    pub fn get(&self, bits: u32, up: bool) -> u32 {
+        self.table[((bits >> self.shift & self.mask) << 1 | u32::from(up)) as usize]
     }
 }
 
@@ -112,7 +113,7 @@ mod tests {
         }
         let acceptance = Acceptance::of(FloatKind::Bf16, &bytes);
         let ratio = |to: u64, from: u64| {
-            ((256 * (to + PSEUDO_COUNT) + (from + PSEUDO_COUNT) / 2) / (from + PSEUDO_COUNT)) as u16
+            ((256 * (to + PSEUDO_COUNT) + (from + PSEUDO_COUNT) / 2) / (from + PSEUDO_COUNT)) as u32
         };
         assert_eq!(acceptance.get(one, true), ratio(500, 1000));
         assert_eq!(acceptance.get(one, false), 256, "into a fuller code: always");

@@ -414,13 +414,6 @@ impl Buffers {
     }
 }
 
-/// Is `value` (decoded from `kind`) one the embedding marks?
-#[inline(always)]
-fn markable(kind: FloatKind, value: f32) -> bool {
-    let (low, high) = markable_exponents(kind);
-    ((value.to_bits() >> 23) & 0xFF).wrapping_sub(low) <= high - low
-}
-
 dispatch! {
     /// Computes the bit-plane features of a chunk's weights of `half`, and their totals.
     fn features(kind: FloatKind, buffers: &mut Buffers, len: usize, half: Half) -> Totals => features_body
@@ -428,56 +421,80 @@ dispatch! {
 
 #[inline(always)]
 fn features_body(kind: FloatKind, buffers: &mut Buffers, len: usize, half: Half) -> Totals {
+    let (low, high) = markable_exponents(kind);
     let mut totals = Totals::default();
     for (w, word) in buffers.words[..len.div_ceil(64)].iter_mut().enumerate() {
         let part = buffers.partition[w];
         let in_half = if half == Half::A { part } else { !part };
-        *word = Word::default();
         let start = w * 64;
-        for j in 0..(len - start).min(64) {
-            let w0 = buffers.original[start + j];
-            let w1 = buffers.suspect[start + j];
-            if in_half >> j & 1 == 0 || !markable(kind, w0) {
-                continue;
-            }
-            totals.n += 1;
-            let exponent = i64::from((w0.to_bits() >> 23) & 0xFF) - 127;
-            let erased = w1 == 0.0 || w1.is_nan();
-            // r in bf16 ULPs of w0, exact in f64: scale by 2^(7 - e)
-            let scale = f64::from_bits(((1023 + 7 - exponent) as u64) << 52);
-            let r =
-                if w1.is_nan() { -f64::from(w0) * scale } else { (f64::from(w1) - f64::from(w0)) * scale };
-            let bit = 1u64 << j;
-            if r > 0.0 {
-                word.positive |= bit;
-            }
-            let corr = (r * 4.0).round().abs().min(127.0) as u64;
-            totals.corr_abs += corr;
-            totals.corr_sq += corr * corr;
-            for (plane, mask) in word.corr.iter_mut().enumerate() {
-                *mask |= (corr >> plane & 1) * bit;
-            }
-            if erased {
-                totals.erased += 1;
-                continue;
-            }
-            totals.kept_n += 1;
-            totals.kept_abs += corr;
-            totals.kept_sq += corr * corr;
-            for (plane, mask) in word.kept.iter_mut().enumerate() {
-                *mask |= (corr >> plane & 1) * bit;
-            }
-            if r.abs() >= 0.5 {
-                word.ulp |= bit;
-                totals.ulp += 1;
-            }
-            if r != 0.0 {
-                word.sign |= bit;
-                totals.sign += 1;
-            }
+        let n = (len - start).min(64);
+        let (mut original, mut suspect) = ([0f32; 64], [0f32; 64]);
+        original[..n].copy_from_slice(&buffers.original[start..start + n]);
+        suspect[..n].copy_from_slice(&buffers.suspect[start..start + n]);
+        // per lane, without branches: the value x = |r| in quarter ULPs (clipped), and flags
+        let mut corr = [0u8; 64];
+        let mut kept = [0u8; 64];
+        let mut flags = [[0u8; 64]; 4]; // positive, erased, ulp, sign
+        let mut sums = [0u32; 6]; // n, erased, corr_abs, corr_sq, kept_abs, kept_sq
+        for j in 0..64 {
+            let w0 = original[j];
+            let w1 = if suspect[j].is_nan() { 0.0 } else { suspect[j] };
+            let exponent = (w0.to_bits() >> 23) & 0xFF;
+            let valid = (in_half >> j & 1 == 1) & (exponent.wrapping_sub(low) <= high - low) & (j < n);
+            // r in bf16 ULPs of w0: scale by 2^(7 - e), a power of two (saturating for the
+            // tiniest values, which no real weight has)
+            let scale = f32::from_bits(261u32.saturating_sub(exponent).clamp(1, 254) << 23);
+            let r = (w1 - w0) * scale;
+            let erased = valid & (w1 == 0.0);
+            let x = if valid { (r.abs() * 4.0 + 0.5).floor().min(127.0) as u8 } else { 0 };
+            let k = if erased { 0 } else { x };
+            corr[j] = x;
+            kept[j] = k;
+            flags[0][j] = u8::from(valid & (r > 0.0));
+            flags[1][j] = u8::from(erased);
+            flags[2][j] = u8::from(valid & !erased & (r.abs() >= 0.5));
+            flags[3][j] = u8::from(valid & !erased & (r != 0.0));
+            sums[0] += u32::from(valid);
+            sums[1] += u32::from(erased);
+            sums[2] += u32::from(x);
+            sums[3] += u32::from(x) * u32::from(x);
+            sums[4] += u32::from(k);
+            sums[5] += u32::from(k) * u32::from(k);
         }
+        *word = Word {
+            positive: pack(&flags[0], 0),
+            corr: std::array::from_fn(|plane| pack(&corr, plane)),
+            kept: std::array::from_fn(|plane| pack(&kept, plane)),
+            ulp: pack(&flags[2], 0),
+            sign: pack(&flags[3], 0),
+        };
+        let ulp = u64::from(pack(&flags[2], 0).count_ones());
+        let sign = u64::from(pack(&flags[3], 0).count_ones());
+        totals.add(&Totals {
+            n: sums[0].into(),
+            erased: sums[1].into(),
+            corr_abs: sums[2].into(),
+            corr_sq: sums[3].into(),
+            kept_n: u64::from(sums[0] - sums[1]),
+            kept_abs: sums[4].into(),
+            kept_sq: sums[5].into(),
+            ulp,
+            sign,
+        });
     }
     totals
+}
+
+/// Bit `plane` of each of 64 lane bytes, as a 64-bit mask (lane j → bit j): eight lanes at a
+/// time with the multiply that gathers one bit per byte.
+#[inline(always)]
+fn pack(lanes: &[u8; 64], plane: usize) -> u64 {
+    let mut mask = 0u64;
+    for (group, bytes) in lanes.chunks_exact(8).enumerate() {
+        let word = u64::from_le_bytes(bytes.try_into().expect("8 bytes")) >> plane & 0x0101_0101_0101_0101;
+        mask |= (word.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (8 * group);
+    }
+    mask
 }
 
 dispatch! {

@@ -342,7 +342,7 @@ fn step_words<B: Bits + Into<u32>>(
         let bits = value.decoded();
         let up = lanes.direction >> j & 1 == 1;
         let step = step(bits, up);
-        let accepted = u16::from(coins[j]) < lanes.acceptance.get(bits.into(), up);
+        let accepted = u32::from(coins[j]) < lanes.acceptance.get(bits.into(), up);
         let take = step.markable & accepted & (lanes.selected >> j & 1 == 1);
         let in_a = lanes.part >> j & 1 == 1;
         a += u32::from(take & in_a);
