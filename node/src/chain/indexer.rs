@@ -117,16 +117,31 @@ enum Step {
     Waiting,
 }
 
-/// One RPC call with the client-side timeout, its failure named after `what`.
-async fn with_timeout<T, E: std::fmt::Display>(
+/// Attempts of one RPC call before its step fails.
+const RPC_ATTEMPTS: u32 = 3;
+
+/// One RPC call with the client-side timeout, retried a few times at short intervals, its
+/// failure named after `what`. A step makes a dozen calls and fails when any one does; without
+/// these retries an RPC that drops a few percent of requests fails most steps, and the step
+/// backoff grows to its cap while the RPC is in fact up.
+async fn with_timeout<T, E: std::fmt::Display, F: std::future::IntoFuture<Output = Result<T, E>>>(
     what: &str,
     timeout: Duration,
-    call: impl std::future::Future<Output = Result<T, E>>,
+    call: impl Fn() -> F,
 ) -> Result<T, IndexError> {
-    match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(IndexError::Rpc(format!("{what}: {e}"))),
-        Err(_) => Err(IndexError::Rpc(format!("{what}: no answer within {timeout:?}"))),
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let error = match tokio::time::timeout(timeout, call().into_future()).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) => format!("{what}: {e}"),
+            Err(_) => format!("{what}: no answer within {timeout:?}"),
+        };
+        metrics::counter!("agora_index_rpc_errors_total").increment(1);
+        if attempt == RPC_ATTEMPTS {
+            return Err(IndexError::Rpc(error));
+        }
+        tokio::time::sleep(Duration::from_millis(25 << attempt)).await;
     }
 }
 
@@ -218,7 +233,7 @@ impl Indexer {
                     return;
                 }
                 Err(e) => {
-                    metrics::counter!("agora_index_rpc_errors_total").increment(1);
+                    metrics::counter!("agora_index_step_failures_total").increment(1);
                     tracing::warn!(target: "agora::indexer", error = %e, retry_in = ?backoff, "indexer step failed");
                     if let IndexError::Rpc(message) = &e {
                         let message = message.clone();
@@ -259,20 +274,19 @@ impl Indexer {
         }
     }
 
-    async fn rpc<T, E: std::fmt::Display>(
+    async fn rpc<T, E: std::fmt::Display, F: std::future::IntoFuture<Output = Result<T, E>>>(
         &self,
         what: &str,
-        call: impl std::future::Future<Output = Result<T, E>>,
+        call: impl Fn() -> F,
     ) -> Result<T, IndexError> {
         with_timeout(what, self.config.rpc_timeout, call).await
     }
 
     async fn header(&self, number: u64) -> Result<Option<Header>, IndexError> {
         let block = self
-            .rpc(
-                "eth_getBlockByNumber",
-                self.provider.get_block_by_number(BlockNumberOrTag::Number(number)).into_future(),
-            )
+            .rpc("eth_getBlockByNumber", || {
+                self.provider.get_block_by_number(BlockNumberOrTag::Number(number))
+            })
             .await?;
         Ok(block.map(|b| Header {
             hash: b.header.hash,
@@ -310,11 +324,11 @@ impl Indexer {
             .to_block(to);
         let provider = self.provider.clone();
         let timeout = self.config.rpc_timeout;
-        async move { with_timeout("eth_getLogs", timeout, provider.get_logs(&filter)).await }
+        async move { with_timeout("eth_getLogs", timeout, || provider.get_logs(&filter)).await }
     }
 
     async fn step(&mut self) -> Result<Step, IndexError> {
-        let head = self.rpc("eth_blockNumber", self.provider.get_block_number()).await?;
+        let head = self.rpc("eth_blockNumber", || self.provider.get_block_number()).await?;
         let cursor = load_cursor(&self.store)?;
         let window = self.config.window();
 
