@@ -62,11 +62,14 @@ impl Default for ChainConfig {
 pub struct StorageConfig {
     /// Where the node keeps its database and files.
     pub data_dir: PathBuf,
+    /// The artifact store's master key (created with mode 0600 when missing); defaults to
+    /// `<data_dir>/artifacts.key`. Every stored blob needs it: back it up.
+    pub master_key_file: Option<PathBuf>,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self { data_dir: PathBuf::from("data") }
+        Self { data_dir: PathBuf::from("data"), master_key_file: None }
     }
 }
 
@@ -145,6 +148,10 @@ pub struct ConfigArgs {
     #[arg(long, env = "AGORA_DATA_DIR", global = true, help_heading = "Storage")]
     pub data_dir: Option<PathBuf>,
 
+    /// Artifact master key file [default: <data-dir>/artifacts.key].
+    #[arg(long, env = "AGORA_MASTER_KEY_FILE", global = true, help_heading = "Storage")]
+    pub master_key_file: Option<PathBuf>,
+
     /// HTTP listen address [default: 127.0.0.1:8080].
     #[arg(long, env = "AGORA_HTTP_ADDR", global = true, help_heading = "HTTP")]
     pub http_addr: Option<SocketAddr>,
@@ -221,6 +228,9 @@ impl Config {
         if let Some(v) = &args.data_dir {
             self.storage.data_dir = v.clone();
         }
+        if let Some(v) = &args.master_key_file {
+            self.storage.master_key_file = Some(v.clone());
+        }
         if let Some(v) = args.http_addr {
             self.http.addr = v;
         }
@@ -274,6 +284,16 @@ impl Config {
     /// The RocksDB directory.
     pub fn db_path(&self) -> PathBuf {
         self.storage.data_dir.join("db")
+    }
+
+    /// The artifact store's directory.
+    pub fn artifacts_path(&self) -> PathBuf {
+        self.storage.data_dir.join("artifacts")
+    }
+
+    /// The artifact master key file.
+    pub fn master_key_path(&self) -> PathBuf {
+        self.storage.master_key_file.clone().unwrap_or_else(|| self.storage.data_dir.join("artifacts.key"))
     }
 
     /// The configuration with secrets masked, for printing.
@@ -333,6 +353,7 @@ mod tests {
         assert_eq!(config.chain.rpc_url, "http://127.0.0.1:8545");
         assert_eq!(config.deployment_path(), PathBuf::from("data/deployment.json"));
         assert_eq!(config.db_path(), PathBuf::from("data/db"));
+        assert_eq!(config.master_key_path(), PathBuf::from("data/artifacts.key"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The `agora` command line, grouped by who uses it. Every command reads the same
 //! configuration (flags > `AGORA_*` environment > `--config` TOML > defaults).
 
+mod artifacts;
 mod contracts;
 mod dev;
 pub mod index;
@@ -39,6 +40,9 @@ pub enum Command {
     /// Inspect and rebuild the chain index.
     #[command(subcommand)]
     Index(index::IndexCommand),
+    /// Maintain the artifact store (the node must be stopped).
+    #[command(subcommand)]
+    Artifacts(artifacts::ArtifactsCommand),
     /// Mark model files and check marks: keys, embed, verify, trace.
     #[command(subcommand)]
     Watermark(watermark::WatermarkCommand),
@@ -70,6 +74,7 @@ impl Cli {
                 dev::run(config, args, metrics).await
             }
             Command::Contracts(command) => command.run(&config).await,
+            Command::Artifacts(command) => tokio::task::spawn_blocking(move || command.run(&config)).await?,
             Command::Watermark(command) => tokio::task::spawn_blocking(move || command.run()).await?,
             Command::Index(command) => {
                 telemetry::init_tracing(&crate::config::LogConfig {

@@ -91,6 +91,21 @@ tables! {
     /// Lookup: models whose split pays a recipient, with the recipient's share.
     RecipientModels = "recipient_models", root: false, key: (Address, U256), value: u16,
         encode: |k| concat(&[k.0.as_slice(), &k.1.to_be_bytes::<32>()]);
+    /// Artifact blobs by the blake3 of their content: size and reference count.
+    Blobs = "blobs", root: false, key: [u8; 32], value: BlobRecord, encode: |k| k.to_vec();
+}
+
+/// A stored artifact blob.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRecord {
+    /// Plaintext bytes.
+    pub size: u64,
+    /// Bytes at rest (compressed, encrypted, framed).
+    pub stored: u64,
+    /// How many registry entries use it; 0 means garbage.
+    pub refs: u64,
+    /// Unix seconds.
+    pub created: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,5 +1,6 @@
 //! End-to-end tests: real anvil, real `agora` processes, real HTTP on loopback.
 
+mod artifacts;
 mod dev;
 mod indexer;
 mod market_api;

@@ -1,0 +1,276 @@
+//! The artifact store: content-addressed blobs (model files, uploads), compressed and
+//! encrypted at rest, streamed in and out.
+//!
+//! - A blob's address is the blake3 of its plaintext; the same content is stored once and
+//!   counted (`refs` in the `blobs` table); [`ArtifactStore::gc`] deletes what nothing uses.
+//! - At rest each blob is a sequence of independently authenticated chunks ([`format`]): reads
+//!   stream and seek (HTTP ranges), and a tampered or truncated blob is reported with the part
+//!   that failed, never returned.
+//! - Writes go to a temporary file, are fsynced and renamed into place; the record is written
+//!   after the rename. A crash leaves at most a temporary file or an unrecorded blob, both of
+//!   which `gc` removes; a half-written blob is never visible.
+//! - The master key lives under the data dir with mode 0600 (or where `AGORA_MASTER_KEY_FILE`
+//!   says); losing it loses every blob, so it is created once and never overwritten.
+//!
+//! Calls block on file I/O: async callers run them on `spawn_blocking`.
+
+pub mod format;
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, BufWriter, Read, Write},
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+pub use format::MasterKey;
+
+use crate::store::{
+    Store, StoreError,
+    tables::{BlobRecord, Blobs},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("artifact I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("no artifact with blake3 {0}")]
+    NotFound(String),
+    #[error("artifact {blob} is corrupt: {reason}")]
+    Corrupt { blob: String, reason: String },
+    #[error("the artifact is larger than the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("master key file {path}: {reason}")]
+    Key { path: PathBuf, reason: String },
+}
+
+/// What the store knows of a blob.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct BlobInfo {
+    /// blake3 of the plaintext, hex.
+    pub blake3: String,
+    pub size: u64,
+    pub stored: u64,
+    pub refs: u64,
+}
+
+/// What a garbage collection removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GcReport {
+    pub blobs: u64,
+    pub bytes: u64,
+    pub partial_files: u64,
+}
+
+#[derive(Clone)]
+pub struct ArtifactStore {
+    root: PathBuf,
+    key: Arc<MasterKey>,
+    store: Store,
+    /// Temporary files older than this are leftovers of crashed writes.
+    partial_grace: Duration,
+}
+
+impl ArtifactStore {
+    /// A store of blobs under `root` (created if missing), recorded in `store`.
+    pub fn open(root: &Path, key: MasterKey, store: Store) -> Result<Self, ArtifactError> {
+        fs::create_dir_all(root.join("objects"))?;
+        fs::create_dir_all(root.join("partial"))?;
+        Ok(Self {
+            root: root.to_owned(),
+            key: Arc::new(key),
+            store,
+            partial_grace: Duration::from_secs(3600),
+        })
+    }
+
+    fn object_path(&self, hash: &[u8; 32]) -> PathBuf {
+        let hex = hex(hash);
+        self.root.join("objects").join(&hex[..2]).join(format!("{hex}.blob"))
+    }
+
+    /// Streams `input` into the store (at most `limit` bytes) and adds one reference to its
+    /// content. Nothing is recorded when it fails.
+    pub fn put(&self, input: impl Read, limit: u64) -> Result<BlobInfo, ArtifactError> {
+        let partial =
+            self.root.join("partial").join(format!("{}-{}.partial", std::process::id(), random_suffix()?));
+        let written = (|| {
+            let file = File::create(&partial)?;
+            let mut out = BufWriter::with_capacity(1 << 20, file);
+            let written = format::write_blob(&self.key, input, &mut out, limit)?;
+            out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            Ok::<_, ArtifactError>(written)
+        })();
+        let written = match written {
+            Ok(written) => written,
+            Err(error) => {
+                let _ = fs::remove_file(&partial);
+                return Err(error);
+            }
+        };
+        let target = self.object_path(&written.hash);
+        let existing = self.store.get::<Blobs>(&written.hash)?;
+        if existing.is_some() && target.is_file() {
+            fs::remove_file(&partial)?;
+        } else {
+            let dir = target.parent().expect("objects/xx");
+            fs::create_dir_all(dir)?;
+            fs::rename(&partial, &target)?;
+            File::open(dir)?.sync_all()?;
+        }
+        let record = match existing {
+            Some(mut record) => {
+                record.refs += 1;
+                record
+            }
+            None => BlobRecord { size: written.size, stored: written.stored, refs: 1, created: unix_now() },
+        };
+        self.store.put::<Blobs>(&written.hash, &record)?;
+        Ok(info(&written.hash, &record))
+    }
+
+    pub fn info(&self, hash: &[u8; 32]) -> Result<Option<BlobInfo>, ArtifactError> {
+        Ok(self.store.get::<Blobs>(hash)?.map(|record| info(hash, &record)))
+    }
+
+    /// Opens a blob for reading (its footer checked).
+    pub fn open_blob(&self, hash: &[u8; 32]) -> Result<format::BlobFile<File>, ArtifactError> {
+        if self.store.get::<Blobs>(hash)?.is_none() {
+            return Err(ArtifactError::NotFound(hex(hash)));
+        }
+        let file = File::open(self.object_path(hash)).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => {
+                ArtifactError::Corrupt { blob: hex(hash), reason: "recorded but its file is missing".into() }
+            }
+            _ => ArtifactError::Io(e),
+        })?;
+        format::BlobFile::open(&self.key, file, &hex(hash))
+    }
+
+    /// A reader of plaintext bytes `start..end` of a blob.
+    pub fn read_range(
+        &self,
+        hash: &[u8; 32],
+        start: u64,
+        end: u64,
+    ) -> Result<impl Read + use<>, ArtifactError> {
+        Ok(self.open_blob(hash)?.range(start, end))
+    }
+
+    /// Drops one reference; the blob stays until [`Self::gc`].
+    pub fn release(&self, hash: &[u8; 32]) -> Result<(), ArtifactError> {
+        let mut record = self.store.get::<Blobs>(hash)?.ok_or_else(|| ArtifactError::NotFound(hex(hash)))?;
+        record.refs = record.refs.saturating_sub(1);
+        self.store.put::<Blobs>(hash, &record)?;
+        Ok(())
+    }
+
+    /// Deletes blobs without references, files no record knows (a crash between rename and
+    /// record), and temporary files of writes that crashed more than an hour ago.
+    pub fn gc(&self) -> Result<GcReport, ArtifactError> {
+        let mut report = GcReport::default();
+        let mut batch = self.store.batch();
+        for entry in self.store.scan::<Blobs>(&[], None, false) {
+            let (key, record) = entry?;
+            if record.refs == 0 {
+                let hash: [u8; 32] = key.as_slice().try_into().expect("32-byte keys");
+                batch.delete::<Blobs>(&hash);
+                report.blobs += 1;
+                report.bytes += record.stored;
+                remove_if_present(&self.object_path(&hash))?;
+            }
+        }
+        self.store.write(batch)?;
+        for dir in fs::read_dir(self.root.join("objects"))? {
+            for file in fs::read_dir(dir?.path())? {
+                let path = file?.path();
+                let known = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .and_then(|s| blake3::Hash::from_hex(s).ok())
+                    .map(|h| self.store.get::<Blobs>(h.as_bytes()))
+                    .transpose()?
+                    .flatten()
+                    .is_some();
+                if !known {
+                    report.blobs += 1;
+                    report.bytes += fs::metadata(&path)?.len();
+                    remove_if_present(&path)?;
+                }
+            }
+        }
+        for file in fs::read_dir(self.root.join("partial"))? {
+            let path = file?.path();
+            let age = fs::metadata(&path)?.modified()?.elapsed().unwrap_or_default();
+            if age >= self.partial_grace {
+                remove_if_present(&path)?;
+                report.partial_files += 1;
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Loads the master key from `path` (hex), creating it with mode 0600 when it does not exist.
+pub fn load_or_create_key(path: &Path) -> Result<MasterKey, ArtifactError> {
+    let fail = |reason: String| ArtifactError::Key { path: path.to_owned(), reason };
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            let text = text.trim();
+            let bytes = blake3::Hash::from_hex(text).map_err(|_| {
+                fail("is not 64 hex characters; restore the right file (blobs need it)".into())
+            })?;
+            Ok(MasterKey::from_bytes(*bytes.as_bytes()))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let mut bytes = [0u8; 32];
+            getrandom::fill(&mut bytes).map_err(|e| fail(format!("no randomness: {e}")))?;
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+            }
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| fail(e.to_string()))?;
+            writeln!(file, "{}", hex(&bytes))
+                .and_then(|_| file.sync_all())
+                .map_err(|e| fail(e.to_string()))?;
+            Ok(MasterKey::from_bytes(bytes))
+        }
+        Err(e) => Err(fail(e.to_string())),
+    }
+}
+
+fn info(hash: &[u8; 32], record: &BlobRecord) -> BlobInfo {
+    BlobInfo { blake3: hex(hash), size: record.size, stored: record.stored, refs: record.refs }
+}
+
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn random_suffix() -> Result<String, ArtifactError> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(|e| ArtifactError::Io(io::Error::other(e.to_string())))?;
+    Ok(hex(&bytes))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests;

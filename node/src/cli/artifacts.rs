@@ -1,0 +1,38 @@
+//! `agora artifacts`: maintenance of the artifact store of a stopped node's data dir.
+
+use anyhow::Context;
+
+use crate::{
+    artifacts::{ArtifactStore, load_or_create_key},
+    config::Config,
+    store::Store,
+};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ArtifactsCommand {
+    /// Delete blobs nothing references, files no record knows, and leftovers of crashed writes.
+    Gc,
+}
+
+impl ArtifactsCommand {
+    pub fn run(self, config: &Config) -> anyhow::Result<()> {
+        match self {
+            Self::Gc => {
+                let store = Store::open(&config.db_path()).with_context(|| {
+                    format!(
+                        "cannot open {} (stop the node that uses this data dir first)",
+                        config.db_path().display()
+                    )
+                })?;
+                let key = load_or_create_key(&config.master_key_path())?;
+                let artifacts = ArtifactStore::open(&config.artifacts_path(), key, store)?;
+                let report = artifacts.gc()?;
+                println!(
+                    "removed {} blobs ({} bytes) and {} leftover partial files",
+                    report.blobs, report.bytes, report.partial_files
+                );
+                Ok(())
+            }
+        }
+    }
+}
