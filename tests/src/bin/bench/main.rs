@@ -1,11 +1,13 @@
 //! `scripts/bench`: benchmarks printed beside a ceiling measured in the same run.
 //!
-//! `agora-bench watermark [--gib N]`: see `watermark.rs`.
+//! `agora-bench watermark [--gib N]`: see `watermark.rs`; `agora-bench artifacts [--gib N]`: see
+//! `artifacts.rs`.
 //!
 //! `agora-bench index [--events N]`: makes N marketplace events on a local anvil (purchases,
 //! distributions with their credits), then times a cold backfill into an empty data dir, beside
 //! the ceiling of fetching the same logs with `eth_getLogs` and decoding them without storing.
 
+mod artifacts;
 mod watermark;
 
 use std::time::{Duration, Instant};
@@ -41,7 +43,16 @@ async fn main() -> anyhow::Result<()> {
             };
             tokio::task::spawn_blocking(move || watermark::run(gib)).await?
         }
-        _ => anyhow::bail!("usage: agora-bench index [--events N] | watermark [--gib N]"),
+        Some("artifacts") => {
+            let gib = match args.iter().position(|a| a == "--gib") {
+                Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(1.0),
+                None => 1.0,
+            };
+            tokio::task::spawn_blocking(move || artifacts::run(gib)).await?
+        }
+        _ => {
+            anyhow::bail!("usage: agora-bench index [--events N] | watermark [--gib N] | artifacts [--gib N]")
+        }
     }
 }
 
