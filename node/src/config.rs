@@ -65,11 +65,14 @@ pub struct StorageConfig {
     /// The artifact store's master key (created with mode 0600 when missing); defaults to
     /// `<data_dir>/artifacts.key`. Every stored blob needs it: back it up.
     pub master_key_file: Option<PathBuf>,
+    /// Where artifact blobs live: `file:///path` or `s3://bucket/prefix` (credentials and
+    /// endpoint from the `AWS_*` environment); defaults to `file://<data_dir>/artifacts`.
+    pub artifacts: Option<String>,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self { data_dir: PathBuf::from("data"), master_key_file: None }
+        Self { data_dir: PathBuf::from("data"), master_key_file: None, artifacts: None }
     }
 }
 
@@ -152,6 +155,10 @@ pub struct ConfigArgs {
     #[arg(long, env = "AGORA_MASTER_KEY_FILE", global = true, help_heading = "Storage")]
     pub master_key_file: Option<PathBuf>,
 
+    /// Artifact blob store: file:///path or s3://bucket/prefix [default: file://<data-dir>/artifacts].
+    #[arg(long, env = "AGORA_ARTIFACTS", global = true, help_heading = "Storage")]
+    pub artifacts: Option<String>,
+
     /// HTTP listen address [default: 127.0.0.1:8080].
     #[arg(long, env = "AGORA_HTTP_ADDR", global = true, help_heading = "HTTP")]
     pub http_addr: Option<SocketAddr>,
@@ -179,6 +186,8 @@ pub enum ConfigError {
     RpcUrl(String, url::ParseError),
     #[error("chain.rpc_url {0:?} must use http, https, ws or wss")]
     RpcScheme(String),
+    #[error("storage.artifacts {0:?} must be file:///absolute/path or s3://bucket/prefix")]
+    Artifacts(String),
 }
 
 impl Config {
@@ -228,6 +237,9 @@ impl Config {
         if let Some(v) = &args.data_dir {
             self.storage.data_dir = v.clone();
         }
+        if let Some(v) = &args.artifacts {
+            self.storage.artifacts = Some(v.clone());
+        }
         if let Some(v) = &args.master_key_file {
             self.storage.master_key_file = Some(v.clone());
         }
@@ -256,6 +268,11 @@ impl Config {
             .map_err(|e| ConfigError::RpcUrl(self.chain.rpc_url.clone(), e))?;
         if !matches!(url.scheme(), "http" | "https" | "ws" | "wss") {
             return Err(ConfigError::RpcScheme(self.chain.rpc_url.clone()));
+        }
+        if let Some(artifacts) = &self.storage.artifacts
+            && !(artifacts.starts_with("file:///") || artifacts.starts_with("s3://"))
+        {
+            return Err(ConfigError::Artifacts(artifacts.clone()));
         }
         Ok(())
     }
@@ -286,9 +303,17 @@ impl Config {
         self.storage.data_dir.join("db")
     }
 
-    /// The artifact store's directory.
+    /// The artifact store's local directory (partial writes, and blobs by default).
     pub fn artifacts_path(&self) -> PathBuf {
         self.storage.data_dir.join("artifacts")
+    }
+
+    /// Where blobs live.
+    pub fn artifacts_url(&self) -> String {
+        self.storage
+            .artifacts
+            .clone()
+            .unwrap_or_else(|| format!("file://{}", self.artifacts_path().display()))
     }
 
     /// The artifact master key file.
@@ -354,6 +379,7 @@ mod tests {
         assert_eq!(config.deployment_path(), PathBuf::from("data/deployment.json"));
         assert_eq!(config.db_path(), PathBuf::from("data/db"));
         assert_eq!(config.master_key_path(), PathBuf::from("data/artifacts.key"));
+        assert_eq!(config.artifacts_url(), "file://data/artifacts");
     }
 
     #[test]
@@ -397,6 +423,12 @@ mod tests {
 
         let err = Config::load(&ConfigArgs { rpc_url: Some("ftp://x".into()), ..args() }).unwrap_err();
         assert!(matches!(err, ConfigError::RpcScheme(_)), "{err}");
+
+        let err = Config::load(&ConfigArgs { artifacts: Some("gs://bucket".into()), ..args() }).unwrap_err();
+        assert!(matches!(err, ConfigError::Artifacts(_)), "{err}");
+        let ok =
+            Config::load(&ConfigArgs { artifacts: Some("s3://bucket/models".into()), ..args() }).unwrap();
+        assert_eq!(ok.artifacts_url(), "s3://bucket/models");
 
         let err = Config::load(&ConfigArgs { config: Some("/nonexistent/agora.toml".into()), ..args() })
             .unwrap_err();

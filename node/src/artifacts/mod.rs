@@ -14,6 +14,7 @@
 //!
 //! Calls block on file I/O: async callers run them on `spawn_blocking`.
 
+pub mod backend;
 pub mod format;
 
 use std::{
@@ -25,6 +26,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+pub use backend::{Backend, LocalBackend, S3Backend};
 pub use format::MasterKey;
 
 use crate::store::{
@@ -68,7 +70,9 @@ pub struct GcReport {
 
 #[derive(Clone)]
 pub struct ArtifactStore {
-    root: PathBuf,
+    /// Local directory of partial writes.
+    partial: PathBuf,
+    backend: Arc<dyn Backend>,
     key: Arc<MasterKey>,
     store: Store,
     /// Temporary files older than this are leftovers of crashed writes.
@@ -76,28 +80,43 @@ pub struct ArtifactStore {
 }
 
 impl ArtifactStore {
-    /// A store of blobs under `root` (created if missing), recorded in `store`.
+    /// A store of blobs under the local directory `root` (created if missing), recorded in
+    /// `store`.
     pub fn open(root: &Path, key: MasterKey, store: Store) -> Result<Self, ArtifactError> {
-        fs::create_dir_all(root.join("objects"))?;
-        fs::create_dir_all(root.join("partial"))?;
-        Ok(Self {
-            root: root.to_owned(),
-            key: Arc::new(key),
-            store,
-            partial_grace: Duration::from_secs(3600),
-        })
+        let backend = LocalBackend::new(root.join("objects"))?;
+        Self::with_backend(root, Arc::new(backend), key, store)
     }
 
-    fn object_path(&self, hash: &[u8; 32]) -> PathBuf {
-        let hex = hex(hash);
-        self.root.join("objects").join(&hex[..2]).join(format!("{hex}.blob"))
+    /// Blobs in `url` (`file:///path` or `s3://bucket/prefix`); partial writes under `root`.
+    pub fn open_url(url: &str, root: &Path, key: MasterKey, store: Store) -> Result<Self, ArtifactError> {
+        let backend: Arc<dyn Backend> = match url.split_once("://") {
+            Some(("file", path)) => Arc::new(LocalBackend::new(PathBuf::from(path).join("objects"))?),
+            Some(("s3", _)) => Arc::new(S3Backend::from_url(url)?),
+            _ => {
+                return Err(ArtifactError::Io(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("artifact store {url:?} must be file:///path or s3://bucket/prefix"),
+                )));
+            }
+        };
+        Self::with_backend(root, backend, key, store)
+    }
+
+    pub fn with_backend(
+        root: &Path,
+        backend: Arc<dyn Backend>,
+        key: MasterKey,
+        store: Store,
+    ) -> Result<Self, ArtifactError> {
+        let partial = root.join("partial");
+        fs::create_dir_all(&partial)?;
+        Ok(Self { partial, backend, key: Arc::new(key), store, partial_grace: Duration::from_secs(3600) })
     }
 
     /// Streams `input` into the store (at most `limit` bytes) and adds one reference to its
     /// content. Nothing is recorded when it fails.
     pub fn put(&self, input: impl Read, limit: u64) -> Result<BlobInfo, ArtifactError> {
-        let partial =
-            self.root.join("partial").join(format!("{}-{}.partial", std::process::id(), random_suffix()?));
+        let partial = self.partial.join(format!("{}-{}.partial", std::process::id(), random_suffix()?));
         let written = (|| {
             let file = File::create(&partial)?;
             let mut out = BufWriter::with_capacity(1 << 20, file);
@@ -112,15 +131,13 @@ impl ArtifactStore {
                 return Err(error);
             }
         };
-        let target = self.object_path(&written.hash);
+        let name = object_name(&written.hash);
         let existing = self.store.get::<Blobs>(&written.hash)?;
-        if existing.is_some() && target.is_file() {
+        if existing.is_some() && self.backend.exists(&name)? {
             fs::remove_file(&partial)?;
-        } else {
-            let dir = target.parent().expect("objects/xx");
-            fs::create_dir_all(dir)?;
-            fs::rename(&partial, &target)?;
-            File::open(dir)?.sync_all()?;
+        } else if let Err(error) = self.backend.publish(&partial, &name) {
+            let _ = fs::remove_file(&partial);
+            return Err(error.into());
         }
         let record = match existing {
             Some(mut record) => {
@@ -138,14 +155,18 @@ impl ArtifactStore {
     }
 
     /// Opens a blob for reading (its footer checked).
-    pub fn open_blob(&self, hash: &[u8; 32]) -> Result<format::BlobFile<File>, ArtifactError> {
+    pub fn open_blob(
+        &self,
+        hash: &[u8; 32],
+    ) -> Result<format::BlobFile<Box<dyn backend::ReadSeek>>, ArtifactError> {
         if self.store.get::<Blobs>(hash)?.is_none() {
             return Err(ArtifactError::NotFound(hex(hash)));
         }
-        let file = File::open(self.object_path(hash)).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => {
-                ArtifactError::Corrupt { blob: hex(hash), reason: "recorded but its file is missing".into() }
-            }
+        let file = self.backend.open(&object_name(hash)).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => ArtifactError::Corrupt {
+                blob: hex(hash),
+                reason: "recorded but its object is missing".into(),
+            },
             _ => ArtifactError::Io(e),
         })?;
         format::BlobFile::open(&self.key, file, &hex(hash))
@@ -181,29 +202,27 @@ impl ArtifactStore {
                 batch.delete::<Blobs>(&hash);
                 report.blobs += 1;
                 report.bytes += record.stored;
-                remove_if_present(&self.object_path(&hash))?;
+                self.backend.delete(&object_name(&hash))?;
             }
         }
         self.store.write(batch)?;
-        for dir in fs::read_dir(self.root.join("objects"))? {
-            for file in fs::read_dir(dir?.path())? {
-                let path = file?.path();
-                let known = path
-                    .file_stem()
-                    .and_then(|s| s.to_str())
-                    .and_then(|s| blake3::Hash::from_hex(s).ok())
-                    .map(|h| self.store.get::<Blobs>(h.as_bytes()))
-                    .transpose()?
-                    .flatten()
-                    .is_some();
-                if !known {
-                    report.blobs += 1;
-                    report.bytes += fs::metadata(&path)?.len();
-                    remove_if_present(&path)?;
-                }
+        for (name, size) in self.backend.list()? {
+            let known = name
+                .rsplit('/')
+                .next()
+                .and_then(|file| file.strip_suffix(".blob"))
+                .and_then(|stem| blake3::Hash::from_hex(stem).ok())
+                .map(|h| self.store.get::<Blobs>(h.as_bytes()))
+                .transpose()?
+                .flatten()
+                .is_some();
+            if !known {
+                report.blobs += 1;
+                report.bytes += size;
+                self.backend.delete(&name)?;
             }
         }
-        for file in fs::read_dir(self.root.join("partial"))? {
+        for file in fs::read_dir(&self.partial)? {
             let path = file?.path();
             let age = fs::metadata(&path)?.modified()?.elapsed().unwrap_or_default();
             if age >= self.partial_grace {
@@ -245,6 +264,12 @@ pub fn load_or_create_key(path: &Path) -> Result<MasterKey, ArtifactError> {
         }
         Err(e) => Err(fail(e.to_string())),
     }
+}
+
+/// A blob's name in its backend: `ab/abcd….blob`.
+fn object_name(hash: &[u8; 32]) -> String {
+    let hex = hex(hash);
+    format!("{}/{hex}.blob", &hex[..2])
 }
 
 fn info(hash: &[u8; 32], record: &BlobRecord) -> BlobInfo {

@@ -1,21 +1,64 @@
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
 
 use super::{format::CHUNK, *};
 
 struct Fixture {
     _dir: tempfile::TempDir,
     root: PathBuf,
+    backend: Arc<dyn Backend>,
     artifacts: ArtifactStore,
+    _server: Option<s3::Moto>,
 }
 
-fn fixture() -> Fixture {
+fn local() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("artifacts");
+    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(root.join("objects")).unwrap());
+    with_backend(dir, root, backend, None)
+}
+
+fn with_backend(
+    dir: tempfile::TempDir,
+    root: PathBuf,
+    backend: Arc<dyn Backend>,
+    server: Option<s3::Moto>,
+) -> Fixture {
     let store = Store::open(&dir.path().join("db")).unwrap();
     let key = load_or_create_key(&dir.path().join("artifacts.key")).unwrap();
-    let root = dir.path().join("artifacts");
-    let artifacts = ArtifactStore::open(&root, key, store).unwrap();
-    Fixture { _dir: dir, root, artifacts }
+    let artifacts = ArtifactStore::with_backend(&root, backend.clone(), key, store).unwrap();
+    Fixture { _dir: dir, root, backend, artifacts, _server: server }
 }
+
+impl Fixture {
+    fn stored(&self, hash: &[u8; 32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.backend.open(&object_name(hash)).unwrap().read_to_end(&mut out).unwrap();
+        out
+    }
+
+    fn objects(&self) -> usize {
+        self.backend.list().unwrap().len()
+    }
+}
+
+/// Every test runs on the local directory and on S3 (a moto server on loopback).
+macro_rules! on_both_backends {
+    ($($name:ident),*) => {
+        mod local_backend {
+            $(#[test] fn $name() { super::$name(super::local()) })*
+        }
+        mod s3_backend {
+            $(#[test] fn $name() { if let Some(f) = super::s3::fixture() { super::$name(f) } })*
+        }
+    };
+}
+
+on_both_backends!(
+    round_trips_and_reads_any_range,
+    duplicates_are_stored_once_and_collected_when_released,
+    tampering_and_truncation_are_detected_and_reported,
+    failed_and_crashed_writes_leave_nothing_visible
+);
 
 /// Half compressible, half pseudo-random bytes.
 fn content(len: usize, seed: u64) -> Vec<u8> {
@@ -44,9 +87,7 @@ fn read_all(artifacts: &ArtifactStore, hash: &[u8; 32], start: u64, end: u64) ->
     out
 }
 
-#[test]
-fn round_trips_and_reads_any_range() {
-    let f = fixture();
+fn round_trips_and_reads_any_range(f: Fixture) {
     let data = content(5 * CHUNK + 12_345, 1);
     let info = f.artifacts.put(&data[..], u64::MAX).unwrap();
     let hash = hash_of(&data);
@@ -62,30 +103,28 @@ fn round_trips_and_reads_any_range() {
         assert_eq!(read_all(&f.artifacts, &hash, start, end), expected, "range {start}..{end}");
     }
     // at rest nothing of the plaintext is visible
-    let stored = fs::read(f.artifacts.object_path(&hash)).unwrap();
+    let stored = f.stored(&hash);
     assert!(!stored.windows(64).any(|w| w == &data[..64]), "the blob is encrypted");
 
     let empty = f.artifacts.put(&b""[..], u64::MAX).unwrap();
     assert_eq!(empty.size, 0);
     assert!(read_all(&f.artifacts, &hash_of(b""), 0, u64::MAX).is_empty());
+    // large enough for a multipart upload of several parts on S3
+    let big = content(24 * CHUNK + 1, 9);
+    f.artifacts.put(&big[..], u64::MAX).unwrap();
+    assert_eq!(read_all(&f.artifacts, &hash_of(&big), 0, u64::MAX), big);
     let exact = content(2 * CHUNK, 2);
     f.artifacts.put(&exact[..], u64::MAX).unwrap();
     assert_eq!(read_all(&f.artifacts, &hash_of(&exact), 0, u64::MAX), exact);
 }
 
-#[test]
-fn duplicates_are_stored_once_and_collected_when_released() {
-    let f = fixture();
+fn duplicates_are_stored_once_and_collected_when_released(f: Fixture) {
     let data = content(CHUNK + 10, 3);
     let hash = hash_of(&data);
     f.artifacts.put(&data[..], u64::MAX).unwrap();
     let second = f.artifacts.put(&data[..], u64::MAX).unwrap();
     assert_eq!(second.refs, 2);
-    let objects: usize = fs::read_dir(f.root.join("objects"))
-        .unwrap()
-        .map(|d| fs::read_dir(d.unwrap().path()).unwrap().count())
-        .sum();
-    assert_eq!(objects, 1, "one file for both");
+    assert_eq!(f.objects(), 1, "one object for both");
     f.artifacts.release(&hash).unwrap();
     assert_eq!(f.artifacts.gc().unwrap(), GcReport::default(), "still referenced");
     assert_eq!(read_all(&f.artifacts, &hash, 0, 10), &data[..10]);
@@ -95,39 +134,34 @@ fn duplicates_are_stored_once_and_collected_when_released() {
     assert!(report.bytes > 0);
     assert!(f.artifacts.info(&hash).unwrap().is_none());
     assert!(matches!(f.artifacts.read_range(&hash, 0, 1), Err(ArtifactError::NotFound(_))));
-    assert!(!f.artifacts.object_path(&hash).exists());
+    assert_eq!(f.objects(), 0);
 }
 
-#[test]
-fn tampering_and_truncation_are_detected_and_reported() {
-    let f = fixture();
+fn tampering_and_truncation_are_detected_and_reported(f: Fixture) {
     let data = content(3 * CHUNK, 4);
     let hash = hash_of(&data);
     f.artifacts.put(&data[..], u64::MAX).unwrap();
-    let path = f.artifacts.object_path(&hash);
-    let original = fs::read(&path).unwrap();
+    let name = object_name(&hash);
+    let original = f.stored(&hash);
 
     // one bit of chunk 1 flipped: chunk 0 still reads, chunk 1 is refused by name
-    let blob = format::BlobFile::open(&f.artifacts.key, File::open(&path).unwrap(), "x").unwrap();
-    let chunk1 = blob_offset(&original, 1);
-    drop(blob);
-    let mut file = OpenOptions::new().write(true).open(&path).unwrap();
-    file.seek(SeekFrom::Start(chunk1 + 100)).unwrap();
-    file.write_all(&[original[chunk1 as usize + 100] ^ 1]).unwrap();
-    drop(file);
+    let chunk1 = blob_offset(&original, 1) as usize;
+    let mut flipped = original.clone();
+    flipped[chunk1 + 100] ^= 1;
+    f.backend.overwrite(&name, &flipped).unwrap();
     assert_eq!(read_all(&f.artifacts, &hash, 0, 100), &data[..100]);
     let mut out = Vec::new();
     let error = f.artifacts.read_range(&hash, 0, u64::MAX).unwrap().read_to_end(&mut out).unwrap_err();
     assert!(error.to_string().contains("chunk 1 does not authenticate"), "{error}");
 
     // truncated: the footer is gone
-    fs::write(&path, &original[..original.len() - 30]).unwrap();
+    f.backend.overwrite(&name, &original[..original.len() - 30]).unwrap();
     let error = f.artifacts.read_range(&hash, 0, 1).err().unwrap();
     assert!(matches!(error, ArtifactError::Corrupt { .. }), "{error}");
     // chunks 1 and 2 swapped, frames intact: chunk 1's slot holds chunk 2's ciphertext
     let (c1, c2, c3) = [1, 2, 3].map(|i| blob_offset(&original, i) as usize).into();
     let swapped = [&original[..c1], &original[c2..c3], &original[c1..c2], &original[c3..]].concat();
-    fs::write(&path, &swapped).unwrap();
+    f.backend.overwrite(&name, &swapped).unwrap();
     let mut out = Vec::new();
     let error = f
         .artifacts
@@ -137,8 +171,8 @@ fn tampering_and_truncation_are_detected_and_reported() {
         .unwrap_err();
     assert!(error.to_string().contains("chunk 1"), "{error}");
     // another node's key opens nothing
-    fs::write(&path, &original).unwrap();
-    let other = format::BlobFile::open(&MasterKey::from_bytes([9; 32]), File::open(&path).unwrap(), "x");
+    f.backend.overwrite(&name, &original).unwrap();
+    let other = format::BlobFile::open(&MasterKey::from_bytes([9; 32]), f.backend.open(&name).unwrap(), "x");
     assert!(other.err().unwrap().to_string().contains("footer does not authenticate"));
 }
 
@@ -169,25 +203,21 @@ impl Read for Failing {
     }
 }
 
-#[test]
-fn failed_and_crashed_writes_leave_nothing_visible() {
-    let mut f = fixture();
+fn failed_and_crashed_writes_leave_nothing_visible(mut f: Fixture) {
     let error = f.artifacts.put(Failing { good: 3 * CHUNK + 5 }, u64::MAX).unwrap_err();
     assert!(matches!(error, ArtifactError::Io(_)), "{error}");
     let error = f.artifacts.put(&content(2 * CHUNK, 5)[..], CHUNK as u64).unwrap_err();
     assert!(matches!(error, ArtifactError::TooLarge { .. }), "{error}");
     assert_eq!(fs::read_dir(f.root.join("partial")).unwrap().count(), 0, "failed writes clean up");
-    assert_eq!(fs::read_dir(f.root.join("objects")).unwrap().count(), 0);
+    assert_eq!(f.objects(), 0);
     assert_eq!(f.artifacts.store.scan::<Blobs>(&[], None, false).count(), 0, "nothing recorded");
 
     // a crash mid-write leaves a partial file; a crash after the rename an unrecorded blob
     fs::write(f.root.join("partial").join("1-crashed.partial"), b"half a blob").unwrap();
-    let orphan = f.artifacts.object_path(&[0xab; 32]);
-    fs::create_dir_all(orphan.parent().unwrap()).unwrap();
-    fs::write(&orphan, b"renamed, never recorded").unwrap();
+    f.backend.overwrite(&object_name(&[0xab; 32]), b"published, never recorded").unwrap();
     let report = f.artifacts.gc().unwrap();
     assert_eq!((report.blobs, report.partial_files), (1, 0), "a recent partial may be a live write");
-    assert!(!orphan.exists());
+    assert_eq!(f.objects(), 0);
     f.artifacts.partial_grace = Duration::ZERO;
     assert_eq!(f.artifacts.gc().unwrap().partial_files, 1);
 }
@@ -211,4 +241,84 @@ fn the_master_key_is_created_once_private_and_checked() {
     let error = load_or_create_key(&path).unwrap_err();
     assert!(error.to_string().contains("is not 64 hex characters"), "{error}");
     assert_eq!(format!("{key:?}"), "MasterKey(***)");
+}
+
+/// An S3-compatible server for the tests: moto from PyPI (installed by scripts/setup into a
+/// virtualenv), on a free loopback port, killed on drop.
+mod s3 {
+    use std::{
+        io::{Read, Write},
+        net::{TcpListener, TcpStream},
+        path::PathBuf,
+        process::{Child, Command, Stdio},
+        sync::Arc,
+        time::{Duration, Instant},
+    };
+
+    use object_store::aws::AmazonS3Builder;
+
+    use super::{Fixture, S3Backend, with_backend};
+
+    pub struct Moto(Child);
+
+    impl Drop for Moto {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn python() -> Option<PathBuf> {
+        let venv = std::env::var_os("AGORA_VENV").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/agora/venv")
+        });
+        let python = venv.join("bin/python");
+        if python.is_file() {
+            return Some(python);
+        }
+        let message = format!("\n*** SKIPPED: no moto server at {}; run scripts/setup ***\n", venv.display());
+        assert!(std::env::var_os("CI").is_none(), "{message}");
+        eprintln!("{message}");
+        None
+    }
+
+    /// A fixture on a fresh bucket of a fresh moto server.
+    pub fn fixture() -> Option<Fixture> {
+        let python = python()?;
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(python)
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto starts");
+        let server = Moto(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // create the bucket once the server answers (S3 CreateBucket: PUT /bucket)
+        loop {
+            if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) {
+                let request = format!(
+                    "PUT /agora-test HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                stream.write_all(request.as_bytes()).unwrap();
+                let mut answer = String::new();
+                let _ = stream.read_to_string(&mut answer);
+                assert!(answer.starts_with("HTTP/1.1 200"), "moto did not create the bucket: {answer}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "moto did not start within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let builder = AmazonS3Builder::new()
+            .with_endpoint(format!("http://127.0.0.1:{port}"))
+            .with_allow_http(true)
+            .with_bucket_name("agora-test")
+            .with_region("us-east-1")
+            .with_access_key_id("test")
+            .with_secret_access_key("test");
+        let backend = Arc::new(S3Backend::new(builder, "blobs").unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("artifacts");
+        Some(with_backend(dir, root, backend, Some(server)))
+    }
 }

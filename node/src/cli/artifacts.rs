@@ -25,7 +25,8 @@ impl ArtifactsCommand {
                     )
                 })?;
                 let key = load_or_create_key(&config.master_key_path())?;
-                let artifacts = ArtifactStore::open(&config.artifacts_path(), key, store)?;
+                let artifacts =
+                    ArtifactStore::open_url(&config.artifacts_url(), &config.artifacts_path(), key, store)?;
                 let report = artifacts.gc()?;
                 println!(
                     "removed {} blobs ({} bytes) and {} leftover partial files",
