@@ -11,12 +11,14 @@
 //! | [`chain`] | RPC provider, chain health, the indexer, reorg rollback, state root |
 //! | [`market`] | the market as indexed: models, licenses, balances, earnings |
 //! | [`artifacts`] | content-addressed blobs: blake3, zstd, encryption at rest |
+//! | [`audit`] | the hash-chained audit log of every mutating operation |
 //! | [`api`] | axum routers, error mapping, OpenAPI |
 //! | [`cli`] | `clap` commands |
 //! | [`node`] | wiring the services together, shutdown |
 
 pub mod api;
 pub mod artifacts;
+pub mod audit;
 pub mod chain;
 pub mod cli;
 pub mod config;

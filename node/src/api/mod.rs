@@ -4,6 +4,7 @@
 //! Handlers are thin: they parse, call a domain service, and map its answer. Every request is
 //! counted and timed per route in `/metrics`.
 
+mod audit;
 pub mod error;
 mod health;
 mod market;
@@ -49,6 +50,7 @@ pub struct AppState {
         (name = "chain", description = "The chain index"),
         (name = "marketplace", description = "Models, listings, earnings"),
         (name = "licenses", description = "Licenses"),
+        (name = "audit", description = "The hash-chained audit log"),
     )
 )]
 struct ApiDoc;
@@ -65,6 +67,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(market::earnings))
         .routes(routes!(market::licenses))
         .routes(routes!(market::license))
+        .routes(routes!(audit::log))
         .split_for_parts();
     let api = Arc::new(api);
     router

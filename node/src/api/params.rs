@@ -34,6 +34,13 @@ pub fn u256(params: &Params, name: &str) -> Result<Option<U256>, ApiError> {
     params.get(name).map(|v| parse_u256(v).map_err(|why| bad(name, why))).transpose()
 }
 
+pub fn u64(params: &Params, name: &str) -> Result<Option<u64>, ApiError> {
+    params
+        .get(name)
+        .map(|v| v.parse::<u64>().map_err(|e| bad(name, format!("not an unsigned 64-bit integer ({e})"))))
+        .transpose()
+}
+
 /// A uint256 id from the path (`what` names it in the error: "token id", "license id").
 pub fn path_id(what: &str, raw: &str) -> Result<U256, ApiError> {
     parse_u256(raw).map_err(|why| {

@@ -4,6 +4,7 @@ use anyhow::Context;
 
 use crate::{
     artifacts::{ArtifactStore, load_or_create_key},
+    audit::Audit,
     config::Config,
     store::Store,
 };
@@ -25,9 +26,19 @@ impl ArtifactsCommand {
                     )
                 })?;
                 let key = load_or_create_key(&config.master_key_path())?;
-                let artifacts =
-                    ArtifactStore::open_url(&config.artifacts_url(), &config.artifacts_path(), key, store)?;
+                let artifacts = ArtifactStore::open_url(
+                    &config.artifacts_url(),
+                    &config.artifacts_path(),
+                    key,
+                    store.clone(),
+                )?;
                 let report = artifacts.gc()?;
+                let actor = format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
+                let summary = format!(
+                    "{} blobs, {} bytes, {} partial files",
+                    report.blobs, report.bytes, report.partial_files
+                );
+                Audit::new(store).record(&actor, "artifacts.gc", &summary, None)?;
                 println!(
                     "removed {} blobs ({} bytes) and {} leftover partial files",
                     report.blobs, report.bytes, report.partial_files

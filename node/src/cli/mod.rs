@@ -2,6 +2,7 @@
 //! configuration (flags > `AGORA_*` environment > `--config` TOML > defaults).
 
 mod artifacts;
+mod audit;
 mod contracts;
 mod dev;
 pub mod index;
@@ -40,6 +41,9 @@ pub enum Command {
     /// Inspect and rebuild the chain index.
     #[command(subcommand)]
     Index(index::IndexCommand),
+    /// Read and verify the audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Maintain the artifact store (the node must be stopped).
     #[command(subcommand)]
     Artifacts(artifacts::ArtifactsCommand),
@@ -74,6 +78,7 @@ impl Cli {
                 dev::run(config, args, metrics).await
             }
             Command::Contracts(command) => command.run(&config).await,
+            Command::Audit(command) => tokio::task::spawn_blocking(move || command.run(&config)).await?,
             Command::Artifacts(command) => tokio::task::spawn_blocking(move || command.run(&config)).await?,
             Command::Watermark(command) => tokio::task::spawn_blocking(move || command.run()).await?,
             Command::Index(command) => {

@@ -93,6 +93,21 @@ tables! {
         encode: |k| concat(&[k.0.as_slice(), &k.1.to_be_bytes::<32>()]);
     /// Artifact blobs by the blake3 of their content: size and reference count.
     Blobs = "blobs", root: false, key: [u8; 32], value: BlobRecord, encode: |k| k.to_vec();
+    /// The audit log's hash chain, by sequence number.
+    AuditLog = "audit_log", root: false, key: u64, value: AuditEntry, encode: |k| k.to_be_bytes().to_vec();
+}
+
+/// One audit log entry (see the `audit` module).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub time: u64,
+    pub actor: String,
+    pub action: String,
+    pub object: String,
+    pub request_id: Option<String>,
+    pub prev: [u8; 32],
+    pub hash: [u8; 32],
 }
 
 /// A stored artifact blob.

@@ -58,9 +58,16 @@ async fn node_serves_health_readiness_metrics_openapi_and_stops_on_sigterm() {
 
     let (status, openapi) = get_json(&format!("{base}/openapi.json")).await.unwrap();
     assert_eq!(status, 200);
-    for path in ["/healthz", "/readyz", "/metrics"] {
+    for path in ["/healthz", "/readyz", "/metrics", "/api/v1/audit/log"] {
         assert!(openapi["paths"][path].is_object(), "{path} missing from {openapi}");
     }
+
+    // a fresh node's audit log is empty; bad paging is a 400 naming the parameter
+    let (status, body) = get_json(&format!("{base}/api/v1/audit/log")).await.unwrap();
+    assert_eq!((status, body["entries"].as_array().map(Vec::len)), (200, Some(0)), "{body}");
+    let (status, body) = get_json(&format!("{base}/api/v1/audit/log?from=x")).await.unwrap();
+    assert_eq!(status, 400);
+    assert!(body["error"]["message"].as_str().unwrap().contains("`from`"), "{body}");
 
     let (status, body) = get_json(&format!("{base}/no/such/thing")).await.unwrap();
     assert_eq!(status, 404);
