@@ -20,7 +20,26 @@ pub struct Config {
     pub chain: ChainConfig,
     pub storage: StorageConfig,
     pub http: HttpConfig,
+    pub registry: RegistryConfig,
     pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Reads need a bearer token too (writes always do).
+    pub private: bool,
+    /// Largest upload, in bytes.
+    pub max_upload: u64,
+    /// The operator's bearer token; when unset the node creates one in
+    /// `<data_dir>/admin.token` (mode 0600).
+    pub admin_token: Option<String>,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self { private: false, max_upload: 20 << 30, admin_token: None }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -163,6 +182,18 @@ pub struct ConfigArgs {
     #[arg(long, env = "AGORA_HTTP_ADDR", global = true, help_heading = "HTTP")]
     pub http_addr: Option<SocketAddr>,
 
+    /// Registry reads need a bearer token too [default: false].
+    #[arg(long, env = "AGORA_REGISTRY_PRIVATE", global = true, help_heading = "Registry", value_parser = clap::builder::BoolishValueParser::new())]
+    pub registry_private: Option<bool>,
+
+    /// Largest upload in bytes [default: 21474836480, 20 GiB].
+    #[arg(long, env = "AGORA_MAX_UPLOAD", global = true, help_heading = "Registry")]
+    pub max_upload: Option<u64>,
+
+    /// The operator's bearer token [default: created in <data-dir>/admin.token].
+    #[arg(long, env = "AGORA_ADMIN_TOKEN", global = true, help_heading = "Registry", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
     /// Log filter, e.g. `info` or `agora_node=debug` (RUST_LOG is read when this is unset) [default: info].
     #[arg(long = "log", env = "AGORA_LOG", global = true, help_heading = "Logging")]
     pub log_filter: Option<String>,
@@ -188,6 +219,10 @@ pub enum ConfigError {
     RpcScheme(String),
     #[error("storage.artifacts {0:?} must be file:///absolute/path or s3://bucket/prefix")]
     Artifacts(String),
+    #[error("registry.admin_token must be at least 16 characters")]
+    ShortToken,
+    #[error("registry.max_upload must be at least 1")]
+    ZeroUpload,
 }
 
 impl Config {
@@ -246,6 +281,15 @@ impl Config {
         if let Some(v) = args.http_addr {
             self.http.addr = v;
         }
+        if let Some(v) = args.registry_private {
+            self.registry.private = v;
+        }
+        if let Some(v) = args.max_upload {
+            self.registry.max_upload = v;
+        }
+        if let Some(v) = &args.admin_token {
+            self.registry.admin_token = Some(v.clone());
+        }
         // RUST_LOG is an environment variable too: it beats the file, AGORA_LOG beats it.
         match (&args.log_filter, std::env::var("RUST_LOG")) {
             (Some(v), _) => self.log.filter = v.clone(),
@@ -273,6 +317,12 @@ impl Config {
             && !(artifacts.starts_with("file:///") || artifacts.starts_with("s3://"))
         {
             return Err(ConfigError::Artifacts(artifacts.clone()));
+        }
+        if self.registry.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(ConfigError::ShortToken);
+        }
+        if self.registry.max_upload == 0 {
+            return Err(ConfigError::ZeroUpload);
         }
         Ok(())
     }
@@ -316,6 +366,11 @@ impl Config {
             .unwrap_or_else(|| format!("file://{}", self.artifacts_path().display()))
     }
 
+    /// The operator token file, used when no token is configured.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.storage.data_dir.join("admin.token")
+    }
+
     /// The artifact master key file.
     pub fn master_key_path(&self) -> PathBuf {
         self.storage.master_key_file.clone().unwrap_or_else(|| self.storage.data_dir.join("artifacts.key"))
@@ -325,6 +380,9 @@ impl Config {
     pub fn masked(&self) -> Self {
         let mut masked = self.clone();
         masked.chain.rpc_url = mask_url(&self.chain.rpc_url);
+        if masked.registry.admin_token.is_some() {
+            masked.registry.admin_token = Some("***".into());
+        }
         masked
     }
 

@@ -12,6 +12,7 @@
 //! | [`market`] | the market as indexed: models, licenses, balances, earnings |
 //! | [`artifacts`] | content-addressed blobs: blake3, zstd, encryption at rest |
 //! | [`audit`] | the hash-chained audit log of every mutating operation |
+//! | [`registry`] | registered models, versions, stages, aliases, metrics; the artifact tree |
 //! | [`api`] | axum routers, error mapping, OpenAPI |
 //! | [`cli`] | `clap` commands |
 //! | [`node`] | wiring the services together, shutdown |
@@ -24,5 +25,6 @@ pub mod cli;
 pub mod config;
 pub mod market;
 pub mod node;
+pub mod registry;
 pub mod store;
 pub mod telemetry;

@@ -12,7 +12,7 @@ use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
-use crate::{api, chain, config::Config, store::Store};
+use crate::{api, artifacts, audit::Audit, chain, config::Config, registry::Registry, store::Store};
 
 /// Runs the node until `shutdown` flips to true.
 pub async fn run(
@@ -36,6 +36,25 @@ pub async fn run(
     })
     .await??;
     store.bind_deployment(&deployment_id(&deployment))?;
+    let key = artifacts::load_or_create_key(&config.master_key_path())?;
+    let artifacts = artifacts::ArtifactStore::open_url(
+        &config.artifacts_url(),
+        &config.artifacts_path(),
+        key,
+        store.clone(),
+    )?;
+    let registry = Registry::new(store.clone(), artifacts, Audit::new(store.clone()));
+    let admin_token = match &config.registry.admin_token {
+        Some(token) => token.clone(),
+        None => {
+            let path = config.admin_token_path();
+            let token = api::auth::load_or_create_token(&path).with_context(|| {
+                format!("cannot read or create the operator token file {}", path.display())
+            })?;
+            tracing::info!(target: "agora::node", path = %path.display(), "operator token (AGORA_ADMIN_TOKEN unset)");
+            token
+        }
+    };
 
     let provider = chain::connect(&config.chain.rpc_url).await?;
     let (monitor, chain_health) = chain::ChainMonitor::new(
@@ -67,6 +86,9 @@ pub async fn run(
         ready_max_lag: config.chain.ready_max_lag,
         metrics,
         started: Instant::now(),
+        registry,
+        auth: api::auth::Auth::new(&admin_token, config.registry.private),
+        max_upload: config.registry.max_upload,
     });
     tracing::info!(target: "agora::node", %local, chain_id = deployment.chain_id, registry = %deployment.model_registry, market = %deployment.license_market, "node started");
     // A plain line on stdout, for people and for scripts that start the node on port 0.

@@ -113,6 +113,11 @@ impl Market {
 
     /// Registers a model from the seller (account 1) with a 50/30/20 split to accounts 2..=4.
     pub async fn register(&self, salt: &str) -> U256 {
+        self.register_content(keccak256(salt.as_bytes()), &format!("ipfs://{salt}")).await
+    }
+
+    /// Registers a model with the given content hash, as [`Self::register`] does.
+    pub async fn register_content(&self, content_hash: B256, metadata_uri: &str) -> U256 {
         let splits = vec![
             ModelRegistry::Split { recipient: self.address(2), bps: 5000 },
             ModelRegistry::Split { recipient: self.address(3), bps: 3000 },
@@ -120,7 +125,7 @@ impl Market {
         ];
         let receipt = self
             .registry
-            .register(keccak256(salt.as_bytes()), format!("ipfs://{salt}"), splits)
+            .register(content_hash, metadata_uri.to_owned(), splits)
             .from(self.address(1))
             .send()
             .await

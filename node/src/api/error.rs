@@ -56,3 +56,44 @@ impl IntoResponse for ApiError {
         (self.status, Json(body)).into_response()
     }
 }
+
+impl From<crate::artifacts::ArtifactError> for ApiError {
+    fn from(e: crate::artifacts::ArtifactError) -> Self {
+        use crate::artifacts::ArtifactError as A;
+        match e {
+            A::NotFound(_) => Self::not_found(e.to_string()),
+            A::TooLarge { limit } => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the upload is larger than the limit of {limit} bytes"),
+            ),
+            other => {
+                tracing::error!(target: "agora::api", error = %other, "artifact store error");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "storage_error", other.to_string())
+            }
+        }
+    }
+}
+
+impl From<crate::registry::RegistryError> for ApiError {
+    fn from(e: crate::registry::RegistryError) -> Self {
+        use crate::registry::RegistryError as R;
+        match e {
+            R::NotFound(m) => Self::not_found(m),
+            R::AlreadyExists(m) => Self::new(StatusCode::CONFLICT, "already_exists", m),
+            R::Invalid(m) => Self::new(StatusCode::BAD_REQUEST, "invalid_parameter", m),
+            R::Unauthenticated(m) => Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", m),
+            R::Forbidden(m) => Self::new(StatusCode::FORBIDDEN, "forbidden", m),
+            R::Store(e) => e.into(),
+            R::Artifact(e) => e.into(),
+        }
+    }
+}
+
+/// A blocking task that panicked or was cancelled.
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        tracing::error!(target: "agora::api", error = %e, "a blocking task failed");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    }
+}

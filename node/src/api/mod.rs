@@ -5,10 +5,14 @@
 //! counted and timed per route in `/metrics`.
 
 mod audit;
+pub mod auth;
 pub mod error;
 mod health;
 mod market;
+mod mlflow;
 mod params;
+mod registry;
+mod transfer;
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
@@ -40,6 +44,10 @@ pub struct AppState {
     pub ready_max_lag: u64,
     pub metrics: PrometheusHandle,
     pub started: Instant,
+    pub registry: crate::registry::Registry,
+    pub auth: auth::Auth,
+    /// Largest upload, in bytes.
+    pub max_upload: u64,
 }
 
 #[derive(OpenApi)]
@@ -51,6 +59,7 @@ pub struct AppState {
         (name = "marketplace", description = "Models, listings, earnings"),
         (name = "licenses", description = "Licenses"),
         (name = "audit", description = "The hash-chained audit log"),
+        (name = "registry", description = "Registered models, versions, stages, metrics, files (MLflow's registry API is served too, under /api/2.0/mlflow)"),
     )
 )]
 struct ApiDoc;
@@ -68,9 +77,23 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(market::licenses))
         .routes(routes!(market::license))
         .routes(routes!(audit::log))
+        .routes(routes!(registry::versions))
+        .routes(routes!(registry::stage))
+        .routes(routes!(registry::metrics))
+        .routes(routes!(registry::log_metrics))
+        .routes(routes!(registry::artifact))
         .split_for_parts();
+    // Uploads are bounded by AGORA_MAX_UPLOAD as they stream, not by axum's buffered-body limit.
+    let register = OpenApiRouter::new()
+        .routes(routes!(registry::register))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .split_for_parts();
+    let mut api = api;
+    api.merge(register.1);
     let api = Arc::new(api);
     router
+        .merge(register.0)
+        .merge(mlflow::routes())
         .route("/openapi.json", get(move || async move { Json(api.as_ref().clone()) }))
         .fallback(|| async { error::ApiError::not_found("no such endpoint") })
         .layer(middleware::from_fn(track))

@@ -15,9 +15,9 @@ use super::writer::IndexWriter;
 use crate::store::{
     StoreError,
     tables::{
-        BalanceRecord, Balances, CancelRecord, Cancelled, Earnings, HolderLicenses, LicenseRecord, Licenses,
-        ModelRecord, Models, Nonces, Origin, RecipientModels, Revenue, RevenueRecord, Split, TokenLicenses,
-        VersionRecord, Versions,
+        BalanceRecord, Balances, CancelRecord, Cancelled, ContentVersions, Earnings, HolderLicenses,
+        LicenseRecord, Licenses, ModelRecord, Models, Nonces, Origin, RecipientModels, Revenue,
+        RevenueRecord, Split, TokenLicenses, VersionRecord, Versions,
     },
 };
 
@@ -100,6 +100,9 @@ fn apply_registry(
                 &(e.tokenId, e.version),
                 &VersionRecord { content_hash: e.contentHash, anchored: at },
             )?;
+            if w.get::<ContentVersions>(&e.contentHash)?.is_none() {
+                w.put::<ContentVersions>(&e.contentHash, &(e.tokenId, e.version))?;
+            }
         }
         E::SplitsSet(e) => {
             let mut m = model(w, e.tokenId)?;

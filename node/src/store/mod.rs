@@ -88,7 +88,29 @@ impl Store {
                 });
             }
         }
+        store.fill_content_lookup()?;
         Ok(store)
+    }
+
+    /// Builds the content-hash lookup of anchored versions for an index written before the
+    /// lookup existed (later blocks maintain it as they are applied).
+    fn fill_content_lookup(&self) -> Result<(), StoreError> {
+        if self.iter::<tables::ContentVersions>().next().is_some() {
+            return Ok(());
+        }
+        let mut batch = self.batch();
+        for entry in self.iter::<tables::Versions>() {
+            let (key, record) = entry?;
+            let token = alloy::primitives::U256::from_be_slice(&key[..32]);
+            let version = u32::from_be_bytes(key[32..36].try_into().expect("36-byte version keys"));
+            if self.get::<tables::ContentVersions>(&record.content_hash)?.is_none() {
+                batch.put::<tables::ContentVersions>(&record.content_hash, &(token, version))?;
+            }
+        }
+        if !batch.is_empty() {
+            self.write(batch)?;
+        }
+        Ok(())
     }
 
     /// Opens an existing database for reading only, alongside a node that may be writing it.

@@ -6,6 +6,8 @@
 //! indexes at the same block agree on. Secondary indexes (lookups by holder, by token, by
 //! recipient) are derived from them and left out.
 
+use std::collections::BTreeMap;
+
 use alloy::primitives::{Address, B256, U256};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -95,6 +97,94 @@ tables! {
     Blobs = "blobs", root: false, key: [u8; 32], value: BlobRecord, encode: |k| k.to_vec();
     /// The audit log's hash chain, by sequence number.
     AuditLog = "audit_log", root: false, key: u64, value: AuditEntry, encode: |k| k.to_be_bytes().to_vec();
+    /// Lookup: anchored versions by content hash.
+    ContentVersions = "content_versions", root: false, key: B256, value: (U256, u32), encode: |k| k.to_vec();
+    /// Registry: registered models by id.
+    RegistryModels = "registry_models", root: false, key: u64, value: RegistryModel,
+        encode: |k| k.to_be_bytes().to_vec();
+    /// Registry: model ids by name.
+    RegistryNames = "registry_names", root: false, key: String, value: u64, encode: |k| k.as_bytes().to_vec();
+    /// Registry: versions by (model id, version).
+    RegistryVersions = "registry_versions", root: false, key: (u64, u32), value: RegistryVersion,
+        encode: |k| concat(&[&k.0.to_be_bytes(), &k.1.to_be_bytes()]);
+    /// Registry: metric points by (model id, version, sequence).
+    RegistryMetrics = "registry_metrics", root: false, key: (u64, u32, u64), value: MetricPoint,
+        encode: |k| concat(&[&k.0.to_be_bytes(), &k.1.to_be_bytes(), &k.2.to_be_bytes()]);
+    /// The artifact tree (MLflow's `mlflow-artifacts:` paths and registered files): blobs by path.
+    ArtifactFiles = "artifact_files", root: false, key: String, value: FileRecord, encode: |k| k.as_bytes().to_vec();
+}
+
+/// A registered model (the registry's own record, whether or not it is on-chain).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryModel {
+    pub id: u64,
+    pub name: String,
+    pub description: String,
+    pub tags: BTreeMap<String, String>,
+    /// Alias -> version.
+    pub aliases: BTreeMap<String, u32>,
+    /// The wallet that owns it, when known.
+    pub owner: Option<Address>,
+    /// Who created it (an address or `operator`).
+    pub user_id: String,
+    /// Unix milliseconds.
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    /// The highest version number ever given (numbers are never reused).
+    pub last_version: u32,
+}
+
+/// One version of a registered model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryVersion {
+    pub version: u32,
+    pub user_id: String,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub stage: u8,
+    pub description: String,
+    pub source: String,
+    pub run_id: String,
+    pub run_link: String,
+    pub tags: BTreeMap<String, String>,
+    /// Where its files are in the artifact tree, when the node holds them.
+    pub artifact_dir: Option<String>,
+    /// Whether the node made `artifact_dir` (its files go when the version goes).
+    pub owns_dir: bool,
+    /// The model file, when the version was registered with one.
+    pub file: Option<ModelFileSummary>,
+    /// The watermark commitment, once the version is marked.
+    pub commitment: Option<B256>,
+}
+
+/// What the registry read from a version's safetensors file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelFileSummary {
+    pub name: String,
+    pub blake3: [u8; 32],
+    pub size: u64,
+    pub parameters: u64,
+    /// Parameters per dtype (`BF16`, `F32`, ...).
+    pub dtypes: BTreeMap<String, u64>,
+    pub tensors: u64,
+}
+
+/// One point of a named metric series.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetricPoint {
+    pub key: String,
+    pub value: f64,
+    pub step: i64,
+    /// Unix milliseconds.
+    pub timestamp: u64,
+}
+
+/// A file of the artifact tree.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub blake3: [u8; 32],
+    pub size: u64,
+    pub created_ms: u64,
 }
 
 /// One audit log entry (see the `audit` module).
@@ -133,6 +223,8 @@ pub enum MetaKey {
     RootAccumulator,
     /// How many reorgs the index has rolled back.
     Reorgs,
+    /// The registry's next model id.
+    RegistryNextModel,
 }
 
 impl MetaKey {
@@ -143,6 +235,7 @@ impl MetaKey {
             Self::Cursor => b"cursor",
             Self::RootAccumulator => b"root_accumulator",
             Self::Reorgs => b"reorgs",
+            Self::RegistryNextModel => b"registry_next_model",
         }
     }
 }

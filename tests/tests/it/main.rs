@@ -5,4 +5,5 @@ mod dev;
 mod indexer;
 mod market_api;
 mod node;
+mod registry;
 mod watermark;

@@ -1,0 +1,1159 @@
+//! The model registry: registered models, their versions (stages, aliases, tags, metrics) and
+//! the artifact tree their files live in. Both HTTP faces (the node's own `/api/v1/models`
+//! and MLflow's `/api/2.0/mlflow`) call this one service, so a version made through either is
+//! seen through both.
+//!
+//! - Records live in RocksDB (`registry_*` tables); every change is one batch, made under one
+//!   writer lock, recorded in the audit log and published on the event bus.
+//! - A model's versions are written only by its owner (the wallet that created it) or an
+//!   operator; names are unique; version numbers are never reused.
+//! - Files are blobs of the artifact store, named by paths in the artifact tree
+//!   (`artifact_files`); a version registered with a file keeps it under
+//!   `registry/<model id>/<version>/`, which only the node writes.
+//!
+//! Calls block on RocksDB: async callers run them on `spawn_blocking`.
+
+pub mod filter;
+pub mod upload;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+use alloy::primitives::{Address, B256};
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::{
+    artifacts::{ArtifactError, ArtifactStore, BlobInfo, hex},
+    audit::Audit,
+    store::{
+        Meta, MetaKey, MetaValue, Store, StoreError, Table,
+        tables::{
+            ArtifactFiles, ContentVersions, FileRecord, MetricPoint, ModelFileSummary, RegistryMetrics,
+            RegistryModel, RegistryModels, RegistryNames, RegistryVersion, RegistryVersions, Versions,
+        },
+    },
+};
+
+/// Longest model name, tag key, alias.
+const MAX_NAME: usize = 256;
+const MAX_TAG_KEY: usize = 250;
+const MAX_TAG_VALUE: usize = 5000;
+const MAX_ALIAS: usize = 255;
+const MAX_DESCRIPTION: usize = 65_536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+}
+
+fn invalid(message: impl Into<String>) -> RegistryError {
+    RegistryError::Invalid(message.into())
+}
+
+/// Who is asking.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Actor {
+    /// Holder of the operator token.
+    Operator,
+    /// A signed-in wallet.
+    Wallet(Address),
+    /// No credentials.
+    Anonymous,
+}
+
+impl Actor {
+    pub fn id(&self) -> String {
+        match self {
+            Self::Operator => "operator".into(),
+            Self::Wallet(address) => address.to_checksum(None),
+            Self::Anonymous => "anonymous".into(),
+        }
+    }
+
+    fn require_signed_in(&self) -> Result<(), RegistryError> {
+        match self {
+            Self::Anonymous => Err(RegistryError::Unauthenticated(
+                "this needs a bearer token (the operator token or a wallet sign-in)".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The actor and request of a change, for permissions and the audit log.
+#[derive(Clone, Debug)]
+pub struct Context {
+    pub actor: Actor,
+    pub request_id: Option<String>,
+}
+
+impl Context {
+    pub fn operator() -> Self {
+        Self { actor: Actor::Operator, request_id: None }
+    }
+}
+
+/// A version's lifecycle stage (MLflow's; deprecated upstream in favour of aliases, kept).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    None = 0,
+    Staging = 1,
+    Production = 2,
+    Archived = 3,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 4] = [Stage::None, Stage::Staging, Stage::Production, Stage::Archived];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "None",
+            Self::Staging => "Staging",
+            Self::Production => "Production",
+            Self::Archived => "Archived",
+        }
+    }
+
+    /// Case-insensitive, as MLflow parses it.
+    pub fn parse(text: &str) -> Result<Self, RegistryError> {
+        Self::ALL.into_iter().find(|s| s.name().eq_ignore_ascii_case(text)).ok_or_else(|| {
+            invalid(format!("invalid stage '{text}'; expected one of None, Staging, Production, Archived"))
+        })
+    }
+
+    fn from_code(code: u8) -> Self {
+        Self::ALL.get(code as usize).copied().unwrap_or(Self::None)
+    }
+}
+
+/// A registry change, as published on the event bus.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RegistryEvent {
+    /// `model_created`, `version_created`, `stage_changed`, `alias_set`, ...
+    pub kind: &'static str,
+    pub model: String,
+    pub version: Option<u32>,
+    /// What changed, for people (`Staging -> Production`, an alias, a tag key).
+    pub detail: String,
+    pub actor: String,
+}
+
+/// A version as both faces show it.
+#[derive(Clone, Debug)]
+pub struct VersionView {
+    pub model: RegistryModel,
+    pub version: RegistryVersion,
+    pub stage: Stage,
+    pub aliases: Vec<String>,
+    pub anchored: Option<Anchor>,
+}
+
+/// Where a version's content hash is anchored on-chain, per the index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Anchor {
+    pub token_id: String,
+    pub version: u32,
+    #[schema(value_type = String)]
+    pub tx: B256,
+    pub block: u64,
+}
+
+/// A new version's fields.
+#[derive(Clone, Debug, Default)]
+pub struct NewVersion {
+    pub source: String,
+    pub run_id: String,
+    pub run_link: String,
+    pub description: String,
+    pub tags: BTreeMap<String, String>,
+    /// A file already in the artifact store (one reference taken for this version).
+    pub file: Option<ModelFileSummary>,
+}
+
+/// One entry of an artifact directory listing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TreeEntry {
+    pub path: String,
+    pub is_dir: bool,
+    pub file_size: Option<u64>,
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    store: Store,
+    artifacts: ArtifactStore,
+    audit: Audit,
+    events: broadcast::Sender<RegistryEvent>,
+    write: Arc<Mutex<()>>,
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Registry {
+    pub fn new(store: Store, artifacts: ArtifactStore, audit: Audit) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        Self { store, artifacts, audit, events, write: Arc::new(Mutex::new(())) }
+    }
+
+    pub fn artifacts(&self) -> &ArtifactStore {
+        &self.artifacts
+    }
+
+    /// Every registry change from now on. A subscriber that falls more than 1,024 events
+    /// behind is told how many it missed (`RecvError::Lagged`).
+    pub fn subscribe(&self) -> broadcast::Receiver<RegistryEvent> {
+        self.events.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn publish(
+        &self,
+        ctx: &Context,
+        kind: &'static str,
+        model: &str,
+        version: Option<u32>,
+        detail: String,
+    ) -> Result<(), RegistryError> {
+        let object = match version {
+            Some(v) => format!("model:{model}/{v}"),
+            None => format!("model:{model}"),
+        };
+        let action =
+            if detail.is_empty() { format!("registry.{kind}") } else { format!("registry.{kind} {detail}") };
+        self.audit.record(&ctx.actor.id(), &action, &object, ctx.request_id.as_deref())?;
+        // No subscriber is fine.
+        let _ = self.events.send(RegistryEvent {
+            kind,
+            model: model.to_owned(),
+            version,
+            detail,
+            actor: ctx.actor.id(),
+        });
+        Ok(())
+    }
+
+    // ----- models -----
+
+    pub fn model(&self, name: &str) -> Result<Option<RegistryModel>, RegistryError> {
+        let Some(id) = self.store.get::<RegistryNames>(&name.to_owned())? else { return Ok(None) };
+        Ok(self.store.get::<RegistryModels>(&id)?)
+    }
+
+    pub fn require_model(&self, name: &str) -> Result<RegistryModel, RegistryError> {
+        self.model(name)?
+            .ok_or_else(|| RegistryError::NotFound(format!("registered model '{name}' not found")))
+    }
+
+    fn authorize(&self, actor: &Actor, model: &RegistryModel) -> Result<(), RegistryError> {
+        actor.require_signed_in()?;
+        match actor {
+            Actor::Operator => Ok(()),
+            Actor::Wallet(address) if model.owner == Some(*address) => Ok(()),
+            _ => Err(RegistryError::Forbidden(format!(
+                "only the owner of '{}' or an operator may change it",
+                model.name
+            ))),
+        }
+    }
+
+    /// Creates a model; its owner is the signed-in wallet (none for the operator).
+    pub fn create_model(
+        &self,
+        ctx: &Context,
+        name: &str,
+        description: &str,
+        tags: BTreeMap<String, String>,
+    ) -> Result<RegistryModel, RegistryError> {
+        ctx.actor.require_signed_in()?;
+        check_name(name)?;
+        check_description(description)?;
+        for (k, v) in &tags {
+            check_tag(k, v)?;
+        }
+        let _guard = self.lock();
+        if self.store.get::<RegistryNames>(&name.to_owned())?.is_some() {
+            return Err(RegistryError::AlreadyExists(format!(
+                "registered model (name={name}) already exists"
+            )));
+        }
+        let id = match self.store.get::<Meta>(&MetaKey::RegistryNextModel)? {
+            Some(MetaValue::Count(n)) => n,
+            _ => 1,
+        };
+        let now = now_ms();
+        let model = RegistryModel {
+            id,
+            name: name.to_owned(),
+            description: description.to_owned(),
+            tags,
+            aliases: BTreeMap::new(),
+            owner: match ctx.actor {
+                Actor::Wallet(address) => Some(address),
+                _ => None,
+            },
+            user_id: ctx.actor.id(),
+            created_ms: now,
+            updated_ms: now,
+            last_version: 0,
+        };
+        let mut batch = self.store.batch();
+        batch.put::<Meta>(&MetaKey::RegistryNextModel, &MetaValue::Count(id + 1))?;
+        batch.put::<RegistryNames>(&model.name, &id)?;
+        batch.put::<RegistryModels>(&id, &model)?;
+        self.store.write(batch)?;
+        self.publish(ctx, "model_created", name, None, String::new())?;
+        Ok(model)
+    }
+
+    /// Applies `change` to a model the actor may write, and stores it.
+    fn change_model(
+        &self,
+        ctx: &Context,
+        name: &str,
+        change: impl FnOnce(&mut RegistryModel) -> Result<(), RegistryError>,
+    ) -> Result<RegistryModel, RegistryError> {
+        let _guard = self.lock();
+        let mut model = self.require_model(name)?;
+        self.authorize(&ctx.actor, &model)?;
+        change(&mut model)?;
+        model.updated_ms = now_ms();
+        self.store.put::<RegistryModels>(&model.id, &model)?;
+        Ok(model)
+    }
+
+    pub fn update_model(
+        &self,
+        ctx: &Context,
+        name: &str,
+        description: &str,
+    ) -> Result<RegistryModel, RegistryError> {
+        check_description(description)?;
+        let model = self.change_model(ctx, name, |m| {
+            m.description = description.to_owned();
+            Ok(())
+        })?;
+        self.publish(ctx, "model_updated", name, None, String::new())?;
+        Ok(model)
+    }
+
+    pub fn rename_model(
+        &self,
+        ctx: &Context,
+        name: &str,
+        new_name: &str,
+    ) -> Result<RegistryModel, RegistryError> {
+        check_name(new_name)?;
+        let model = {
+            let _guard = self.lock();
+            let mut model = self.require_model(name)?;
+            self.authorize(&ctx.actor, &model)?;
+            if self.store.get::<RegistryNames>(&new_name.to_owned())?.is_some() {
+                return Err(RegistryError::AlreadyExists(format!(
+                    "registered model (name={new_name}) already exists"
+                )));
+            }
+            model.name = new_name.to_owned();
+            model.updated_ms = now_ms();
+            let mut batch = self.store.batch();
+            batch.delete::<RegistryNames>(&name.to_owned());
+            batch.put::<RegistryNames>(&model.name, &model.id)?;
+            batch.put::<RegistryModels>(&model.id, &model)?;
+            self.store.write(batch)?;
+            model
+        };
+        self.publish(ctx, "model_renamed", new_name, None, format!("{name} -> {new_name}"))?;
+        Ok(model)
+    }
+
+    /// Deletes a model with its versions and metrics; files the node made for them are released
+    /// to the artifact store's garbage collection.
+    pub fn delete_model(&self, ctx: &Context, name: &str) -> Result<(), RegistryError> {
+        {
+            let _guard = self.lock();
+            let model = self.require_model(name)?;
+            self.authorize(&ctx.actor, &model)?;
+            let versions = self.versions_of(model.id)?;
+            let mut batch = self.store.batch();
+            for version in &versions {
+                self.remove_version(&mut batch, &model, version)?;
+            }
+            batch.delete::<RegistryNames>(&model.name);
+            batch.delete::<RegistryModels>(&model.id);
+            self.store.write(batch)?;
+        }
+        self.publish(ctx, "model_deleted", name, None, String::new())
+    }
+
+    pub fn set_model_tag(
+        &self,
+        ctx: &Context,
+        name: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<(), RegistryError> {
+        check_tag(key, value)?;
+        self.change_model(ctx, name, |m| {
+            m.tags.insert(key.to_owned(), value.to_owned());
+            Ok(())
+        })?;
+        self.publish(ctx, "model_tag_set", name, None, key.to_owned())
+    }
+
+    pub fn delete_model_tag(&self, ctx: &Context, name: &str, key: &str) -> Result<(), RegistryError> {
+        self.change_model(ctx, name, |m| {
+            m.tags.remove(key).map(|_| ()).ok_or_else(|| {
+                RegistryError::NotFound(format!("no tag with key '{key}' on registered model '{name}'"))
+            })
+        })?;
+        self.publish(ctx, "model_tag_deleted", name, None, key.to_owned())
+    }
+
+    /// Every model, in name order.
+    pub fn models(&self) -> Result<Vec<RegistryModel>, RegistryError> {
+        let mut models = Vec::new();
+        for entry in self.store.iter::<RegistryNames>() {
+            let (_, id) = entry?;
+            if let Some(model) = self.store.get::<RegistryModels>(&id)? {
+                models.push(model);
+            }
+        }
+        Ok(models)
+    }
+
+    // ----- aliases -----
+
+    pub fn set_alias(
+        &self,
+        ctx: &Context,
+        name: &str,
+        alias: &str,
+        version: u32,
+    ) -> Result<(), RegistryError> {
+        check_alias(alias)?;
+        self.change_model(ctx, name, |m| {
+            if self.store.get::<RegistryVersions>(&(m.id, version))?.is_none() {
+                return Err(version_not_found(name, version));
+            }
+            m.aliases.insert(alias.to_owned(), version);
+            Ok(())
+        })?;
+        self.publish(ctx, "alias_set", name, Some(version), alias.to_owned())
+    }
+
+    pub fn delete_alias(&self, ctx: &Context, name: &str, alias: &str) -> Result<(), RegistryError> {
+        self.change_model(ctx, name, |m| {
+            m.aliases
+                .remove(alias)
+                .map(|_| ())
+                .ok_or_else(|| RegistryError::NotFound(format!("registered model alias {alias} not found")))
+        })?;
+        self.publish(ctx, "alias_deleted", name, None, alias.to_owned())
+    }
+
+    /// The version an alias points at.
+    pub fn by_alias(&self, name: &str, alias: &str) -> Result<VersionView, RegistryError> {
+        let model = self.require_model(name)?;
+        let version = *model
+            .aliases
+            .get(alias)
+            .ok_or_else(|| RegistryError::NotFound(format!("registered model alias {alias} not found")))?;
+        self.version(name, version)
+    }
+
+    // ----- versions -----
+
+    fn versions_of(&self, id: u64) -> Result<Vec<RegistryVersion>, RegistryError> {
+        self.store
+            .scan::<RegistryVersions>(&id.to_be_bytes(), None, false)
+            .map(|entry| entry.map(|(_, v)| v).map_err(RegistryError::from))
+            .collect()
+    }
+
+    fn view(&self, model: &RegistryModel, version: RegistryVersion) -> Result<VersionView, RegistryError> {
+        let aliases =
+            model.aliases.iter().filter(|(_, v)| **v == version.version).map(|(a, _)| a.clone()).collect();
+        let anchored = match &version.file {
+            Some(file) => self.anchor(&file.blake3)?,
+            None => None,
+        };
+        Ok(VersionView {
+            stage: Stage::from_code(version.stage),
+            model: model.clone(),
+            version,
+            aliases,
+            anchored,
+        })
+    }
+
+    /// Where content with this blake3 is anchored on-chain, if the index has seen it.
+    pub fn anchor(&self, blake3: &[u8; 32]) -> Result<Option<Anchor>, RegistryError> {
+        let hash = B256::from(*blake3);
+        let Some((token, version)) = self.store.get::<ContentVersions>(&hash)? else { return Ok(None) };
+        Ok(self.store.get::<Versions>(&(token, version))?.map(|record| Anchor {
+            token_id: token.to_string(),
+            version,
+            tx: record.anchored.tx,
+            block: record.anchored.block,
+        }))
+    }
+
+    /// A model's versions, newest first.
+    pub fn versions(&self, name: &str) -> Result<Vec<VersionView>, RegistryError> {
+        let model = self.require_model(name)?;
+        let mut versions = self.versions_of(model.id)?;
+        versions.reverse();
+        versions.into_iter().map(|v| self.view(&model, v)).collect()
+    }
+
+    /// Every version of every model (for searches).
+    pub fn all_versions(&self) -> Result<Vec<VersionView>, RegistryError> {
+        let mut all = Vec::new();
+        for model in self.models()? {
+            for version in self.versions_of(model.id)? {
+                all.push(self.view(&model, version)?);
+            }
+        }
+        Ok(all)
+    }
+
+    pub fn version(&self, name: &str, version: u32) -> Result<VersionView, RegistryError> {
+        let model = self.require_model(name)?;
+        let record = self
+            .store
+            .get::<RegistryVersions>(&(model.id, version))?
+            .ok_or_else(|| version_not_found(name, version))?;
+        self.view(&model, record)
+    }
+
+    /// The newest version in each of `stages` (every stage when empty).
+    pub fn latest_versions(&self, name: &str, stages: &[Stage]) -> Result<Vec<VersionView>, RegistryError> {
+        let model = self.require_model(name)?;
+        let mut latest: BTreeMap<u8, RegistryVersion> = BTreeMap::new();
+        for version in self.versions_of(model.id)? {
+            let stage = version.stage;
+            if stages.is_empty() || stages.iter().any(|s| *s as u8 == stage) {
+                latest.insert(stage, version);
+            }
+        }
+        latest.into_values().map(|v| self.view(&model, v)).collect()
+    }
+
+    /// Creates the next version of `name`. A file given in `new.file` must already be in the
+    /// artifact store with one reference taken for it; on error that reference is dropped.
+    pub fn create_version(
+        &self,
+        ctx: &Context,
+        name: &str,
+        new: NewVersion,
+    ) -> Result<VersionView, RegistryError> {
+        let result = self.create_version_inner(ctx, name, &new);
+        if result.is_err()
+            && let Some(file) = &new.file
+        {
+            self.artifacts.release(&file.blake3)?;
+        }
+        let view = result?;
+        self.publish(ctx, "version_created", name, Some(view.version.version), String::new())?;
+        Ok(view)
+    }
+
+    fn create_version_inner(
+        &self,
+        ctx: &Context,
+        name: &str,
+        new: &NewVersion,
+    ) -> Result<VersionView, RegistryError> {
+        check_description(&new.description)?;
+        for (k, v) in &new.tags {
+            check_tag(k, v)?;
+        }
+        check_source(&new.source)?;
+        let _guard = self.lock();
+        let mut model = self.require_model(name)?;
+        self.authorize(&ctx.actor, &model)?;
+        let number = model.last_version + 1;
+        let now = now_ms();
+        let mut batch = self.store.batch();
+        let (artifact_dir, owns_dir, source) = match &new.file {
+            Some(file) => {
+                let dir = format!("registry/{}/{number}", model.id);
+                let path = format!("{dir}/{}", file.name);
+                let record = FileRecord { blake3: file.blake3, size: file.size, created_ms: now };
+                batch.put::<ArtifactFiles>(&path, &record)?;
+                let source = if new.source.is_empty() {
+                    format!("mlflow-artifacts:/{dir}")
+                } else {
+                    new.source.clone()
+                };
+                (Some(dir), true, source)
+            }
+            None => {
+                let dir = new
+                    .source
+                    .strip_prefix("mlflow-artifacts:")
+                    .map(|p| p.trim_start_matches('/').trim_end_matches('/').to_owned());
+                (dir, false, new.source.clone())
+            }
+        };
+        let version = RegistryVersion {
+            version: number,
+            user_id: ctx.actor.id(),
+            created_ms: now,
+            updated_ms: now,
+            stage: Stage::None as u8,
+            description: new.description.clone(),
+            source,
+            run_id: new.run_id.clone(),
+            run_link: new.run_link.clone(),
+            tags: new.tags.clone(),
+            artifact_dir,
+            owns_dir,
+            file: new.file.clone(),
+            commitment: None,
+        };
+        model.last_version = number;
+        model.updated_ms = now;
+        batch.put::<RegistryVersions>(&(model.id, number), &version)?;
+        batch.put::<RegistryModels>(&model.id, &model)?;
+        self.store.write(batch)?;
+        self.view(&model, version)
+    }
+
+    /// Applies `change` to a version the actor may write, and stores it.
+    fn change_version(
+        &self,
+        ctx: &Context,
+        name: &str,
+        number: u32,
+        change: impl FnOnce(&mut RegistryVersion) -> Result<(), RegistryError>,
+    ) -> Result<VersionView, RegistryError> {
+        let _guard = self.lock();
+        let model = self.require_model(name)?;
+        self.authorize(&ctx.actor, &model)?;
+        let mut version = self
+            .store
+            .get::<RegistryVersions>(&(model.id, number))?
+            .ok_or_else(|| version_not_found(name, number))?;
+        change(&mut version)?;
+        version.updated_ms = now_ms();
+        self.store.put::<RegistryVersions>(&(model.id, number), &version)?;
+        self.view(&model, version)
+    }
+
+    pub fn update_version(
+        &self,
+        ctx: &Context,
+        name: &str,
+        number: u32,
+        description: &str,
+    ) -> Result<VersionView, RegistryError> {
+        check_description(description)?;
+        let view = self.change_version(ctx, name, number, |v| {
+            v.description = description.to_owned();
+            Ok(())
+        })?;
+        self.publish(ctx, "version_updated", name, Some(number), String::new())?;
+        Ok(view)
+    }
+
+    /// Records the watermark commitment of a version once it is marked.
+    pub fn set_commitment(
+        &self,
+        ctx: &Context,
+        name: &str,
+        number: u32,
+        commitment: B256,
+    ) -> Result<VersionView, RegistryError> {
+        let view = self.change_version(ctx, name, number, |v| {
+            v.commitment = Some(commitment);
+            Ok(())
+        })?;
+        self.publish(ctx, "version_marked", name, Some(number), commitment.to_string())?;
+        Ok(view)
+    }
+
+    pub fn set_version_tag(
+        &self,
+        ctx: &Context,
+        name: &str,
+        number: u32,
+        key: &str,
+        value: &str,
+    ) -> Result<(), RegistryError> {
+        check_tag(key, value)?;
+        self.change_version(ctx, name, number, |v| {
+            v.tags.insert(key.to_owned(), value.to_owned());
+            Ok(())
+        })?;
+        self.publish(ctx, "version_tag_set", name, Some(number), key.to_owned())
+    }
+
+    pub fn delete_version_tag(
+        &self,
+        ctx: &Context,
+        name: &str,
+        number: u32,
+        key: &str,
+    ) -> Result<(), RegistryError> {
+        self.change_version(ctx, name, number, |v| {
+            v.tags.remove(key).map(|_| ()).ok_or_else(|| {
+                RegistryError::NotFound(format!("no tag with key '{key}' on version {number} of '{name}'"))
+            })
+        })?;
+        self.publish(ctx, "version_tag_deleted", name, Some(number), key.to_owned())
+    }
+
+    /// Moves a version to `stage`; with `archive_existing`, the model's other versions in that
+    /// stage go to Archived in the same batch.
+    pub fn transition_stage(
+        &self,
+        ctx: &Context,
+        name: &str,
+        number: u32,
+        stage: Stage,
+        archive_existing: bool,
+    ) -> Result<VersionView, RegistryError> {
+        let (view, from, archived) = {
+            let _guard = self.lock();
+            let model = self.require_model(name)?;
+            self.authorize(&ctx.actor, &model)?;
+            let mut version = self
+                .store
+                .get::<RegistryVersions>(&(model.id, number))?
+                .ok_or_else(|| version_not_found(name, number))?;
+            let now = now_ms();
+            let from = Stage::from_code(version.stage);
+            let mut batch = self.store.batch();
+            let mut archived = Vec::new();
+            if archive_existing && matches!(stage, Stage::Staging | Stage::Production) {
+                for mut other in self.versions_of(model.id)? {
+                    if other.version != number && other.stage == stage as u8 {
+                        other.stage = Stage::Archived as u8;
+                        other.updated_ms = now;
+                        batch.put::<RegistryVersions>(&(model.id, other.version), &other)?;
+                        archived.push(other.version);
+                    }
+                }
+            }
+            version.stage = stage as u8;
+            version.updated_ms = now;
+            batch.put::<RegistryVersions>(&(model.id, number), &version)?;
+            self.store.write(batch)?;
+            (self.view(&model, version)?, from, archived)
+        };
+        for other in archived {
+            self.publish(ctx, "stage_changed", name, Some(other), format!("{} -> Archived", stage.name()))?;
+        }
+        self.publish(
+            ctx,
+            "stage_changed",
+            name,
+            Some(number),
+            format!("{} -> {}", from.name(), stage.name()),
+        )?;
+        Ok(view)
+    }
+
+    fn remove_version(
+        &self,
+        batch: &mut crate::store::Batch<'_>,
+        model: &RegistryModel,
+        version: &RegistryVersion,
+    ) -> Result<(), RegistryError> {
+        batch.delete::<RegistryVersions>(&(model.id, version.version));
+        let mut prefix = model.id.to_be_bytes().to_vec();
+        prefix.extend_from_slice(&version.version.to_be_bytes());
+        for entry in self.store.scan::<RegistryMetrics>(&prefix, None, false) {
+            let (key, _) = entry?;
+            batch.delete_raw(RegistryMetrics::NAME, &key);
+        }
+        if version.owns_dir
+            && let Some(dir) = &version.artifact_dir
+        {
+            for (path, record) in self.files_under(dir)? {
+                batch.delete::<ArtifactFiles>(&path);
+                self.artifacts.release(&record.blake3)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes a version (its number is not reused), its metrics, the aliases that point at
+    /// it, and the files the node made for it (released to garbage collection).
+    pub fn delete_version(&self, ctx: &Context, name: &str, number: u32) -> Result<(), RegistryError> {
+        {
+            let _guard = self.lock();
+            let mut model = self.require_model(name)?;
+            self.authorize(&ctx.actor, &model)?;
+            let version = self
+                .store
+                .get::<RegistryVersions>(&(model.id, number))?
+                .ok_or_else(|| version_not_found(name, number))?;
+            let mut batch = self.store.batch();
+            self.remove_version(&mut batch, &model, &version)?;
+            model.aliases.retain(|_, v| *v != number);
+            model.updated_ms = now_ms();
+            batch.put::<RegistryModels>(&model.id, &model)?;
+            self.store.write(batch)?;
+        }
+        self.publish(ctx, "version_deleted", name, Some(number), String::new())
+    }
+
+    // ----- metrics -----
+
+    /// Appends points to a version's metric series.
+    pub fn log_metrics(
+        &self,
+        ctx: &Context,
+        name: &str,
+        number: u32,
+        points: Vec<MetricPoint>,
+    ) -> Result<usize, RegistryError> {
+        if points.is_empty() {
+            return Err(invalid("no metrics given"));
+        }
+        for point in &points {
+            if point.key.is_empty() || point.key.len() > MAX_TAG_KEY {
+                return Err(invalid(format!("metric name must be 1 to {MAX_TAG_KEY} characters")));
+            }
+            if !point.value.is_finite() {
+                return Err(invalid(format!(
+                    "metric '{}' has a value that is not a finite number",
+                    point.key
+                )));
+            }
+        }
+        let count = points.len();
+        {
+            let _guard = self.lock();
+            let model = self.require_model(name)?;
+            self.authorize(&ctx.actor, &model)?;
+            if self.store.get::<RegistryVersions>(&(model.id, number))?.is_none() {
+                return Err(version_not_found(name, number));
+            }
+            let mut prefix = model.id.to_be_bytes().to_vec();
+            prefix.extend_from_slice(&number.to_be_bytes());
+            let next = match self.store.scan::<RegistryMetrics>(&prefix, None, true).next().transpose()? {
+                Some((key, _)) => {
+                    u64::from_be_bytes(key[12..20].try_into().expect("20-byte metric keys")) + 1
+                }
+                None => 0,
+            };
+            let mut batch = self.store.batch();
+            for (i, point) in points.into_iter().enumerate() {
+                batch.put::<RegistryMetrics>(&(model.id, number, next + i as u64), &point)?;
+            }
+            self.store.write(batch)?;
+        }
+        self.publish(ctx, "metrics_logged", name, Some(number), format!("{count} points"))?;
+        Ok(count)
+    }
+
+    /// A version's metric series by name, each in the order logged.
+    pub fn metrics(
+        &self,
+        name: &str,
+        number: u32,
+    ) -> Result<BTreeMap<String, Vec<MetricPoint>>, RegistryError> {
+        let model = self.require_model(name)?;
+        if self.store.get::<RegistryVersions>(&(model.id, number))?.is_none() {
+            return Err(version_not_found(name, number));
+        }
+        let mut prefix = model.id.to_be_bytes().to_vec();
+        prefix.extend_from_slice(&number.to_be_bytes());
+        let mut series: BTreeMap<String, Vec<MetricPoint>> = BTreeMap::new();
+        for entry in self.store.scan::<RegistryMetrics>(&prefix, None, false) {
+            let (_, point) = entry?;
+            series.entry(point.key.clone()).or_default().push(point);
+        }
+        Ok(series)
+    }
+
+    // ----- the artifact tree -----
+
+    fn files_under(&self, dir: &str) -> Result<Vec<(String, FileRecord)>, RegistryError> {
+        let prefix = format!("{}/", dir.trim_end_matches('/'));
+        self.store
+            .scan::<ArtifactFiles>(prefix.as_bytes(), None, false)
+            .map(|entry| {
+                let (key, record) = entry?;
+                Ok((String::from_utf8_lossy(&key).into_owned(), record))
+            })
+            .collect()
+    }
+
+    /// The file at `path`, if any.
+    pub fn file(&self, path: &str) -> Result<Option<FileRecord>, RegistryError> {
+        let path = check_path(path)?;
+        Ok(self.store.get::<ArtifactFiles>(&path)?)
+    }
+
+    /// The direct children of a directory of the tree (the root when `dir` is empty).
+    pub fn list(&self, dir: &str) -> Result<Vec<TreeEntry>, RegistryError> {
+        let dir = if dir.trim_matches('/').is_empty() { String::new() } else { check_path(dir)? };
+        let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
+        let mut entries: Vec<TreeEntry> = Vec::new();
+        for entry in self.store.scan::<ArtifactFiles>(prefix.as_bytes(), None, false) {
+            let (key, record) = entry?;
+            let path = String::from_utf8_lossy(&key).into_owned();
+            let rest = &path[prefix.len()..];
+            match rest.split_once('/') {
+                Some((child, _)) => {
+                    let child = format!("{prefix}{child}");
+                    if entries.last().is_none_or(|e| e.path != child) {
+                        entries.push(TreeEntry { path: child, is_dir: true, file_size: None });
+                    }
+                }
+                None => entries.push(TreeEntry { path, is_dir: false, file_size: Some(record.size) }),
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Records a blob already taken into the artifact store (one reference held for it) at
+    /// `path`, replacing what was there. On error the reference is dropped.
+    pub fn put_file(&self, ctx: &Context, path: &str, blob: &BlobInfo) -> Result<(), RegistryError> {
+        let result = (|| {
+            ctx.actor.require_signed_in()?;
+            let path = check_path(path)?;
+            self.check_tree_write(ctx, &path)?;
+            let hash = parse_blake3(&blob.blake3)?;
+            let _guard = self.lock();
+            let previous = self.store.get::<ArtifactFiles>(&path)?;
+            if self.store.scan::<ArtifactFiles>(format!("{path}/").as_bytes(), None, false).next().is_some() {
+                return Err(invalid(format!("'{path}' is a directory")));
+            }
+            let mut ancestor = path.as_str();
+            while let Some((parent, _)) = ancestor.rsplit_once('/') {
+                if self.store.get::<ArtifactFiles>(&parent.to_owned())?.is_some() {
+                    return Err(invalid(format!("'{parent}' is a file")));
+                }
+                ancestor = parent;
+            }
+            self.store.put::<ArtifactFiles>(
+                &path,
+                &FileRecord { blake3: hash, size: blob.size, created_ms: now_ms() },
+            )?;
+            if let Some(previous) = previous {
+                self.artifacts.release(&previous.blake3)?;
+            }
+            Ok(path)
+        })();
+        let path = match result {
+            Ok(path) => path,
+            Err(error) => {
+                if let Ok(hash) = parse_blake3(&blob.blake3) {
+                    self.artifacts.release(&hash)?;
+                }
+                return Err(error);
+            }
+        };
+        self.audit.record(
+            &ctx.actor.id(),
+            &format!("artifacts.put {}", blob.blake3),
+            &format!("artifact:{path}"),
+            ctx.request_id.as_deref(),
+        )?;
+        let _ = self.events.send(RegistryEvent {
+            kind: "artifact_put",
+            model: String::new(),
+            version: None,
+            detail: path,
+            actor: ctx.actor.id(),
+        });
+        Ok(())
+    }
+
+    /// Deletes a file, or a directory with everything under it.
+    pub fn delete_path(&self, ctx: &Context, path: &str) -> Result<u64, RegistryError> {
+        ctx.actor.require_signed_in()?;
+        let path = check_path(path)?;
+        self.check_tree_write(ctx, &path)?;
+        let removed = {
+            let _guard = self.lock();
+            let mut doomed = self.files_under(&path)?;
+            if let Some(record) = self.store.get::<ArtifactFiles>(&path)? {
+                doomed.push((path.clone(), record));
+            }
+            if doomed.is_empty() {
+                return Err(RegistryError::NotFound(format!("no artifact at '{path}'")));
+            }
+            let mut batch = self.store.batch();
+            for (p, _) in &doomed {
+                batch.delete::<ArtifactFiles>(p);
+            }
+            self.store.write(batch)?;
+            for (_, record) in &doomed {
+                self.artifacts.release(&record.blake3)?;
+            }
+            doomed.len() as u64
+        };
+        self.audit.record(
+            &ctx.actor.id(),
+            "artifacts.delete",
+            &format!("artifact:{path}"),
+            ctx.request_id.as_deref(),
+        )?;
+        let _ = self.events.send(RegistryEvent {
+            kind: "artifact_deleted",
+            model: String::new(),
+            version: None,
+            detail: path,
+            actor: ctx.actor.id(),
+        });
+        Ok(removed)
+    }
+
+    /// `registry/` belongs to the node's own versions: only an operator writes there.
+    fn check_tree_write(&self, ctx: &Context, path: &str) -> Result<(), RegistryError> {
+        if (path == "registry" || path.starts_with("registry/")) && ctx.actor != Actor::Operator {
+            return Err(RegistryError::Forbidden(
+                "artifacts under registry/ belong to registered versions; change them through the registry"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn version_not_found(name: &str, version: u32) -> RegistryError {
+    RegistryError::NotFound(format!("model version (name={name}, version={version}) not found"))
+}
+
+fn parse_blake3(hex_text: &str) -> Result<[u8; 32], RegistryError> {
+    blake3::Hash::from_hex(hex_text)
+        .map(|h| *h.as_bytes())
+        .map_err(|_| invalid(format!("'{hex_text}' is not a blake3 hash")))
+}
+
+pub fn check_name(name: &str) -> Result<(), RegistryError> {
+    if name.trim().is_empty() {
+        return Err(invalid("registered model name must not be empty"));
+    }
+    if name.chars().count() > MAX_NAME {
+        return Err(invalid(format!("registered model name is longer than {MAX_NAME} characters")));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(invalid("registered model name must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn check_description(description: &str) -> Result<(), RegistryError> {
+    if description.len() > MAX_DESCRIPTION {
+        return Err(invalid(format!("description is longer than {MAX_DESCRIPTION} bytes")));
+    }
+    Ok(())
+}
+
+fn check_tag(key: &str, value: &str) -> Result<(), RegistryError> {
+    if key.is_empty() || key.chars().count() > MAX_TAG_KEY {
+        return Err(invalid(format!("tag key must be 1 to {MAX_TAG_KEY} characters")));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(invalid(format!("tag key '{}' contains control characters", key.escape_debug())));
+    }
+    if value.chars().count() > MAX_TAG_VALUE {
+        return Err(invalid(format!("value of tag '{key}' is longer than {MAX_TAG_VALUE} characters")));
+    }
+    Ok(())
+}
+
+/// `^[\w\-]*$`, at most 255 characters, not `latest` or `v<digits>`.
+pub fn check_alias(alias: &str) -> Result<(), RegistryError> {
+    if alias.is_empty() || alias.chars().count() > MAX_ALIAS {
+        return Err(invalid(format!("alias must be 1 to {MAX_ALIAS} characters")));
+    }
+    if !alias.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-') {
+        return Err(invalid(format!("alias '{alias}' may contain only letters, digits, '_' and '-'")));
+    }
+    let lower = alias.to_ascii_lowercase();
+    let version_like =
+        lower.len() > 1 && lower.starts_with('v') && lower[1..].chars().all(|c| c.is_ascii_digit());
+    if lower == "latest" || version_like {
+        return Err(invalid(format!("alias '{alias}' is reserved (latest and v<number> name versions)")));
+    }
+    Ok(())
+}
+
+/// Refuses sources that could walk out of where they point: `..` segments, encoded slashes or
+/// dots, NUL.
+pub fn check_source(source: &str) -> Result<(), RegistryError> {
+    let lower = source.to_ascii_lowercase();
+    let traversal = source.split(['/', '\\']).any(|segment| segment == "..")
+        || lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains("%2e%2e")
+        || lower.contains("%00")
+        || source.contains('\0');
+    if traversal {
+        return Err(invalid(format!(
+            "invalid model version source '{}': path traversal is not allowed",
+            source.escape_debug()
+        )));
+    }
+    Ok(())
+}
+
+/// A normalised artifact path: relative, `/`-separated, no empty, `.` or `..` segments.
+pub fn check_path(path: &str) -> Result<String, RegistryError> {
+    let trimmed = path.trim_matches('/');
+    if trimmed.is_empty() {
+        return Err(invalid("artifact path must not be empty"));
+    }
+    if trimmed.contains('\0') || trimmed.contains('\\') || trimmed.chars().any(char::is_control) {
+        return Err(invalid(format!("invalid artifact path '{}'", path.escape_debug())));
+    }
+    if trimmed.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        return Err(invalid(format!(
+            "invalid artifact path '{path}': empty, '.' and '..' segments are not allowed"
+        )));
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// The summary of a file taken into the artifact store, for [`NewVersion::file`].
+pub fn file_summary(
+    name: &str,
+    blob: &BlobInfo,
+    header: upload::HeaderSummary,
+) -> Result<ModelFileSummary, RegistryError> {
+    Ok(ModelFileSummary {
+        name: name.to_owned(),
+        blake3: parse_blake3(&blob.blake3)?,
+        size: blob.size,
+        parameters: header.parameters,
+        dtypes: header.dtypes,
+        tensors: header.tensors,
+    })
+}
+
+/// Hex of a blake3 for views.
+pub fn blake3_hex(hash: &[u8; 32]) -> String {
+    hex(hash)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,327 @@
+use std::io::Read;
+
+use alloy::primitives::{Address, U256};
+
+use super::*;
+use crate::{artifacts::load_or_create_key, store::tables::VersionRecord};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    store: Store,
+    registry: Registry,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db")).unwrap();
+    let key = load_or_create_key(&dir.path().join("artifacts.key")).unwrap();
+    let artifacts = ArtifactStore::open(&dir.path().join("artifacts"), key, store.clone()).unwrap();
+    let registry = Registry::new(store.clone(), artifacts, Audit::new(store.clone()));
+    Fixture { _dir: dir, store, registry }
+}
+
+fn op() -> Context {
+    Context::operator()
+}
+
+fn wallet(n: u8) -> Context {
+    Context { actor: Actor::Wallet(Address::repeat_byte(n)), request_id: Some(format!("req-{n}")) }
+}
+
+fn safetensors(seed: u8) -> Vec<u8> {
+    let header = r#"{"w":{"dtype":"BF16","shape":[4,8],"data_offsets":[0,64]},"b":{"dtype":"F32","shape":[4],"data_offsets":[64,80]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend((0..80u8).map(|i| i.wrapping_mul(seed)));
+    bytes
+}
+
+impl Fixture {
+    /// Streams a file through the check into the artifact store, as the upload endpoint does.
+    fn upload(&self, bytes: &[u8]) -> Result<ModelFileSummary, RegistryError> {
+        let (reader, header) = upload::Checked::new(bytes);
+        let blob = self.registry.artifacts().put(reader, u64::MAX)?;
+        let header = header.lock().unwrap().clone().unwrap();
+        file_summary("model.safetensors", &blob, header)
+    }
+}
+
+#[test]
+fn models_versions_stages_and_aliases() {
+    let f = fixture();
+    let mut events = f.registry.subscribe();
+    let mut tags = BTreeMap::new();
+    tags.insert("team".to_owned(), "risk".to_owned());
+    let model = f.registry.create_model(&op(), "fraud", "detects fraud", tags).unwrap();
+    assert_eq!(model.owner, None);
+    assert!(matches!(
+        f.registry.create_model(&op(), "fraud", "", BTreeMap::new()),
+        Err(RegistryError::AlreadyExists(_))
+    ));
+
+    let file = f.upload(&safetensors(3)).unwrap();
+    assert_eq!((file.parameters, file.tensors), (36, 2));
+    assert_eq!(file.dtypes.get("BF16"), Some(&32));
+    let v1 = f
+        .registry
+        .create_version(&op(), "fraud", NewVersion { file: Some(file.clone()), ..Default::default() })
+        .unwrap();
+    assert_eq!(v1.version.version, 1);
+    assert_eq!(v1.version.source, format!("mlflow-artifacts:/registry/{}/1", model.id));
+    let v2 = f
+        .registry
+        .create_version(
+            &op(),
+            "fraud",
+            NewVersion { source: "s3://bucket/m".into(), run_id: "r2".into(), ..Default::default() },
+        )
+        .unwrap();
+    assert_eq!(v2.version.version, 2);
+
+    f.registry.transition_stage(&op(), "fraud", 1, Stage::Production, false).unwrap();
+    f.registry.transition_stage(&op(), "fraud", 2, Stage::parse("production").unwrap(), true).unwrap();
+    assert_eq!(f.registry.version("fraud", 1).unwrap().stage, Stage::Archived);
+    assert_eq!(f.registry.version("fraud", 2).unwrap().stage, Stage::Production);
+    let latest = f.registry.latest_versions("fraud", &[]).unwrap();
+    assert_eq!(
+        latest.iter().map(|v| (v.stage, v.version.version)).collect::<Vec<_>>(),
+        [(Stage::Production, 2), (Stage::Archived, 1)]
+    );
+
+    f.registry.set_alias(&op(), "fraud", "champion", 1).unwrap();
+    f.registry.set_alias(&op(), "fraud", "champion", 2).unwrap();
+    assert_eq!(f.registry.by_alias("fraud", "champion").unwrap().version.version, 2);
+    for bad in ["latest", "v3", "a b", ""] {
+        assert!(
+            matches!(f.registry.set_alias(&op(), "fraud", bad, 1), Err(RegistryError::Invalid(_))),
+            "{bad}"
+        );
+    }
+    assert!(matches!(f.registry.set_alias(&op(), "fraud", "x", 9), Err(RegistryError::NotFound(_))));
+
+    // Deleting a version drops its aliases; its number is never given again.
+    f.registry.delete_version(&op(), "fraud", 2).unwrap();
+    assert!(matches!(f.registry.by_alias("fraud", "champion"), Err(RegistryError::NotFound(_))));
+    let v3 = f.registry.create_version(&op(), "fraud", NewVersion::default()).unwrap();
+    assert_eq!(v3.version.version, 3);
+
+    f.registry.rename_model(&op(), "fraud", "fraud-v2").unwrap();
+    assert!(f.registry.model("fraud").unwrap().is_none());
+    assert_eq!(f.registry.versions("fraud-v2").unwrap().len(), 2);
+
+    let kinds: Vec<_> = std::iter::from_fn(|| events.try_recv().ok()).map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            "model_created",
+            "version_created",
+            "version_created",
+            "stage_changed",
+            "stage_changed",
+            "stage_changed",
+            "alias_set",
+            "alias_set",
+            "version_deleted",
+            "version_created",
+            "model_renamed"
+        ]
+    );
+    // Each change is in the audit log, and the chain holds.
+    let log = crate::audit::list(&f.store, 0, 100).unwrap();
+    assert_eq!(log.len(), kinds.len());
+    assert!(
+        log.iter()
+            .any(|e| e.action == "registry.stage_changed Production -> Archived"
+                && e.object == "model:fraud/1")
+    );
+    assert!(crate::audit::verify(&f.store).unwrap().first_broken.is_none());
+}
+
+#[test]
+fn only_the_owner_or_an_operator_writes_a_model() {
+    let f = fixture();
+    assert!(matches!(
+        f.registry.create_model(
+            &Context { actor: Actor::Anonymous, request_id: None },
+            "m",
+            "",
+            BTreeMap::new()
+        ),
+        Err(RegistryError::Unauthenticated(_))
+    ));
+    let model = f.registry.create_model(&wallet(1), "m", "", BTreeMap::new()).unwrap();
+    assert_eq!(model.owner, Some(Address::repeat_byte(1)));
+    assert!(matches!(
+        f.registry.create_version(&wallet(2), "m", NewVersion::default()),
+        Err(RegistryError::Forbidden(_))
+    ));
+    assert!(matches!(f.registry.set_model_tag(&wallet(2), "m", "k", "v"), Err(RegistryError::Forbidden(_))));
+    assert!(matches!(f.registry.delete_model(&wallet(2), "m"), Err(RegistryError::Forbidden(_))));
+    f.registry.create_version(&wallet(1), "m", NewVersion::default()).unwrap();
+    f.registry.set_model_tag(&op(), "m", "k", "v").unwrap();
+    assert_eq!(f.registry.versions("m").unwrap().len(), 1);
+    // The audit log names the wallet and the request.
+    let log = crate::audit::list(&f.store, 0, 10).unwrap();
+    assert_eq!(log[0].actor, Address::repeat_byte(1).to_checksum(None));
+    assert_eq!(log[0].request_id.as_deref(), Some("req-1"));
+}
+
+#[test]
+fn bad_input_changes_nothing() {
+    let f = fixture();
+    f.registry.create_model(&op(), "m", "", BTreeMap::new()).unwrap();
+    for source in ["../etc/passwd", "s3://b/%2e%2e/x", "a%2Fb", "x\0y", "runs:/r/../../m"] {
+        assert!(
+            matches!(
+                f.registry.create_version(
+                    &op(),
+                    "m",
+                    NewVersion { source: source.into(), ..Default::default() }
+                ),
+                Err(RegistryError::Invalid(_))
+            ),
+            "{source}"
+        );
+    }
+    assert!(matches!(
+        f.registry.create_model(&op(), "", "", BTreeMap::new()),
+        Err(RegistryError::Invalid(_))
+    ));
+    assert!(matches!(
+        f.registry.create_model(&op(), "a\nb", "", BTreeMap::new()),
+        Err(RegistryError::Invalid(_))
+    ));
+    assert!(matches!(
+        f.registry.transition_stage(&op(), "m", 1, Stage::Staging, false),
+        Err(RegistryError::NotFound(_))
+    ));
+    assert!(matches!(Stage::parse("prod"), Err(RegistryError::Invalid(_))));
+    assert!(f.registry.versions("m").unwrap().is_empty());
+    assert_eq!(f.registry.model("m").unwrap().unwrap().last_version, 0);
+
+    // A failed version creation drops the file reference it was handed.
+    let file = f.upload(&safetensors(5)).unwrap();
+    let err = f.registry.create_version(
+        &wallet(9),
+        "m",
+        NewVersion { file: Some(file.clone()), ..Default::default() },
+    );
+    assert!(matches!(err, Err(RegistryError::Forbidden(_))));
+    assert_eq!(f.registry.artifacts().info(&file.blake3).unwrap().unwrap().refs, 0);
+
+    // Not a safetensors file: the store keeps nothing.
+    let mut bad = safetensors(5);
+    bad.push(0);
+    assert!(f.upload(&bad).is_err());
+    assert_eq!(f.store.iter::<crate::store::tables::Blobs>().count(), 1);
+}
+
+#[test]
+fn metrics_series_keep_their_order() {
+    let f = fixture();
+    f.registry.create_model(&op(), "m", "", BTreeMap::new()).unwrap();
+    f.registry.create_version(&op(), "m", NewVersion::default()).unwrap();
+    let point = |key: &str, value: f64, step: i64| MetricPoint {
+        key: key.into(),
+        value,
+        step,
+        timestamp: 1000 + step as u64,
+    };
+    f.registry.log_metrics(&op(), "m", 1, vec![point("loss", 0.9, 0), point("acc", 0.5, 0)]).unwrap();
+    f.registry.log_metrics(&op(), "m", 1, vec![point("loss", 0.4, 1)]).unwrap();
+    let series = f.registry.metrics("m", 1).unwrap();
+    assert_eq!(series["loss"].iter().map(|p| p.value).collect::<Vec<_>>(), [0.9, 0.4]);
+    assert_eq!(series["acc"].len(), 1);
+    assert!(matches!(
+        f.registry.log_metrics(&op(), "m", 1, vec![point("x", f64::NAN, 0)]),
+        Err(RegistryError::Invalid(_))
+    ));
+    assert!(matches!(
+        f.registry.log_metrics(&op(), "m", 7, vec![point("x", 1.0, 0)]),
+        Err(RegistryError::NotFound(_))
+    ));
+    assert!(matches!(
+        f.registry.log_metrics(&wallet(3), "m", 1, vec![point("x", 1.0, 0)]),
+        Err(RegistryError::Forbidden(_))
+    ));
+    assert_eq!(f.registry.metrics("m", 1).unwrap().values().map(Vec::len).sum::<usize>(), 3);
+}
+
+#[test]
+fn artifact_tree_files_directories_and_references() {
+    let f = fixture();
+    let put = |path: &str, bytes: &[u8]| {
+        let blob = f.registry.artifacts().put(bytes, u64::MAX).unwrap();
+        f.registry.put_file(&op(), path, &blob).map(|_| blob)
+    };
+    let a = put("runs/1/model/MLmodel", b"flavors: {}").unwrap();
+    put("runs/1/model/weights.bin", b"0123456789").unwrap();
+    put("runs/2/x", b"other").unwrap();
+    let root: Vec<_> = f.registry.list("").unwrap().into_iter().map(|e| (e.path, e.is_dir)).collect();
+    assert_eq!(root, [("runs".to_owned(), true)]);
+    let model = f.registry.list("runs/1/model").unwrap();
+    assert_eq!(
+        model.iter().map(|e| (e.path.as_str(), e.file_size)).collect::<Vec<_>>(),
+        [("runs/1/model/MLmodel", Some(11)), ("runs/1/model/weights.bin", Some(10))]
+    );
+    let record = f.registry.file("runs/1/model/MLmodel").unwrap().unwrap();
+    let mut bytes = Vec::new();
+    f.registry
+        .artifacts()
+        .read_range(&record.blake3, 0, record.size)
+        .unwrap()
+        .read_to_end(&mut bytes)
+        .unwrap();
+    assert_eq!(bytes, b"flavors: {}");
+
+    // Replacing a file releases the old blob; deleting a directory releases everything under it.
+    put("runs/1/model/MLmodel", b"flavors: {python: {}}").unwrap();
+    let old = blake3::Hash::from_hex(&a.blake3).unwrap();
+    assert_eq!(f.registry.artifacts().info(old.as_bytes()).unwrap().unwrap().refs, 0);
+    assert_eq!(f.registry.delete_path(&op(), "runs/1").unwrap(), 2);
+    assert!(f.registry.list("runs/1").unwrap().is_empty());
+    assert!(matches!(f.registry.delete_path(&op(), "runs/1"), Err(RegistryError::NotFound(_))));
+
+    for bad in ["../x", "a/../b", "a//b", "./a", ""] {
+        assert!(put(bad, b"x").is_err(), "{bad}");
+    }
+    assert!(
+        matches!(put("runs/2/x/y", b"x"), Err(RegistryError::Invalid(_))),
+        "a file cannot become a directory"
+    );
+    assert!(
+        matches!(put("runs/2", b"x"), Err(RegistryError::Invalid(_))),
+        "a directory cannot become a file"
+    );
+    let blob = f.registry.artifacts().put(&b"x"[..], u64::MAX).unwrap();
+    assert!(matches!(
+        f.registry.put_file(&wallet(1), "registry/1/1/x", &blob),
+        Err(RegistryError::Forbidden(_))
+    ));
+}
+
+#[test]
+fn anchored_versions_are_read_from_the_index() {
+    let f = fixture();
+    f.registry.create_model(&op(), "m", "", BTreeMap::new()).unwrap();
+    let file = f.upload(&safetensors(7)).unwrap();
+    let v = f
+        .registry
+        .create_version(&op(), "m", NewVersion { file: Some(file.clone()), ..Default::default() })
+        .unwrap();
+    assert!(v.anchored.is_none());
+    let hash = B256::from(file.blake3);
+    let tx = B256::repeat_byte(0xab);
+    f.store
+        .put::<Versions>(
+            &(U256::from(4), 1),
+            &VersionRecord {
+                content_hash: hash,
+                anchored: crate::store::tables::Origin { block: 77, tx, log_index: 0 },
+            },
+        )
+        .unwrap();
+    f.store.put::<ContentVersions>(&hash, &(U256::from(4), 1)).unwrap();
+    let anchored = f.registry.version("m", 1).unwrap().anchored.unwrap();
+    assert_eq!(anchored, Anchor { token_id: "4".into(), version: 1, tx, block: 77 });
+}

@@ -1,0 +1,304 @@
+//! The registry's own API against a running node: register real safetensors files (streamed,
+//! chunked), list and page versions, stages, metrics, the owner's download with ranges, the
+//! on-chain anchor read from the index, and bad input that stores nothing.
+
+use std::{path::Path, time::Duration};
+
+use agora_e2e::{Node, eventually, market::Market};
+use alloy::primitives::B256;
+use reqwest::{Client, StatusCode, multipart};
+use serde_json::{Value, json};
+
+pub const TOKEN: &str = "operator-token-for-tests-0123456789";
+
+/// A safetensors file: a bf16 matrix and an f32 bias, bytes from `seed`.
+pub fn safetensors(rows: usize, seed: u8) -> Vec<u8> {
+    let w = rows * 64 * 2;
+    let header = format!(
+        r#"{{"__metadata__":{{"format":"pt"}},"layer.weight":{{"dtype":"BF16","shape":[{rows},64],"data_offsets":[0,{w}]}},"layer.bias":{{"dtype":"F32","shape":[{rows}],"data_offsets":[{w},{}]}}}}"#,
+        w + rows * 4
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    let mut x = u32::from(seed).wrapping_mul(2_654_435_761) | 1;
+    bytes.extend((0..w + rows * 4).map(|_| {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        x as u8
+    }));
+    bytes
+}
+
+/// The artifact part as a chunked stream (no length), so the node cannot buffer by size.
+fn streamed(bytes: Vec<u8>, filename: &str) -> multipart::Part {
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = bytes.chunks(1000).map(|c| Ok(c.to_vec())).collect();
+    multipart::Part::stream(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .file_name(filename.to_owned())
+}
+
+pub async fn register(
+    client: &Client,
+    url: &str,
+    token: Option<&str>,
+    metadata: &Value,
+    file: Option<Vec<u8>>,
+) -> (StatusCode, Value) {
+    let mut form = multipart::Form::new().text("metadata", metadata.to_string());
+    if let Some(file) = file {
+        form = form.part("artifact", streamed(file, "weights.safetensors"));
+    }
+    let mut request = client.post(format!("{url}/api/v1/models/register")).multipart(form);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn objects(data: &Path) -> usize {
+    fn count(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries.flatten().map(|e| if e.path().is_dir() { count(&e.path()) } else { 1 }).sum()
+            })
+            .unwrap_or(0)
+    }
+    count(&data.join("artifacts/objects"))
+}
+
+/// A chain, and a node on it with a fresh data dir and `env` on top of the defaults.
+pub async fn start(env: &[(&str, &str)]) -> (Market, tempfile::TempDir, Node) {
+    let market = Market::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let node = Node::start(&market.anvil.endpoint(), &market.deployment_path(), data.path(), env);
+    (market, data, node)
+}
+
+#[tokio::test]
+async fn register_list_stage_metrics_download_and_anchor() {
+    let (market, data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN), ("AGORA_MAX_UPLOAD", "100000")]).await;
+    let client = Client::new();
+    let url = node.url.clone();
+
+    let v1_bytes = safetensors(32, 1);
+    let metadata = json!({"name": "fraud", "description": "detects fraud", "tags": {"team": "risk"}, "metrics": {"auc": 0.91}});
+    let (status, v1) = register(&client, &url, Some(TOKEN), &metadata, Some(v1_bytes.clone())).await;
+    assert_eq!(status, StatusCode::CREATED, "{v1}");
+    assert_eq!(v1["name"], "fraud");
+    assert_eq!(v1["version"], 1);
+    assert_eq!(v1["stage"], "None");
+    assert_eq!(v1["file"]["name"], "weights.safetensors");
+    assert_eq!(v1["file"]["blake3"], blake3::hash(&v1_bytes).to_hex().as_str());
+    assert_eq!(v1["file"]["size"], v1_bytes.len());
+    assert_eq!(v1["file"]["parameters"], 32 * 64 + 32);
+    assert_eq!(v1["file"]["dtypes"]["BF16"], 32 * 64);
+    assert_eq!(v1["anchored"], Value::Null);
+    assert!(v1["artifact_uri"].as_str().unwrap().starts_with("mlflow-artifacts:/registry/"));
+    let stored = objects(data.path());
+    assert_eq!(stored, 1);
+
+    // Bad input: a clear reason, and nothing stored.
+    type Case<'a> = (Option<&'a str>, Value, Option<Vec<u8>>, StatusCode, &'a str);
+    let cases: Vec<Case> = vec![
+        (None, metadata.clone(), Some(safetensors(8, 2)), StatusCode::UNAUTHORIZED, "unauthenticated"),
+        (
+            Some("wrong-token-wrong-token"),
+            metadata.clone(),
+            Some(safetensors(8, 2)),
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+        ),
+        (Some(TOKEN), metadata.clone(), None, StatusCode::BAD_REQUEST, "missing_part"),
+        (
+            Some(TOKEN),
+            json!({"description": "no name"}),
+            Some(safetensors(8, 3)),
+            StatusCode::BAD_REQUEST,
+            "invalid_metadata",
+        ),
+        (
+            Some(TOKEN),
+            metadata.clone(),
+            Some(b"definitely not safetensors".to_vec()),
+            StatusCode::BAD_REQUEST,
+            "invalid_artifact",
+        ),
+        (
+            Some(TOKEN),
+            metadata.clone(),
+            Some(safetensors(8, 4)[..500].to_vec()),
+            StatusCode::BAD_REQUEST,
+            "invalid_artifact",
+        ),
+        (
+            Some(TOKEN),
+            metadata.clone(),
+            Some(safetensors(1000, 5)),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+        (
+            Some(TOKEN),
+            json!({"name": ""}),
+            Some(safetensors(8, 6)),
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+        ),
+    ];
+    for (token, metadata, file, want, code) in cases {
+        let (status, body) = register(&client, &url, token, &metadata, file).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (want, Some(code)), "{metadata}: {body}");
+        assert!(!body["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let (_, page) = node.get("/api/v1/models/fraud/versions").await;
+    assert_eq!(page["versions"].as_array().unwrap().len(), 1, "{page}");
+
+    // Two more versions; newest first, paged.
+    for seed in [7, 8] {
+        let (status, body) =
+            register(&client, &url, Some(TOKEN), &json!({"name": "fraud"}), Some(safetensors(16, seed)))
+                .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let (_, first) = node.get("/api/v1/models/fraud/versions?limit=2").await;
+    let numbers: Vec<_> =
+        first["versions"].as_array().unwrap().iter().map(|v| v["version"].as_u64().unwrap()).collect();
+    assert_eq!(numbers, [3, 2]);
+    let token = first["next_page_token"].as_str().unwrap();
+    let (_, second) = node.get(&format!("/api/v1/models/fraud/versions?limit=2&page_token={token}")).await;
+    assert_eq!(second["versions"][0]["version"], 1);
+    assert_eq!(second["next_page_token"], Value::Null);
+    let (status, body) = node.get("/api/v1/models/nope/versions").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
+
+    // Stages, with archive_existing.
+    let stage = |body: Value| {
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            let r = client
+                .post(format!("{url}/api/v1/models/fraud/stage"))
+                .bearer_auth(TOKEN)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, v) = stage(json!({"version": 1, "stage": "production"})).await;
+    assert_eq!((status, v["stage"].as_str()), (StatusCode::OK, Some("Production")));
+    let (_, v) = stage(json!({"version": 2, "stage": "Production", "archive_existing": true})).await;
+    assert_eq!(v["stage"], "Production");
+    let (status, body) = stage(json!({"version": 2, "stage": "Live"})).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_parameter"))
+    );
+    let (status, _) = stage(json!({"version": 9, "stage": "Staging"})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, all) = node.get("/api/v1/models/fraud/versions").await;
+    let stages: Vec<_> =
+        all["versions"].as_array().unwrap().iter().map(|v| v["stage"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(stages, ["None", "Production", "Archived"]);
+
+    // Metrics: logged at registration and afterwards.
+    let r = client
+        .post(format!("{url}/api/v1/models/fraud/versions/1/metrics"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"metrics": [{"key": "loss", "value": 0.5, "step": 1}, {"key": "loss", "value": 0.25, "step": 2}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let (status, metrics) = node.get("/api/v1/models/metrics?name=fraud&version=1").await;
+    assert_eq!(status, 200, "{metrics}");
+    assert_eq!(metrics["metrics"]["auc"][0]["value"], 0.91);
+    let losses: Vec<_> =
+        metrics["metrics"]["loss"].as_array().unwrap().iter().map(|p| p["value"].as_f64().unwrap()).collect();
+    assert_eq!(losses, [0.5, 0.25]);
+    let r = client
+        .post(format!("{url}/api/v1/models/fraud/versions/1/metrics"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"metrics": [{"key": "loss", "value": "high"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let (status, _) = node.get("/api/v1/models/metrics?name=fraud").await;
+    assert_eq!(status, 400);
+
+    // The original, for the owner (here the operator), whole and by range.
+    let artifact = format!("{url}/api/v1/models/fraud/versions/1/artifact");
+    assert_eq!(client.get(&artifact).send().await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    let whole = client.get(&artifact).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(whole.status(), StatusCode::OK);
+    assert_eq!(whole.headers()["accept-ranges"], "bytes");
+    assert_eq!(whole.bytes().await.unwrap().as_ref(), v1_bytes.as_slice());
+    let part =
+        client.get(&artifact).bearer_auth(TOKEN).header("range", "bytes=100-1099").send().await.unwrap();
+    assert_eq!(part.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(part.headers()["content-range"], format!("bytes 100-1099/{}", v1_bytes.len()));
+    assert_eq!(part.bytes().await.unwrap().as_ref(), &v1_bytes[100..1100]);
+    let tail = client.get(&artifact).bearer_auth(TOKEN).header("range", "bytes=-10").send().await.unwrap();
+    assert_eq!(tail.bytes().await.unwrap().as_ref(), &v1_bytes[v1_bytes.len() - 10..]);
+    let beyond =
+        client.get(&artifact).bearer_auth(TOKEN).header("range", "bytes=999999-").send().await.unwrap();
+    assert_eq!(beyond.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+
+    // Anchoring version 1's hash on-chain shows up once the index has the block.
+    let hash = B256::from(*blake3::hash(&v1_bytes).as_bytes());
+    let token_id = market.register_content(hash, "ipfs://fraud").await;
+    let anchored = eventually("the anchor in the registry", Duration::from_secs(30), || async {
+        let (_, page) = node.get("/api/v1/models/fraud/versions").await;
+        let v1 = page["versions"].as_array()?.iter().find(|v| v["version"] == 1)?.clone();
+        (!v1["anchored"].is_null()).then_some(v1["anchored"].clone())
+    })
+    .await;
+    assert_eq!(anchored["token_id"], token_id.to_string());
+    assert_eq!(anchored["version"], 1);
+    assert!(anchored["block"].as_u64().unwrap() > 0);
+
+    // Every change is in the audit log.
+    let (_, log) = node.get("/api/v1/audit/log?limit=1000").await;
+    let actions: Vec<_> =
+        log["entries"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap().to_owned()).collect();
+    assert!(actions.iter().any(|a| a == "registry.model_created"), "{actions:?}");
+    assert_eq!(actions.iter().filter(|a| *a == "registry.version_created").count(), 3);
+    assert!(actions.iter().any(|a| a == "registry.stage_changed Production -> Archived"), "{actions:?}");
+    assert!(log["entries"].as_array().unwrap().iter().all(|e| e["actor"] == "operator"));
+    assert_eq!(objects(data.path()), 3, "one object per good upload, none for the refused ones");
+}
+
+#[tokio::test]
+async fn a_private_registry_needs_a_token_to_read() {
+    let (_market, _data, node) =
+        start(&[("AGORA_ADMIN_TOKEN", TOKEN), ("AGORA_REGISTRY_PRIVATE", "1")]).await;
+    let client = Client::new();
+    let (status, _) =
+        register(&client, &node.url, Some(TOKEN), &json!({"name": "m"}), Some(safetensors(4, 1))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = node.get("/api/v1/models/m/versions").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthenticated")));
+    let (status, body) = node.get("/api/2.0/mlflow/registered-models/get?name=m").await;
+    assert_eq!((status, body["error_code"].as_str()), (401, Some("UNAUTHENTICATED")));
+    let r =
+        client.get(format!("{}/api/v1/models/m/versions", node.url)).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_node_creates_an_operator_token_when_none_is_configured() {
+    let (_market, data, node) = start(&[]).await;
+    let path = data.path().join("admin.token");
+    let token = std::fs::read_to_string(&path).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let client = Client::new();
+    let (status, _) =
+        register(&client, &node.url, Some(token.trim()), &json!({"name": "m"}), Some(safetensors(4, 1)))
+            .await;
+    assert_eq!(status, StatusCode::CREATED);
+}
