@@ -4,6 +4,7 @@ mod artifacts;
 mod dev;
 mod indexer;
 mod market_api;
+mod mlflow;
 mod node;
 mod registry;
 mod watermark;
