@@ -83,7 +83,7 @@ pub struct Written {
 /// batches of chunks. Stops with [`ArtifactError::TooLarge`] past `limit` plaintext bytes.
 pub fn write_blob(
     key: &MasterKey,
-    mut input: impl Read,
+    input: impl Read + Send,
     mut out: impl Write,
     limit: u64,
 ) -> Result<Written, ArtifactError> {
@@ -96,58 +96,43 @@ pub fn write_blob(
     let cipher = key.blob_cipher(&salt);
     out.write_all(&header)?;
     let mut stored = HEADER_LEN as u64;
-    let mut hasher = blake3::Hasher::new();
+    let mut reading = Reading { input, hasher: blake3::Hasher::new(), size: 0, limit, done: false };
     let mut offsets = Vec::new();
-    let mut size = 0u64;
-    let mut batch: Vec<Vec<u8>> = Vec::with_capacity(BATCH);
-    let mut done = false;
-    while !done {
-        // read up to BATCH chunks, hash them in order, seal them in parallel, write in order
-        batch.clear();
-        while batch.len() < BATCH {
-            let mut chunk = vec![0u8; CHUNK];
-            let filled = read_full(&mut input, &mut chunk)?;
-            if filled == 0 && !(offsets.is_empty() && batch.is_empty()) {
-                done = true;
-                break;
-            }
-            chunk.truncate(filled);
-            size += filled as u64;
-            if size > limit {
-                return Err(ArtifactError::TooLarge { limit });
-            }
-            hasher.update(&chunk);
-            batch.push(chunk);
-            if filled < CHUNK {
-                done = true;
-                break;
-            }
-        }
+    // Pipelined: while one batch is sealed on the pool, the next is read and hashed.
+    let mut batch = reading.next_batch(true)?;
+    while !batch.is_empty() {
         let first = offsets.len() as u64;
-        let sealed: Vec<Vec<u8>> = batch
-            .par_iter()
-            .enumerate()
-            .map(|(i, plain)| {
-                let index = first + i as u64;
-                let compressed = zstd::bulk::compress(plain, ZSTD_LEVEL)?;
-                cipher
-                    .encrypt(
-                        &nonce(index, Part::Chunk),
-                        chacha20poly1305::aead::Payload {
-                            msg: &compressed,
-                            aad: &aad(&header, index, Part::Chunk),
-                        },
-                    )
-                    .map_err(|_| ArtifactError::Io(io::Error::other("encryption failed")))
-            })
-            .collect::<Result<_, _>>()?;
-        for sealed in sealed {
+        let (sealed, next) = rayon::join(
+            || {
+                batch
+                    .par_iter()
+                    .enumerate()
+                    .map(|(i, plain)| {
+                        let index = first + i as u64;
+                        let compressed = zstd::bulk::compress(plain, ZSTD_LEVEL)?;
+                        cipher
+                            .encrypt(
+                                &nonce(index, Part::Chunk),
+                                chacha20poly1305::aead::Payload {
+                                    msg: &compressed,
+                                    aad: &aad(&header, index, Part::Chunk),
+                                },
+                            )
+                            .map_err(|_| ArtifactError::Io(io::Error::other("encryption failed")))
+                    })
+                    .collect::<Result<Vec<Vec<u8>>, _>>()
+            },
+            || reading.next_batch(false),
+        );
+        for sealed in sealed? {
             offsets.push(stored);
             out.write_all(&(sealed.len() as u32).to_le_bytes())?;
             out.write_all(&sealed)?;
             stored += 4 + sealed.len() as u64;
         }
+        batch = next?;
     }
+    let Reading { hasher, size, .. } = reading;
     let mut footer = Vec::with_capacity(16 + 8 * offsets.len());
     footer.extend_from_slice(&(offsets.len() as u64).to_le_bytes());
     footer.extend_from_slice(&size.to_le_bytes());
@@ -164,6 +149,42 @@ pub fn write_blob(
     out.write_all(&(sealed.len() as u64).to_le_bytes())?;
     stored += sealed.len() as u64 + 8;
     Ok(Written { hash: *hasher.finalize().as_bytes(), size, stored })
+}
+
+/// The input side of [`write_blob`]: reads whole chunks, hashes them in order, holds the limit.
+struct Reading<R> {
+    input: R,
+    hasher: blake3::Hasher,
+    size: u64,
+    limit: u64,
+    done: bool,
+}
+
+impl<R: Read> Reading<R> {
+    /// Up to [`BATCH`] chunks; empty at the end. The first batch of an empty input holds one
+    /// empty chunk, so every blob has at least one.
+    fn next_batch(&mut self, first: bool) -> Result<Vec<Vec<u8>>, ArtifactError> {
+        let mut batch = Vec::with_capacity(BATCH);
+        while !self.done && batch.len() < BATCH {
+            let mut chunk = vec![0u8; CHUNK];
+            let filled = read_full(&mut self.input, &mut chunk)?;
+            if filled == 0 && !(first && batch.is_empty()) {
+                self.done = true;
+                break;
+            }
+            chunk.truncate(filled);
+            self.size += filled as u64;
+            if self.size > self.limit {
+                return Err(ArtifactError::TooLarge { limit: self.limit });
+            }
+            self.hasher.update(&chunk);
+            batch.push(chunk);
+            if filled < CHUNK {
+                self.done = true;
+            }
+        }
+        Ok(batch)
+    }
 }
 
 fn read_full(input: &mut impl Read, buffer: &mut [u8]) -> io::Result<usize> {

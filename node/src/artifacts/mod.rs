@@ -115,7 +115,7 @@ impl ArtifactStore {
 
     /// Streams `input` into the store (at most `limit` bytes) and adds one reference to its
     /// content. Nothing is recorded when it fails.
-    pub fn put(&self, input: impl Read, limit: u64) -> Result<BlobInfo, ArtifactError> {
+    pub fn put(&self, input: impl Read + Send, limit: u64) -> Result<BlobInfo, ArtifactError> {
         let partial = self.partial.join(format!("{}-{}.partial", std::process::id(), random_suffix()?));
         let written = (|| {
             let file = File::create(&partial)?;

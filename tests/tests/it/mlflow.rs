@@ -41,6 +41,10 @@ async fn the_mlflow_client_speaks_to_the_registry() {
     .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "pytest failed:\n{stdout}\n{stderr}\nnode output:\n{}", node.process.output());
+    assert!(
+        output.status.success(),
+        "pytest failed:\n{stdout}\n{stderr}\nnode output:\n{}",
+        node.process.output()
+    );
     println!("{stdout}");
 }

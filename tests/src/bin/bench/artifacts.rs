@@ -1,7 +1,9 @@
-//! `agora-bench artifacts [--gib N]`: the artifact store's ingest and read-back of an N GiB
-//! safetensors-like file (default 1), beside blake3 hashing of the same file (one thread, as
-//! the store hashes, and all cores, as `b3sum` does) in the same run, and the peak RSS.
-//! Store level: the HTTP upload path (`POST /api/v1/models/register`) comes with the registry.
+//! `agora-bench artifacts [--gib N]`: ingest and read-back of an N GiB safetensors file
+//! (default 1), beside blake3 hashing of the same file (one thread, as the store hashes, and
+//! all cores, as `b3sum` does) in the same run:
+//! - through a node: `POST /api/v1/models/register` (multipart, streamed from disk) and the
+//!   owner's download, with the node process's peak RSS;
+//! - at the store level (no HTTP), with this process's peak RSS.
 
 use std::{io::Read, time::Instant};
 
@@ -10,20 +12,141 @@ use agora_node::{
     store::Store,
 };
 
-pub fn run(gib: f64) -> anyhow::Result<()> {
+pub async fn run(gib: f64) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let path = dir.path().join("weights.bin");
-    let bytes = (gib * (1u64 << 30) as f64) as usize;
-    write_weights(&path, bytes)?;
+    let path = dir.path().join("weights.safetensors");
+    let bytes = write_weights(&path, (gib * (1u64 << 30) as f64) as usize)?;
     let mb = |seconds: f64| bytes as f64 / seconds / 1e6;
-    println!("artifacts: {:.2} GiB file, page cache warm", bytes as f64 / (1u64 << 30) as f64);
+    println!("artifacts: {:.2} GiB safetensors file, page cache warm", bytes as f64 / (1u64 << 30) as f64);
+
+    // The store alone first: the all-cores hash below maps the whole file, which would count
+    // in this process's peak RSS.
+    let path_for_store = path.clone();
+    let store_level = tokio::task::spawn_blocking(move || store_level(&path_for_store, bytes)).await??;
+    let (ingest, read_back, hash_one, disk, stored, peak, rss_before) = store_level;
+    let started = Instant::now();
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_mmap_rayon(&path)?;
+    let expected = hasher.finalize();
+    let hash_all = started.elapsed().as_secs_f64();
+    let (upload, download, node_peak) = through_node(&path, bytes, expected).await?;
+
+    println!("{:<50} {:>9}", "", "MB/s");
+    println!("{:<50} {:>9.0}", "blake3, one thread (baseline)", mb(hash_one));
+    println!("{:<50} {:>9.0}", "blake3, all cores (b3sum; baseline)", mb(hash_all));
+    println!("{:<50} {:>9.0}", "copy to a new file + fsync (disk ceiling; baseline)", mb(disk));
+    println!(
+        "{:<50} {:>9.0}  ({:.0}% of b3sum, {:.0}% of the disk ceiling)",
+        "POST /api/v1/models/register (HTTP, streamed)",
+        mb(upload),
+        100.0 * hash_all / upload,
+        100.0 * disk / upload
+    );
+    println!("{:<50} {:>9.0}", "GET .../versions/1/artifact (HTTP)", mb(download));
+    println!(
+        "{:<50} {:>9.0}  ({:.0}% of b3sum, {:.0}% of the disk ceiling)",
+        "store ingest (hash, zstd, encrypt, fsync)",
+        mb(ingest),
+        100.0 * hash_all / ingest,
+        100.0 * disk / ingest
+    );
+    println!("{:<50} {:>9.0}", "store read back (decrypt, decompress)", mb(read_back));
+    println!(
+        "stored {:.1}% of the plaintext; node peak RSS {} MiB through upload and download; \
+         store-level peak RSS {} MiB (before {} MiB)",
+        100.0 * stored as f64 / bytes as f64,
+        node_peak / 1024,
+        peak / 1024,
+        rss_before / 1024
+    );
+    Ok(())
+}
+
+/// Uploads through a node on a local chain and downloads it back: (upload s, download s, the
+/// node's peak RSS in KiB).
+async fn through_node(
+    path: &std::path::Path,
+    bytes: usize,
+    expected: blake3::Hash,
+) -> anyhow::Result<(f64, f64, u64)> {
+    const TOKEN: &str = "benchmark-operator-token-0123456789";
+    let market = agora_e2e::market::Market::start().await;
+    let data = tempfile::tempdir()?;
+    let node = agora_e2e::Node::start(
+        &market.anvil.endpoint(),
+        &market.deployment_path(),
+        data.path(),
+        &[("AGORA_ADMIN_TOKEN", TOKEN), ("AGORA_LOG", "warn")],
+    );
+    let client = reqwest::Client::new();
+    let file = tokio::fs::File::open(path).await?;
+    let chunks = futures::stream::unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 1 << 20];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(buf), file))
+            }
+            Err(e) => Some((Err(e), file)),
+        }
+    });
+    let form = reqwest::multipart::Form::new().text("metadata", r#"{"name": "bench"}"#).part(
+        "artifact",
+        reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(chunks)).file_name("weights.safetensors"),
+    );
+    let started = Instant::now();
+    let response = client
+        .post(format!("{}/api/v1/models/register", node.url))
+        .bearer_auth(TOKEN)
+        .multipart(form)
+        .send()
+        .await?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await?;
+    let upload = started.elapsed().as_secs_f64();
+    anyhow::ensure!(status.as_u16() == 201, "register answered {status}: {body}");
+    anyhow::ensure!(
+        body["file"]["blake3"] == expected.to_hex().as_str(),
+        "the node hashed the file differently: {body}"
+    );
+
+    let started = Instant::now();
+    let mut response = client
+        .get(format!("{}/api/v1/models/bench/versions/1/artifact", node.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await?
+        .error_for_status()?;
+    let mut hasher = blake3::Hasher::new();
+    let mut received = 0usize;
+    while let Some(chunk) = response.chunk().await? {
+        received += chunk.len();
+        hasher.update(&chunk);
+    }
+    let download = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        received == bytes && hasher.finalize() == expected,
+        "the download differs from the upload"
+    );
+    let peak = peak_rss_kib(&format!("/proc/{}/status", node.process.pid()));
+    Ok((upload, download, peak))
+}
+
+type StoreLevel = (f64, f64, f64, f64, u64, u64, u64);
+
+/// The store alone: (ingest s, read-back s, one-thread hashing s, copy-and-fsync s, stored
+/// bytes, peak RSS KiB, RSS before KiB).
+fn store_level(path: &std::path::Path, bytes: usize) -> anyhow::Result<StoreLevel> {
+    let dir = tempfile::tempdir()?;
 
     let store = Store::open(&dir.path().join("db"))?;
     let artifacts =
         ArtifactStore::open(&dir.path().join("artifacts"), MasterKey::from_bytes([3; 32]), store)?;
-    let rss_before = peak_rss_kib();
+    let rss_before = peak_rss_kib("/proc/self/status");
     let started = Instant::now();
-    let info = artifacts.put(std::fs::File::open(&path)?, u64::MAX)?;
+    let info = artifacts.put(std::fs::File::open(path)?, u64::MAX)?;
     let ingest = started.elapsed().as_secs_f64();
     let hash: [u8; 32] = *blake3::Hash::from_hex(&info.blake3)?.as_bytes();
     let started = Instant::now();
@@ -39,39 +162,36 @@ pub fn run(gib: f64) -> anyhow::Result<()> {
     }
     let read_back = started.elapsed().as_secs_f64();
     assert_eq!(read, bytes);
-    let peak = peak_rss_kib();
+    let peak = peak_rss_kib("/proc/self/status");
     let started = Instant::now();
     let mut hasher = blake3::Hasher::new();
-    std::io::copy(&mut std::fs::File::open(&path)?, &mut hasher)?;
+    std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
     let hash_one = started.elapsed().as_secs_f64();
+    // The disk's ceiling: the same bytes copied to a new file and fsynced, as the store's write
+    // ends with an fsync.
     let started = Instant::now();
-    let mut hasher = blake3::Hasher::new();
-    hasher.update_mmap_rayon(&path)?;
-    let hash_all = started.elapsed().as_secs_f64();
-
-    println!("{:<46} {:>9}", "", "MB/s");
-    println!("{:<46} {:>9.0}", "blake3, one thread (baseline)", mb(hash_one));
-    println!("{:<46} {:>9.0}", "blake3, all cores (b3sum; baseline)", mb(hash_all));
-    println!(
-        "{:<46} {:>9.0}  ({:.0}% of one-thread hashing)",
-        "ingest (hash, zstd, encrypt, fsync)",
-        mb(ingest),
-        100.0 * hash_one / ingest
-    );
-    println!("{:<46} {:>9.0}", "read back (decrypt, decompress)", mb(read_back));
-    println!(
-        "stored {:.1}% of the plaintext; peak RSS {} MiB through ingest and read-back (before them {} MiB)",
-        100.0 * info.stored as f64 / bytes as f64,
-        peak / 1024,
-        rss_before / 1024
-    );
-    Ok(())
+    let copy = dir.path().join("copy.bin");
+    {
+        let mut out = std::fs::File::create(&copy)?;
+        std::io::copy(&mut std::fs::File::open(path)?, &mut out)?;
+        out.sync_all()?;
+    }
+    let disk = started.elapsed().as_secs_f64();
+    std::fs::remove_file(&copy)?;
+    Ok((ingest, read_back, hash_one, disk, info.stored, peak, rss_before))
 }
 
-/// bf16-like bytes: a smooth high byte and noisy low byte, as real weights compress.
-fn write_weights(path: &std::path::Path, bytes: usize) -> anyhow::Result<()> {
+/// A safetensors file of about `bytes` bytes holding one bf16 matrix of bf16-like bytes (a
+/// smooth high byte and a noisy low byte, as real weights compress). Returns the file's size.
+fn write_weights(path: &std::path::Path, bytes: usize) -> anyhow::Result<usize> {
     use std::io::Write;
+    let rows = (bytes / 2 / 1024).max(1);
+    let data = rows * 1024 * 2;
+    let header = format!(r#"{{"w":{{"dtype":"BF16","shape":[{rows},1024],"data_offsets":[0,{data}]}}}}"#);
     let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    file.write_all(&(header.len() as u64).to_le_bytes())?;
+    file.write_all(header.as_bytes())?;
+    let bytes = data;
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut block = vec![0u8; 1 << 20];
     let mut written = 0;
@@ -88,11 +208,11 @@ fn write_weights(path: &std::path::Path, bytes: usize) -> anyhow::Result<()> {
         written += n;
     }
     file.flush()?;
-    Ok(())
+    Ok(8 + header.len() + data)
 }
 
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+fn peak_rss_kib(status: &str) -> u64 {
+    std::fs::read_to_string(status)
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_owned))
         .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))

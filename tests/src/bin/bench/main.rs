@@ -48,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
                 Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(1.0),
                 None => 1.0,
             };
-            tokio::task::spawn_blocking(move || artifacts::run(gib)).await?
+            artifacts::run(gib).await
         }
         _ => {
             anyhow::bail!("usage: agora-bench index [--events N] | watermark [--gib N] | artifacts [--gib N]")
