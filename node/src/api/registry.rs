@@ -201,14 +201,15 @@ pub async fn register(
     headers: HeaderMap,
     mut multipart: Multipart,
 ) -> Result<(StatusCode, Json<VersionJson>), ApiError> {
-    let ctx = auth::api_caller(&state, &headers)?;
-    if ctx.actor == Actor::Anonymous {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "registering needs a bearer token",
-        ));
-    }
+    let ctx = match auth::api_caller(&state, &headers) {
+        Ok(ctx) if ctx.actor != Actor::Anonymous => ctx,
+        refused => {
+            drain_multipart(&mut multipart).await;
+            return Err(refused.err().unwrap_or_else(|| {
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "registering needs a bearer token")
+            }));
+        }
+    };
     transfer::check_length(&headers, state.max_upload, 1 << 20)?;
     let mut metadata: Option<RegisterMetadata> = None;
     let mut file = None;
@@ -258,6 +259,7 @@ pub async fn register(
     };
     if let Err(e) = outcome {
         release(&file);
+        drain_multipart(&mut multipart).await;
         return Err(e);
     }
     let (Some(metadata), Some(file)) = (metadata, file.clone()) else {
@@ -295,6 +297,17 @@ pub async fn register(
     })
     .await?;
     Ok((StatusCode::CREATED, Json(version_json(&view))))
+}
+
+/// Reads and drops the rest of a refused multipart body (for at most [`transfer::DRAIN`]), so
+/// the client gets the answer rather than a reset connection.
+async fn drain_multipart(multipart: &mut Multipart) {
+    let _ = tokio::time::timeout(transfer::DRAIN, async {
+        while let Ok(Some(mut field)) = multipart.next_field().await {
+            while let Ok(Some(_)) = field.chunk().await {}
+        }
+    })
+    .await;
 }
 
 /// The last path component, without anything that could make it a path.

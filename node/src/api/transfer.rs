@@ -66,21 +66,42 @@ where
         }
     });
     let mut body = std::pin::pin!(body);
+    let mut refused = false;
     while let Some(item) = body.next().await {
         let item = item.map_err(|e| {
             io::Error::new(io::ErrorKind::ConnectionAborted, format!("the upload stream failed: {e}"))
         });
         let failed = item.is_err();
         // A closed channel means the writer stopped (too large, not safetensors): its error says why.
-        if tx.send(item).await.is_err() || failed {
+        if tx.send(item).await.is_err() {
+            refused = true;
+            break;
+        }
+        if failed {
             break;
         }
     }
     drop(tx);
+    if refused {
+        drain(body).await;
+    }
     let result = writer
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     result.map_err(|e| upload_error(e, limit))
+}
+
+/// How long a refused upload's remaining bytes are read and dropped, so the client (still
+/// sending) gets the answer instead of a reset connection; a longer upload is cut off.
+pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads and drops what is left of a refused body, for at most [`DRAIN`].
+pub async fn drain<S, E>(body: S)
+where
+    S: Stream<Item = Result<Bytes, E>>,
+{
+    let mut body = std::pin::pin!(body);
+    let _ = tokio::time::timeout(DRAIN, async { while let Some(Ok(_)) = body.next().await {} }).await;
 }
 
 fn upload_error(error: ArtifactError, limit: u64) -> ApiError {

@@ -52,7 +52,7 @@ pub async fn register(
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
-    let response = request.send().await.unwrap();
+    let response = request.send().await.unwrap_or_else(|e| panic!("register {metadata}: {e:?}"));
     let status = response.status();
     (status, response.json().await.unwrap_or(Value::Null))
 }
