@@ -21,7 +21,24 @@ pub struct Config {
     pub storage: StorageConfig,
     pub http: HttpConfig,
     pub registry: RegistryConfig,
+    pub auth: AuthConfig,
     pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The domain sign-in messages must name (`host[:port]`); unset: the Host the request
+    /// came to.
+    pub domain: Option<String>,
+    /// Longest session, in seconds (a message that expires sooner ends it sooner).
+    pub session_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { domain: None, session_secs: 3600 }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -194,6 +211,14 @@ pub struct ConfigArgs {
     #[arg(long, env = "AGORA_ADMIN_TOKEN", global = true, help_heading = "Registry", hide_env_values = true)]
     pub admin_token: Option<String>,
 
+    /// The domain sign-in messages must name [default: the Host each request came to].
+    #[arg(long, env = "AGORA_SIWE_DOMAIN", global = true, help_heading = "Sign-in")]
+    pub siwe_domain: Option<String>,
+
+    /// Longest wallet session in seconds [default: 3600].
+    #[arg(long, env = "AGORA_SESSION_SECS", global = true, help_heading = "Sign-in")]
+    pub session_secs: Option<u64>,
+
     /// Log filter, e.g. `info` or `agora_node=debug` (RUST_LOG is read when this is unset) [default: info].
     #[arg(long = "log", env = "AGORA_LOG", global = true, help_heading = "Logging")]
     pub log_filter: Option<String>,
@@ -223,6 +248,8 @@ pub enum ConfigError {
     ShortToken,
     #[error("registry.max_upload must be at least 1")]
     ZeroUpload,
+    #[error("auth.session_secs must be at least 60")]
+    ShortSession,
 }
 
 impl Config {
@@ -290,6 +317,12 @@ impl Config {
         if let Some(v) = &args.admin_token {
             self.registry.admin_token = Some(v.clone());
         }
+        if let Some(v) = &args.siwe_domain {
+            self.auth.domain = Some(v.clone());
+        }
+        if let Some(v) = args.session_secs {
+            self.auth.session_secs = v;
+        }
         // RUST_LOG is an environment variable too: it beats the file, AGORA_LOG beats it.
         match (&args.log_filter, std::env::var("RUST_LOG")) {
             (Some(v), _) => self.log.filter = v.clone(),
@@ -323,6 +356,9 @@ impl Config {
         }
         if self.registry.max_upload == 0 {
             return Err(ConfigError::ZeroUpload);
+        }
+        if self.auth.session_secs < 60 {
+            return Err(ConfigError::ShortSession);
         }
         Ok(())
     }
@@ -364,6 +400,11 @@ impl Config {
             .artifacts
             .clone()
             .unwrap_or_else(|| format!("file://{}", self.artifacts_path().display()))
+    }
+
+    /// The key that signs wallet session tokens.
+    pub fn session_key_path(&self) -> PathBuf {
+        self.storage.data_dir.join("session.key")
     }
 
     /// The operator token file, used when no token is configured.

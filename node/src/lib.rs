@@ -20,8 +20,10 @@
 pub mod api;
 pub mod artifacts;
 pub mod audit;
+pub mod auth;
 pub mod chain;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod market;
 pub mod node;

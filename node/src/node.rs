@@ -12,7 +12,30 @@ use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
-use crate::{api, artifacts, audit::Audit, chain, config::Config, registry::Registry, store::Store};
+use crate::{api, artifacts, audit::Audit, auth, chain, config::Config, registry::Registry, store::Store};
+
+alloy::sol! {
+    #[sol(rpc)]
+    interface IERC1271 {
+        function isValidSignature(bytes32 hash, bytes signature) external view returns (bytes4);
+    }
+}
+
+/// Contract wallets sign in by answering ERC-1271's magic value for the message hash.
+fn erc1271(provider: alloy::providers::DynProvider) -> auth::ContractCheck {
+    std::sync::Arc::new(move |address, hash, signature| {
+        let provider = provider.clone();
+        Box::pin(async move {
+            use alloy::providers::Provider;
+            let has_code = provider.get_code_at(address).await.is_ok_and(|code| !code.is_empty());
+            if !has_code {
+                return false;
+            }
+            let wallet = IERC1271::new(address, provider);
+            matches!(wallet.isValidSignature(hash, signature).call().await, Ok(magic) if magic.0 == [0x16, 0x26, 0xba, 0x7e])
+        })
+    })
+}
 
 /// Runs the node until `shutdown` flips to true.
 pub async fn run(
@@ -57,6 +80,16 @@ pub async fn run(
     };
 
     let provider = chain::connect(&config.chain.rpc_url).await?;
+    let session_key = auth::load_or_create_key(&config.session_key_path()).with_context(|| {
+        format!("cannot read or create the session key {}", config.session_key_path().display())
+    })?;
+    let sessions = auth::Sessions::new(
+        session_key,
+        deployment.chain_id,
+        config.auth.domain.clone(),
+        Duration::from_secs(config.auth.session_secs),
+    )
+    .with_contract_check(erc1271(provider.clone()));
     let (monitor, chain_health) = chain::ChainMonitor::new(
         provider.clone(),
         deployment.clone(),
@@ -88,6 +121,7 @@ pub async fn run(
         started: Instant::now(),
         registry,
         auth: api::auth::Auth::new(&admin_token, config.registry.private),
+        sessions,
         max_upload: config.registry.max_upload,
     });
     tracing::info!(target: "agora::node", %local, chain_id = deployment.chain_id, registry = %deployment.model_registry, market = %deployment.license_market, "node started");

@@ -2,8 +2,8 @@
 //! that goes into the audit log.
 //!
 //! The operator token is compared through blake3 (whose hash equality is constant-time), so
-//! the comparison does not leak how much of a guessed token was right. Wallet sign-in tokens
-//! are verified here once sign-in exists; until then any other token is refused with 401.
+//! the comparison does not leak how much of a guessed token was right. Any other token must be
+//! a wallet session from sign-in (`POST /api/v1/auth/login`).
 
 use std::{fs, io::Write, os::unix::fs::OpenOptionsExt, path::Path};
 
@@ -30,14 +30,16 @@ impl Auth {
 #[derive(Debug)]
 pub enum Refused {
     Malformed,
-    Unknown,
+    Invalid(String),
 }
 
 impl Refused {
-    pub fn message(&self) -> &'static str {
+    pub fn message(&self) -> String {
         match self {
-            Self::Malformed => "the Authorization header must be `Bearer <token>`",
-            Self::Unknown => "the bearer token is not valid (expired, revoked, or never issued by this node)",
+            Self::Malformed => "the Authorization header must be `Bearer <token>`".into(),
+            Self::Invalid(why) => format!(
+                "the bearer token is neither the operator token nor a valid session ({why}); sign in again"
+            ),
         }
     }
 }
@@ -65,7 +67,10 @@ pub fn caller(state: &AppState, headers: &HeaderMap) -> Result<Context, Refused>
     if blake3::hash(token.trim().as_bytes()) == state.auth.admin {
         return Ok(Context { actor: Actor::Operator, request_id });
     }
-    Err(Refused::Unknown)
+    match state.sessions.verify(token.trim()) {
+        Ok(address) => Ok(Context { actor: Actor::Wallet(address), request_id }),
+        Err(e) => Err(Refused::Invalid(e.to_string())),
+    }
 }
 
 /// The caller, or the 401 of the node's own API.

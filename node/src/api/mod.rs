@@ -12,6 +12,7 @@ mod market;
 mod mlflow;
 mod params;
 mod registry;
+mod signin;
 mod transfer;
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
@@ -46,6 +47,7 @@ pub struct AppState {
     pub started: Instant,
     pub registry: crate::registry::Registry,
     pub auth: auth::Auth,
+    pub sessions: crate::auth::Sessions,
     /// Largest upload, in bytes.
     pub max_upload: u64,
 }
@@ -59,6 +61,7 @@ pub struct AppState {
         (name = "marketplace", description = "Models, listings, earnings"),
         (name = "licenses", description = "Licenses"),
         (name = "audit", description = "The hash-chained audit log"),
+        (name = "auth", description = "Sign-in with Ethereum (EIP-4361) and session tokens"),
         (name = "registry", description = "Registered models, versions, stages, metrics, files (MLflow's registry API is served too, under /api/2.0/mlflow)"),
     )
 )]
@@ -77,6 +80,8 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(market::licenses))
         .routes(routes!(market::license))
         .routes(routes!(audit::log))
+        .routes(routes!(signin::nonce))
+        .routes(routes!(signin::login))
         .routes(routes!(registry::versions))
         .routes(routes!(registry::stage))
         .routes(routes!(registry::metrics))

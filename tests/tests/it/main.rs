@@ -7,4 +7,5 @@ mod market_api;
 mod mlflow;
 mod node;
 mod registry;
+mod signin;
 mod watermark;
