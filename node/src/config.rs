@@ -402,6 +402,11 @@ impl Config {
             .unwrap_or_else(|| format!("file://{}", self.artifacts_path().display()))
     }
 
+    /// The node's watermark master key (`K_master`; never leaves the node).
+    pub fn watermark_key_path(&self) -> PathBuf {
+        self.storage.data_dir.join("watermark.key")
+    }
+
     /// The key that signs wallet session tokens.
     pub fn session_key_path(&self) -> PathBuf {
         self.storage.data_dir.join("session.key")

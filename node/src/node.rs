@@ -80,6 +80,11 @@ pub async fn run(
     };
 
     let provider = chain::connect(&config.chain.rpc_url).await?;
+    let watermark_key = agora_watermark::MasterKey::from_bytes(
+        auth::load_or_create_key(&config.watermark_key_path()).with_context(|| {
+            format!("cannot read or create the watermark key {}", config.watermark_key_path().display())
+        })?,
+    );
     let session_key = auth::load_or_create_key(&config.session_key_path()).with_context(|| {
         format!("cannot read or create the session key {}", config.session_key_path().display())
     })?;
@@ -122,6 +127,7 @@ pub async fn run(
         registry,
         auth: api::auth::Auth::new(&admin_token, config.registry.private),
         sessions,
+        watermark_key: std::sync::Arc::new(watermark_key),
         max_upload: config.registry.max_upload,
     });
     tracing::info!(target: "agora::node", %local, chain_id = deployment.chain_id, registry = %deployment.model_registry, market = %deployment.license_market, "node started");

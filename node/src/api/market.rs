@@ -22,6 +22,11 @@ use crate::{
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct ChainStatus {
     pub chain_id: u64,
+    /// The contracts this node indexes.
+    #[schema(value_type = String)]
+    pub model_registry: alloy::primitives::Address,
+    #[schema(value_type = String)]
+    pub license_market: alloy::primitives::Address,
     #[serde(flatten)]
     pub index: IndexStatus,
     pub as_of: AsOf,
@@ -37,6 +42,8 @@ pub async fn chain_status(State(state): State<AppState>) -> Result<Json<ChainSta
     let view = view(&state);
     Ok(Json(ChainStatus {
         chain_id: state.deployment.chain_id,
+        model_registry: state.deployment.model_registry,
+        license_market: state.deployment.license_market,
         index: state.index.borrow().clone(),
         as_of: view.as_of()?,
     }))

@@ -626,6 +626,7 @@ async fn create_version(State(state): State<AppState>, headers: HeaderMap, raw: 
         description: request.description,
         tags: tags(request.tags),
         file: None,
+        commitment: None,
     };
     let view = run(&state, move |r| r.create_version(&ctx, &name, new)).await?;
     Ok(Json(json!({"model_version": version_json(&view)})))

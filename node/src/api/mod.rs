@@ -48,6 +48,8 @@ pub struct AppState {
     pub registry: crate::registry::Registry,
     pub auth: auth::Auth,
     pub sessions: crate::auth::Sessions,
+    /// The node's watermark master key (commitments now, marked copies with the flows).
+    pub watermark_key: Arc<agora_watermark::MasterKey>,
     /// Largest upload, in bytes.
     pub max_upload: u64,
 }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use alloy::primitives::B256;
 use axum::{
     Json,
     extract::{Multipart, Path, Query, State},
@@ -269,6 +270,7 @@ pub async fn register(
             "the request needs a `metadata` JSON part and an `artifact` file part",
         ));
     };
+    let watermark_key = state.watermark_key.clone();
     let view = blocking(&state, move |r| {
         let points = metadata.metrics.map(MetricsInput::points).unwrap_or_default();
         let result = (|| {
@@ -281,12 +283,15 @@ pub async fn register(
             r.artifacts().release(&file.blake3)?;
             return Err(e);
         }
+        // Recorded before the first sale: binds this node's watermark key to the original.
+        let commitment = B256::from(agora_watermark::commitment(&watermark_key, &file.blake3));
         let new = NewVersion {
             source: metadata.source,
             run_id: metadata.run_id,
             description: metadata.description,
             tags: metadata.tags,
             file: Some(file),
+            commitment: Some(commitment),
             ..Default::default()
         };
         let view = r.create_version(&ctx, &metadata.name, new)?;

@@ -6,6 +6,7 @@ mod audit;
 mod contracts;
 mod dev;
 pub mod index;
+mod wallet;
 mod watermark;
 
 use clap::{Parser, Subcommand};
@@ -47,6 +48,9 @@ pub enum Command {
     /// Maintain the artifact store (the node must be stopped).
     #[command(subcommand)]
     Artifacts(artifacts::ArtifactsCommand),
+    /// Wallets: encrypted keystore files (Web3 Secret Storage).
+    #[command(subcommand)]
+    Wallet(wallet::WalletCommand),
     /// Mark model files and check marks: keys, embed, verify, trace.
     #[command(subcommand)]
     Watermark(watermark::WatermarkCommand),
@@ -81,6 +85,7 @@ impl Cli {
             Command::Audit(command) => tokio::task::spawn_blocking(move || command.run(&config)).await?,
             Command::Artifacts(command) => tokio::task::spawn_blocking(move || command.run(&config)).await?,
             Command::Watermark(command) => tokio::task::spawn_blocking(move || command.run()).await?,
+            Command::Wallet(command) => tokio::task::spawn_blocking(move || command.run()).await?,
             Command::Index(command) => {
                 telemetry::init_tracing(&crate::config::LogConfig {
                     filter: "warn".into(),

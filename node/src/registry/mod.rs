@@ -184,6 +184,8 @@ pub struct NewVersion {
     pub tags: BTreeMap<String, String>,
     /// A file already in the artifact store (one reference taken for this version).
     pub file: Option<ModelFileSummary>,
+    /// The watermark commitment of the file, when the node computed it.
+    pub commitment: Option<B256>,
 }
 
 /// One entry of an artifact directory listing.
@@ -631,7 +633,7 @@ impl Registry {
             artifact_dir,
             owns_dir,
             file: new.file.clone(),
-            commitment: None,
+            commitment: new.commitment,
         };
         model.last_version = number;
         model.updated_ms = now;

@@ -8,4 +8,5 @@ mod mlflow;
 mod node;
 mod registry;
 mod signin;
+mod wallet;
 mod watermark;
