@@ -6,6 +6,7 @@ mod audit;
 mod contracts;
 mod dev;
 pub mod index;
+mod model;
 mod wallet;
 mod watermark;
 
@@ -48,6 +49,9 @@ pub enum Command {
     /// Maintain the artifact store (the node must be stopped).
     #[command(subcommand)]
     Artifacts(artifacts::ArtifactsCommand),
+    /// Publish models: upload to the node, register on-chain.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
     /// Wallets: encrypted keystore files (Web3 Secret Storage).
     #[command(subcommand)]
     Wallet(wallet::WalletCommand),
@@ -85,6 +89,7 @@ impl Cli {
             Command::Audit(command) => tokio::task::spawn_blocking(move || command.run(&config)).await?,
             Command::Artifacts(command) => tokio::task::spawn_blocking(move || command.run(&config)).await?,
             Command::Watermark(command) => tokio::task::spawn_blocking(move || command.run()).await?,
+            Command::Model(command) => command.run(&config).await,
             Command::Wallet(command) => tokio::task::spawn_blocking(move || command.run()).await?,
             Command::Index(command) => {
                 telemetry::init_tracing(&crate::config::LogConfig {

@@ -6,6 +6,7 @@ mod indexer;
 mod market_api;
 mod mlflow;
 mod node;
+mod publish;
 mod registry;
 mod signin;
 mod wallet;

@@ -1,0 +1,272 @@
+//! `agora model publish`: a seller's model from a file to an on-chain token in one command.
+//!
+//! 1. Signs in to the node with the seller's wallet (EIP-4361).
+//! 2. Streams the file to `POST /api/v1/models/register` with a progress bar; the node keeps the
+//!    original and records the watermark commitment.
+//! 3. Sends `ModelRegistry.register(contentHash, metadataURI, splits)` — or `anchorVersion` for
+//!    a new version of an existing token — from the seller's wallet, waits for the receipt,
+//!    then for the node to index it.
+//! 4. Prints the token id, the transaction, the version and the commitment.
+
+use std::{path::PathBuf, time::Duration};
+
+use agora_contracts::ModelRegistry;
+use alloy::{
+    network::EthereumWallet,
+    primitives::{Address, B256, U256},
+    providers::{Provider, ProviderBuilder},
+};
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use super::wallet::WalletArgs;
+use crate::{client::NodeClient, config::Config};
+
+#[derive(Subcommand, Debug)]
+pub enum ModelCommand {
+    /// Upload a safetensors file to the node and register (or anchor a new version) on-chain.
+    Publish(PublishArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// The node's API.
+    #[arg(long = "node", env = "AGORA_NODE_URL", default_value = "http://127.0.0.1:8080")]
+    pub node: String,
+}
+
+#[derive(Args, Debug)]
+pub struct PublishArgs {
+    /// The model file (.safetensors).
+    pub file: PathBuf,
+    /// Registry name [default: the file name without extension].
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// A royalty recipient and its share in basis points; repeat to split (shares sum to 10000)
+    /// [default: all to the seller].
+    #[arg(long = "split", value_name = "ADDR:BPS")]
+    pub splits: Vec<String>,
+    /// The token's metadata URI [default: the node's versions URL of the model].
+    #[arg(long)]
+    pub metadata_uri: Option<String>,
+    /// Anchor a new version of this token instead of registering a new model.
+    #[arg(long = "model", value_name = "TOKEN_ID")]
+    pub token_id: Option<U256>,
+    #[command(flatten)]
+    pub wallet: WalletArgs,
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Print JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ADDR:BPS`.
+fn parse_split(text: &str) -> anyhow::Result<ModelRegistry::Split> {
+    let (address, bps) =
+        text.split_once(':').with_context(|| format!("--split {text:?}: expected ADDR:BPS"))?;
+    let recipient: Address =
+        address.parse().with_context(|| format!("--split {text:?}: {address:?} is not an address"))?;
+    let bps: u16 =
+        bps.parse().with_context(|| format!("--split {text:?}: {bps:?} is not a share in basis points"))?;
+    if bps == 0 || bps > 10_000 {
+        bail!("--split {text:?}: the share must be 1 to 10000 basis points");
+    }
+    Ok(ModelRegistry::Split { recipient, bps })
+}
+
+impl ModelCommand {
+    pub async fn run(self, config: &Config) -> anyhow::Result<()> {
+        match self {
+            Self::Publish(args) => publish(args, config).await,
+        }
+    }
+}
+
+async fn publish(args: PublishArgs, config: &Config) -> anyhow::Result<()> {
+    let size =
+        std::fs::metadata(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?.len();
+    let name = match &args.name {
+        Some(name) => name.clone(),
+        None => args.file.file_stem().map(|s| s.to_string_lossy().into_owned()).context("give --name")?,
+    };
+    let signer = args.wallet.signer()?;
+    let seller = signer.address();
+    let splits = if args.splits.is_empty() {
+        vec![ModelRegistry::Split { recipient: seller, bps: 10_000 }]
+    } else {
+        args.splits.iter().map(|s| parse_split(s)).collect::<anyhow::Result<Vec<_>>>()?
+    };
+    let total: u32 = splits.iter().map(|s| u32::from(s.bps)).sum();
+    if total != 10_000 {
+        bail!("the --split shares sum to {total} basis points; they must sum to 10000");
+    }
+
+    let mut node = NodeClient::new(&args.node.node)?;
+    let status = node.get_json("/api/v1/chain/status").await?;
+    let registry_address: Address = status["model_registry"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .context("the node did not say which ModelRegistry it indexes")?;
+    let provider = ProviderBuilder::new()
+        .wallet(EthereumWallet::from(signer.clone()))
+        .connect(&config.chain.rpc_url)
+        .await
+        .with_context(|| {
+            format!("cannot connect to the chain at {}", crate::config::mask_url(&config.chain.rpc_url))
+        })?;
+    let chain_id = provider.get_chain_id().await.context("the chain RPC is not reachable (AGORA_RPC_URL)")?;
+    if Some(chain_id) != status["chain_id"].as_u64() {
+        bail!("the RPC serves chain {chain_id} but the node indexes chain {}", status["chain_id"]);
+    }
+    if provider.get_balance(seller).await?.is_zero() {
+        bail!("the wallet {seller} has no funds on chain {chain_id} to pay for gas");
+    }
+    node.sign_in(&signer).await.context("signing in to the node failed")?;
+
+    let version = upload(&node, &args.file, size, &name, &args.description, args.json).await?;
+    let blake3_hex = version["file"]["blake3"].as_str().context("the node's answer has no file hash")?;
+    let content_hash: B256 = format!("0x{blake3_hex}").parse()?;
+    let number = version["version"].as_u64().unwrap_or_default();
+
+    let registry = ModelRegistry::new(registry_address, &provider);
+    let (token_id, receipt) = match args.token_id {
+        Some(token_id) => {
+            let receipt = registry
+                .anchorVersion(token_id, content_hash)
+                .send()
+                .await
+                .map_err(|e| anyhow::anyhow!("anchorVersion was refused: {e}"))?
+                .get_receipt()
+                .await?;
+            (token_id, receipt)
+        }
+        None => {
+            let uri = args
+                .metadata_uri
+                .clone()
+                .unwrap_or_else(|| node.endpoint(&format!("/api/v1/models/{name}/versions")));
+            let receipt = registry
+                .register(content_hash, uri, splits)
+                .send()
+                .await
+                .map_err(|e| anyhow::anyhow!("register was refused: {e}"))?
+                .get_receipt()
+                .await?;
+            let token_id = receipt
+                .decoded_log::<ModelRegistry::ModelRegistered>()
+                .context("the receipt has no ModelRegistered event")?
+                .tokenId;
+            (token_id, receipt)
+        }
+    };
+    if !receipt.status() {
+        bail!("the transaction {} reverted", receipt.transaction_hash);
+    }
+    let anchored = receipt
+        .decoded_log::<ModelRegistry::VersionAnchored>()
+        .context("the receipt has no VersionAnchored event")?;
+
+    // The node has it once its index shows the anchor on this version.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let indexed = loop {
+        let page = node.get_json(&format!("/api/v1/models/{name}/versions?limit=1000")).await?;
+        let found = page["versions"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["version"].as_u64() == Some(number)))
+            .filter(|v| !v["anchored"].is_null())
+            .cloned();
+        if let Some(v) = found {
+            break v;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "the transaction {} is mined but the node has not indexed it after 120 s; check `GET /api/v1/chain/status`",
+                receipt.transaction_hash
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let out = json!({
+        "name": name,
+        "token_id": token_id.to_string(),
+        "tx": receipt.transaction_hash,
+        "block": receipt.block_number,
+        "chain_version": anchored.version,
+        "registry_version": number,
+        "blake3": blake3_hex,
+        "commitment": version["commitment"],
+        "anchored": indexed["anchored"],
+    });
+    if args.json {
+        println!("{out}");
+    } else {
+        println!("published {name} v{number}");
+        println!("  token id     {token_id}");
+        println!(
+            "  on-chain     version {} in tx {} (block {})",
+            anchored.version,
+            receipt.transaction_hash,
+            receipt.block_number.unwrap_or_default()
+        );
+        println!("  blake3       {blake3_hex}");
+        println!("  commitment   {}", version["commitment"].as_str().unwrap_or("-"));
+    }
+    Ok(())
+}
+
+/// Streams the file to the node's register endpoint with a progress bar on stderr.
+async fn upload(
+    node: &NodeClient,
+    file: &std::path::Path,
+    size: u64,
+    name: &str,
+    description: &str,
+    quiet: bool,
+) -> anyhow::Result<Value> {
+    let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(size) };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "uploading {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let reader =
+        tokio::fs::File::open(file).await.with_context(|| format!("cannot open {}", file.display()))?;
+    let progress = bar.clone();
+    let chunks = futures::stream::unfold(reader, move |mut reader| {
+        let progress = progress.clone();
+        async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 1 << 20];
+            match reader.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    progress.inc(n as u64);
+                    Some((Ok::<_, std::io::Error>(buf), reader))
+                }
+                Err(e) => Some((Err(e), reader)),
+            }
+        }
+    });
+    let file_name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model.safetensors".into());
+    let part = reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(chunks), size)
+        .file_name(file_name);
+    let form = reqwest::multipart::Form::new()
+        .text("metadata", json!({"name": name, "description": description}).to_string())
+        .part("artifact", part);
+    let response = node
+        .authorize(node.http.post(node.endpoint("/api/v1/models/register")).multipart(form))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the node at {}", node.url))?;
+    bar.finish_and_clear();
+    crate::client::answer(response).await.context("the node refused the upload")
+}
