@@ -8,9 +8,10 @@ use serde_json::Value;
 
 use super::registry::{TOKEN, safetensors, start};
 
-async fn publish(args: Vec<String>, env: Vec<(String, String)>) -> (bool, Value, String) {
+/// Runs `agora ARGS` (split on spaces; the temp paths have none).
+async fn publish(args: String, env: Vec<(String, String)>) -> (bool, Value, String) {
     tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let args: Vec<&str> = args.split_whitespace().collect();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let (status, stdout, stderr) = agora(&args, &env);
         (status.success(), serde_json::from_str(stdout.trim()).unwrap_or(Value::Null), stderr)
@@ -34,30 +35,19 @@ async fn a_seller_publishes_and_anchors_new_versions() {
             ("AGORA_NODE_URL".to_owned(), node.url.clone()),
         ]
     };
-    let s = |v: &str| v.to_owned();
+    let (v1, v2) = (v1.display(), v2.display());
     let split2 = format!("{}:7000", market.address(2));
     let split3 = format!("{}:3000", market.address(3));
 
     let (ok, out, err) = publish(
-        vec![
-            s("model"),
-            s("publish"),
-            v1.display().to_string(),
-            s("--name"),
-            s("fraud"),
-            s("--split"),
-            split2.clone(),
-            s("--split"),
-            split3.clone(),
-            s("--json"),
-        ],
+        format!("model publish {v1} --name fraud --split {split2} --split {split3} --json"),
         env(DEV_KEYS[1]),
     )
     .await;
     assert!(ok, "{err}");
     assert_eq!(out["registry_version"], 1);
     assert_eq!(out["chain_version"], 1);
-    assert_eq!(out["blake3"], blake3::hash(&std::fs::read(&v1).unwrap()).to_hex().as_str());
+    assert_eq!(out["blake3"], blake3::hash(&safetensors(64, 1)).to_hex().as_str());
     assert!(out["commitment"].as_str().unwrap().starts_with("0x"));
     let token_id = out["token_id"].as_str().unwrap().to_owned();
     assert_eq!(out["anchored"]["token_id"], token_id.as_str());
@@ -75,64 +65,27 @@ async fn a_seller_publishes_and_anchors_new_versions() {
     assert_eq!(versions["versions"][0]["user_id"], market.address(1).to_checksum(None));
 
     // A new version anchors on the same token.
-    let (ok, out, err) = publish(
-        vec![
-            s("model"),
-            s("publish"),
-            v2.display().to_string(),
-            s("--name"),
-            s("fraud"),
-            s("--model"),
-            token_id.clone(),
-            s("--json"),
-        ],
-        env(DEV_KEYS[1]),
-    )
-    .await;
+    let (ok, out, err) =
+        publish(format!("model publish {v2} --name fraud --model {token_id} --json"), env(DEV_KEYS[1])).await;
     assert!(ok, "{err}");
     assert_eq!((out["registry_version"].as_u64(), out["chain_version"].as_u64()), (Some(2), Some(2)));
     assert_eq!(out["token_id"], token_id.as_str());
 
     // Someone else cannot add versions to the seller's model, and nothing reaches the chain.
     let nonce_before = market.provider.get_transaction_count(market.address(2)).await.unwrap();
-    let (ok, _, err) = publish(
-        vec![
-            s("model"),
-            s("publish"),
-            v2.display().to_string(),
-            s("--name"),
-            s("fraud"),
-            s("--model"),
-            token_id.clone(),
-        ],
-        env(DEV_KEYS[2]),
-    )
-    .await;
+    let (ok, _, err) =
+        publish(format!("model publish {v2} --name fraud --model {token_id}"), env(DEV_KEYS[2])).await;
     assert!(!ok);
     assert!(err.contains("only the owner"), "{err}");
     // Not a safetensors file; shares that do not sum to 10000: refused before any transaction.
     let junk = dir.join("junk.safetensors");
     std::fs::write(&junk, b"this is not a model").unwrap();
-    let (ok, _, err) = publish(
-        vec![s("model"), s("publish"), junk.display().to_string(), s("--name"), s("junk")],
-        env(DEV_KEYS[2]),
-    )
-    .await;
+    let junk = junk.display();
+    let (ok, _, err) = publish(format!("model publish {junk} --name junk"), env(DEV_KEYS[2])).await;
     assert!(!ok);
     assert!(err.contains("not a safetensors file") || err.contains("safetensors"), "{err}");
-    let (ok, _, err) = publish(
-        vec![
-            s("model"),
-            s("publish"),
-            v1.display().to_string(),
-            s("--name"),
-            s("x"),
-            s("--split"),
-            split2.clone(),
-        ],
-        env(DEV_KEYS[2]),
-    )
-    .await;
+    let (ok, _, err) =
+        publish(format!("model publish {v1} --name x --split {split2}"), env(DEV_KEYS[2])).await;
     assert!(!ok);
     assert!(err.contains("sum to 7000"), "{err}");
     assert_eq!(market.provider.get_transaction_count(market.address(2)).await.unwrap(), nonce_before);
@@ -142,9 +95,7 @@ async fn a_seller_publishes_and_anchors_new_versions() {
     // A wallet with no funds is told so before anything is uploaded.
     let empty = alloy::signers::local::PrivateKeySigner::random();
     let key = alloy::primitives::hex::encode(empty.to_bytes());
-    let (ok, _, err) =
-        publish(vec![s("model"), s("publish"), v1.display().to_string(), s("--name"), s("poor")], env(&key))
-            .await;
+    let (ok, _, err) = publish(format!("model publish {v1} --name poor"), env(&key)).await;
     assert!(!ok);
     assert!(err.contains("no funds"), "{err}");
     let (status, _) = node.get("/api/v1/models/poor/versions").await;
