@@ -95,6 +95,7 @@ pub async fn run(
         Duration::from_secs(config.auth.session_secs),
     )
     .with_contract_check(erc1271(provider.clone()));
+    let provider_for_api = provider.clone();
     let (monitor, chain_health) = chain::ChainMonitor::new(
         provider.clone(),
         deployment.clone(),
@@ -127,6 +128,7 @@ pub async fn run(
         registry,
         auth: api::auth::Auth::new(&admin_token, config.registry.private),
         sessions,
+        provider: provider_for_api,
         watermark_key: std::sync::Arc::new(watermark_key),
         max_upload: config.registry.max_upload,
     });

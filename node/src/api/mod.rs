@@ -10,7 +10,9 @@ pub mod error;
 mod health;
 mod market;
 mod mlflow;
+mod orders;
 mod params;
+pub use params::parse_u256;
 mod registry;
 mod signin;
 mod transfer;
@@ -48,6 +50,8 @@ pub struct AppState {
     pub registry: crate::registry::Registry,
     pub auth: auth::Auth,
     pub sessions: crate::auth::Sessions,
+    /// The chain, for relaying and gas estimates.
+    pub provider: alloy::providers::DynProvider,
     /// The node's watermark master key (commitments now, marked copies with the flows).
     pub watermark_key: Arc<agora_watermark::MasterKey>,
     /// Largest upload, in bytes.
@@ -82,6 +86,9 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(market::licenses))
         .routes(routes!(market::license))
         .routes(routes!(audit::log))
+        .routes(routes!(orders::list))
+        .routes(routes!(orders::order))
+        .routes(routes!(orders::purchase))
         .routes(routes!(signin::nonce))
         .routes(routes!(signin::login))
         .routes(routes!(registry::versions))

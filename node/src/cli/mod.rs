@@ -6,6 +6,7 @@ mod audit;
 mod contracts;
 mod dev;
 pub mod index;
+mod market;
 mod model;
 mod wallet;
 mod watermark;
@@ -49,6 +50,12 @@ pub enum Command {
     /// Maintain the artifact store (the node must be stopped).
     #[command(subcommand)]
     Artifacts(artifacts::ArtifactsCommand),
+    /// Sell and browse: list signed orders, cancel them, earnings, withdrawals.
+    #[command(subcommand)]
+    Market(market::MarketCommand),
+    /// Buy licenses and see yours.
+    #[command(subcommand)]
+    License(market::LicenseCommand),
     /// Publish models: upload to the node, register on-chain.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -90,6 +97,8 @@ impl Cli {
             Command::Artifacts(command) => tokio::task::spawn_blocking(move || command.run(&config)).await?,
             Command::Watermark(command) => tokio::task::spawn_blocking(move || command.run()).await?,
             Command::Model(command) => command.run(&config).await,
+            Command::Market(command) => command.run(&config).await,
+            Command::License(command) => command.run(&config).await,
             Command::Wallet(command) => tokio::task::spawn_blocking(move || command.run()).await?,
             Command::Index(command) => {
                 telemetry::init_tracing(&crate::config::LogConfig {

@@ -11,16 +11,11 @@
 use std::{path::PathBuf, time::Duration};
 
 use agora_contracts::ModelRegistry;
-use alloy::{
-    network::EthereumWallet,
-    primitives::{Address, B256, U256},
-    providers::{Provider, ProviderBuilder},
-};
+use alloy::primitives::{Address, B256, U256};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use super::wallet::WalletArgs;
 use crate::{client::NodeClient, config::Config};
 
 #[derive(Subcommand, Debug)]
@@ -56,12 +51,7 @@ pub struct PublishArgs {
     #[arg(long = "model", value_name = "TOKEN_ID")]
     pub token_id: Option<U256>,
     #[command(flatten)]
-    pub wallet: WalletArgs,
-    #[command(flatten)]
-    pub node: NodeArgs,
-    /// Print JSON instead of a summary.
-    #[arg(long)]
-    pub json: bool,
+    pub pay: super::market::PayArgs,
 }
 
 /// `ADDR:BPS`.
@@ -93,8 +83,11 @@ async fn publish(args: PublishArgs, config: &Config) -> anyhow::Result<()> {
         Some(name) => name.clone(),
         None => args.file.file_stem().map(|s| s.to_string_lossy().into_owned()).context("give --name")?,
     };
-    let signer = args.wallet.signer()?;
-    let seller = signer.address();
+    let c = super::market::Connected::open(&args.pay.node, &args.pay.wallet, config, true)
+        .await?
+        .signed_in()
+        .await?;
+    let seller = c.signer.address();
     let splits = if args.splits.is_empty() {
         vec![ModelRegistry::Split { recipient: seller, bps: 10_000 }]
     } else {
@@ -104,42 +97,20 @@ async fn publish(args: PublishArgs, config: &Config) -> anyhow::Result<()> {
     if total != 10_000 {
         bail!("the --split shares sum to {total} basis points; they must sum to 10000");
     }
-
-    let mut node = NodeClient::new(&args.node.node)?;
-    let status = node.get_json("/api/v1/chain/status").await?;
-    let registry_address: Address = status["model_registry"]
-        .as_str()
-        .and_then(|a| a.parse().ok())
-        .context("the node did not say which ModelRegistry it indexes")?;
-    let provider = ProviderBuilder::new()
-        .wallet(EthereumWallet::from(signer.clone()))
-        .connect(&config.chain.rpc_url)
-        .await
-        .with_context(|| {
-            format!("cannot connect to the chain at {}", crate::config::mask_url(&config.chain.rpc_url))
-        })?;
-    let chain_id = provider.get_chain_id().await.context("the chain RPC is not reachable (AGORA_RPC_URL)")?;
-    if Some(chain_id) != status["chain_id"].as_u64() {
-        bail!("the RPC serves chain {chain_id} but the node indexes chain {}", status["chain_id"]);
-    }
-    if provider.get_balance(seller).await?.is_zero() {
-        bail!("the wallet {seller} has no funds on chain {chain_id} to pay for gas");
-    }
-    node.sign_in(&signer).await.context("signing in to the node failed")?;
-
-    let version = upload(&node, &args.file, size, &name, &args.description, args.json).await?;
+    let (node, provider, registry_address) = (&c.node, &c.provider, c.registry);
+    let version = upload(node, &args.file, size, &name, &args.description, args.pay.json).await?;
     let blake3_hex = version["file"]["blake3"].as_str().context("the node's answer has no file hash")?;
     let content_hash: B256 = format!("0x{blake3_hex}").parse()?;
     let number = version["version"].as_u64().unwrap_or_default();
 
-    let registry = ModelRegistry::new(registry_address, &provider);
+    let registry = ModelRegistry::new(registry_address, provider);
     let (token_id, receipt) = match args.token_id {
         Some(token_id) => {
             let receipt = registry
                 .anchorVersion(token_id, content_hash)
                 .send()
                 .await
-                .map_err(|e| anyhow::anyhow!("anchorVersion was refused: {e}"))?
+                .map_err(|e| super::market::refused("anchorVersion", e))?
                 .get_receipt()
                 .await?;
             (token_id, receipt)
@@ -153,7 +124,7 @@ async fn publish(args: PublishArgs, config: &Config) -> anyhow::Result<()> {
                 .register(content_hash, uri, splits)
                 .send()
                 .await
-                .map_err(|e| anyhow::anyhow!("register was refused: {e}"))?
+                .map_err(|e| super::market::refused("register", e))?
                 .get_receipt()
                 .await?;
             let token_id = receipt
@@ -201,7 +172,7 @@ async fn publish(args: PublishArgs, config: &Config) -> anyhow::Result<()> {
         "commitment": version["commitment"],
         "anchored": indexed["anchored"],
     });
-    if args.json {
+    if args.pay.json {
         println!("{out}");
     } else {
         println!("published {name} v{number}");

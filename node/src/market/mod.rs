@@ -4,6 +4,8 @@
 //! answer is as of exactly one indexed block (its [`AsOf`]). Amounts are wei as decimal
 //! strings: JSON numbers cannot hold a `uint256`.
 
+pub mod orders;
+
 use agora_contracts::TermKind;
 use alloy::primitives::{Address, B256, U256};
 use serde::Serialize;
@@ -14,7 +16,8 @@ use crate::{
         Store, StoreError, View,
         tables::{
             Balances, Earnings as EarningsTable, HolderLicenses, LicenseRecord, Licenses, Meta, MetaKey,
-            MetaValue, ModelRecord, Models, Origin, RecipientModels, Revenue, TokenLicenses, Versions,
+            MetaValue, ModelRecord, Models, Orders, Origin, RecipientModels, Revenue, TokenLicenses,
+            TokenOrders, Versions,
         },
     },
 };
@@ -80,6 +83,22 @@ pub struct ModelSummary {
     pub splits: Vec<SplitView>,
     pub registered: Provenance,
     pub finality: Finality,
+    /// Signed listings alive now (signer owns the token, nonce current, not cancelled or expired).
+    pub active_orders: Vec<OrderView>,
+}
+
+/// A signed listing.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct OrderView {
+    #[schema(value_type = String)]
+    pub order_hash: B256,
+    pub order: orders::OrderJson,
+    /// 0x-hex, 65 bytes.
+    pub signature: String,
+    /// `local`, or the peer it came from.
+    pub source: String,
+    /// Unix milliseconds.
+    pub received_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
@@ -106,8 +125,6 @@ pub struct ModelDetail {
     /// Revenue booked for the model (after fees) and how much is distributed.
     pub revenue_earned: String,
     pub revenue_distributed: String,
-    /// Signed listings (they arrive with the order book).
-    pub active_orders: Vec<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
@@ -257,7 +274,46 @@ impl<'a> MarketView<'a> {
             splits: m.splits.iter().map(|s| SplitView { recipient: s.recipient, bps: s.bps }).collect(),
             registered: m.registered.into(),
             finality: Finality::of(m.registered.block, &self.status),
+            active_orders: self.active_orders(token_id)?,
         })
+    }
+
+    /// The model's listings that are alive now.
+    pub fn active_orders(&self, token_id: U256) -> Result<Vec<OrderView>, StoreError> {
+        let now = self.now()?;
+        let mut out = Vec::new();
+        for item in self.view.scan::<TokenOrders>(&token_id.to_be_bytes::<32>(), None, false) {
+            let (key, ()) = item?;
+            let hash = B256::from_slice(&key[32..64]);
+            if let Some(view) = self.order(hash, now)?.filter(|(_, dead)| dead.is_none()).map(|(v, _)| v) {
+                out.push(view);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A kept order and why it is dead, if it is.
+    pub fn order(
+        &self,
+        hash: B256,
+        now: u64,
+    ) -> Result<Option<(OrderView, Option<orders::OrderError>)>, StoreError> {
+        let Some(record) = self.view.get::<Orders>(&hash)? else { return Ok(None) };
+        let Some(order) = orders::decode(&record) else { return Ok(None) };
+        let dead = orders::dead_reason(&self.view, &order, hash, now)?;
+        let view = OrderView {
+            order_hash: hash,
+            order: orders::OrderJson::from_order(&order),
+            signature: alloy::primitives::hex::encode_prefixed(&record.signature),
+            source: record.source,
+            received_ms: record.received_ms,
+        };
+        Ok(Some((view, dead)))
+    }
+
+    /// Chain time as the market judges expiry.
+    pub fn chain_now(&self) -> Result<u64, StoreError> {
+        self.now()
     }
 
     pub fn models(&self, filter: &ModelFilter) -> Result<Page<ModelSummary>, StoreError> {
@@ -321,7 +377,6 @@ impl<'a> MarketView<'a> {
             license_counts: counts,
             revenue_earned: revenue.earned.to_string(),
             revenue_distributed: revenue.distributed.to_string(),
-            active_orders: Vec::new(),
         }))
     }
 

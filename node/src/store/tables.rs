@@ -110,6 +110,11 @@ tables! {
     /// Registry: metric points by (model id, version, sequence).
     RegistryMetrics = "registry_metrics", root: false, key: (u64, u32, u64), value: MetricPoint,
         encode: |k| concat(&[&k.0.to_be_bytes(), &k.1.to_be_bytes(), &k.2.to_be_bytes()]);
+    /// Signed listings by order hash (off-chain; alive while the index agrees).
+    Orders = "orders", root: false, key: B256, value: OrderRecord, encode: |k| k.to_vec();
+    /// Lookup: orders by token.
+    TokenOrders = "token_orders", root: false, key: (U256, B256), value: (),
+        encode: |k| concat(&[&k.0.to_be_bytes::<32>(), k.1.as_slice()]);
     /// The artifact tree (MLflow's `mlflow-artifacts:` paths and registered files): blobs by path.
     ArtifactFiles = "artifact_files", root: false, key: String, value: FileRecord, encode: |k| k.as_bytes().to_vec();
 }
@@ -177,6 +182,18 @@ pub struct MetricPoint {
     pub step: i64,
     /// Unix milliseconds.
     pub timestamp: u64,
+}
+
+/// A signed order as received.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderRecord {
+    /// `LicenseMarket.Order`, ABI-encoded.
+    pub order: Vec<u8>,
+    /// 65 bytes.
+    pub signature: Vec<u8>,
+    pub received_ms: u64,
+    /// `local`, or the peer it came from.
+    pub source: String,
 }
 
 /// A file of the artifact tree.

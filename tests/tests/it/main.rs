@@ -2,6 +2,7 @@
 
 mod artifacts;
 mod dev;
+mod flows;
 mod indexer;
 mod market_api;
 mod mlflow;

@@ -1,0 +1,266 @@
+//! The seller's and the buyer's journey through the CLI against a node and a real chain:
+//! publish with a three-way split, list a signed order, browse, buy (perpetual and timed),
+//! earnings and withdrawal to the wei, cancel and nonce bump, a transfer that voids the order,
+//! and listings the node must refuse.
+
+use agora_contracts::{LicenseMarket, ModelRegistry, anvil::DEV_KEYS, order_domain};
+use agora_e2e::agora;
+use alloy::{
+    primitives::{U256, utils::parse_ether},
+    providers::Provider,
+    signers::SignerSync,
+    sol_types::SolStruct,
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use super::registry::{TOKEN, safetensors, start};
+
+/// Runs `agora ARGS` (split on spaces) with the chain, node and wallet of `key`.
+async fn cli(line: String, rpc: &str, node: &str, key: &str) -> (bool, Value, String) {
+    let env: Vec<(String, String)> = vec![
+        ("AGORA_RPC_URL".into(), rpc.into()),
+        ("AGORA_NODE_URL".into(), node.into()),
+        ("AGORA_PRIVATE_KEY".into(), key.into()),
+    ];
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = line.split_whitespace().collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let (status, stdout, stderr) = agora(&args, &env);
+        (status.success(), serde_json::from_str(stdout.trim()).unwrap_or(Value::Null), stderr)
+    })
+    .await
+    .unwrap()
+}
+
+async fn until_order_status(node: &agora_e2e::Node, hash: &str, status: &str) {
+    agora_e2e::eventually(&format!("order {hash} {status}"), std::time::Duration::from_secs(30), || async {
+        let (_, order) = node.get(&format!("/api/v1/marketplace/orders/{hash}")).await;
+        (order["status"] == status).then_some(())
+    })
+    .await
+}
+
+async fn until_indexed_model(node: &agora_e2e::Node, token_id: U256) {
+    agora_e2e::eventually(
+        &format!("token {token_id} indexed"),
+        std::time::Duration::from_secs(30),
+        || async {
+            let (status, _) = node.get(&format!("/api/v1/marketplace/models/{token_id}")).await;
+            (status == 200).then_some(())
+        },
+    )
+    .await
+}
+
+fn wei(v: &Value) -> U256 {
+    v.as_str().unwrap_or_else(|| panic!("{v} is not a decimal string")).parse().unwrap()
+}
+
+#[tokio::test]
+async fn sell_list_browse_buy_earn_withdraw_cancel() {
+    let (market, data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN)]).await;
+    let rpc = market.anvil.endpoint();
+    let url = node.url.clone();
+    let run = |line: String, key: &'static str| {
+        let (rpc, url) = (rpc.clone(), url.clone());
+        async move { cli(line, &rpc, &url, key).await }
+    };
+    let file = data.path().join("encoder.safetensors");
+    std::fs::write(&file, safetensors(64, 9)).unwrap();
+    let (a2, a3, a4) = (market.address(2), market.address(3), market.address(4));
+
+    let (ok, published, err) = run(
+        format!(
+            "model publish {} --name encoder --split {a2}:5000 --split {a3}:3000 --split {a4}:2000 --json",
+            file.display()
+        ),
+        DEV_KEYS[1],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let token = published["token_id"].as_str().unwrap().to_owned();
+
+    let (ok, listed, err) = run(
+        format!("market list {token} --perpetual 0.5eth --timed 30d:0.05eth --usage 0.0001eth:100000 --expires 90d --json"),
+        DEV_KEYS[1],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(listed["new"], true);
+    let order_hash = listed["order_hash"].as_str().unwrap().to_owned();
+
+    // Browse: every term, and the filters.
+    let (ok, rows, err) = run("market browse --json".into(), DEV_KEYS[9]).await;
+    assert!(ok, "{err}");
+    let kinds: Vec<_> =
+        rows.as_array().unwrap().iter().map(|r| r["kind"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(kinds, ["perpetual", "timed", "usage"]);
+    assert!(rows.as_array().unwrap().iter().all(|r| r["order_hash"] == order_hash.as_str()));
+    let (_, timed, _) = run("market browse --kind timed --json".into(), DEV_KEYS[9]).await;
+    assert_eq!(timed.as_array().unwrap().len(), 1);
+    assert_eq!(timed[0]["price_wei"], parse_ether("0.05").unwrap().to_string());
+    let (_, cheap, _) = run("market browse --max-price 0.1eth --json".into(), DEV_KEYS[9]).await;
+    assert_eq!(cheap.as_array().unwrap().len(), 2);
+
+    // Two buyers.
+    let (ok, bought, err) =
+        run(format!("license buy {order_hash} --term perpetual --json"), DEV_KEYS[5]).await;
+    assert!(ok, "{err}");
+    assert_eq!(bought["license"]["kind"], "perpetual");
+    assert_eq!(
+        bought["license"]["holder"].as_str().unwrap().to_lowercase(),
+        market.address(5).to_string().to_lowercase()
+    );
+    let (ok, timed_license, err) =
+        run(format!("license buy {order_hash} --term timed --json"), DEV_KEYS[6]).await;
+    assert!(ok, "{err}");
+    assert!(timed_license["license"]["expires_at"].as_u64().unwrap() > 0);
+    let (ok, mine, err) = run("license list --json".into(), DEV_KEYS[5]).await;
+    assert!(ok, "{err}");
+    assert_eq!(mine["licenses"].as_array().unwrap().len(), 1);
+    let (status, body) = node.get(&format!("/api/v1/marketplace/models/{token}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["model"]["license_counts"], json!({"perpetual": 1, "timed": 1, "usage": 0}));
+
+    // Money, to the wei: 0.55 ETH paid, 2.5% fee per booking, the rest split 50/30/20.
+    let revenue =
+        parse_ether("0.55").unwrap() - parse_ether("0.55").unwrap() * U256::from(250) / U256::from(10_000);
+    let (ok, e3, err) = run(format!("market earnings --address {a3} --json"), DEV_KEYS[9]).await;
+    assert!(ok, "{err}");
+    assert_eq!(wei(&e3["earnings"]["pending"]), revenue * U256::from(3000) / U256::from(10_000));
+    let before = market.provider.get_balance(a2).await.unwrap();
+    let (ok, withdrawn, err) = run("market withdraw --json".into(), DEV_KEYS[2]).await;
+    assert!(ok, "{err}");
+    let expected = revenue * U256::from(5000) / U256::from(10_000);
+    assert_eq!(wei(&withdrawn["amount"]), expected);
+    let receipt = market
+        .provider
+        .get_transaction_receipt(withdrawn["tx"].as_str().unwrap().parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let gas = U256::from(receipt.gas_used) * U256::from(receipt.effective_gas_price);
+    assert_eq!(market.provider.get_balance(a2).await.unwrap(), before + expected - gas);
+    // Once the index has the withdrawal, there is nothing left; before, the contract says so.
+    let (ok, _, err) = run("market withdraw".into(), DEV_KEYS[2]).await;
+    assert!(!ok);
+    assert!(err.contains("nothing to withdraw") || err.contains("NothingToWithdraw"), "{err}");
+
+    // Cancelling voids the order: gone from browse, and the node will not prepare a purchase.
+    let (ok, _, err) = run(format!("market cancel {order_hash}"), DEV_KEYS[1]).await;
+    assert!(ok, "{err}");
+    let (_, rows, _) = run("market browse --json".into(), DEV_KEYS[9]).await;
+    assert_eq!(rows, json!([]));
+    let (_, order) = node.get(&format!("/api/v1/marketplace/orders/{order_hash}")).await;
+    assert_eq!(order["status"], "cancelled");
+    let (ok, _, err) = run(format!("license buy {order_hash} --term perpetual"), DEV_KEYS[7]).await;
+    assert!(!ok);
+    assert!(err.contains("cancelled"), "{err}");
+
+    // A nonce bump voids every order of the seller.
+    let (ok, second, err) = run(format!("market list {token} --perpetual 1eth --json"), DEV_KEYS[1]).await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = run("market cancel --all".into(), DEV_KEYS[1]).await;
+    assert!(ok, "{err}");
+    let (_, order) =
+        node.get(&format!("/api/v1/marketplace/orders/{}", second["order_hash"].as_str().unwrap())).await;
+    assert_eq!(order["status"], "stale_nonce");
+
+    // After a transfer the old owner's order is dead, and buying with it reverts on-chain.
+    let (ok, third, err) = run(format!("market list {token} --perpetual 1eth --json"), DEV_KEYS[1]).await;
+    assert!(ok, "{err}");
+    let third_hash = third["order_hash"].as_str().unwrap().to_owned();
+    let (_, answer) = node.get(&format!("/api/v1/marketplace/orders/{third_hash}")).await;
+    let order: agora_node::market::orders::OrderJson =
+        serde_json::from_value(answer["order"].clone()).unwrap();
+    let signature = alloy::primitives::hex::decode(answer["signature"].as_str().unwrap()).unwrap();
+    let token_id: U256 = token.parse().unwrap();
+    let registry = ModelRegistry::new(market.deployment.model_registry, &market.provider);
+    registry
+        .transferFrom(market.address(1), market.address(8), token_id)
+        .from(market.address(1))
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    until_order_status(&node, &third_hash, "not_owner").await;
+    let lm = LicenseMarket::new(market.deployment.license_market, &market.provider);
+    let attempt = lm
+        .purchase(order.to_order().unwrap(), signature.into(), 0)
+        .value(parse_ether("1").unwrap())
+        .from(market.address(7))
+        .send()
+        .await;
+    assert!(attempt.is_err(), "buying with a transferred token's order must revert");
+}
+
+#[tokio::test]
+async fn listings_the_node_refuses() {
+    let (market, _data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN)]).await;
+    let token_id = market.register("refusals").await;
+    let http = reqwest::Client::new();
+    let domain = order_domain(market.deployment.chain_id, market.deployment.license_market);
+    let post = |order: LicenseMarket::Order, signer: usize| {
+        let hash = order.eip712_signing_hash(&domain);
+        let signature = market.signer(signer).sign_hash_sync(&hash).unwrap();
+        let body = json!({"order": agora_node::market::orders::OrderJson::from_order(&order), "signature": signature.to_string()});
+        let http = http.clone();
+        let url = format!("{}/api/v1/marketplace/list", node.url);
+        async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }
+    };
+    until_indexed_model(&node, token_id).await;
+    let (good, _) = market.order(token_id, U256::ZERO);
+    let (status, first) = post(good.clone(), 1).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let (status, again) = post(good.clone(), 1).await;
+    assert_eq!((status, &again["order_hash"]), (StatusCode::OK, &first["order_hash"]));
+
+    // Signed by someone else than the seller it names.
+    let (status, body) = post(good.clone(), 2).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("bad_signature")));
+    // A seller who does not own the token.
+    let mut theirs = good.clone();
+    theirs.seller = market.address(2);
+    let (status, body) = post(theirs, 2).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("not_owner")));
+    // Terms the contract would refuse.
+    let mut free = good.clone();
+    free.terms[0].price = U256::ZERO;
+    let (status, body) = post(free, 1).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_terms")),
+        "{body}"
+    );
+    let mut endless = good.clone();
+    endless.terms[1].duration = 0;
+    let (status, _) = post(endless, 1).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    // Expired, and a stale nonce.
+    let mut old = good.clone();
+    old.expiry = 1;
+    let (status, body) = post(old, 1).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("expired")));
+    let mut stale = good.clone();
+    stale.nonce = U256::from(5);
+    let (status, body) = post(stale, 1).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("stale_nonce"))
+    );
+    // Malformed JSON.
+    let r = http
+        .post(format!("{}/api/v1/marketplace/list", node.url))
+        .body("{")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+}
