@@ -48,6 +48,8 @@ pub struct RegistryConfig {
     pub private: bool,
     /// Largest upload, in bytes.
     pub max_upload: u64,
+    /// Bytes of fingerprinted copies kept for license holders (least recently used go first).
+    pub copy_cache: u64,
     /// The operator's bearer token; when unset the node creates one in
     /// `<data_dir>/admin.token` (mode 0600).
     pub admin_token: Option<String>,
@@ -55,7 +57,7 @@ pub struct RegistryConfig {
 
 impl Default for RegistryConfig {
     fn default() -> Self {
-        Self { private: false, max_upload: 20 << 30, admin_token: None }
+        Self { private: false, max_upload: 20 << 30, copy_cache: 20 << 30, admin_token: None }
     }
 }
 
@@ -207,6 +209,10 @@ pub struct ConfigArgs {
     #[arg(long, env = "AGORA_MAX_UPLOAD", global = true, help_heading = "Registry")]
     pub max_upload: Option<u64>,
 
+    /// Bytes of fingerprinted copies kept for license holders [default: 21474836480, 20 GiB].
+    #[arg(long, env = "AGORA_COPY_CACHE", global = true, help_heading = "Registry")]
+    pub copy_cache: Option<u64>,
+
     /// The operator's bearer token [default: created in <data-dir>/admin.token].
     #[arg(long, env = "AGORA_ADMIN_TOKEN", global = true, help_heading = "Registry", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -314,6 +320,9 @@ impl Config {
         if let Some(v) = args.max_upload {
             self.registry.max_upload = v;
         }
+        if let Some(v) = args.copy_cache {
+            self.registry.copy_cache = v;
+        }
         if let Some(v) = &args.admin_token {
             self.registry.admin_token = Some(v.clone());
         }
@@ -405,6 +414,11 @@ impl Config {
     /// The node's watermark master key (`K_master`; never leaves the node).
     pub fn watermark_key_path(&self) -> PathBuf {
         self.storage.data_dir.join("watermark.key")
+    }
+
+    /// The node's ed25519 identity key (signs deliveries; the peer key too).
+    pub fn node_key_path(&self) -> PathBuf {
+        self.storage.data_dir.join("node.key")
     }
 
     /// The key that signs wallet session tokens.

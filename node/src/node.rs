@@ -66,7 +66,7 @@ pub async fn run(
         key,
         store.clone(),
     )?;
-    let registry = Registry::new(store.clone(), artifacts, Audit::new(store.clone()));
+    let registry = Registry::new(store.clone(), artifacts.clone(), Audit::new(store.clone()));
     let admin_token = match &config.registry.admin_token {
         Some(token) => token.clone(),
         None => {
@@ -96,6 +96,18 @@ pub async fn run(
     )
     .with_contract_check(erc1271(provider.clone()));
     let provider_for_api = provider.clone();
+    let watermark_key = std::sync::Arc::new(watermark_key);
+    let node_key = auth::load_or_create_key(&config.node_key_path()).with_context(|| {
+        format!("cannot read or create the node key {}", config.node_key_path().display())
+    })?;
+    let delivery = crate::market::delivery::Delivery::new(
+        store.clone(),
+        artifacts.clone(),
+        watermark_key.clone(),
+        node_key,
+        config.storage.data_dir.join("tmp"),
+        config.registry.copy_cache,
+    );
     let (monitor, chain_health) = chain::ChainMonitor::new(
         provider.clone(),
         deployment.clone(),
@@ -129,7 +141,8 @@ pub async fn run(
         auth: api::auth::Auth::new(&admin_token, config.registry.private),
         sessions,
         provider: provider_for_api,
-        watermark_key: std::sync::Arc::new(watermark_key),
+        watermark_key: watermark_key.clone(),
+        delivery,
         max_upload: config.registry.max_upload,
     });
     tracing::info!(target: "agora::node", %local, chain_id = deployment.chain_id, registry = %deployment.model_registry, market = %deployment.license_market, "node started");

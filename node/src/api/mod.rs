@@ -6,6 +6,7 @@
 
 mod audit;
 pub mod auth;
+mod delivery;
 pub mod error;
 mod health;
 mod market;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub provider: alloy::providers::DynProvider,
     /// The node's watermark master key (commitments now, marked copies with the flows).
     pub watermark_key: Arc<agora_watermark::MasterKey>,
+    /// Fingerprinted copies for license holders.
+    pub delivery: crate::market::delivery::Delivery,
     /// Largest upload, in bytes.
     pub max_upload: u64,
 }
@@ -86,6 +89,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(market::licenses))
         .routes(routes!(market::license))
         .routes(routes!(audit::log))
+        .routes(routes!(delivery::download))
         .routes(routes!(orders::list))
         .routes(routes!(orders::order))
         .routes(routes!(orders::purchase))

@@ -501,6 +501,18 @@ pub enum LicenseCommand {
     Buy(BuyArgs),
     /// Your licenses.
     List(PayArgs),
+    /// Download your fingerprinted copy (resumes a partial file; checks hash and the node's signature).
+    Download(DownloadArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DownloadArgs {
+    pub license_id: U256,
+    /// Where to write the copy (a partial file there is resumed).
+    #[arg(long, short)]
+    pub output: std::path::PathBuf,
+    #[command(flatten)]
+    pub pay: PayArgs,
 }
 
 #[derive(Args, Debug)]
@@ -520,6 +532,7 @@ impl LicenseCommand {
         match self {
             Self::Buy(args) => buy(args, config).await,
             Self::List(args) => licenses(args).await,
+            Self::Download(args) => download(args, config).await,
         }
     }
 }
@@ -620,6 +633,104 @@ async fn licenses(args: PayArgs) -> anyhow::Result<()> {
             l["kind"].as_str().unwrap_or("?"),
             l["active"],
             l["expires_at"]
+        );
+    }
+    Ok(())
+}
+
+async fn download(args: DownloadArgs, config: &Config) -> anyhow::Result<()> {
+    use std::io::Write;
+    let c = Connected::open(&args.pay.node, &args.pay.wallet, config, false).await?.signed_in().await?;
+    let have = std::fs::metadata(&args.output).map(|m| m.len()).unwrap_or(0);
+    let mut request = c.node.authorize(
+        c.node.http.get(c.node.endpoint(&format!("/api/v1/licenses/{}/download", args.license_id))),
+    );
+    if have > 0 {
+        request = request.header(reqwest::header::RANGE, format!("bytes={have}-"));
+    }
+    let mut response =
+        request.send().await.with_context(|| format!("cannot reach the node at {}", c.node.url))?;
+    let status = response.status();
+    if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
+        // The file is already whole (or longer than the copy): the checks below decide.
+    } else if !status.is_success() {
+        return Err(crate::client::answer(response).await.unwrap_err());
+    }
+    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let expected = header("agora-content-blake3");
+    let signature = header("agora-delivery-signature");
+    let node_key = header("agora-node-key");
+    let (token_id, version) = (header("agora-token-id"), header("agora-version"));
+    if status.is_success() {
+        let append = status == reqwest::StatusCode::PARTIAL_CONTENT;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&args.output)
+            .with_context(|| format!("cannot write {}", args.output.display()))?;
+        let total = response.content_length().map(|n| n + if append { have } else { 0 });
+        let bar = if args.pay.json {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(total.unwrap_or(0))
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "downloading {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_position(if append { have } else { 0 });
+        while let Some(chunk) =
+            response.chunk().await.context("the download broke off; run the same command again to resume")?
+        {
+            file.write_all(&chunk)?;
+            bar.inc(chunk.len() as u64);
+        }
+        file.sync_all()?;
+        bar.finish_and_clear();
+    }
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_mmap(&args.output)?;
+    let got = hasher.finalize().to_hex().to_string();
+    let (Some(expected), Some(signature), Some(node_key), Some(token_id), Some(version)) =
+        (expected, signature, node_key, token_id, version)
+    else {
+        bail!("the node's answer lacks the delivery headers");
+    };
+    if got != expected {
+        bail!(
+            "{} has blake3 {got}, the node served {expected}; delete it and download again",
+            args.output.display()
+        );
+    }
+    let verified = (|| {
+        let key: [u8; 32] = alloy::primitives::hex::decode(&node_key).ok()?.try_into().ok()?;
+        let sig: [u8; 64] = alloy::primitives::hex::decode(&signature).ok()?.try_into().ok()?;
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&key).ok()?;
+        let hash: [u8; 32] = alloy::primitives::hex::decode(&expected).ok()?.try_into().ok()?;
+        let message = crate::market::delivery::signed_bytes(
+            args.license_id,
+            token_id.parse().ok()?,
+            version.parse().ok()?,
+            &hash,
+        );
+        key.verify_strict(&message, &ed25519_dalek::Signature::from_bytes(&sig)).ok()
+    })()
+    .is_some();
+    if !verified {
+        bail!("the node's delivery signature does not verify");
+    }
+    let out = json!({"license_id": args.license_id.to_string(), "token_id": token_id, "version": version, "file": args.output, "blake3": got, "node_key": node_key, "signature": signature});
+    if args.pay.json {
+        println!("{out}");
+    } else {
+        println!(
+            "{} ← license {} (token {token_id} v{version}), blake3 {got}, signed by node key {node_key}",
+            args.output.display(),
+            args.license_id
         );
     }
     Ok(())

@@ -4,6 +4,7 @@
 //! answer is as of exactly one indexed block (its [`AsOf`]). Amounts are wei as decimal
 //! strings: JSON numbers cannot hold a `uint256`.
 
+pub mod delivery;
 pub mod orders;
 
 use agora_contracts::TermKind;

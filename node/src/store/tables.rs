@@ -115,6 +115,9 @@ tables! {
     /// Lookup: orders by token.
     TokenOrders = "token_orders", root: false, key: (U256, B256), value: (),
         encode: |k| concat(&[&k.0.to_be_bytes::<32>(), k.1.as_slice()]);
+    /// Fingerprinted copies made for licenses, by (license id, original's content hash).
+    LicenseCopies = "license_copies", root: false, key: (U256, B256), value: CopyRecord,
+        encode: |k| concat(&[&k.0.to_be_bytes::<32>(), k.1.as_slice()]);
     /// The artifact tree (MLflow's `mlflow-artifacts:` paths and registered files): blobs by path.
     ArtifactFiles = "artifact_files", root: false, key: String, value: FileRecord, encode: |k| k.as_bytes().to_vec();
 }
@@ -194,6 +197,15 @@ pub struct OrderRecord {
     pub received_ms: u64,
     /// `local`, or the peer it came from.
     pub source: String,
+}
+
+/// A fingerprinted copy kept in the artifact store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyRecord {
+    pub blake3: [u8; 32],
+    pub size: u64,
+    pub created_ms: u64,
+    pub last_used_ms: u64,
 }
 
 /// A file of the artifact tree.

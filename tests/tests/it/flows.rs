@@ -8,6 +8,7 @@ use agora_e2e::agora;
 use alloy::{
     primitives::{U256, utils::parse_ether},
     providers::Provider,
+    providers::ext::AnvilApi,
     signers::SignerSync,
     sol_types::SolStruct,
 };
@@ -263,4 +264,147 @@ async fn listings_the_node_refuses() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+}
+
+/// A safetensors file the watermark can mark: one bf16 [1024, 512] matrix (524,288 weights).
+fn markable(seed: u32) -> Vec<u8> {
+    let (rows, cols) = (1024usize, 512usize);
+    let data = rows * cols * 2;
+    let header = format!(
+        r#"{{"encoder.layer.0.weight":{{"dtype":"BF16","shape":[{rows},{cols}],"data_offsets":[0,{data}]}}}}"#
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+    for _ in 0..rows * cols {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        // Normal-ish weights around ±0.05: a bf16 with exponent near 2^-5 and a random mantissa.
+        let sign = (x >> 31) as u16;
+        let exponent = 0x79 + (x % 4) as u16;
+        let mantissa = ((x >> 8) & 0x7f) as u16;
+        let bf16 = (sign << 15) | (exponent << 7) | mantissa;
+        bytes.extend_from_slice(&bf16.to_le_bytes());
+    }
+    bytes
+}
+
+#[tokio::test]
+async fn licensed_downloads_are_fingerprinted_gated_resumable_and_traceable() {
+    let (market, data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN)]).await;
+    let rpc = market.anvil.endpoint();
+    let url = node.url.clone();
+    let run = |line: String, key: &'static str| {
+        let (rpc, url) = (rpc.clone(), url.clone());
+        async move { cli(line, &rpc, &url, key).await }
+    };
+    let original = data.path().join("original.safetensors");
+    std::fs::write(&original, markable(3)).unwrap();
+    let (ok, published, err) =
+        run(format!("model publish {} --name leaky --json", original.display()), DEV_KEYS[1]).await;
+    assert!(ok, "{err}");
+    let token = published["token_id"].as_str().unwrap().to_owned();
+    let (ok, listed, err) =
+        run(format!("market list {token} --perpetual 0.1eth --timed 1d:0.01eth --json"), DEV_KEYS[1]).await;
+    assert!(ok, "{err}");
+    let order = listed["order_hash"].as_str().unwrap().to_owned();
+    let (ok, perpetual, err) = run(format!("license buy {order} --term perpetual --json"), DEV_KEYS[5]).await;
+    assert!(ok, "{err}");
+    let (ok, timed, err) = run(format!("license buy {order} --term timed --json"), DEV_KEYS[6]).await;
+    assert!(ok, "{err}");
+    let (l1, l2) = (
+        perpetual["license_id"].as_str().unwrap().to_owned(),
+        timed["license_id"].as_str().unwrap().to_owned(),
+    );
+
+    // The holder's copy: hash and node signature checked by the CLI, different from the original.
+    let copy = data.path().join("copy.safetensors");
+    let (ok, got, err) =
+        run(format!("license download {l1} -o {} --json", copy.display()), DEV_KEYS[5]).await;
+    assert!(ok, "{err}");
+    let bytes = std::fs::read(&copy).unwrap();
+    assert_eq!(got["blake3"], blake3::hash(&bytes).to_hex().as_str());
+    assert_eq!(bytes.len(), markable(3).len());
+    assert_ne!(bytes, markable(3));
+
+    // A partial file resumes with a range request and ends up identical.
+    std::fs::write(&copy, &bytes[..bytes.len() / 3]).unwrap();
+    let (ok, again, err) =
+        run(format!("license download {l1} -o {} --json", copy.display()), DEV_KEYS[5]).await;
+    assert!(ok, "{err}");
+    assert_eq!(again["blake3"], got["blake3"]);
+    assert_eq!(std::fs::read(&copy).unwrap(), bytes);
+
+    // The "leaked" copy is traced to the downloader's license with the node's key.
+    let key = data.path().join("watermark.key");
+    let (status, stdout, stderr) = tokio::task::spawn_blocking({
+        let (copy, key, original) =
+            (copy.display().to_string(), key.display().to_string(), original.display().to_string());
+        move || {
+            agora(
+                &[
+                    "watermark",
+                    "trace",
+                    &copy,
+                    "--key",
+                    &key,
+                    "--original",
+                    &original,
+                    "--licenses",
+                    "1-20",
+                    "--json",
+                ],
+                &[],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{stderr}");
+    let trace: Value = serde_json::from_str(&stdout).unwrap();
+    let accused: Vec<_> = trace["accused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["subject"]["license"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(accused, [l1.clone()], "{trace}");
+
+    // Only the holder, only while the license is active.
+    let other = data.path().join("other.safetensors");
+    let (ok, _, err) = run(format!("license download {l1} -o {}", other.display()), DEV_KEYS[6]).await;
+    assert!(!ok);
+    assert!(err.contains("another wallet"), "{err}");
+    let (ok, _, err) = run(format!("license download {l2} -o {}", other.display()), DEV_KEYS[6]).await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(format!("license download 999 -o {}", other.display()), DEV_KEYS[6]).await;
+    assert!(!ok);
+    assert!(err.contains("404"), "{err}");
+    let plain = reqwest::get(format!("{}/api/v1/licenses/{l1}/download", node.url)).await.unwrap();
+    assert_eq!(plain.status(), StatusCode::UNAUTHORIZED);
+
+    market.provider.anvil_increase_time(2 * 86_400).await.unwrap();
+    market.mine(1).await;
+    let (head, hash) = market.head().await;
+    node.wait_indexed(head, hash).await;
+    std::fs::remove_file(&other).unwrap();
+    let (ok, _, err) = run(format!("license download {l2} -o {}", other.display()), DEV_KEYS[6]).await;
+    assert!(!ok);
+    assert!(err.contains("expired at"), "{err}");
+    // Renewed, it works again.
+    let (ok, renewed, err) = run(format!("license buy {order} --term timed --json"), DEV_KEYS[6]).await;
+    assert!(ok, "{err}");
+    let l3 = renewed["license_id"].as_str().unwrap();
+    let (ok, _, err) = run(format!("license download {l3} -o {}", other.display()), DEV_KEYS[6]).await;
+    assert!(ok, "{err}");
+
+    let (_, log) = node.get("/api/v1/audit/log?limit=1000").await;
+    let downloads = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"].as_str().unwrap().starts_with("license.download"))
+        .count();
+    assert!(downloads >= 4, "{log}");
 }
