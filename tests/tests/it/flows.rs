@@ -17,12 +17,28 @@ use serde_json::{Value, json};
 
 use super::registry::{TOKEN, safetensors, start};
 
-/// Runs `agora ARGS` (split on spaces) with the chain, node and wallet of `key`.
-async fn cli(line: String, rpc: &str, node: &str, key: &str) -> (bool, Value, String) {
+/// Someone at a terminal, with a chain RPC and a node.
+struct User {
+    rpc: String,
+    node: String,
+}
+
+impl User {
+    /// Runs `agora LINE` (split on spaces) with the wallet of `key`.
+    fn run(
+        &self,
+        line: String,
+        key: &str,
+    ) -> impl std::future::Future<Output = (bool, Value, String)> + use<> {
+        cli(line, self.rpc.clone(), self.node.clone(), key.to_owned())
+    }
+}
+
+async fn cli(line: String, rpc: String, node: String, key: String) -> (bool, Value, String) {
     let env: Vec<(String, String)> = vec![
-        ("AGORA_RPC_URL".into(), rpc.into()),
-        ("AGORA_NODE_URL".into(), node.into()),
-        ("AGORA_PRIVATE_KEY".into(), key.into()),
+        ("AGORA_RPC_URL".into(), rpc),
+        ("AGORA_NODE_URL".into(), node),
+        ("AGORA_PRIVATE_KEY".into(), key),
     ];
     tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = line.split_whitespace().collect();
@@ -61,12 +77,8 @@ fn wei(v: &Value) -> U256 {
 #[tokio::test]
 async fn sell_list_browse_buy_earn_withdraw_cancel() {
     let (market, data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN)]).await;
-    let rpc = market.anvil.endpoint();
-    let url = node.url.clone();
-    let run = |line: String, key: &'static str| {
-        let (rpc, url) = (rpc.clone(), url.clone());
-        async move { cli(line, &rpc, &url, key).await }
-    };
+    let user = User { rpc: market.anvil.endpoint(), node: node.url.clone() };
+    let run = |line: String, key: &'static str| user.run(line, key);
     let file = data.path().join("encoder.safetensors");
     std::fs::write(&file, safetensors(64, 9)).unwrap();
     let (a2, a3, a4) = (market.address(2), market.address(3), market.address(4));
@@ -293,12 +305,8 @@ fn markable(seed: u32) -> Vec<u8> {
 #[tokio::test]
 async fn licensed_downloads_are_fingerprinted_gated_resumable_and_traceable() {
     let (market, data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN)]).await;
-    let rpc = market.anvil.endpoint();
-    let url = node.url.clone();
-    let run = |line: String, key: &'static str| {
-        let (rpc, url) = (rpc.clone(), url.clone());
-        async move { cli(line, &rpc, &url, key).await }
-    };
+    let user = User { rpc: market.anvil.endpoint(), node: node.url.clone() };
+    let run = |line: String, key: &'static str| user.run(line, key);
     let original = data.path().join("original.safetensors");
     std::fs::write(&original, markable(3)).unwrap();
     let (ok, published, err) =
@@ -369,7 +377,7 @@ async fn licensed_downloads_are_fingerprinted_gated_resumable_and_traceable() {
         .iter()
         .map(|e| e["subject"]["license"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(accused, [l1.clone()], "{trace}");
+    assert_eq!(accused, std::slice::from_ref(&l1), "{trace}");
 
     // Only the holder, only while the license is active.
     let other = data.path().join("other.safetensors");
