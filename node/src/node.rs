@@ -143,6 +143,8 @@ pub async fn run(
         provider: provider_for_api,
         watermark_key: watermark_key.clone(),
         delivery,
+        trace_limiter: Default::default(),
+        data_dir: config.storage.data_dir.clone(),
         max_upload: config.registry.max_upload,
     });
     tracing::info!(target: "agora::node", %local, chain_id = deployment.chain_id, registry = %deployment.model_registry, market = %deployment.license_market, "node started");

@@ -57,6 +57,10 @@ pub struct AppState {
     pub watermark_key: Arc<agora_watermark::MasterKey>,
     /// Fingerprinted copies for license holders.
     pub delivery: crate::market::delivery::Delivery,
+    /// Rate limit of `POST /api/v1/audit/trace`.
+    pub trace_limiter: audit::TraceLimiter,
+    /// For private temporary files (uploads being checked).
+    pub data_dir: std::path::PathBuf,
     /// Largest upload, in bytes.
     pub max_upload: u64,
 }
@@ -89,6 +93,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(market::licenses))
         .routes(routes!(market::license))
         .routes(routes!(audit::log))
+        .routes(routes!(audit::trace))
         .routes(routes!(delivery::download))
         .routes(routes!(orders::list))
         .routes(routes!(orders::order))

@@ -93,6 +93,7 @@ impl Cli {
                 dev::run(config, args, metrics).await
             }
             Command::Contracts(command) => command.run(&config).await,
+            Command::Audit(audit::AuditCommand::File(args)) => audit::file(args, &config).await,
             Command::Audit(command) => tokio::task::spawn_blocking(move || command.run(&config)).await?,
             Command::Artifacts(command) => tokio::task::spawn_blocking(move || command.run(&config)).await?,
             Command::Watermark(command) => tokio::task::spawn_blocking(move || command.run()).await?,

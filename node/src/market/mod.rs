@@ -5,6 +5,7 @@
 //! strings: JSON numbers cannot hold a `uint256`.
 
 pub mod delivery;
+pub mod forensics;
 pub mod orders;
 
 use agora_contracts::TermKind;
@@ -212,7 +213,7 @@ pub struct Page<T> {
     pub next: Option<U256>,
 }
 
-fn kind_name(kind: u8) -> String {
+pub(crate) fn kind_name(kind: u8) -> String {
     match TermKind::from_u8(kind) {
         Some(TermKind::Perpetual) => "perpetual".into(),
         Some(TermKind::Timed) => "timed".into(),

@@ -379,6 +379,26 @@ async fn licensed_downloads_are_fingerprinted_gated_resumable_and_traceable() {
         .collect();
     assert_eq!(accused, std::slice::from_ref(&l1), "{trace}");
 
+    // The node does the same for the model's owner: model, owner, license, holder, purchase.
+    let (ok, report, err) = run(format!("audit file {} --json", copy.display()), DEV_KEYS[1]).await;
+    assert!(ok, "{err}");
+    assert_eq!(report["identified"], true, "{report}");
+    assert_eq!(report["token_id"], token.as_str());
+    assert_eq!(report["accused"].as_array().unwrap().len(), 1, "{report}");
+    assert_eq!(report["accused"][0]["license_id"], l1.as_str());
+    assert_eq!(
+        report["accused"][0]["holder"].as_str().unwrap().to_lowercase(),
+        market.address(5).to_string().to_lowercase()
+    );
+    assert_eq!(report["accused"][0]["purchase_tx"], perpetual["tx"]);
+    // Not a public oracle: a buyer may not run it; the original itself accuses nobody.
+    let (ok, _, err) = run(format!("audit file {} --json", copy.display()), DEV_KEYS[6]).await;
+    assert!(!ok);
+    assert!(err.contains("403"), "{err}");
+    let (ok, clean, err) = run(format!("audit file {} --json", original.display()), DEV_KEYS[1]).await;
+    assert!(ok, "{err}");
+    assert_eq!(clean["identified"], false, "the unmarked original carries no owner mark: {clean}");
+
     // Only the holder, only while the license is active.
     let other = data.path().join("other.safetensors");
     let (ok, _, err) = run(format!("license download {l1} -o {}", other.display()), DEV_KEYS[6]).await;
