@@ -182,6 +182,15 @@ impl ArtifactStore {
         Ok(self.open_blob(hash)?.range(start, end))
     }
 
+    /// Writes a blob's plaintext to `out` (buffered, flushed); returns the bytes written.
+    pub fn copy_to(&self, hash: &[u8; 32], out: impl Write) -> Result<u64, ArtifactError> {
+        let mut reader = self.read_range(hash, 0, u64::MAX)?;
+        let mut out = BufWriter::with_capacity(1 << 20, out);
+        let copied = io::copy(&mut reader, &mut out)?;
+        out.flush()?;
+        Ok(copied)
+    }
+
     /// Drops one reference; the blob stays until [`Self::gc`].
     pub fn release(&self, hash: &[u8; 32]) -> Result<(), ArtifactError> {
         let mut record = self.store.get::<Blobs>(hash)?.ok_or_else(|| ArtifactError::NotFound(hex(hash)))?;

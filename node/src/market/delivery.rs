@@ -4,7 +4,6 @@
 //! first), and signed by the node's ed25519 key so the buyer can prove what was delivered.
 
 use std::{
-    io::{BufWriter, Read, Write},
     path::PathBuf,
     sync::{Arc, Mutex},
 };
@@ -173,19 +172,7 @@ impl Delivery {
     fn make(&self, license_id: U256, original: &[u8; 32]) -> Result<CopyRecord, DeliveryError> {
         std::fs::create_dir_all(&self.tmp)?;
         let plain = tempfile::Builder::new().prefix("original-").tempfile_in(&self.tmp)?;
-        {
-            let mut reader = self.artifacts.read_range(original, 0, u64::MAX)?;
-            let mut out = BufWriter::with_capacity(1 << 20, plain.as_file());
-            let mut buffer = vec![0u8; 1 << 20];
-            loop {
-                let n = reader.read(&mut buffer)?;
-                if n == 0 {
-                    break;
-                }
-                out.write_all(&buffer[..n])?;
-            }
-            out.flush()?;
-        }
+        self.artifacts.copy_to(original, plain.as_file())?;
         let marked = tempfile::Builder::new().prefix("copy-").tempfile_in(&self.tmp)?;
         let model_key = self.watermark.model_key(original);
         let license_key = model_key.license(license_id.saturating_to::<u128>());

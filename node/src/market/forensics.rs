@@ -2,11 +2,7 @@
 //! node holds whose tensor layout matches), then which license's copy it came from (by the
 //! fingerprints of that model's licenses), with the on-chain facts to check it by.
 
-use std::{
-    collections::BTreeSet,
-    io::{BufWriter, Read, Write},
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeSet, io::Read, path::Path};
 
 use agora_watermark::{Evidence, MasterKey, ModelFile, Options};
 use alloy::primitives::{Address, B256, U256};
@@ -119,18 +115,7 @@ fn decrypt(
 ) -> Result<tempfile::NamedTempFile, ForensicsError> {
     std::fs::create_dir_all(dir)?;
     let file = tempfile::Builder::new().prefix("original-").tempfile_in(dir)?;
-    let mut reader = artifacts.read_range(hash, 0, u64::MAX)?;
-    let mut out = BufWriter::with_capacity(1 << 20, file.as_file());
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = reader.read(&mut buffer)?;
-        if n == 0 {
-            break;
-        }
-        out.write_all(&buffer[..n])?;
-    }
-    out.flush()?;
-    drop(out);
+    artifacts.copy_to(hash, file.as_file())?;
     Ok(file)
 }
 
@@ -141,7 +126,7 @@ pub fn identify(
     artifacts: &ArtifactStore,
     master: &MasterKey,
     suspect: &Path,
-    tmp: &PathBuf,
+    tmp: &Path,
 ) -> Result<Result<Identified, usize>, ForensicsError> {
     let suspect_file = ModelFile::open(suspect).map_err(ForensicsError::Suspect)?;
     let want = layout(&suspect_file);
