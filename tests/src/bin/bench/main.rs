@@ -1,13 +1,14 @@
 //! `scripts/bench`: benchmarks printed beside a ceiling measured in the same run.
 //!
 //! `agora-bench watermark [--gib N]`: see `watermark.rs`; `agora-bench artifacts [--gib N]`: see
-//! `artifacts.rs`.
+//! `artifacts.rs`; `agora-bench flows [--gib N]`: see `flows.rs`.
 //!
 //! `agora-bench index [--events N]`: makes N marketplace events on a local anvil (purchases,
 //! distributions with their credits), then times a cold backfill into an empty data dir, beside
 //! the ceiling of fetching the same logs with `eth_getLogs` and decoding them without storing.
 
 mod artifacts;
+mod flows;
 mod watermark;
 
 use std::time::{Duration, Instant};
@@ -43,6 +44,13 @@ async fn main() -> anyhow::Result<()> {
             };
             tokio::task::spawn_blocking(move || watermark::run(gib)).await?
         }
+        Some("flows") => {
+            let gib = match args.iter().position(|a| a == "--gib") {
+                Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(1.0),
+                None => 1.0,
+            };
+            flows::run(gib).await
+        }
         Some("artifacts") => {
             let gib = match args.iter().position(|a| a == "--gib") {
                 Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(1.0),
@@ -51,7 +59,9 @@ async fn main() -> anyhow::Result<()> {
             artifacts::run(gib).await
         }
         _ => {
-            anyhow::bail!("usage: agora-bench index [--events N] | watermark [--gib N] | artifacts [--gib N]")
+            anyhow::bail!(
+                "usage: agora-bench index [--events N] | watermark [--gib N] | artifacts [--gib N] | flows [--gib N]"
+            )
         }
     }
 }
