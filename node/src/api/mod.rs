@@ -100,6 +100,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(orders::purchase))
         .routes(routes!(signin::nonce))
         .routes(routes!(signin::login))
+        .routes(routes!(registry::model))
         .routes(routes!(registry::versions))
         .routes(routes!(registry::stage))
         .routes(routes!(registry::metrics))

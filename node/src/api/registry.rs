@@ -547,3 +547,55 @@ pub async fn artifact(
     })?;
     transfer::serve_blob(state.registry.artifacts(), file.blake3, file.size, &headers, Some(&file.name))
 }
+
+/// A registered model as the node's API shows it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ModelJson {
+    pub name: String,
+    pub description: String,
+    pub tags: BTreeMap<String, String>,
+    /// Alias -> version.
+    pub aliases: BTreeMap<String, u32>,
+    /// The wallet that created it, when a wallet did.
+    #[schema(value_type = Option<String>)]
+    pub owner: Option<alloy::primitives::Address>,
+    pub user_id: String,
+    /// The on-chain token its newest anchored version belongs to, per the index.
+    pub token_id: Option<String>,
+    pub latest_version: Option<u32>,
+    /// Unix milliseconds.
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+/// One registered model: description, tags, aliases, owner, and its on-chain token once a
+/// version is anchored.
+#[utoipa::path(
+    get,
+    path = "/api/v1/models/{model_name}",
+    tag = "registry",
+    params(("model_name" = String, Path)),
+    responses((status = 200, body = ModelJson), (status = 404, body = super::error::ErrorBody))
+)]
+pub async fn model(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(model_name): Path<String>,
+) -> Result<Json<ModelJson>, ApiError> {
+    reader(&state, &headers)?;
+    let (model, versions) =
+        blocking(&state, move |r| Ok((r.require_model(&model_name)?, r.versions(&model_name)?))).await?;
+    let token_id = versions.iter().find_map(|v| v.anchored.as_ref().map(|a| a.token_id.clone()));
+    Ok(Json(ModelJson {
+        name: model.name,
+        description: model.description,
+        tags: model.tags,
+        aliases: model.aliases,
+        owner: model.owner,
+        user_id: model.user_id,
+        token_id,
+        latest_version: versions.first().map(|v| v.version.version),
+        created_at: model.created_ms,
+        updated_at: model.updated_ms,
+    }))
+}

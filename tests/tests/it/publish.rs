@@ -60,7 +60,14 @@ async fn a_seller_publishes_and_anchors_new_versions() {
         "{model}"
     );
     assert_eq!(model["model"]["splits"].as_array().unwrap().len(), 2);
-    // The registry says who owns it: the seller's wallet.
+    // The registry says who owns it (the seller's wallet) and which token it is.
+    let (_, registered) = node.get("/api/v1/models/fraud").await;
+    assert_eq!(
+        registered["owner"].as_str().unwrap().to_lowercase(),
+        market.address(1).to_string().to_lowercase()
+    );
+    assert_eq!(registered["token_id"], token_id.as_str());
+    assert_eq!(registered["latest_version"], 1);
     let (_, versions) = node.get("/api/v1/models/fraud/versions").await;
     assert_eq!(versions["versions"][0]["user_id"], market.address(1).to_checksum(None));
 
