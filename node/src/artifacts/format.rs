@@ -271,6 +271,12 @@ impl<F: Read + Seek> BlobFile<F> {
 
     /// The plaintext of chunk `index`, authenticated.
     pub fn chunk(&mut self, index: usize) -> Result<Vec<u8>, ArtifactError> {
+        let sealed = self.sealed(index)?;
+        self.opener().open(index, &sealed)
+    }
+
+    /// The sealed bytes of chunk `index`, as stored.
+    fn sealed(&mut self, index: usize) -> Result<Vec<u8>, ArtifactError> {
         let corrupt = |reason: String| ArtifactError::Corrupt { blob: self.name.clone(), reason };
         let start = self.offsets[index];
         let end = self.offsets.get(index + 1).copied().unwrap_or(self.footer_start);
@@ -286,21 +292,52 @@ impl<F: Read + Seek> BlobFile<F> {
         }
         let mut sealed = vec![0u8; length as usize];
         self.file.read_exact(&mut sealed)?;
+        Ok(sealed)
+    }
+
+    fn opener(&self) -> Opener<'_> {
+        Opener {
+            cipher: &self.cipher,
+            header: &self.header,
+            name: &self.name,
+            size: self.size,
+            chunks: self.offsets.len(),
+        }
+    }
+
+    /// Chunks `first..last` (exclusive), read in order and opened in parallel.
+    fn open_batch(&mut self, first: usize, last: usize) -> Result<Vec<Vec<u8>>, ArtifactError> {
+        let sealed = (first..last).map(|i| self.sealed(i)).collect::<Result<Vec<_>, _>>()?;
+        let opener = self.opener();
+        sealed.par_iter().enumerate().map(|(i, bytes)| opener.open(first + i, bytes)).collect()
+    }
+}
+
+/// What opening a chunk needs (no file: chunks open in parallel).
+struct Opener<'a> {
+    cipher: &'a XChaCha20Poly1305,
+    header: &'a [u8; HEADER_LEN],
+    name: &'a str,
+    size: u64,
+    chunks: usize,
+}
+
+impl Opener<'_> {
+    /// Authenticates, decrypts and decompresses chunk `index`.
+    fn open(&self, index: usize, sealed: &[u8]) -> Result<Vec<u8>, ArtifactError> {
+        let corrupt = |reason: String| ArtifactError::Corrupt { blob: self.name.to_owned(), reason };
         let compressed = self
             .cipher
             .decrypt(
                 &nonce(index as u64, Part::Chunk),
                 chacha20poly1305::aead::Payload {
-                    msg: &sealed,
-                    aad: &aad(&self.header, index as u64, Part::Chunk),
+                    msg: sealed,
+                    aad: &aad(self.header, index as u64, Part::Chunk),
                 },
             )
             .map_err(|_| corrupt(format!("chunk {index} does not authenticate (altered or moved)")))?;
-        let expected = if index + 1 == self.offsets.len() {
-            (self.size - (index * CHUNK) as u64) as usize
-        } else {
-            CHUNK
-        };
+        let expected =
+            if index + 1 == self.chunks { (self.size - (index * CHUNK) as u64) as usize } else { CHUNK };
         let plain = zstd::bulk::decompress(&compressed, expected)
             .map_err(|e| corrupt(format!("chunk {index} does not decompress: {e}")))?;
         if plain.len() != expected {
@@ -308,20 +345,23 @@ impl<F: Read + Seek> BlobFile<F> {
         }
         Ok(plain)
     }
+}
 
+impl<F: Read + Seek> BlobFile<F> {
     /// A reader of plaintext bytes `start..end` (clamped to the blob), one chunk in memory.
     pub fn range(self, start: u64, end: u64) -> RangeReader<F> {
         let end = end.min(self.size);
-        RangeReader { blob: self, position: start.min(end), end, current: None }
+        RangeReader { blob: self, position: start.min(end), end, ready: std::collections::VecDeque::new() }
     }
 }
 
-/// Plaintext of a byte range, decrypted chunk by chunk as it is read.
+/// Plaintext of a byte range, decrypted as it is read: up to [`BATCH`] chunks at a time, opened
+/// in parallel (memory: one batch).
 pub struct RangeReader<F> {
     blob: BlobFile<F>,
     position: u64,
     end: u64,
-    current: Option<(usize, Vec<u8>)>,
+    ready: std::collections::VecDeque<(usize, Vec<u8>)>,
 }
 
 impl<F: Read + Seek> Read for RangeReader<F> {
@@ -330,11 +370,17 @@ impl<F: Read + Seek> Read for RangeReader<F> {
             return Ok(0);
         }
         let index = (self.position / CHUNK as u64) as usize;
-        if self.current.as_ref().is_none_or(|(i, _)| *i != index) {
-            let chunk = self.blob.chunk(index).map_err(io::Error::other)?;
-            self.current = Some((index, chunk));
+        while self.ready.front().is_some_and(|(i, _)| *i < index) {
+            self.ready.pop_front();
         }
-        let (_, chunk) = self.current.as_ref().expect("loaded above");
+        if self.ready.front().is_none_or(|(i, _)| *i != index) {
+            self.ready.clear();
+            let last_needed = ((self.end - 1) / CHUNK as u64) as usize + 1;
+            let last = (index + BATCH).min(last_needed);
+            let opened = self.blob.open_batch(index, last).map_err(io::Error::other)?;
+            self.ready.extend((index..last).zip(opened));
+        }
+        let (_, chunk) = self.ready.front().expect("loaded above");
         let within = (self.position - (index * CHUNK) as u64) as usize;
         let available = (chunk.len() - within).min((self.end - self.position) as usize);
         let n = available.min(out.len());

@@ -6,6 +6,8 @@
 use agora_contracts::{LicenseMarket, ModelRegistry, anvil::DEV_KEYS, order_domain};
 use agora_e2e::agora;
 use alloy::{
+    eips::eip2718::Encodable2718,
+    network::TransactionBuilder,
     primitives::{U256, utils::parse_ether},
     providers::Provider,
     providers::ext::AnvilApi,
@@ -267,6 +269,74 @@ async fn listings_the_node_refuses() {
         (status, body["error"]["code"].as_str()),
         (StatusCode::UNPROCESSABLE_ENTITY, Some("stale_nonce"))
     );
+    // A client without its own RPC: the node prepares the purchase, the wallet signs it
+    // locally, the node relays the signed bytes (and relays nothing but purchases).
+    let buyer = market.address(5);
+    let prepared: Value = http
+        .post(format!("{}/api/v1/marketplace/purchase", node.url))
+        .json(&json!({"order_hash": first["order_hash"], "term": "perpetual", "from": buyer}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let fees = market.provider.estimate_eip1559_fees().await.unwrap();
+    let nonce = market.provider.get_transaction_count(buyer).await.unwrap();
+    let sign = |to: alloy::primitives::Address, data: alloy::primitives::Bytes, value: U256| {
+        let wallet = alloy::network::EthereumWallet::from(market.signer(5));
+        let request = alloy::rpc::types::TransactionRequest::default()
+            .with_from(buyer)
+            .with_to(to)
+            .with_value(value)
+            .with_input(data)
+            .with_nonce(nonce)
+            .with_chain_id(market.deployment.chain_id)
+            .with_gas_limit(prepared["gas"].as_u64().unwrap() * 2)
+            .with_max_fee_per_gas(fees.max_fee_per_gas)
+            .with_max_priority_fee_per_gas(fees.max_priority_fee_per_gas);
+        async move {
+            alloy::primitives::hex::encode_prefixed(
+                <alloy::rpc::types::TransactionRequest as alloy::network::NetworkTransactionBuilder<
+                    alloy::network::Ethereum,
+                >>::build(request, &wallet)
+                .await
+                .unwrap()
+                .encoded_2718(),
+            )
+        }
+    };
+    let data: alloy::primitives::Bytes = prepared["data"].as_str().unwrap().parse().unwrap();
+    let value: U256 = prepared["value"].as_str().unwrap().parse().unwrap();
+    let elsewhere = sign(market.address(3), data.clone(), value).await;
+    let r = http
+        .post(format!("{}/api/v1/marketplace/purchase", node.url))
+        .json(&json!({"raw_transaction": elsewhere}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let raw = sign(prepared["to"].as_str().unwrap().parse().unwrap(), data, value).await;
+    let relayed: Value = http
+        .post(format!("{}/api/v1/marketplace/purchase", node.url))
+        .json(&json!({"raw_transaction": raw}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let tx: alloy::primitives::B256 =
+        relayed["tx_hash"].as_str().unwrap_or_else(|| panic!("{relayed}")).parse().unwrap();
+    let receipt =
+        agora_e2e::eventually("the relayed purchase mined", std::time::Duration::from_secs(30), || async {
+            market.provider.get_transaction_receipt(tx).await.ok().flatten()
+        })
+        .await;
+    assert!(receipt.status());
+    let purchased = receipt.decoded_log::<LicenseMarket::LicensePurchased>().unwrap();
+    assert_eq!(purchased.holder, buyer);
+
     // Malformed JSON.
     let r = http
         .post(format!("{}/api/v1/marketplace/list", node.url))
