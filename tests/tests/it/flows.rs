@@ -272,15 +272,15 @@ async fn listings_the_node_refuses() {
     // A client without its own RPC: the node prepares the purchase, the wallet signs it
     // locally, the node relays the signed bytes (and relays nothing but purchases).
     let buyer = market.address(5);
-    let prepared: Value = http
-        .post(format!("{}/api/v1/marketplace/purchase", node.url))
-        .json(&json!({"order_hash": first["order_hash"], "term": "perpetual", "from": buyer}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let purchase = |body: Value| {
+        let request = http.post(format!("{}/api/v1/marketplace/purchase", node.url)).json(&body);
+        async move {
+            let r = request.send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (_, prepared) =
+        purchase(json!({"order_hash": first["order_hash"], "term": "perpetual", "from": buyer})).await;
     let fees = market.provider.estimate_eip1559_fees().await.unwrap();
     let nonce = market.provider.get_transaction_count(buyer).await.unwrap();
     let sign = |to: alloy::primitives::Address, data: alloy::primitives::Bytes, value: U256| {
@@ -309,23 +309,10 @@ async fn listings_the_node_refuses() {
     let data: alloy::primitives::Bytes = prepared["data"].as_str().unwrap().parse().unwrap();
     let value: U256 = prepared["value"].as_str().unwrap().parse().unwrap();
     let elsewhere = sign(market.address(3), data.clone(), value).await;
-    let r = http
-        .post(format!("{}/api/v1/marketplace/purchase", node.url))
-        .json(&json!({"raw_transaction": elsewhere}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = purchase(json!({"raw_transaction": elsewhere})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let raw = sign(prepared["to"].as_str().unwrap().parse().unwrap(), data, value).await;
-    let relayed: Value = http
-        .post(format!("{}/api/v1/marketplace/purchase", node.url))
-        .json(&json!({"raw_transaction": raw}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, relayed) = purchase(json!({"raw_transaction": raw})).await;
     let tx: alloy::primitives::B256 =
         relayed["tx_hash"].as_str().unwrap_or_else(|| panic!("{relayed}")).parse().unwrap();
     let receipt =
