@@ -126,6 +126,9 @@ pub async fn run(
         config.rpc_is_websocket(),
     )?;
     let indexer_task = tokio::spawn(indexer.run(shutdown.clone()));
+    let copies_task = tokio::spawn(
+        delivery.clone().prepare_on_purchase(Duration::from_millis(config.chain.poll_ms), shutdown.clone()),
+    );
 
     let listener = api::bind(config.http.addr).await?;
     let local = listener.local_addr()?;
@@ -142,7 +145,7 @@ pub async fn run(
         sessions,
         provider: provider_for_api,
         watermark_key: watermark_key.clone(),
-        delivery,
+        delivery: delivery.clone(),
         trace_limiter: Default::default(),
         data_dir: config.storage.data_dir.clone(),
         max_upload: config.registry.max_upload,
@@ -154,6 +157,7 @@ pub async fn run(
     api::serve(listener, router, shutdown).await.context("the HTTP server failed")?;
     let _ = monitor_task.await;
     let _ = indexer_task.await;
+    let _ = copies_task.await;
     drop(store);
     tracing::info!(target: "agora::node", "node stopped");
     Ok(())

@@ -2,6 +2,8 @@
 //! mark and that license's fingerprint (../shared/WATERMARK.md), made once per license and
 //! version, kept encrypted in the artifact store (bounded: least recently used copies go
 //! first), and signed by the node's ed25519 key so the buyer can prove what was delivered.
+//! Copies are made ahead, as soon as the index shows a purchase, so a first download usually
+//! finds its copy ready.
 
 use std::{
     path::PathBuf,
@@ -212,6 +214,66 @@ impl Delivery {
         }
         self.store.write(batch)?;
         Ok(())
+    }
+
+    /// Makes the copy of every perpetual or timed license bought from now on as soon as the
+    /// index has it, so the holder's first download streams at once. Stops on `shutdown`.
+    pub async fn prepare_on_purchase(
+        self,
+        poll: std::time::Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let last = |store: &Store| -> Result<U256, StoreError> {
+            Ok(store
+                .scan::<Licenses>(&[], None, true)
+                .next()
+                .transpose()?
+                .map(|(key, _)| U256::from_be_slice(&key))
+                .unwrap_or_default())
+        };
+        let mut seen = match last(&self.store) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::error!(target: "agora::delivery", error = %e, "cannot read the licenses; copies will be made on first download");
+                return;
+            }
+        };
+        let mut tick = tokio::time::interval(poll);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            let this = self.clone();
+            let from = seen;
+            let outcome = tokio::task::spawn_blocking(move || {
+                let mut latest = from;
+                let start = (from + U256::from(1)).to_be_bytes::<32>();
+                let new: Vec<_> = this.store.scan::<Licenses>(&[], Some(&start), false).collect::<Result<_, _>>()?;
+                for (key, license) in new {
+                    let id = U256::from_be_slice(&key);
+                    latest = latest.max(id);
+                    let kind = TermKind::from_u8(license.kind);
+                    if !matches!(kind, Some(TermKind::Perpetual | TermKind::Timed)) {
+                        continue;
+                    }
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                    match this.prepare(id, license.holder, now) {
+                        Ok(copy) => tracing::info!(target: "agora::delivery", license = %id, blake3 = %crate::artifacts::hex(&copy.blake3), "copy ready"),
+                        Err(e) => tracing::info!(target: "agora::delivery", license = %id, reason = %e, "no copy made ahead"),
+                    }
+                }
+                Ok::<_, StoreError>(latest)
+            })
+            .await;
+            match outcome {
+                Ok(Ok(latest)) => seen = latest,
+                Ok(Err(e)) => {
+                    tracing::warn!(target: "agora::delivery", error = %e, "cannot scan new licenses")
+                }
+                Err(e) => tracing::error!(target: "agora::delivery", error = %e, "the copy maker failed"),
+            }
+        }
     }
 
     fn sign(&self, license_id: U256, token_id: U256, version: u32, blake3: [u8; 32], size: u64) -> Copy {

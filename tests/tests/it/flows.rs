@@ -383,6 +383,13 @@ async fn licensed_downloads_are_fingerprinted_gated_resumable_and_traceable() {
         timed["license_id"].as_str().unwrap().to_owned(),
     );
 
+    // The node makes the copies as soon as it indexes the purchases, before anyone asks.
+    agora_e2e::eventually("copies made ahead", std::time::Duration::from_secs(60), || async {
+        let log = node.process.output();
+        (log.matches("copy ready").count() >= 2).then_some(())
+    })
+    .await;
+
     // The holder's copy: hash and node signature checked by the CLI, different from the original.
     let copy = data.path().join("copy.safetensors");
     let (ok, got, err) =
