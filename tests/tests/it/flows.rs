@@ -324,6 +324,19 @@ async fn listings_the_node_refuses() {
     let purchased = receipt.decoded_log::<LicenseMarket::LicensePurchased>().unwrap();
     assert_eq!(purchased.holder, buyer);
 
+    // Traces are limited per caller: ten a minute, then 429.
+    for i in 0..11 {
+        let r = http
+            .post(format!("{}/api/v1/audit/trace", node.url))
+            .bearer_auth(TOKEN)
+            .body(b"not a model".to_vec())
+            .send()
+            .await
+            .unwrap();
+        let want = if i < 10 { StatusCode::BAD_REQUEST } else { StatusCode::TOO_MANY_REQUESTS };
+        assert_eq!(r.status(), want, "trace {i}");
+    }
+
     // Malformed JSON.
     let r = http
         .post(format!("{}/api/v1/marketplace/list", node.url))
