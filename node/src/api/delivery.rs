@@ -22,6 +22,11 @@ impl From<DeliveryError> for ApiError {
             DeliveryError::Forbidden(_) | DeliveryError::Expired { .. } => {
                 ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
             }
+            // The model cannot carry a fingerprint (too few eligible weights): no copy can be
+            // made, which is not the server failing.
+            DeliveryError::Watermark(agora_watermark::WatermarkError::TooFewWeights { .. }) => {
+                ApiError::new(StatusCode::CONFLICT, "cannot_fingerprint", e.to_string())
+            }
             DeliveryError::Unavailable(_) => {
                 ApiError::new(StatusCode::CONFLICT, "unavailable", e.to_string())
             }

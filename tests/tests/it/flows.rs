@@ -131,6 +131,12 @@ async fn sell_list_browse_buy_earn_withdraw_cancel() {
         run(format!("license buy {order_hash} --term timed --json"), DEV_KEYS[6]).await;
     assert!(ok, "{err}");
     assert!(timed_license["license"]["expires_at"].as_u64().unwrap() > 0);
+    // This model is too small to carry a fingerprint: the download says so (409), not a 500.
+    let small = data.path().join("small-copy.safetensors");
+    let license = bought["license_id"].as_str().unwrap();
+    let (ok, _, err) = run(format!("license download {license} -o {}", small.display()), DEV_KEYS[5]).await;
+    assert!(!ok);
+    assert!(err.contains("409") && err.contains("eligible"), "{err}");
     let (ok, mine, err) = run("license list --json".into(), DEV_KEYS[5]).await;
     assert!(ok, "{err}");
     assert_eq!(mine["licenses"].as_array().unwrap().len(), 1);
