@@ -24,9 +24,18 @@ impl From<DeliveryError> for ApiError {
             }
             // The model cannot carry a fingerprint (too few eligible weights): no copy can be
             // made, which is not the server failing.
-            DeliveryError::Watermark(agora_watermark::WatermarkError::TooFewWeights { .. }) => {
-                ApiError::new(StatusCode::CONFLICT, "cannot_fingerprint", e.to_string())
-            }
+            DeliveryError::Watermark(agora_watermark::WatermarkError::TooFewWeights {
+                eligible,
+                needed,
+                ..
+            }) => ApiError::new(
+                StatusCode::CONFLICT,
+                "cannot_fingerprint",
+                format!(
+                    "this model has {eligible} eligible weights; a fingerprint needs at least {needed} \
+                         (float matrices of 65,536 elements or more), so no copy can be made"
+                ),
+            ),
             DeliveryError::Unavailable(_) => {
                 ApiError::new(StatusCode::CONFLICT, "unavailable", e.to_string())
             }
