@@ -50,6 +50,8 @@ pub struct RegistryConfig {
     pub max_upload: u64,
     /// Bytes of fingerprinted copies kept for license holders (least recently used go first).
     pub copy_cache: u64,
+    /// Bytes of loaded models kept in memory by deployments (least recently used go first).
+    pub model_cache: u64,
     /// The operator's bearer token; when unset the node creates one in
     /// `<data_dir>/admin.token` (mode 0600).
     pub admin_token: Option<String>,
@@ -57,7 +59,13 @@ pub struct RegistryConfig {
 
 impl Default for RegistryConfig {
     fn default() -> Self {
-        Self { private: false, max_upload: 20 << 30, copy_cache: 20 << 30, admin_token: None }
+        Self {
+            private: false,
+            max_upload: 20 << 30,
+            copy_cache: 20 << 30,
+            model_cache: 4 << 30,
+            admin_token: None,
+        }
     }
 }
 
@@ -213,6 +221,10 @@ pub struct ConfigArgs {
     #[arg(long, env = "AGORA_COPY_CACHE", global = true, help_heading = "Registry")]
     pub copy_cache: Option<u64>,
 
+    /// Bytes of loaded models deployments keep in memory [default: 4294967296, 4 GiB].
+    #[arg(long, env = "AGORA_MODEL_CACHE", global = true, help_heading = "Registry")]
+    pub model_cache: Option<u64>,
+
     /// The operator's bearer token [default: created in <data-dir>/admin.token].
     #[arg(long, env = "AGORA_ADMIN_TOKEN", global = true, help_heading = "Registry", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -322,6 +334,9 @@ impl Config {
         }
         if let Some(v) = args.copy_cache {
             self.registry.copy_cache = v;
+        }
+        if let Some(v) = args.model_cache {
+            self.registry.model_cache = v;
         }
         if let Some(v) = &args.admin_token {
             self.registry.admin_token = Some(v.clone());

@@ -13,6 +13,7 @@
 //! | [`artifacts`] | content-addressed blobs: blake3, zstd, encryption at rest |
 //! | [`audit`] | the hash-chained audit log of every mutating operation |
 //! | [`registry`] | registered models, versions, stages, aliases, metrics; the artifact tree |
+//! | [`serve`] | deployments: models served in-process, behind the license gate |
 //! | [`api`] | axum routers, error mapping, OpenAPI |
 //! | [`cli`] | `clap` commands |
 //! | [`node`] | wiring the services together, shutdown |
@@ -28,5 +29,6 @@ pub mod config;
 pub mod market;
 pub mod node;
 pub mod registry;
+pub mod serve;
 pub mod store;
 pub mod telemetry;

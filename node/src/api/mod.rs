@@ -7,6 +7,7 @@
 mod audit;
 pub mod auth;
 mod delivery;
+mod deploy;
 pub mod error;
 mod health;
 mod market;
@@ -57,6 +58,8 @@ pub struct AppState {
     pub watermark_key: Arc<agora_watermark::MasterKey>,
     /// Fingerprinted copies for license holders.
     pub delivery: crate::market::delivery::Delivery,
+    /// Deployments.
+    pub serve: crate::serve::Serve,
     /// Rate limit of `POST /api/v1/audit/trace`.
     pub trace_limiter: audit::TraceLimiter,
     /// For private temporary files (uploads being checked).
@@ -75,6 +78,7 @@ pub struct AppState {
         (name = "licenses", description = "Licenses"),
         (name = "audit", description = "The hash-chained audit log"),
         (name = "auth", description = "Sign-in with Ethereum (EIP-4361) and session tokens"),
+        (name = "deployments", description = "Models served by the node behind the license gate"),
         (name = "registry", description = "Registered models, versions, stages, metrics, files (MLflow's registry API is served too, under /api/2.0/mlflow)"),
     )
 )]
@@ -95,6 +99,10 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(audit::log))
         .routes(routes!(audit::trace))
         .routes(routes!(delivery::download))
+        .routes(routes!(deploy::create))
+        .routes(routes!(deploy::list))
+        .routes(routes!(deploy::get, deploy::delete))
+        .routes(routes!(deploy::predict))
         .routes(routes!(orders::list))
         .routes(routes!(orders::order))
         .routes(routes!(orders::purchase))

@@ -188,7 +188,7 @@ fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
     post,
     path = "/api/v1/models/register",
     tag = "registry",
-    request_body(content_type = "multipart/form-data", description = "parts `metadata` (JSON: name, description, tags, metrics, source, run_id) and `artifact` (the .safetensors file)"),
+    request_body(content_type = "multipart/form-data", description = "parts `metadata` (JSON: name, description, tags, metrics, source, run_id), `artifact` (the .safetensors file) and optionally `config` (the model's config.json, kept next to it)"),
     responses(
         (status = 201, body = VersionJson),
         (status = 400, body = super::error::ErrorBody),
@@ -214,6 +214,7 @@ pub async fn register(
     transfer::check_length(&headers, state.max_upload, 1 << 20)?;
     let mut metadata: Option<RegisterMetadata> = None;
     let mut file = None;
+    let mut config: Option<axum::body::Bytes> = None;
     let outcome = async {
         while let Some(field) = multipart
             .next_field()
@@ -230,6 +231,18 @@ pub async fn register(
                     })?;
                     registry::check_name(&parsed.name)?;
                     metadata = Some(parsed);
+                }
+                Some("config") => {
+                    let bytes = field.bytes().await.map_err(|e| {
+                        bad_request("invalid_multipart", format!("the config part failed: {e}"))
+                    })?;
+                    if bytes.len() > 1 << 20 {
+                        return Err(bad_request("invalid_config", "the config part is over 1 MiB"));
+                    }
+                    serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| {
+                        bad_request("invalid_config", format!("the config part is not JSON: {e}"))
+                    })?;
+                    config = Some(bytes);
                 }
                 Some("artifact") => {
                     if file.is_some() {
@@ -295,6 +308,12 @@ pub async fn register(
             ..Default::default()
         };
         let view = r.create_version(&ctx, &metadata.name, new)?;
+        // The model's config.json (e.g. an MLP's layers) sits next to its weights.
+        if let (Some(config), Some(dir)) = (&config, &view.version.artifact_dir) {
+            let blob = r.artifacts().put(&config[..], 1 << 20)?;
+            let node = Context { actor: Actor::Operator, request_id: ctx.request_id.clone() };
+            r.put_file(&node, &format!("{dir}/config.json"), &blob)?;
+        }
         if !points.is_empty() {
             r.log_metrics(&ctx, &metadata.name, view.version.version, points)?;
         }

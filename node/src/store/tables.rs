@@ -118,6 +118,8 @@ tables! {
     /// Fingerprinted copies made for licenses, by (license id, original's content hash).
     LicenseCopies = "license_copies", root: false, key: (U256, B256), value: CopyRecord,
         encode: |k| concat(&[&k.0.to_be_bytes::<32>(), k.1.as_slice()]);
+    /// Deployments by id.
+    Deployments = "deployments", root: false, key: u64, value: DeploymentRecord, encode: |k| k.to_be_bytes().to_vec();
     /// The artifact tree (MLflow's `mlflow-artifacts:` paths and registered files): blobs by path.
     ArtifactFiles = "artifact_files", root: false, key: String, value: FileRecord, encode: |k| k.as_bytes().to_vec();
 }
@@ -208,6 +210,22 @@ pub struct CopyRecord {
     pub last_used_ms: u64,
 }
 
+/// A deployment of a model version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    pub id: u64,
+    pub model: String,
+    pub version: u32,
+    pub runtime: String,
+    pub unit_cost: u64,
+    /// `ready` or `failed`.
+    pub status: String,
+    pub reason: Option<String>,
+    pub created_ms: u64,
+    /// Who deployed it.
+    pub actor: String,
+}
+
 /// A file of the artifact tree.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileRecord {
@@ -254,6 +272,8 @@ pub enum MetaKey {
     Reorgs,
     /// The registry's next model id.
     RegistryNextModel,
+    /// The next deployment id.
+    NextDeployment,
 }
 
 impl MetaKey {
@@ -265,6 +285,7 @@ impl MetaKey {
             Self::RootAccumulator => b"root_accumulator",
             Self::Reorgs => b"reorgs",
             Self::RegistryNextModel => b"registry_next_model",
+            Self::NextDeployment => b"next_deployment",
         }
     }
 }

@@ -9,6 +9,7 @@ mod mlflow;
 mod node;
 mod publish;
 mod registry;
+mod serve;
 mod signin;
 mod wallet;
 mod watermark;

@@ -1,0 +1,541 @@
+//! Deployments: the node serves registered models and is the gate in front of them.
+//!
+//! A deployment names a model version and a runtime. The `builtin` runtime runs the project's
+//! model families in-process on candle; today that is MLP classifiers and regressors described
+//! by a `config.json` next to the weights (`{"layers": [in, hidden…, out], "activation":
+//! "relu"|"tanh"|"gelu"|"sigmoid", "output": "identity"|"softmax"|"sigmoid"}`, tensors
+//! `layers.{i}.weight` `[out, in]` and `layers.{i}.bias` `[out]`). Loaded models are shared by
+//! blake3 in a cache bounded by bytes (least recently used go first).
+//!
+//! Deployments are records in RocksDB (they survive restarts); counters and latencies are kept
+//! in memory per process.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use alloy::primitives::U256;
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    artifacts::ArtifactStore,
+    registry::{Context, Registry, RegistryError, now_ms},
+    store::{
+        Store, StoreError,
+        tables::{DeploymentRecord, Deployments, Meta, MetaKey, MetaValue},
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("no deployment {0}")]
+    NotFound(u64),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("deployment {id} is not ready: {reason}")]
+    NotReady { id: u64, reason: String },
+    #[error("the model cannot run: {0}")]
+    Model(String),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn invalid(message: impl Into<String>) -> ServeError {
+    ServeError::Invalid(message.into())
+}
+
+/// The MLP's `config.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlpConfig {
+    pub layers: Vec<usize>,
+    #[serde(default = "relu")]
+    pub activation: String,
+    #[serde(default = "identity")]
+    pub output: String,
+}
+
+fn relu() -> String {
+    "relu".into()
+}
+
+fn identity() -> String {
+    "identity".into()
+}
+
+/// A loaded MLP.
+pub struct Mlp {
+    config: MlpConfig,
+    layers: Vec<(Tensor, Tensor)>,
+    pub bytes: u64,
+}
+
+fn model_error(e: candle_core::Error) -> ServeError {
+    ServeError::Model(e.to_string())
+}
+
+impl Mlp {
+    /// Builds the network from its config and the tensors of its safetensors file.
+    pub fn new(config: MlpConfig, mut tensors: HashMap<String, Tensor>) -> Result<Self, ServeError> {
+        if config.layers.len() < 2 || config.layers.contains(&0) {
+            return Err(ServeError::Model(
+                "config.json: `layers` needs at least an input and an output size, none zero".into(),
+            ));
+        }
+        if !["relu", "tanh", "gelu", "sigmoid"].contains(&config.activation.as_str()) {
+            return Err(ServeError::Model(format!(
+                "config.json: unknown activation {:?}",
+                config.activation
+            )));
+        }
+        if !["identity", "softmax", "sigmoid"].contains(&config.output.as_str()) {
+            return Err(ServeError::Model(format!("config.json: unknown output {:?}", config.output)));
+        }
+        let mut layers = Vec::new();
+        let mut bytes = 0u64;
+        for (i, pair) in config.layers.windows(2).enumerate() {
+            let (inputs, outputs) = (pair[0], pair[1]);
+            let mut take = |name: String, shape: &[usize]| -> Result<Tensor, ServeError> {
+                let t = tensors
+                    .remove(&name)
+                    .ok_or_else(|| ServeError::Model(format!("the weights have no tensor {name}")))?;
+                if t.dims() != shape {
+                    return Err(ServeError::Model(format!(
+                        "{name} has shape {:?}, config.json says {shape:?}",
+                        t.dims()
+                    )));
+                }
+                bytes += (t.elem_count() * 4) as u64;
+                t.to_dtype(DType::F32).map_err(model_error)
+            };
+            let w = take(format!("layers.{i}.weight"), &[outputs, inputs])?;
+            let b = take(format!("layers.{i}.bias"), &[outputs])?;
+            layers.push((w.t().map_err(model_error)?.contiguous().map_err(model_error)?, b));
+        }
+        Ok(Self { config, layers, bytes })
+    }
+
+    pub fn inputs(&self) -> usize {
+        self.config.layers[0]
+    }
+
+    /// One batch forward: rows of `inputs()` numbers in, rows of outputs out.
+    pub fn forward(&self, rows: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ServeError> {
+        let width = self.inputs();
+        if let Some((i, row)) = rows.iter().enumerate().find(|(_, r)| r.len() != width) {
+            return Err(invalid(format!("input row {i} has {} numbers; the model takes {width}", row.len())));
+        }
+        if rows.iter().flatten().any(|x| !x.is_finite()) {
+            return Err(invalid("inputs must be finite numbers"));
+        }
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        let mut x = Tensor::from_vec(flat, (rows.len(), width), &Device::Cpu).map_err(model_error)?;
+        let last = self.layers.len() - 1;
+        for (i, (w, b)) in self.layers.iter().enumerate() {
+            x = x.matmul(w).and_then(|y| y.broadcast_add(b)).map_err(model_error)?;
+            if i < last {
+                x = match self.config.activation.as_str() {
+                    "relu" => x.relu(),
+                    "tanh" => x.tanh(),
+                    "gelu" => x.gelu_erf(),
+                    _ => candle_core::Tensor::ones_like(&x)
+                        .and_then(|one| one.broadcast_div(&(x.neg()?.exp()? + 1.0)?)),
+                }
+                .map_err(model_error)?;
+            }
+        }
+        x = match self.config.output.as_str() {
+            "softmax" => {
+                let max = x.max_keepdim(1).map_err(model_error)?;
+                let e = x.broadcast_sub(&max).and_then(|d| d.exp()).map_err(model_error)?;
+                let sum = e.sum_keepdim(1).map_err(model_error)?;
+                e.broadcast_div(&sum).map_err(model_error)?
+            }
+            "sigmoid" => (x.neg().and_then(|n| n.exp()).and_then(|e| e + 1.0))
+                .and_then(|d| d.recip())
+                .map_err(model_error)?,
+            _ => x,
+        };
+        x.to_vec2::<f32>().map_err(model_error)
+    }
+}
+
+/// What a deployment shows.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct DeploymentView {
+    pub deployment_id: String,
+    pub model: String,
+    pub version: u32,
+    pub runtime: String,
+    /// The on-chain token whose licenses give access, when the version is anchored.
+    pub token_id: Option<String>,
+    /// `ready`, or `failed` with `reason`.
+    pub status: String,
+    pub reason: Option<String>,
+    pub unit_cost: u64,
+    pub requests: u64,
+    pub errors: u64,
+    /// Milliseconds, over this process's requests.
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub created_at: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    requests: u64,
+    errors: u64,
+    /// The last 10,000 latencies in milliseconds.
+    latencies: std::collections::VecDeque<f64>,
+}
+
+/// Loaded models and when each was last used.
+type ModelCache = HashMap<[u8; 32], (Arc<Mlp>, Instant)>;
+
+#[derive(Clone)]
+pub struct Serve {
+    store: Store,
+    registry: Registry,
+    artifacts: ArtifactStore,
+    tmp: std::path::PathBuf,
+    cache_limit: u64,
+    /// Loaded models by blake3 of (weights' hash, config), with when they were last used.
+    models: Arc<Mutex<ModelCache>>,
+    stats: Arc<Mutex<HashMap<u64, Stats>>>,
+    write: Arc<Mutex<()>>,
+}
+
+impl Serve {
+    pub fn new(
+        store: Store,
+        registry: Registry,
+        artifacts: ArtifactStore,
+        tmp: std::path::PathBuf,
+        cache_limit: u64,
+    ) -> Self {
+        Self {
+            store,
+            registry,
+            artifacts,
+            tmp,
+            cache_limit,
+            models: Arc::default(),
+            stats: Arc::default(),
+            write: Arc::default(),
+        }
+    }
+
+    /// Deploys a version (the model's owner or an operator): loads it to check it runs.
+    pub fn create(
+        &self,
+        ctx: &Context,
+        model: &str,
+        version: Option<u32>,
+        alias: Option<&str>,
+        runtime: &str,
+        unit_cost: u64,
+    ) -> Result<DeploymentView, ServeError> {
+        if runtime != "builtin" {
+            return Err(invalid(format!(
+                "runtime {runtime:?} is not available on this node; use \"builtin\""
+            )));
+        }
+        let view = match (version, alias) {
+            (Some(v), _) => self.registry.version(model, v)?,
+            (None, Some(a)) => self.registry.by_alias(model, a)?,
+            (None, None) => self
+                .registry
+                .versions(model)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| invalid(format!("'{model}' has no versions")))?,
+        };
+        match &ctx.actor {
+            crate::registry::Actor::Operator => {}
+            crate::registry::Actor::Wallet(a) if view.model.owner == Some(*a) => {}
+            crate::registry::Actor::Anonymous => {
+                return Err(ServeError::Registry(RegistryError::Unauthenticated(
+                    "deploying needs a bearer token".into(),
+                )));
+            }
+            _ => {
+                return Err(ServeError::Forbidden(format!(
+                    "only the owner of '{model}' or an operator deploys it"
+                )));
+            }
+        }
+        let (status, reason) = match self.load(&view) {
+            Ok(_) => ("ready".to_owned(), None),
+            Err(e) => ("failed".to_owned(), Some(e.to_string())),
+        };
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let id = match self.store.get::<Meta>(&MetaKey::NextDeployment)? {
+            Some(MetaValue::Count(n)) => n,
+            _ => 1,
+        };
+        let record = DeploymentRecord {
+            id,
+            model: model.to_owned(),
+            version: view.version.version,
+            runtime: runtime.to_owned(),
+            unit_cost,
+            status,
+            reason,
+            created_ms: now_ms(),
+            actor: ctx.actor.id(),
+        };
+        let mut batch = self.store.batch();
+        batch.put::<Meta>(&MetaKey::NextDeployment, &MetaValue::Count(id + 1))?;
+        batch.put::<Deployments>(&id, &record)?;
+        self.store.write(batch)?;
+        crate::audit::Audit::new(self.store.clone()).record(
+            &ctx.actor.id(),
+            "deployment.create",
+            &format!("deployment:{id} model:{model}/{}", record.version),
+            ctx.request_id.as_deref(),
+        )?;
+        self.view(&record)
+    }
+
+    fn view(&self, r: &DeploymentRecord) -> Result<DeploymentView, ServeError> {
+        let token_id = self.token_of(r)?.map(|t| t.to_string());
+        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let (requests, errors, p50, p99) = match stats.get(&r.id) {
+            Some(s) => {
+                let mut sorted: Vec<f64> = s.latencies.iter().copied().collect();
+                sorted.sort_by(f64::total_cmp);
+                let at = |q: f64| sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied();
+                (s.requests, s.errors, at(0.5), at(0.99))
+            }
+            None => (0, 0, None, None),
+        };
+        Ok(DeploymentView {
+            deployment_id: r.id.to_string(),
+            model: r.model.clone(),
+            version: r.version,
+            runtime: r.runtime.clone(),
+            token_id,
+            status: r.status.clone(),
+            reason: r.reason.clone(),
+            unit_cost: r.unit_cost,
+            requests,
+            errors,
+            latency_p50_ms: p50,
+            latency_p99_ms: p99,
+            created_at: r.created_ms,
+        })
+    }
+
+    /// The token whose licenses open a deployment: where its version's file is anchored.
+    pub fn token_of(&self, r: &DeploymentRecord) -> Result<Option<U256>, ServeError> {
+        let view = match self.registry.version(&r.model, r.version) {
+            Ok(view) => view,
+            Err(RegistryError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(view.anchored.and_then(|a| a.token_id.parse().ok()))
+    }
+
+    pub fn get(&self, id: u64) -> Result<(DeploymentRecord, DeploymentView), ServeError> {
+        let record = self.store.get::<Deployments>(&id)?.ok_or(ServeError::NotFound(id))?;
+        let view = self.view(&record)?;
+        Ok((record, view))
+    }
+
+    pub fn list(&self) -> Result<Vec<DeploymentView>, ServeError> {
+        self.store.iter::<Deployments>().map(|item| self.view(&item?.1)).collect()
+    }
+
+    pub fn delete(&self, ctx: &Context, id: u64) -> Result<(), ServeError> {
+        let record = self.store.get::<Deployments>(&id)?.ok_or(ServeError::NotFound(id))?;
+        let model = self.registry.require_model(&record.model).ok();
+        let allowed = match &ctx.actor {
+            crate::registry::Actor::Operator => true,
+            crate::registry::Actor::Wallet(a) => model.is_some_and(|m| m.owner == Some(*a)),
+            crate::registry::Actor::Anonymous => false,
+        };
+        if !allowed {
+            return Err(ServeError::Forbidden(format!(
+                "only the owner of '{}' or an operator removes its deployments",
+                record.model
+            )));
+        }
+        let mut batch = self.store.batch();
+        batch.delete::<Deployments>(&id);
+        self.store.write(batch)?;
+        crate::audit::Audit::new(self.store.clone()).record(
+            &ctx.actor.id(),
+            "deployment.delete",
+            &format!("deployment:{id}"),
+            ctx.request_id.as_deref(),
+        )?;
+        Ok(())
+    }
+
+    /// Loads (or finds in the cache) the MLP of a version.
+    fn load(&self, view: &crate::registry::VersionView) -> Result<Arc<Mlp>, ServeError> {
+        let file = view
+            .version
+            .file
+            .as_ref()
+            .ok_or_else(|| ServeError::Model("the version has no model file on this node".into()))?;
+        let dir = view
+            .version
+            .artifact_dir
+            .clone()
+            .ok_or_else(|| ServeError::Model("the version has no files on this node".into()))?;
+        let config_file = self
+            .registry
+            .file(&format!("{dir}/config.json"))?
+            .ok_or_else(|| ServeError::Model("the version has no config.json describing the MLP".into()))?;
+        let mut config_bytes = Vec::new();
+        self.artifacts
+            .copy_to(&config_file.blake3, &mut config_bytes)
+            .map_err(|e| ServeError::Model(e.to_string()))?;
+        let config: MlpConfig = serde_json::from_slice(&config_bytes)
+            .map_err(|e| ServeError::Model(format!("config.json: {e}")))?;
+        // The same weights under another config are another model.
+        let key = *blake3::Hasher::new().update(&file.blake3).update(&config_bytes).finalize().as_bytes();
+        if let Some((mlp, used)) = self.models.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&key) {
+            *used = Instant::now();
+            return Ok(mlp.clone());
+        }
+        std::fs::create_dir_all(&self.tmp).map_err(|e| ServeError::Model(e.to_string()))?;
+        let weights = tempfile::Builder::new()
+            .prefix("serve-")
+            .tempfile_in(&self.tmp)
+            .map_err(|e| ServeError::Model(e.to_string()))?;
+        self.artifacts
+            .copy_to(&file.blake3, weights.as_file())
+            .map_err(|e| ServeError::Model(e.to_string()))?;
+        let tensors = candle_core::safetensors::load(weights.path(), &Device::Cpu).map_err(model_error)?;
+        let mlp = Arc::new(Mlp::new(config, tensors)?);
+        let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
+        models.insert(key, (mlp.clone(), Instant::now()));
+        let mut total: u64 = models.values().map(|(m, _)| m.bytes).sum();
+        while total > self.cache_limit && models.len() > 1 {
+            let Some(oldest) = models.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k) else {
+                break;
+            };
+            if let Some((m, _)) = models.remove(&oldest) {
+                total -= m.bytes;
+            }
+        }
+        Ok(mlp)
+    }
+
+    /// Runs a batch on a ready deployment and records its latency.
+    pub fn predict(&self, record: &DeploymentRecord, rows: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ServeError> {
+        if record.status != "ready" {
+            return Err(ServeError::NotReady {
+                id: record.id,
+                reason: record.reason.clone().unwrap_or_default(),
+            });
+        }
+        if rows.is_empty() {
+            return Err(invalid("`inputs` holds no rows"));
+        }
+        let started = Instant::now();
+        let result = self
+            .registry
+            .version(&record.model, record.version)
+            .map_err(ServeError::from)
+            .and_then(|view| self.load(&view))
+            .and_then(|mlp| mlp.forward(rows));
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let s = stats.entry(record.id).or_default();
+        s.requests += 1;
+        if result.is_err() {
+            s.errors += 1;
+        }
+        s.latencies.push_back(started.elapsed().as_secs_f64() * 1e3);
+        if s.latencies.len() > 10_000 {
+            s.latencies.pop_front();
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensors(layers: &[usize]) -> HashMap<String, Tensor> {
+        let mut map = HashMap::new();
+        for (i, pair) in layers.windows(2).enumerate() {
+            let (n_in, n_out) = (pair[0], pair[1]);
+            let w: Vec<f32> = (0..n_in * n_out).map(|k| ((k * 7 + i) % 11) as f32 / 10.0 - 0.5).collect();
+            let b: Vec<f32> = (0..n_out).map(|k| k as f32 / 10.0).collect();
+            map.insert(
+                format!("layers.{i}.weight"),
+                Tensor::from_vec(w, (n_out, n_in), &Device::Cpu).unwrap(),
+            );
+            map.insert(format!("layers.{i}.bias"), Tensor::from_vec(b, n_out, &Device::Cpu).unwrap());
+        }
+        map
+    }
+
+    /// The same network by hand, as the reference.
+    fn reference(layers: &[usize], x: &[f32]) -> Vec<f32> {
+        let t = tensors(layers);
+        let mut v = x.to_vec();
+        for i in 0..layers.len() - 1 {
+            let w = t[&format!("layers.{i}.weight")].to_vec2::<f32>().unwrap();
+            let b = t[&format!("layers.{i}.bias")].to_vec1::<f32>().unwrap();
+            v = w
+                .iter()
+                .zip(&b)
+                .map(|(row, bias)| row.iter().zip(&v).map(|(a, x)| a * x).sum::<f32>() + bias)
+                .collect();
+            if i < layers.len() - 2 {
+                v.iter_mut().for_each(|x| *x = x.max(0.0));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn the_mlp_matches_a_hand_written_forward_pass() {
+        let layers = [4, 8, 3];
+        let config =
+            MlpConfig { layers: layers.to_vec(), activation: "relu".into(), output: "identity".into() };
+        let mlp = Mlp::new(config, tensors(&layers)).unwrap();
+        let rows = vec![vec![0.1, -0.2, 0.3, 0.4], vec![1.0, 2.0, -3.0, 0.5]];
+        let out = mlp.forward(&rows).unwrap();
+        for (row, got) in rows.iter().zip(&out) {
+            for (a, b) in reference(&layers, row).iter().zip(got) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+        }
+        let softmax = Mlp::new(
+            MlpConfig { layers: layers.to_vec(), activation: "relu".into(), output: "softmax".into() },
+            tensors(&layers),
+        )
+        .unwrap();
+        let p = softmax.forward(&rows).unwrap();
+        assert!(p.iter().all(|r| (r.iter().sum::<f32>() - 1.0).abs() < 1e-5));
+        assert!(matches!(mlp.forward(&[vec![1.0; 3]]), Err(ServeError::Invalid(_))));
+        assert!(matches!(mlp.forward(&[vec![f32::NAN; 4]]), Err(ServeError::Invalid(_))));
+    }
+
+    #[test]
+    fn bad_configs_and_weights_are_named() {
+        let bad = |config: MlpConfig, t| Mlp::new(config, t).err().map(|e| e.to_string()).unwrap_or_default();
+        let cfg = |layers: Vec<usize>, act: &str| MlpConfig {
+            layers,
+            activation: act.into(),
+            output: "identity".into(),
+        };
+        assert!(bad(cfg(vec![4], "relu"), tensors(&[4, 2])).contains("at least"));
+        assert!(bad(cfg(vec![4, 2], "swish"), tensors(&[4, 2])).contains("unknown activation"));
+        assert!(bad(cfg(vec![4, 3], "relu"), tensors(&[4, 2])).contains("shape"));
+        assert!(bad(cfg(vec![4, 2, 2], "relu"), tensors(&[4, 2])).contains("no tensor"));
+    }
+}

@@ -1,0 +1,164 @@
+//! Deployments against a node and a chain: an MLP registered with its config.json, deployed by
+//! its owner, answering license holders with the same numbers as a forward pass written here.
+
+use std::time::Duration;
+
+use agora_node::client::NodeClient;
+use reqwest::{StatusCode, multipart};
+use serde_json::{Value, json};
+
+use super::registry::{TOKEN, start};
+
+const LAYERS: [usize; 3] = [4, 8, 3];
+
+fn weight(layer: usize, k: usize) -> f32 {
+    ((k * 7 + layer * 3) % 13) as f32 / 10.0 - 0.6
+}
+
+/// The MLP's safetensors: `layers.{i}.weight` [out, in] and `layers.{i}.bias` [out], f32.
+fn mlp_file() -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut data: Vec<u8> = Vec::new();
+    for (i, pair) in LAYERS.windows(2).enumerate() {
+        let (n_in, n_out) = (pair[0], pair[1]);
+        for (name, shape, values) in [
+            (
+                format!("layers.{i}.weight"),
+                vec![n_out, n_in],
+                (0..n_in * n_out).map(|k| weight(i, k)).collect::<Vec<_>>(),
+            ),
+            (format!("layers.{i}.bias"), vec![n_out], (0..n_out).map(|k| k as f32 / 20.0).collect()),
+        ] {
+            let start = data.len();
+            data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            header.insert(name, json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}));
+        }
+    }
+    let header = Value::Object(header).to_string();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&data);
+    bytes
+}
+
+/// The forward pass by hand: ReLU between layers, identity output.
+fn reference(x: &[f32]) -> Vec<f32> {
+    let mut v = x.to_vec();
+    for (i, pair) in LAYERS.windows(2).enumerate() {
+        let (n_in, n_out) = (pair[0], pair[1]);
+        v = (0..n_out)
+            .map(|o| (0..n_in).map(|j| weight(i, o * n_in + j) * v[j]).sum::<f32>() + o as f32 / 20.0)
+            .collect();
+        if i + 2 < LAYERS.len() {
+            v.iter_mut().for_each(|x| *x = x.max(0.0));
+        }
+    }
+    v
+}
+
+async fn register(client: &NodeClient, name: &str, with_config: bool) -> Value {
+    let mut form = multipart::Form::new()
+        .text("metadata", json!({"name": name}).to_string())
+        .part("artifact", multipart::Part::bytes(mlp_file()).file_name("mlp.safetensors"));
+    if with_config {
+        form = form.part(
+            "config",
+            multipart::Part::text(json!({"layers": LAYERS, "activation": "relu"}).to_string()),
+        );
+    }
+    let response = client
+        .authorize(client.http.post(client.endpoint("/api/v1/models/register")).multipart(form))
+        .send()
+        .await
+        .unwrap();
+    agora_node::client::answer(response).await.unwrap()
+}
+
+#[tokio::test]
+async fn license_holders_get_the_models_answers() {
+    let (market, _data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN)]).await;
+    let mut seller = NodeClient::new(&node.url).unwrap();
+    seller.sign_in(&market.signer(1)).await.unwrap();
+    let version = register(&seller, "iris", true).await;
+    let hash = format!("0x{}", version["file"]["blake3"].as_str().unwrap()).parse().unwrap();
+    let token = market.register_content(hash, "iris").await;
+    agora_e2e::eventually("the anchor indexed", Duration::from_secs(30), || async {
+        let (_, v) = node.get("/api/v1/models/iris").await;
+        (v["token_id"] == token.to_string()).then_some(())
+    })
+    .await;
+
+    // Only the owner (or an operator) deploys.
+    let mut stranger = NodeClient::new(&node.url).unwrap();
+    stranger.sign_in(&market.signer(6)).await.unwrap();
+    let err = stranger.post_json("/api/v1/deployments/create", &json!({"model": "iris"})).await.unwrap_err();
+    assert!(err.to_string().contains("403"), "{err}");
+    let created = seller
+        .post_json("/api/v1/deployments/create", &json!({"model": "iris", "runtime": "builtin"}))
+        .await
+        .unwrap();
+    assert_eq!(created["status"], "ready", "{created}");
+    assert_eq!(created["token_id"], token.to_string());
+    let id = created["deployment_id"].as_str().unwrap().to_owned();
+
+    // A perpetual license holder gets the network's answers.
+    market.buy(token, 5, 0).await;
+    market.buy(token, 7, 2).await;
+    let (head, head_hash) = market.head().await;
+    node.wait_indexed(head, head_hash).await;
+    let mut buyer = NodeClient::new(&node.url).unwrap();
+    buyer.sign_in(&market.signer(5)).await.unwrap();
+    let rows = vec![vec![0.5, -1.0, 2.0, 0.25], vec![1.0, 1.0, 1.0, 1.0], vec![-3.0, 0.0, 0.5, 4.0]];
+    let answer = buyer
+        .post_json(&format!("/api/v1/deployments/{id}/predict"), &json!({"inputs": rows}))
+        .await
+        .unwrap();
+    let outputs = answer["outputs"].as_array().unwrap();
+    assert_eq!(outputs.len(), 3);
+    for (row, got) in rows.iter().zip(outputs) {
+        let got: Vec<f32> = got.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        for (a, b) in reference(row).iter().zip(&got) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    // Everyone else: no license 403, a usage license 402 (vouchers come with metering),
+    // nobody 401, bad input 400.
+    let path = format!("/api/v1/deployments/{id}/predict");
+    let err = stranger.post_json(&path, &json!({"inputs": [[1, 2, 3, 4]]})).await.unwrap_err();
+    assert!(err.to_string().contains("403"), "{err}");
+    let mut usage = NodeClient::new(&node.url).unwrap();
+    usage.sign_in(&market.signer(7)).await.unwrap();
+    let err = usage.post_json(&path, &json!({"inputs": [[1, 2, 3, 4]]})).await.unwrap_err();
+    assert!(err.to_string().contains("402"), "{err}");
+    let err = NodeClient::new(&node.url)
+        .unwrap()
+        .post_json(&path, &json!({"inputs": [[1, 2, 3, 4]]}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+    let err = buyer.post_json(&path, &json!({"inputs": [[1, 2, 3]]})).await.unwrap_err();
+    assert!(err.to_string().contains("400") && err.to_string().contains("takes 4"), "{err}");
+
+    let (_, status) = node.get(&format!("/api/v1/deployments/{id}")).await;
+    assert_eq!(status["requests"], 2, "{status}");
+    assert_eq!(status["errors"], 1);
+    assert!(status["latency_p50_ms"].as_f64().is_some());
+
+    // A version without config.json deploys as failed, with the reason.
+    register(&seller, "no-config", false).await;
+    let failed =
+        seller.post_json("/api/v1/deployments/create", &json!({"model": "no-config"})).await.unwrap();
+    assert_eq!(failed["status"], "failed");
+    assert!(failed["reason"].as_str().unwrap().contains("config.json"), "{failed}");
+    let (_, all) = node.get("/api/v1/deployments").await;
+    assert_eq!(all["deployments"].as_array().unwrap().len(), 2);
+    let response = seller
+        .authorize(seller.http.delete(
+            seller.endpoint(&format!("/api/v1/deployments/{}", failed["deployment_id"].as_str().unwrap())),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+}
