@@ -147,6 +147,7 @@ pub async fn run(
         watermark_key: watermark_key.clone(),
         delivery: delivery.clone(),
         trace_limiter: Default::default(),
+        usage_locks: Default::default(),
         serve: crate::serve::Serve::new(
             store.clone(),
             registry.clone(),

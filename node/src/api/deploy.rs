@@ -1,17 +1,19 @@
 //! Deployments over HTTP: create, list, show, remove, and predict behind the license gate.
 
 use agora_contracts::TermKind;
+use alloy::primitives::U256;
 use axum::{
     Json,
     extract::{Path, State},
-    http::{HeaderMap, StatusCode},
+    http::{HeaderMap, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
 
 use super::{AppState, auth, error::ApiError, registry::json};
 use crate::{
     registry::Actor,
-    serve::{DeploymentView, ServeError},
+    serve::{DeploymentView, ServeError, metering},
     store::tables::{HolderLicenses, Licenses},
 };
 
@@ -155,83 +157,187 @@ pub struct PredictAnswer {
 }
 
 /// Runs the deployed model. Holders of an active perpetual or timed license of the deployed
-/// model's token pass with their sign-in token, as do the model's owner and operators.
+/// model's token pass with their sign-in token, as do the model's owner and operators; holders
+/// of a usage license also send `Agora-Voucher` (base64 JSON `{license_id, cumulative_units,
+/// signature}`) and get an `Agora-Receipt`.
 #[utoipa::path(
     post,
     path = "/api/v1/deployments/{deployment_id}/predict",
     tag = "deployments",
     params(("deployment_id" = String, Path)),
     request_body = PredictRequest,
-    responses((status = 200, body = PredictAnswer), (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody), (status = 402, body = super::error::ErrorBody), (status = 403, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody))
+    responses((status = 200, body = PredictAnswer), (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody), (status = 402, body = super::error::ErrorBody), (status = 403, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody), (status = 409, body = super::error::ErrorBody))
 )]
 pub async fn predict(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(raw): Path<String>,
     body: axum::body::Bytes,
-) -> Result<Json<PredictAnswer>, ApiError> {
+) -> Result<Response, ApiError> {
     let ctx = auth::api_caller(&state, &headers)?;
     let id = parse_id(&raw)?;
     let request: PredictRequest = json(&body)?;
+    let voucher = headers
+        .get("agora-voucher")
+        .map(|v| {
+            v.to_str().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_voucher",
+                    "the Agora-Voucher header is not text",
+                )
+            })
+        })
+        .transpose()?
+        .map(|v| metering::parse_header(v).map_err(meter_error))
+        .transpose()?;
+    // The unit price is fixed at purchase: read once from the chain's escrow, then kept.
+    let unit_price = match &voucher {
+        Some((license, ..)) => Some(unit_price(&state, *license).await?),
+        None => None,
+    };
+    let request_hash = *blake3::hash(&body).as_bytes();
     let serve = state.serve.clone();
     let store = state.store.clone();
     let registry = state.registry.clone();
     let index = state.index.borrow().clone();
-    let answer = tokio::task::spawn_blocking(move || {
+    let (chain_id, market) = (state.deployment.chain_id, state.deployment.license_market);
+    let locks = state.usage_locks.clone();
+    let (answer, metered) = tokio::task::spawn_blocking(move || {
         let (record, _) = serve.get(id)?;
         let owner = registry.require_model(&record.model).ok().and_then(|m| m.owner);
-        let allowed = match &ctx.actor {
-            Actor::Operator => Ok(()),
-            Actor::Wallet(a) if owner == Some(*a) => Ok(()),
-            Actor::Anonymous => Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                "predicting needs a license holder's sign-in token",
-            )),
-            Actor::Wallet(caller) => {
-                let token = serve.token_of(&record)?.ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::FORBIDDEN,
-                        "forbidden",
-                        "the deployed version is not anchored on-chain, so no license opens it",
-                    )
-                })?;
-                let now = crate::market::MarketView::new(&store, index).chain_now()?;
-                let mut usage_only = false;
-                let mut ok = false;
-                for item in store.scan::<HolderLicenses>(caller.as_slice(), None, false) {
-                    let (key, ()) = item?;
-                    let license_id = alloy::primitives::U256::from_be_slice(&key[20..52]);
-                    let Some(license) = store.get::<Licenses>(&license_id)? else { continue };
-                    if license.token_id != token {
-                        continue;
-                    }
-                    match TermKind::from_u8(license.kind) {
-                        Some(TermKind::Perpetual) => ok = true,
-                        Some(TermKind::Timed) if license.expires_at > now => ok = true,
-                        Some(TermKind::Usage) if !license.closed => usage_only = true,
-                        _ => {}
-                    }
-                }
-                match (ok, usage_only) {
-                    (true, _) => Ok(()),
-                    (false, true) => Err(ApiError::new(
-                        StatusCode::PAYMENT_REQUIRED,
-                        "usage_not_metered",
-                        "your license is usage-based; calls paid by vouchers are not served by this node yet",
-                    )),
-                    (false, false) => Err(ApiError::new(
-                        StatusCode::FORBIDDEN,
-                        "forbidden",
-                        format!("{caller} holds no active license of token {token}"),
-                    )),
-                }
+        let caller = match &ctx.actor {
+            Actor::Operator => None,
+            Actor::Wallet(a) if owner == Some(*a) => None,
+            Actor::Anonymous => {
+                return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "predicting needs a license holder's sign-in token"));
             }
+            Actor::Wallet(caller) => Some(*caller),
         };
-        allowed?;
-        let outputs = serve.predict(&record, &request.inputs)?;
-        Ok::<_, ApiError>(PredictAnswer { outputs, model: record.model, version: record.version })
+        let Some(caller) = caller else {
+            let outputs = serve.predict(&record, &request.inputs)?;
+            return Ok((PredictAnswer { outputs, model: record.model, version: record.version }, None));
+        };
+        let token = serve.token_of(&record)?.ok_or_else(|| {
+            ApiError::new(StatusCode::FORBIDDEN, "forbidden", "the deployed version is not anchored on-chain, so no license opens it")
+        })?;
+        let cost = U256::from(record.unit_cost) * U256::from(request.inputs.len().max(1));
+        if let (Some((license, cumulative, signature)), Some(price)) = (voucher, unit_price) {
+            let lock = locks.of(license);
+            let _serialised = lock.lock().unwrap_or_else(|p| p.into_inner());
+            let accepted = metering::check(&store, caller, token, license, cumulative, &signature, cost, price, chain_id, market)
+                .map_err(meter_error)?;
+            let outputs = serve.predict(&record, &request.inputs)?;
+            metering::commit(&store, &accepted)?;
+            return Ok((PredictAnswer { outputs, model: record.model, version: record.version }, Some((license, cumulative))));
+        }
+        let now = crate::market::MarketView::new(&store, index).chain_now()?;
+        let mut usage = None;
+        let mut ok = false;
+        for item in store.scan::<HolderLicenses>(caller.as_slice(), None, false) {
+            let (key, ()) = item?;
+            let license_id = U256::from_be_slice(&key[20..52]);
+            let Some(license) = store.get::<Licenses>(&license_id)? else { continue };
+            if license.token_id != token {
+                continue;
+            }
+            match TermKind::from_u8(license.kind) {
+                Some(TermKind::Perpetual) => ok = true,
+                Some(TermKind::Timed) if license.expires_at > now => ok = true,
+                Some(TermKind::Usage) if !license.closed => usage = Some(license_id),
+                _ => {}
+            }
+        }
+        match (ok, usage) {
+            (true, _) => {
+                let outputs = serve.predict(&record, &request.inputs)?;
+                Ok((PredictAnswer { outputs, model: record.model, version: record.version }, None))
+            }
+            (false, Some(license)) => {
+                let required = metering::last_accepted(&store, license)? + cost;
+                Err(meter_error(metering::MeterError::Unpaid {
+                    reason: format!("license {license} is usage-based: send an Agora-Voucher for {required} cumulative units"),
+                    required: Some(required),
+                }))
+            }
+            (false, None) => Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("{caller} holds no active license of token {token}"))),
+        }
     })
     .await??;
-    Ok(Json(answer))
+    let mut response = Json(answer).into_response();
+    if let Some((license, cumulative)) = metered {
+        let time_ms = crate::registry::now_ms();
+        let signature = state.delivery.sign_message(&metering::receipt_bytes(
+            license,
+            cumulative,
+            &request_hash,
+            time_ms,
+        ));
+        let receipt = format!(
+            "license={license}; cumulative_units={cumulative}; request={}; time_ms={time_ms}; signature={}",
+            crate::artifacts::hex(&request_hash),
+            crate::artifacts::hex(&signature)
+        );
+        if let Ok(value) = HeaderValue::from_str(&receipt) {
+            response.headers_mut().insert("agora-receipt", value);
+        }
+    }
+    Ok(response)
+}
+
+fn meter_error(e: metering::MeterError) -> ApiError {
+    use metering::MeterError as M;
+    match e {
+        M::Unpaid { required, .. } => {
+            let mut error = ApiError::new(StatusCode::PAYMENT_REQUIRED, "payment_required", e.to_string());
+            if let Some(required) = required {
+                error.message = format!("{}; required_cumulative_units={required}", error.message);
+            }
+            error
+        }
+        M::Stale { .. } => ApiError::new(StatusCode::CONFLICT, "stale_voucher", e.to_string()),
+        M::Forbidden(_) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
+        M::Invalid(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_voucher", e.to_string()),
+        M::Store(s) => s.into(),
+    }
+}
+
+/// A usage license's price per unit: kept with its vouchers, else read from the chain.
+async fn unit_price(state: &AppState, license: U256) -> Result<U256, ApiError> {
+    if let Some(record) = state.store.get::<crate::store::tables::UsageRecords>(&license)? {
+        return Ok(record.unit_price);
+    }
+    let market = agora_contracts::LicenseMarket::new(state.deployment.license_market, &state.provider);
+    let escrow = market.escrowOf(license).call().await.map_err(|e| {
+        ApiError::chain_unavailable(format!("cannot read license {license}'s escrow from the chain: {e}"))
+    })?;
+    Ok(U256::from(escrow.unitPrice))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct UsageAnswer {
+    pub license_id: String,
+    /// The last voucher's count this node accepted (the next voucher carries this plus the
+    /// call's cost).
+    pub cumulative_units: String,
+    /// Wei per unit, when known.
+    pub unit_price: Option<String>,
+}
+
+/// The last accepted voucher count of a usage license (for clients that lost count).
+#[utoipa::path(get, path = "/api/v1/licenses/{license_id}/usage", tag = "licenses", params(("license_id" = String, Path)), responses((status = 200, body = UsageAnswer), (status = 404, body = super::error::ErrorBody)))]
+pub async fn usage(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<UsageAnswer>, ApiError> {
+    let license = super::params::path_id("license id", &raw)?;
+    if state.store.get::<Licenses>(&license)?.is_none() {
+        return Err(ApiError::not_found(format!("no license {license}")));
+    }
+    let record = state.store.get::<crate::store::tables::UsageRecords>(&license)?;
+    Ok(Json(UsageAnswer {
+        license_id: license.to_string(),
+        cumulative_units: metering::last_accepted(&state.store, license)?.to_string(),
+        unit_price: record.map(|r| r.unit_price.to_string()),
+    }))
 }

@@ -60,6 +60,8 @@ pub struct AppState {
     pub delivery: crate::market::delivery::Delivery,
     /// Deployments.
     pub serve: crate::serve::Serve,
+    /// Serialises metered calls per license.
+    pub usage_locks: crate::serve::metering::Locks,
     /// Rate limit of `POST /api/v1/audit/trace`.
     pub trace_limiter: audit::TraceLimiter,
     /// For private temporary files (uploads being checked).
@@ -103,6 +105,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(deploy::list))
         .routes(routes!(deploy::get, deploy::delete))
         .routes(routes!(deploy::predict))
+        .routes(routes!(deploy::usage))
         .routes(routes!(orders::list))
         .routes(routes!(orders::order))
         .routes(routes!(orders::purchase))

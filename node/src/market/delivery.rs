@@ -104,6 +104,11 @@ impl Delivery {
         &self.artifacts
     }
 
+    /// Signs `message` with the node's ed25519 key.
+    pub fn sign_message(&self, message: &[u8]) -> [u8; 64] {
+        self.node_key.sign(message).to_bytes()
+    }
+
     /// The node's public delivery key, hex.
     pub fn public_key(&self) -> String {
         crate::artifacts::hex(self.node_key.verifying_key().as_bytes())

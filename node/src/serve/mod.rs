@@ -10,6 +10,8 @@
 //! Deployments are records in RocksDB (they survive restarts); counters and latencies are kept
 //! in memory per process.
 
+pub mod metering;
+
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},

@@ -118,6 +118,8 @@ tables! {
     /// Fingerprinted copies made for licenses, by (license id, original's content hash).
     LicenseCopies = "license_copies", root: false, key: (U256, B256), value: CopyRecord,
         encode: |k| concat(&[&k.0.to_be_bytes::<32>(), k.1.as_slice()]);
+    /// Usage licenses: the last accepted voucher.
+    UsageRecords = "usage_records", root: false, key: U256, value: UsageRecord, encode: |k| u256_key(k);
     /// Deployments by id.
     Deployments = "deployments", root: false, key: u64, value: DeploymentRecord, encode: |k| k.to_be_bytes().to_vec();
     /// The artifact tree (MLflow's `mlflow-artifacts:` paths and registered files): blobs by path.
@@ -208,6 +210,17 @@ pub struct CopyRecord {
     pub size: u64,
     pub created_ms: u64,
     pub last_used_ms: u64,
+}
+
+/// The last voucher accepted for a usage license.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    pub cumulative: U256,
+    /// The holder's EIP-712 signature of it (what settlement submits).
+    pub signature: Vec<u8>,
+    /// Wei per unit, from the chain's escrow.
+    pub unit_price: U256,
+    pub updated_ms: u64,
 }
 
 /// A deployment of a model version.

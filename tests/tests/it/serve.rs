@@ -122,15 +122,10 @@ async fn license_holders_get_the_models_answers() {
         }
     }
 
-    // Everyone else: no license 403, a usage license 402 (vouchers come with metering),
-    // nobody 401, bad input 400.
+    // Everyone else: no license 403, nobody 401, bad input 400.
     let path = format!("/api/v1/deployments/{id}/predict");
     let err = stranger.post_json(&path, &json!({"inputs": [[1, 2, 3, 4]]})).await.unwrap_err();
     assert!(err.to_string().contains("403"), "{err}");
-    let mut usage = NodeClient::new(&node.url).unwrap();
-    usage.sign_in(&market.signer(7)).await.unwrap();
-    let err = usage.post_json(&path, &json!({"inputs": [[1, 2, 3, 4]]})).await.unwrap_err();
-    assert!(err.to_string().contains("402"), "{err}");
     let err = NodeClient::new(&node.url)
         .unwrap()
         .post_json(&path, &json!({"inputs": [[1, 2, 3, 4]]}))
@@ -143,6 +138,8 @@ async fn license_holders_get_the_models_answers() {
     let (_, status) = node.get(&format!("/api/v1/deployments/{id}")).await;
     assert_eq!(status["requests"], 2, "{status}");
     assert_eq!(status["errors"], 1);
+
+    metered_calls(&market, &node, &id).await;
     assert!(status["latency_p50_ms"].as_f64().is_some());
 
     // A version without config.json deploys as failed, with the reason.
@@ -161,4 +158,77 @@ async fn license_holders_get_the_models_answers() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
+}
+
+/// A usage license holder pays each call with a voucher; the node counts every unit once.
+async fn metered_calls(market: &agora_e2e::market::Market, node: &agora_e2e::Node, id: &str) {
+    use agora_node::serve::metering;
+    use alloy::{primitives::U256, signers::SignerSync};
+    let mut usage = NodeClient::new(&node.url).unwrap();
+    usage.sign_in(&market.signer(7)).await.unwrap();
+    let (_, licenses) = node.get(&format!("/api/v1/licenses?holder={}", market.address(7))).await;
+    let license: U256 = licenses["licenses"][0]["license_id"].as_str().unwrap().parse().unwrap();
+    let (chain, lm) = (market.deployment.chain_id, market.deployment.license_market);
+    let voucher = |signer: usize, cumulative: u64| {
+        let hash = metering::voucher_hash(license, U256::from(cumulative), chain, lm);
+        let signature = market.signer(signer).sign_hash_sync(&hash).unwrap();
+        metering::header(license, U256::from(cumulative), &signature.as_bytes())
+    };
+    let path = format!("/api/v1/deployments/{id}/predict");
+    let call = |rows: usize, header: Option<String>| {
+        let mut request = usage
+            .authorize(usage.http.post(usage.endpoint(&path)))
+            .json(&json!({"inputs": vec![vec![0.5, 1.0, -1.0, 2.0]; rows]}));
+        if let Some(h) = header {
+            request = request.header("agora-voucher", h);
+        }
+        async move {
+            let r = request.send().await.unwrap();
+            let status = r.status();
+            let receipt = r.headers().get("agora-receipt").map(|v| v.to_str().unwrap().to_owned());
+            (status, receipt, r.json::<Value>().await.unwrap())
+        }
+    };
+
+    // Without a voucher: 402 naming the count to sign.
+    let (status, _, body) = call(1, None).await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("required_cumulative_units=1"), "{body}");
+    // Paid calls, one row then two: receipts signed by the node.
+    let (status, receipt, body) = call(1, Some(voucher(7, 1))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(receipt.unwrap().contains("cumulative_units=1;"));
+    let (status, _, body) = call(2, Some(voucher(7, 3))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["outputs"].as_array().unwrap().len(), 2);
+    // Skipped, replayed, forged: refused, nothing counted.
+    let (status, _, body) = call(1, Some(voucher(7, 5))).await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED);
+    assert!(body["error"]["message"].as_str().unwrap().contains("required_cumulative_units=4"), "{body}");
+    let (status, _, _) = call(2, Some(voucher(7, 3))).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, _, body) = call(1, Some(voucher(8, 4))).await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED);
+    assert!(body["error"]["message"].as_str().unwrap().contains("not signed"), "{body}");
+    let (_, usage_now) = node.get(&format!("/api/v1/licenses/{license}/usage")).await;
+    assert_eq!(usage_now["cumulative_units"], "3");
+
+    // Twenty concurrent callers with counts 4..=23 in no order: each accepted call moved the
+    // count by exactly one, so the final count is 3 plus the accepted calls.
+    let calls: Vec<_> = (4..24u64).rev().map(|c| call(1, Some(voucher(7, c)))).collect();
+    let results = futures::future::join_all(calls).await;
+    let accepted = results.iter().filter(|(s, _, _)| *s == StatusCode::OK).count() as u64;
+    assert!(accepted >= 1);
+    let (_, usage_now) = node.get(&format!("/api/v1/licenses/{license}/usage")).await;
+    assert_eq!(usage_now["cumulative_units"], (3 + accepted).to_string());
+    let mut counted: Vec<String> = results.iter().filter_map(|(_, r, _)| r.clone()).collect();
+    counted.sort();
+    counted.dedup();
+    assert_eq!(counted.len() as u64, accepted, "every accepted call has its own receipt");
+
+    // The escrow covers 1,000 units: a call beyond it asks for a top-up.
+    let last = 3 + accepted;
+    let (status, _, body) = call(998, Some(voucher(7, last + 998))).await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("top up"), "{body}");
 }

@@ -1,0 +1,215 @@
+//! Metering usage licenses with buyer-signed vouchers.
+//!
+//! A voucher is the contract's EIP-712 `Voucher(licenseId, cumulativeUnits)` signed by the
+//! license's holder. A call that costs `c` units passes only with a voucher for exactly the last
+//! accepted count plus `c`, within the escrow (`cumulative × unit price ≤ deposited`, per the
+//! index) of an open license. Calls on one license are serialised, and the accepted voucher is
+//! written (synced) before the answer leaves, so no unit is lost or counted twice, and the
+//! latest voucher is what settlement submits on-chain.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use agora_contracts::{TermKind, order_domain};
+use alloy::{
+    primitives::{Address, B256, Signature, U256},
+    sol_types::SolStruct,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{
+    Store, StoreError,
+    tables::{Licenses, UsageRecord, UsageRecords},
+};
+
+alloy::sol! {
+    /// What a buyer signs for each call (the contract's `Voucher`).
+    struct Voucher {
+        uint256 licenseId;
+        uint256 cumulativeUnits;
+    }
+}
+
+/// The `Agora-Voucher` header, base64 of this JSON.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VoucherJson {
+    pub license_id: String,
+    pub cumulative_units: String,
+    /// 0x-hex, 65 bytes.
+    pub signature: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeterError {
+    /// 402: the call is not paid; `required` is the count a voucher must carry.
+    #[error("{reason}")]
+    Unpaid { reason: String, required: Option<U256> },
+    /// 409: a voucher already used, or older than the last accepted.
+    #[error("voucher for {cumulative} units is replayed or stale; the last accepted count is {last}")]
+    Stale { cumulative: U256, last: U256 },
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A voucher checked against everything but the call's success.
+pub struct Accepted {
+    pub license_id: U256,
+    pub cumulative: U256,
+    record: UsageRecord,
+}
+
+/// Serialises calls per license.
+#[derive(Clone, Default)]
+pub struct Locks(Arc<Mutex<HashMap<U256, Arc<Mutex<()>>>>>);
+
+impl Locks {
+    pub fn of(&self, license: U256) -> Arc<Mutex<()>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).entry(license).or_default().clone()
+    }
+}
+
+pub fn parse_header(value: &str) -> Result<(U256, U256, Vec<u8>), MeterError> {
+    use base64::Engine;
+    let bad = |why: String| MeterError::Invalid(format!("the Agora-Voucher header {why}"));
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(value.trim())
+        .map_err(|e| bad(format!("is not base64 ({e})")))?;
+    let json: VoucherJson =
+        serde_json::from_slice(&bytes).map_err(|e| bad(format!("is not the voucher JSON ({e})")))?;
+    let license = crate::api::parse_u256(&json.license_id).map_err(|e| bad(format!("license_id: {e}")))?;
+    let cumulative =
+        crate::api::parse_u256(&json.cumulative_units).map_err(|e| bad(format!("cumulative_units: {e}")))?;
+    let signature = alloy::primitives::hex::decode(json.signature.trim())
+        .map_err(|e| bad(format!("signature is not hex ({e})")))?;
+    Ok((license, cumulative, signature))
+}
+
+/// The header value for a voucher (what clients send).
+pub fn header(license: U256, cumulative: U256, signature: &[u8]) -> String {
+    use base64::Engine;
+    let json = VoucherJson {
+        license_id: license.to_string(),
+        cumulative_units: cumulative.to_string(),
+        signature: alloy::primitives::hex::encode_prefixed(signature),
+    };
+    base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&json).expect("a voucher serialises"))
+}
+
+/// The EIP-712 hash a holder signs for `cumulative` units of `license`.
+pub fn voucher_hash(license: U256, cumulative: U256, chain_id: u64, market: Address) -> B256 {
+    Voucher { licenseId: license, cumulativeUnits: cumulative }
+        .eip712_signing_hash(&order_domain(chain_id, market))
+}
+
+/// The last accepted count of a license (its settled units before the first voucher here).
+pub fn last_accepted(store: &Store, license: U256) -> Result<U256, StoreError> {
+    Ok(match store.get::<UsageRecords>(&license)? {
+        Some(r) => r.cumulative,
+        None => store.get::<Licenses>(&license)?.map(|l| l.settled_units).unwrap_or_default(),
+    })
+}
+
+/// Checks a voucher for a call of `cost` units by `caller` on a deployment of `token`.
+/// `unit_price` is the license's (from the chain). Call under the license's lock.
+#[allow(clippy::too_many_arguments)]
+pub fn check(
+    store: &Store,
+    caller: Address,
+    token: U256,
+    license_id: U256,
+    cumulative: U256,
+    signature: &[u8],
+    cost: U256,
+    unit_price: U256,
+    chain_id: u64,
+    market: Address,
+) -> Result<Accepted, MeterError> {
+    let license = store
+        .get::<Licenses>(&license_id)?
+        .ok_or_else(|| MeterError::Invalid(format!("no license {license_id}")))?;
+    if license.holder != caller {
+        return Err(MeterError::Forbidden(format!("license {license_id} belongs to another wallet")));
+    }
+    if license.token_id != token {
+        return Err(MeterError::Forbidden(format!(
+            "license {license_id} is for token {}, not this deployment's",
+            license.token_id
+        )));
+    }
+    if TermKind::from_u8(license.kind) != Some(TermKind::Usage) {
+        return Err(MeterError::Invalid(format!(
+            "license {license_id} is not a usage license; send no voucher"
+        )));
+    }
+    if license.closed {
+        return Err(MeterError::Unpaid { reason: format!("license {license_id} is closed"), required: None });
+    }
+    let last = last_accepted(store, license_id)?;
+    let required = last + cost;
+    if cumulative <= last {
+        return Err(MeterError::Stale { cumulative, last });
+    }
+    if cumulative != required {
+        return Err(MeterError::Unpaid {
+            reason: format!(
+                "this call costs {cost} units: the voucher must carry {required} (last accepted {last}), not {cumulative}"
+            ),
+            required: Some(required),
+        });
+    }
+    let signer = Signature::try_from(signature).ok().and_then(|s| {
+        s.recover_address_from_prehash(&voucher_hash(license_id, cumulative, chain_id, market)).ok()
+    });
+    if signer != Some(license.holder) {
+        return Err(MeterError::Unpaid {
+            reason: format!("the voucher is not signed by license {license_id}'s holder"),
+            required: Some(required),
+        });
+    }
+    let owed = cumulative.saturating_mul(unit_price);
+    if owed > license.deposited {
+        let top_up = owed - license.deposited;
+        return Err(MeterError::Unpaid {
+            reason: format!(
+                "the escrow holds {} wei; {cumulative} units cost {owed}: top up at least {top_up} wei",
+                license.deposited
+            ),
+            required: Some(required),
+        });
+    }
+    Ok(Accepted {
+        license_id,
+        cumulative,
+        record: UsageRecord {
+            cumulative,
+            signature: signature.to_vec(),
+            unit_price,
+            updated_ms: crate::registry::now_ms(),
+        },
+    })
+}
+
+/// Records an accepted voucher (synced) once its call has succeeded.
+pub fn commit(store: &Store, accepted: &Accepted) -> Result<(), StoreError> {
+    store.put::<UsageRecords>(&accepted.license_id, &accepted.record)
+}
+
+/// The bytes of a usage receipt, after this domain tag: license id, cumulative units (32 bytes
+/// each, big-endian), the request's blake3, the time in unix milliseconds (8 bytes).
+pub const RECEIPT_DOMAIN: &[u8] = b"agora-receipt-v1";
+
+pub fn receipt_bytes(license: U256, cumulative: U256, request: &[u8; 32], time_ms: u64) -> Vec<u8> {
+    let mut message = RECEIPT_DOMAIN.to_vec();
+    message.extend_from_slice(&license.to_be_bytes::<32>());
+    message.extend_from_slice(&cumulative.to_be_bytes::<32>());
+    message.extend_from_slice(request);
+    message.extend_from_slice(&time_ms.to_be_bytes());
+    message
+}
