@@ -22,7 +22,25 @@ pub struct Config {
     pub http: HttpConfig,
     pub registry: RegistryConfig,
     pub auth: AuthConfig,
+    pub settle: SettleConfig,
     pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SettleConfig {
+    /// The key that sends `settleUsage` (pays gas only); unset: no settlement from this node.
+    pub operator_key: Option<String>,
+    /// Settle a license once its unsettled value reaches this many wei (decimal).
+    pub min_wei: String,
+    /// Settle anything pending after it has waited this many seconds.
+    pub interval_secs: u64,
+}
+
+impl Default for SettleConfig {
+    fn default() -> Self {
+        Self { operator_key: None, min_wei: "10000000000000000".into(), interval_secs: 300 }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -237,6 +255,24 @@ pub struct ConfigArgs {
     #[arg(long, env = "AGORA_SESSION_SECS", global = true, help_heading = "Sign-in")]
     pub session_secs: Option<u64>,
 
+    /// Key that sends usage settlements (gas only) [default: none, no settlement].
+    #[arg(
+        long,
+        env = "AGORA_OPERATOR_KEY",
+        global = true,
+        help_heading = "Settlement",
+        hide_env_values = true
+    )]
+    pub operator_key: Option<String>,
+
+    /// Settle a usage license once its unsettled value reaches this many wei [default: 10^16].
+    #[arg(long, env = "AGORA_SETTLE_MIN_WEI", global = true, help_heading = "Settlement")]
+    pub settle_min_wei: Option<String>,
+
+    /// Settle anything pending after this many seconds [default: 300].
+    #[arg(long, env = "AGORA_SETTLE_INTERVAL", global = true, help_heading = "Settlement")]
+    pub settle_interval: Option<u64>,
+
     /// Log filter, e.g. `info` or `agora_node=debug` (RUST_LOG is read when this is unset) [default: info].
     #[arg(long = "log", env = "AGORA_LOG", global = true, help_heading = "Logging")]
     pub log_filter: Option<String>,
@@ -268,6 +304,10 @@ pub enum ConfigError {
     ZeroUpload,
     #[error("auth.session_secs must be at least 60")]
     ShortSession,
+    #[error("settle.min_wei {0:?} is not a decimal number of wei")]
+    SettleMin(String),
+    #[error("settle.operator_key (AGORA_OPERATOR_KEY) is not 32 bytes of hex")]
+    OperatorKey,
 }
 
 impl Config {
@@ -341,6 +381,15 @@ impl Config {
         if let Some(v) = &args.admin_token {
             self.registry.admin_token = Some(v.clone());
         }
+        if let Some(v) = args.operator_key.as_ref().filter(|k| !k.trim().is_empty()) {
+            self.settle.operator_key = Some(v.clone());
+        }
+        if let Some(v) = &args.settle_min_wei {
+            self.settle.min_wei = v.clone();
+        }
+        if let Some(v) = args.settle_interval {
+            self.settle.interval_secs = v;
+        }
         if let Some(v) = &args.siwe_domain {
             self.auth.domain = Some(v.clone());
         }
@@ -383,6 +432,17 @@ impl Config {
         }
         if self.auth.session_secs < 60 {
             return Err(ConfigError::ShortSession);
+        }
+        if self.settle.min_wei.parse::<alloy::primitives::U256>().is_err() {
+            return Err(ConfigError::SettleMin(self.settle.min_wei.clone()));
+        }
+        if self
+            .settle
+            .operator_key
+            .as_ref()
+            .is_some_and(|k| k.trim().parse::<alloy::signers::local::PrivateKeySigner>().is_err())
+        {
+            return Err(ConfigError::OperatorKey);
         }
         Ok(())
     }
@@ -455,6 +515,9 @@ impl Config {
     pub fn masked(&self) -> Self {
         let mut masked = self.clone();
         masked.chain.rpc_url = mask_url(&self.chain.rpc_url);
+        if masked.settle.operator_key.is_some() {
+            masked.settle.operator_key = Some("***".into());
+        }
         if masked.registry.admin_token.is_some() {
             masked.registry.admin_token = Some("***".into());
         }

@@ -126,6 +126,33 @@ pub async fn run(
         config.rpc_is_websocket(),
     )?;
     let indexer_task = tokio::spawn(indexer.run(shutdown.clone()));
+    let settle_task = match &config.settle.operator_key {
+        Some(key) => {
+            use alloy::providers::Provider as _;
+            let signer: alloy::signers::local::PrivateKeySigner =
+                key.trim().parse().context("AGORA_OPERATOR_KEY")?;
+            tracing::info!(target: "agora::node", operator = %signer.address(), "settling usage vouchers");
+            let operator = alloy::providers::ProviderBuilder::new()
+                .wallet(alloy::network::EthereumWallet::from(signer))
+                .connect(&config.chain.rpc_url)
+                .await
+                .context("cannot connect the operator wallet to the chain")?
+                .erased();
+            let settle = crate::serve::settle::SettleConfig {
+                min_wei: config.settle.min_wei.parse().unwrap_or_default(),
+                interval: Duration::from_secs(config.settle.interval_secs),
+                poll: Duration::from_millis(config.chain.poll_ms),
+            };
+            Some(tokio::spawn(crate::serve::settle::run(
+                store.clone(),
+                operator,
+                deployment.license_market,
+                settle,
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
     let copies_task = tokio::spawn(
         delivery.clone().prepare_on_purchase(Duration::from_millis(config.chain.poll_ms), shutdown.clone()),
     );
@@ -166,6 +193,9 @@ pub async fn run(
     let _ = monitor_task.await;
     let _ = indexer_task.await;
     let _ = copies_task.await;
+    if let Some(task) = settle_task {
+        let _ = task.await;
+    }
     drop(store);
     tracing::info!(target: "agora::node", "node stopped");
     Ok(())

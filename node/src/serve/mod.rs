@@ -11,6 +11,7 @@
 //! in memory per process.
 
 pub mod metering;
+pub mod settle;
 
 use std::{
     collections::HashMap,

@@ -232,3 +232,81 @@ async fn metered_calls(market: &agora_e2e::market::Market, node: &agora_e2e::Nod
     assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("top up"), "{body}");
 }
+
+#[tokio::test]
+async fn accepted_vouchers_are_settled_on_chain_even_after_a_crash() {
+    use agora_node::serve::metering;
+    use alloy::{primitives::U256, signers::SignerSync};
+    // A node that meters but does not settle (no operator key).
+    let (market, data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN)]).await;
+    let mut seller = NodeClient::new(&node.url).unwrap();
+    seller.sign_in(&market.signer(1)).await.unwrap();
+    let version = register(&seller, "iris", true).await;
+    let hash = format!("0x{}", version["file"]["blake3"].as_str().unwrap()).parse().unwrap();
+    let token = market.register_content(hash, "iris").await;
+    let license = market.buy(token, 7, 2).await;
+    let (head, head_hash) = market.head().await;
+    node.wait_indexed(head, head_hash).await;
+    let created = seller.post_json("/api/v1/deployments/create", &json!({"model": "iris"})).await.unwrap();
+    let id = created["deployment_id"].as_str().unwrap().to_owned();
+    let mut buyer = NodeClient::new(&node.url).unwrap();
+    buyer.sign_in(&market.signer(7)).await.unwrap();
+    let (chain, lm) = (market.deployment.chain_id, market.deployment.license_market);
+    for cumulative in 1..=5u64 {
+        let hash = metering::voucher_hash(license, U256::from(cumulative), chain, lm);
+        let signature = market.signer(7).sign_hash_sync(&hash).unwrap();
+        let r = buyer
+            .authorize(buyer.http.post(buyer.endpoint(&format!("/api/v1/deployments/{id}/predict"))))
+            .header("agora-voucher", metering::header(license, U256::from(cumulative), &signature.as_bytes()))
+            .json(&json!({"inputs": [[1.0, 2.0, 3.0, 4.0]]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+
+    // Killed before settling; restarted with an operator key, it settles what it accepted.
+    let mut node = node;
+    nix::sys::signal::kill(node.process.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
+    node.process.wait(Duration::from_secs(10));
+    let node = agora_e2e::Node::start(
+        &market.anvil.endpoint(),
+        &market.deployment_path(),
+        data.path(),
+        &[
+            ("AGORA_ADMIN_TOKEN", TOKEN),
+            ("AGORA_OPERATOR_KEY", agora_contracts::anvil::DEV_KEYS[0]),
+            ("AGORA_SETTLE_MIN_WEI", "1"),
+        ],
+    );
+    let settled = agora_e2e::eventually("the vouchers settled", Duration::from_secs(60), || async {
+        let (_, l) = node.get(&format!("/api/v1/licenses/{license}")).await;
+        (l["license"]["escrow"]["settled_units"] == "5").then_some(l)
+    })
+    .await;
+    let unit = U256::from(agora_e2e::market::UNIT_PRICE);
+    assert_eq!(settled["license"]["escrow"]["settled_amount"], (unit * U256::from(5)).to_string());
+    // Revenue booked less the 2.5% fee; distributed 50/30/20 to the wei.
+    market.distribute(token).await;
+    let (head, head_hash) = market.head().await;
+    node.wait_indexed(head, head_hash).await;
+    let paid = unit * U256::from(5);
+    let revenue = paid - paid * U256::from(250) / U256::from(10_000);
+    for (account, bps) in [(3usize, 3000u64), (4, 2000)] {
+        let (_, e) =
+            node.get(&format!("/api/v1/marketplace/earnings?address={}", market.address(account))).await;
+        assert_eq!(
+            e["earnings"]["royalties"],
+            (revenue * U256::from(bps) / U256::from(10_000)).to_string(),
+            "{e}"
+        );
+    }
+    let (_, e) = node.get(&format!("/api/v1/marketplace/earnings?address={}", market.address(2))).await;
+    let others =
+        revenue * U256::from(3000) / U256::from(10_000) + revenue * U256::from(2000) / U256::from(10_000);
+    assert_eq!(
+        e["earnings"]["royalties"],
+        (revenue - others).to_string(),
+        "the first recipient takes the rounding dust"
+    );
+}
