@@ -4,6 +4,7 @@
 mod artifacts;
 mod audit;
 mod contracts;
+mod deploy;
 mod dev;
 pub mod index;
 mod market;
@@ -56,6 +57,9 @@ pub enum Command {
     /// Buy licenses and see yours.
     #[command(subcommand)]
     License(market::LicenseCommand),
+    /// Deployments: create, status, predict (signing usage vouchers).
+    #[command(subcommand)]
+    Deploy(deploy::DeployCommand),
     /// Publish models: upload to the node, register on-chain.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -98,6 +102,7 @@ impl Cli {
             Command::Artifacts(command) => tokio::task::spawn_blocking(move || command.run(&config)).await?,
             Command::Watermark(command) => tokio::task::spawn_blocking(move || command.run()).await?,
             Command::Model(command) => command.run(&config).await,
+            Command::Deploy(command) => command.run(&config).await,
             Command::Market(command) => command.run(&config).await,
             Command::License(command) => command.run(&config).await,
             Command::Wallet(command) => tokio::task::spawn_blocking(move || command.run()).await?,

@@ -226,8 +226,53 @@ async fn metered_calls(market: &agora_e2e::market::Market, node: &agora_e2e::Nod
     counted.dedup();
     assert_eq!(counted.len() as u64, accepted, "every accepted call has its own receipt");
 
+    // The CLI signs its own vouchers, keeps the count in a state file, and recovers it from
+    // the node when the file is gone.
+    let state = tempfile::tempdir().unwrap();
+    let cli = |line: String| {
+        let env = [
+            ("AGORA_NODE_URL".to_owned(), node.url.clone()),
+            ("AGORA_RPC_URL".to_owned(), market.anvil.endpoint()),
+            ("AGORA_PRIVATE_KEY".to_owned(), agora_contracts::anvil::DEV_KEYS[7].to_owned()),
+            ("AGORA_STATE_DIR".to_owned(), state.path().display().to_string()),
+        ];
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = line.split_whitespace().collect();
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let (status, stdout, stderr) = agora_e2e::agora(&args, &env);
+            (status.success(), serde_json::from_str::<Value>(stdout.trim()).unwrap_or(Value::Null), stderr)
+        })
+    };
+    let before: u64 = node.get(&format!("/api/v1/licenses/{license}/usage")).await.1["cumulative_units"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    for round in 0..3 {
+        if round == 2 {
+            for entry in std::fs::read_dir(state.path()).unwrap() {
+                std::fs::remove_file(entry.unwrap().path()).unwrap();
+            }
+        }
+        let (ok, out, err) =
+            cli(format!("deploy predict {id} --input [[1,2,3,4],[0,0,0,1]] --license {license} --json"))
+                .await
+                .unwrap();
+        assert!(ok, "{err}");
+        assert_eq!(out["outputs"].as_array().unwrap().len(), 2);
+        assert!(
+            out["receipt"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("cumulative_units={};", before + 2 * (round + 1)))
+        );
+    }
+    let (ok, status, err) = cli(format!("deploy status {id} --json")).await.unwrap();
+    assert!(ok, "{err}");
+    assert!(status["requests"].as_u64().unwrap() > 3);
+
     // The escrow covers 1,000 units: a call beyond it asks for a top-up.
-    let last = 3 + accepted;
+    let last = 3 + accepted + 6;
     let (status, _, body) = call(998, Some(voucher(7, last + 998))).await;
     assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("top up"), "{body}");

@@ -1,0 +1,186 @@
+//! `agora deploy …`: deployments from the command line. `predict` on a usage license signs each
+//! call's voucher here (the key never leaves), keeping the license's running count under
+//! `~/.agora/state` (or `AGORA_STATE_DIR`) and recovering it from the node when it is missing.
+
+use std::path::PathBuf;
+
+use alloy::{primitives::U256, signers::Signer};
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use super::market::{Connected, PayArgs};
+use crate::{config::Config, serve::metering};
+
+#[derive(Subcommand, Debug)]
+pub enum DeployCommand {
+    /// Deploy a model version you own (runtime builtin).
+    Create {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: Option<u32>,
+        #[arg(long, conflicts_with = "version")]
+        alias: Option<String>,
+        /// Units a call costs per input row.
+        #[arg(long, default_value_t = 1)]
+        unit_cost: u64,
+        #[command(flatten)]
+        pay: PayArgs,
+    },
+    /// A deployment's status, requests, errors and latency.
+    Status {
+        id: u64,
+        #[command(flatten)]
+        pay: PayArgs,
+    },
+    /// Run the deployed model on inputs (rows of numbers, JSON).
+    Predict(PredictArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    pub id: u64,
+    /// The rows, e.g. '[[0.1, 0.2, 0.3, 0.4]]'.
+    #[arg(long, conflicts_with = "input_file")]
+    pub input: Option<String>,
+    #[arg(long)]
+    pub input_file: Option<PathBuf>,
+    /// Pay with this usage license (signs a voucher per call).
+    #[arg(long)]
+    pub license: Option<U256>,
+    /// Where running voucher counts are kept [default: ~/.agora/state].
+    #[arg(long, env = "AGORA_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub pay: PayArgs,
+}
+
+impl DeployCommand {
+    pub async fn run(self, config: &Config) -> anyhow::Result<()> {
+        match self {
+            Self::Create { model, version, alias, unit_cost, pay } => {
+                let c = Connected::open(&pay.node, &pay.wallet, config, false).await?.signed_in().await?;
+                let answer = c
+                    .node
+                    .post_json(
+                        "/api/v1/deployments/create",
+                        &json!({"model": model, "version": version, "alias": alias, "unit_cost": unit_cost}),
+                    )
+                    .await?;
+                print(pay.json, &answer, |a| {
+                    format!(
+                        "deployment {} of {} v{}: {}{}",
+                        a["deployment_id"].as_str().unwrap_or("?"),
+                        a["model"].as_str().unwrap_or("?"),
+                        a["version"],
+                        a["status"].as_str().unwrap_or("?"),
+                        a["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default()
+                    )
+                });
+                Ok(())
+            }
+            Self::Status { id, pay } => {
+                let node = crate::client::NodeClient::new(&pay.node.node)?;
+                let answer = node.get_json(&format!("/api/v1/deployments/{id}")).await?;
+                print(pay.json, &answer, |a| {
+                    format!(
+                        "deployment {id}: {} v{} {}; {} requests, {} errors, p50 {} ms, p99 {} ms",
+                        a["model"].as_str().unwrap_or("?"),
+                        a["version"],
+                        a["status"].as_str().unwrap_or("?"),
+                        a["requests"],
+                        a["errors"],
+                        a["latency_p50_ms"],
+                        a["latency_p99_ms"]
+                    )
+                });
+                Ok(())
+            }
+            Self::Predict(args) => predict(args, config).await,
+        }
+    }
+}
+
+fn print(json_out: bool, value: &Value, human: impl Fn(&Value) -> String) {
+    if json_out { println!("{value}") } else { println!("{}", human(value)) }
+}
+
+async fn predict(args: PredictArgs, config: &Config) -> anyhow::Result<()> {
+    let text = match (&args.input, &args.input_file) {
+        (Some(text), _) => text.clone(),
+        (None, Some(path)) => {
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+        }
+        (None, None) => bail!("give --input '[[…]]' or --input-file FILE"),
+    };
+    let rows: Vec<Vec<f32>> =
+        serde_json::from_str(&text).context("the input is not rows of numbers, e.g. [[0.1, 0.2]]")?;
+    let c = Connected::open(&args.pay.node, &args.pay.wallet, config, false).await?.signed_in().await?;
+    let path = format!("/api/v1/deployments/{}/predict", args.id);
+    let mut request =
+        c.node.authorize(c.node.http.post(c.node.endpoint(&path))).json(&json!({"inputs": rows}));
+    let mut counted = None;
+    if let Some(license) = args.license {
+        let deployment = c.node.get_json(&format!("/api/v1/deployments/{}", args.id)).await?;
+        let cost = U256::from(deployment["unit_cost"].as_u64().unwrap_or(1)) * U256::from(rows.len());
+        let state = state_file(&args.state_dir, c.chain_id, license)?;
+        let last = match std::fs::read_to_string(&state).ok().and_then(|t| t.trim().parse::<U256>().ok()) {
+            Some(last) => last,
+            None => {
+                let usage = c.node.get_json(&format!("/api/v1/licenses/{license}/usage")).await?;
+                usage["cumulative_units"]
+                    .as_str()
+                    .and_then(|v| v.parse().ok())
+                    .context("the node did not say the license's count")?
+            }
+        };
+        let cumulative = last + cost;
+        let signature =
+            c.signer.sign_hash(&metering::voucher_hash(license, cumulative, c.chain_id, c.market)).await?;
+        request =
+            request.header("agora-voucher", metering::header(license, cumulative, &signature.as_bytes()));
+        counted = Some((state, cumulative));
+    }
+    let response =
+        request.send().await.with_context(|| format!("cannot reach the node at {}", c.node.url))?;
+    let receipt = response.headers().get("agora-receipt").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let answer = match crate::client::answer(response).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            // The count here may be behind the node's (an answer lost on the way): the next
+            // call asks the node again.
+            if let Some((state, _)) = &counted {
+                let _ = std::fs::remove_file(state);
+            }
+            return Err(e);
+        }
+    };
+    if let Some((state, cumulative)) = counted {
+        write_state(&state, cumulative)?;
+    }
+    let out = json!({"outputs": answer["outputs"], "receipt": receipt});
+    print(args.pay.json, &out, |o| o["outputs"].to_string());
+    Ok(())
+}
+
+fn state_file(dir: &Option<PathBuf>, chain_id: u64, license: U256) -> anyhow::Result<PathBuf> {
+    let dir = match dir {
+        Some(d) => d.clone(),
+        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set; give --state-dir")?)
+            .join(".agora/state"),
+    };
+    Ok(dir.join(format!("usage-{chain_id}-{license}")))
+}
+
+/// Writes the count atomically (temp file, rename).
+fn write_state(path: &std::path::Path, cumulative: U256) -> anyhow::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, cumulative.to_string())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
