@@ -203,6 +203,7 @@ pub async fn predict(
     let index = state.index.borrow().clone();
     let (chain_id, market) = (state.deployment.chain_id, state.deployment.license_market);
     let locks = state.usage_locks.clone();
+    let delivery = state.delivery.clone();
     let (answer, metered) = tokio::task::spawn_blocking(move || {
         let (record, _) = serve.get(id)?;
         let owner = registry.require_model(&record.model).ok().and_then(|m| m.owner);
@@ -228,8 +229,11 @@ pub async fn predict(
             let accepted = metering::check(&store, caller, token, license, cumulative, &signature, cost, price, chain_id, market)
                 .map_err(meter_error)?;
             let outputs = serve.predict(&record, &request.inputs)?;
-            metering::commit(&store, &accepted)?;
-            return Ok((PredictAnswer { outputs, model: record.model, version: record.version }, Some((license, cumulative))));
+            let time_ms = crate::registry::now_ms();
+            let signature = delivery.sign_message(&metering::receipt_bytes(license, cumulative, &request_hash, time_ms));
+            let receipt = crate::store::tables::ReceiptRecord { request: request_hash, time_ms, signature: signature.to_vec() };
+            metering::commit(&store, &accepted, &receipt)?;
+            return Ok((PredictAnswer { outputs, model: record.model, version: record.version }, Some((license, cumulative, receipt))));
         }
         let now = crate::market::MarketView::new(&store, index).chain_now()?;
         let mut usage = None;
@@ -265,20 +269,14 @@ pub async fn predict(
     })
     .await??;
     let mut response = Json(answer).into_response();
-    if let Some((license, cumulative)) = metered {
-        let time_ms = crate::registry::now_ms();
-        let signature = state.delivery.sign_message(&metering::receipt_bytes(
-            license,
-            cumulative,
-            &request_hash,
-            time_ms,
-        ));
-        let receipt = format!(
-            "license={license}; cumulative_units={cumulative}; request={}; time_ms={time_ms}; signature={}",
-            crate::artifacts::hex(&request_hash),
-            crate::artifacts::hex(&signature)
+    if let Some((license, cumulative, receipt)) = metered {
+        let header = format!(
+            "license={license}; cumulative_units={cumulative}; request={}; time_ms={}; signature={}",
+            crate::artifacts::hex(&receipt.request),
+            receipt.time_ms,
+            crate::artifacts::hex(&receipt.signature)
         );
-        if let Ok(value) = HeaderValue::from_str(&receipt) {
+        if let Ok(value) = HeaderValue::from_str(&header) {
             response.headers_mut().insert("agora-receipt", value);
         }
     }
@@ -340,4 +338,72 @@ pub async fn usage(
         cumulative_units: metering::last_accepted(&state.store, license)?.to_string(),
         unit_price: record.map(|r| r.unit_price.to_string()),
     }))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ReceiptView {
+    pub cumulative_units: String,
+    /// blake3 of the request body, hex.
+    pub request: String,
+    pub time_ms: u64,
+    /// ed25519 over "agora-receipt-v1", license id, cumulative units, request hash, time.
+    pub signature: String,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ReceiptList {
+    pub license_id: String,
+    /// The node's ed25519 public key, hex.
+    pub node_key: String,
+    pub receipts: Vec<ReceiptView>,
+}
+
+/// The receipts of a usage license's metered calls (its holder or an operator).
+#[utoipa::path(get, path = "/api/v1/licenses/{license_id}/receipts", tag = "licenses", params(("license_id" = String, Path)), responses((status = 200, body = ReceiptList), (status = 401, body = super::error::ErrorBody), (status = 403, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody)))]
+pub async fn receipts(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Result<Json<ReceiptList>, ApiError> {
+    let ctx = auth::api_caller(&state, &headers)?;
+    let license = super::params::path_id("license id", &raw)?;
+    let record = state
+        .store
+        .get::<Licenses>(&license)?
+        .ok_or_else(|| ApiError::not_found(format!("no license {license}")))?;
+    match ctx.actor {
+        Actor::Operator => {}
+        Actor::Wallet(a) if a == record.holder => {}
+        Actor::Anonymous => {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "receipts need the holder's sign-in token",
+            ));
+        }
+        Actor::Wallet(_) => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("license {license} belongs to another wallet"),
+            ));
+        }
+    }
+    let store = state.store.clone();
+    let receipts = tokio::task::spawn_blocking(move || {
+        store
+            .scan::<crate::store::tables::UsageReceipts>(&license.to_be_bytes::<32>(), None, false)
+            .map(|item| {
+                let (key, r) = item?;
+                Ok(ReceiptView {
+                    cumulative_units: U256::from_be_slice(&key[32..64]).to_string(),
+                    request: crate::artifacts::hex(&r.request),
+                    time_ms: r.time_ms,
+                    signature: crate::artifacts::hex(&r.signature),
+                })
+            })
+            .collect::<Result<Vec<_>, crate::store::StoreError>>()
+    })
+    .await??;
+    Ok(Json(ReceiptList { license_id: license.to_string(), node_key: state.delivery.public_key(), receipts }))
 }

@@ -106,6 +106,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(deploy::get, deploy::delete))
         .routes(routes!(deploy::predict))
         .routes(routes!(deploy::usage))
+        .routes(routes!(deploy::receipts))
         .routes(routes!(orders::list))
         .routes(routes!(orders::order))
         .routes(routes!(orders::purchase))

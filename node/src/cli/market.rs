@@ -503,6 +503,12 @@ pub enum LicenseCommand {
     List(PayArgs),
     /// Download your fingerprinted copy (resumes a partial file; checks hash and the node's signature).
     Download(DownloadArgs),
+    /// The node's signed receipts of your usage license's calls, each signature checked.
+    Receipts {
+        license_id: U256,
+        #[command(flatten)]
+        pay: PayArgs,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -533,6 +539,7 @@ impl LicenseCommand {
             Self::Buy(args) => buy(args, config).await,
             Self::List(args) => licenses(args).await,
             Self::Download(args) => download(args, config).await,
+            Self::Receipts { license_id, pay } => receipts(license_id, pay, config).await,
         }
     }
 }
@@ -732,6 +739,62 @@ async fn download(args: DownloadArgs, config: &Config) -> anyhow::Result<()> {
             args.output.display(),
             args.license_id
         );
+    }
+    Ok(())
+}
+
+async fn receipts(license_id: U256, pay: PayArgs, config: &Config) -> anyhow::Result<()> {
+    let c = Connected::open(&pay.node, &pay.wallet, config, false).await?.signed_in().await?;
+    let answer = c.node.get_json(&format!("/api/v1/licenses/{license_id}/receipts")).await?;
+    let key: [u8; 32] = alloy::primitives::hex::decode(answer["node_key"].as_str().unwrap_or_default())
+        .ok()
+        .and_then(|k| k.try_into().ok())
+        .context("the node's key is not 32 bytes of hex")?;
+    let key =
+        ed25519_dalek::VerifyingKey::from_bytes(&key).context("the node's key is not an ed25519 key")?;
+    let mut rows = Vec::new();
+    for r in answer["receipts"].as_array().cloned().unwrap_or_default() {
+        let cumulative: U256 = r["cumulative_units"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .context("a receipt without a count")?;
+        let request: [u8; 32] = alloy::primitives::hex::decode(r["request"].as_str().unwrap_or_default())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .context("a receipt without a request hash")?;
+        let time_ms = r["time_ms"].as_u64().unwrap_or_default();
+        let signature: [u8; 64] = alloy::primitives::hex::decode(r["signature"].as_str().unwrap_or_default())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .context("a receipt without a signature")?;
+        let message = crate::serve::metering::receipt_bytes(license_id, cumulative, &request, time_ms);
+        let valid = key.verify_strict(&message, &ed25519_dalek::Signature::from_bytes(&signature)).is_ok();
+        rows.push(json!({"cumulative_units": cumulative.to_string(), "request": r["request"], "time_ms": time_ms, "signature": r["signature"], "valid": valid}));
+    }
+    let invalid = rows.iter().filter(|r| r["valid"] != true).count();
+    if pay.json {
+        println!(
+            "{}",
+            json!({"license_id": license_id.to_string(), "node_key": answer["node_key"], "receipts": rows, "invalid": invalid})
+        );
+    } else {
+        println!(
+            "{} receipts for license {license_id}, signed by node key {}",
+            rows.len(),
+            answer["node_key"].as_str().unwrap_or("?")
+        );
+        for r in &rows {
+            println!(
+                "  {:>10} units  {}  request {}  {}",
+                r["cumulative_units"].as_str().unwrap_or("?"),
+                r["time_ms"],
+                r["request"].as_str().unwrap_or("?"),
+                if r["valid"] == true { "valid" } else { "INVALID" }
+            );
+        }
+    }
+    if invalid > 0 {
+        bail!("{invalid} receipts do not verify against the node's key");
     }
     Ok(())
 }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::{
     Store, StoreError,
-    tables::{Licenses, UsageRecord, UsageRecords},
+    tables::{Licenses, ReceiptRecord, UsageReceipts, UsageRecord, UsageRecords},
 };
 
 alloy::sol! {
@@ -196,9 +196,12 @@ pub fn check(
     })
 }
 
-/// Records an accepted voucher (synced) once its call has succeeded.
-pub fn commit(store: &Store, accepted: &Accepted) -> Result<(), StoreError> {
-    store.put::<UsageRecords>(&accepted.license_id, &accepted.record)
+/// Records an accepted voucher and its receipt in one synced batch, once the call succeeded.
+pub fn commit(store: &Store, accepted: &Accepted, receipt: &ReceiptRecord) -> Result<(), StoreError> {
+    let mut batch = store.batch();
+    batch.put::<UsageRecords>(&accepted.license_id, &accepted.record)?;
+    batch.put::<UsageReceipts>(&(accepted.license_id, accepted.cumulative), receipt)?;
+    store.write(batch)
 }
 
 /// The bytes of a usage receipt, after this domain tag: license id, cumulative units (32 bytes

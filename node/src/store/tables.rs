@@ -120,6 +120,9 @@ tables! {
         encode: |k| concat(&[&k.0.to_be_bytes::<32>(), k.1.as_slice()]);
     /// Usage licenses: the last accepted voucher.
     UsageRecords = "usage_records", root: false, key: U256, value: UsageRecord, encode: |k| u256_key(k);
+    /// Usage receipts by (license id, cumulative units).
+    UsageReceipts = "usage_receipts", root: false, key: (U256, U256), value: ReceiptRecord,
+        encode: |k| concat(&[&k.0.to_be_bytes::<32>(), &k.1.to_be_bytes::<32>()]);
     /// Deployments by id.
     Deployments = "deployments", root: false, key: u64, value: DeploymentRecord, encode: |k| k.to_be_bytes().to_vec();
     /// The artifact tree (MLflow's `mlflow-artifacts:` paths and registered files): blobs by path.
@@ -221,6 +224,16 @@ pub struct UsageRecord {
     /// Wei per unit, from the chain's escrow.
     pub unit_price: U256,
     pub updated_ms: u64,
+}
+
+/// A usage receipt the node signed for a metered call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptRecord {
+    /// blake3 of the request body.
+    pub request: [u8; 32],
+    pub time_ms: u64,
+    /// ed25519 by the node's key over the receipt bytes.
+    pub signature: Vec<u8>,
 }
 
 /// A deployment of a model version.

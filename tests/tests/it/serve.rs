@@ -267,6 +267,11 @@ async fn metered_calls(market: &agora_e2e::market::Market, node: &agora_e2e::Nod
                 .contains(&format!("cumulative_units={};", before + 2 * (round + 1)))
         );
     }
+    // Every metered call left a signed receipt; the CLI checks them all.
+    let (ok, listed, err) = cli(format!("license receipts {license} --json")).await.unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(listed["invalid"], 0);
+    assert_eq!(listed["receipts"].as_array().unwrap().len() as u64, 2 + accepted + 3);
     let (ok, status, err) = cli(format!("deploy status {id} --json")).await.unwrap();
     assert!(ok, "{err}");
     assert!(status["requests"].as_u64().unwrap() > 3);
