@@ -503,6 +503,13 @@ pub enum LicenseCommand {
     List(PayArgs),
     /// Download your fingerprinted copy (resumes a partial file; checks hash and the node's signature).
     Download(DownloadArgs),
+    /// Close a usage license: the first run requests it, a run after the challenge window
+    /// closes it and credits the unused escrow (collect it with `agora market withdraw`).
+    Close {
+        license_id: U256,
+        #[command(flatten)]
+        pay: PayArgs,
+    },
     /// The node's signed receipts of your usage license's calls, each signature checked.
     Receipts {
         license_id: U256,
@@ -540,6 +547,7 @@ impl LicenseCommand {
             Self::List(args) => licenses(args).await,
             Self::Download(args) => download(args, config).await,
             Self::Receipts { license_id, pay } => receipts(license_id, pay, config).await,
+            Self::Close { license_id, pay } => close(license_id, pay, config).await,
         }
     }
 }
@@ -795,6 +803,59 @@ async fn receipts(license_id: U256, pay: PayArgs, config: &Config) -> anyhow::Re
     }
     if invalid > 0 {
         bail!("{invalid} receipts do not verify against the node's key");
+    }
+    Ok(())
+}
+
+async fn close(license_id: U256, pay: PayArgs, config: &Config) -> anyhow::Result<()> {
+    let c = Connected::open(&pay.node, &pay.wallet, config, true).await?;
+    let answer = c.node.get_json(&format!("/api/v1/licenses/{license_id}")).await?;
+    let escrow = &answer["license"]["escrow"];
+    if escrow.is_null() {
+        bail!("license {license_id} is not a usage license: nothing to close");
+    }
+    if escrow["closed"] == true {
+        bail!("license {license_id} is already closed");
+    }
+    let market = LicenseMarket::new(c.market, &c.provider);
+    match escrow["closable_at"].as_u64() {
+        None => {
+            let receipt = market
+                .requestClose(license_id)
+                .send()
+                .await
+                .map_err(|e| refused("requestClose", e))?
+                .get_receipt()
+                .await?;
+            c.wait_indexed(receipt.block_number).await?;
+            let at = receipt
+                .decoded_log::<LicenseMarket::CloseRequested>()
+                .map(|e| e.closableAt)
+                .unwrap_or_default();
+            let out = json!({"license_id": license_id.to_string(), "requested": true, "closable_at": at, "tx": receipt.transaction_hash});
+            if pay.json {
+                println!("{out}");
+            } else {
+                println!(
+                    "close of license {license_id} requested; run this again after {at} (unix seconds, chain time) to close it"
+                );
+            }
+        }
+        Some(at) => {
+            let receipt =
+                market.close(license_id).send().await.map_err(|e| refused("close", e))?.get_receipt().await?;
+            c.wait_indexed(receipt.block_number).await?;
+            let refund = receipt.decoded_log::<LicenseMarket::Closed>().map(|e| e.refund).unwrap_or_default();
+            let out = json!({"license_id": license_id.to_string(), "closed": true, "refund": refund.to_string(), "closable_at": at, "tx": receipt.transaction_hash});
+            if pay.json {
+                println!("{out}");
+            } else {
+                println!(
+                    "closed license {license_id}: {} of unused escrow credited; collect it with `agora market withdraw`",
+                    eth(&refund.to_string())
+                );
+            }
+        }
     }
     Ok(())
 }

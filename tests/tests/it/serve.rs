@@ -359,4 +359,37 @@ async fn accepted_vouchers_are_settled_on_chain_even_after_a_crash() {
         (revenue - others).to_string(),
         "the first recipient takes the rounding dust"
     );
+
+    // Closing: requested, refused while the challenge window is open, then the unused escrow
+    // (1,000 units paid, 5 settled) comes back to the buyer exactly.
+    let cli = |line: String| {
+        let env = [
+            ("AGORA_NODE_URL".to_owned(), node.url.clone()),
+            ("AGORA_RPC_URL".to_owned(), market.anvil.endpoint()),
+            ("AGORA_PRIVATE_KEY".to_owned(), agora_contracts::anvil::DEV_KEYS[7].to_owned()),
+        ];
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = line.split_whitespace().collect();
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let (status, stdout, stderr) = agora_e2e::agora(&args, &env);
+            (status.success(), serde_json::from_str::<Value>(stdout.trim()).unwrap_or(Value::Null), stderr)
+        })
+    };
+    let (ok, requested, err) = cli(format!("license close {license} --json")).await.unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(requested["requested"], true);
+    let (ok, _, err) = cli(format!("license close {license}")).await.unwrap();
+    assert!(!ok);
+    assert!(err.contains("ChallengeWindowOpen"), "{err}");
+    use alloy::providers::ext::AnvilApi;
+    market.provider.anvil_increase_time(3_601).await.unwrap();
+    market.mine(1).await;
+    let (head, head_hash) = market.head().await;
+    node.wait_indexed(head, head_hash).await;
+    let (ok, closed, err) = cli(format!("license close {license} --json")).await.unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(closed["refund"], (unit * U256::from(1000 - 5)).to_string());
+    let (ok, withdrawn, err) = cli("market withdraw --json".into()).await.unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(withdrawn["amount"], (unit * U256::from(1000 - 5)).to_string());
 }
