@@ -2,6 +2,7 @@
 //! URL it listens on, and waiting for conditions with a deadline instead of sleeping.
 
 pub mod market;
+pub mod mlp;
 pub mod proxy;
 
 use std::{

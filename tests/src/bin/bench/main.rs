@@ -1,7 +1,7 @@
 //! `scripts/bench`: benchmarks printed beside a ceiling measured in the same run.
 //!
 //! `agora-bench watermark [--gib N]`: see `watermark.rs`; `agora-bench artifacts [--gib N]`: see
-//! `artifacts.rs`; `agora-bench flows [--gib N]`: see `flows.rs`.
+//! `artifacts.rs`; `agora-bench flows [--gib N]`: see `flows.rs`; `agora-bench serve [--requests N]`: see `serve.rs`.
 //!
 //! `agora-bench index [--events N]`: makes N marketplace events on a local anvil (purchases,
 //! distributions with their credits), then times a cold backfill into an empty data dir, beside
@@ -9,6 +9,7 @@
 
 mod artifacts;
 mod flows;
+mod serve;
 mod watermark;
 
 use std::time::{Duration, Instant};
@@ -43,6 +44,13 @@ async fn main() -> anyhow::Result<()> {
                 None => 1.0,
             };
             tokio::task::spawn_blocking(move || watermark::run(gib)).await?
+        }
+        Some("serve") => {
+            let requests = match args.iter().position(|a| a == "--requests") {
+                Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(2_000),
+                None => 2_000,
+            };
+            serve::run(requests).await
         }
         Some("flows") => {
             let gib = match args.iter().position(|a| a == "--gib") {
