@@ -70,14 +70,7 @@ async fn through_node(
     expected: blake3::Hash,
 ) -> anyhow::Result<(f64, f64, u64)> {
     const TOKEN: &str = "benchmark-operator-token-0123456789";
-    let market = agora_e2e::market::Market::start().await;
-    let data = tempfile::tempdir()?;
-    let node = agora_e2e::Node::start(
-        &market.anvil.endpoint(),
-        &market.deployment_path(),
-        data.path(),
-        &[("AGORA_ADMIN_TOKEN", TOKEN), ("AGORA_LOG", "warn")],
-    );
+    let (_market, _data, node) = super::chain_and_node(TOKEN).await?;
     let client = reqwest::Client::new();
     let file = tokio::fs::File::open(path).await?;
     let chunks = futures::stream::unfold(file, |mut file| async move {

@@ -4,7 +4,6 @@
 
 use std::time::Instant;
 
-use agora_e2e::{Node, market::Market};
 use alloy::primitives::B256;
 
 const TOKEN: &str = "benchmark-operator-token-0123456789";
@@ -70,14 +69,7 @@ pub async fn run(gib: f64) -> anyhow::Result<()> {
     std::io::copy(&mut file, &mut sink)?;
     let plain = started.elapsed().as_secs_f64();
 
-    let market = Market::start().await;
-    let data = tempfile::tempdir()?;
-    let node = Node::start(
-        &market.anvil.endpoint(),
-        &market.deployment_path(),
-        data.path(),
-        &[("AGORA_ADMIN_TOKEN", TOKEN), ("AGORA_LOG", "warn")],
-    );
+    let (market, _data, node) = super::chain_and_node(TOKEN).await?;
     let mut operator = agora_node::client::NodeClient::new(&node.url)?;
     operator.token = Some(TOKEN.into());
     let body = tokio::fs::File::open(&path).await?;

@@ -27,6 +27,19 @@ use agora_node::{
 use alloy::{providers::Provider, rpc::types::Filter, sol_types::SolEventInterface};
 use futures::StreamExt;
 
+/// A local chain with the contracts and a node on it (quiet logs), with `token` as operator.
+async fn chain_and_node(token: &str) -> anyhow::Result<(Market, tempfile::TempDir, agora_e2e::Node)> {
+    let market = Market::start().await;
+    let data = tempfile::tempdir()?;
+    let node = agora_e2e::Node::start(
+        &market.anvil.endpoint(),
+        &market.deployment_path(),
+        data.path(),
+        &[("AGORA_ADMIN_TOKEN", token), ("AGORA_LOG", "warn")],
+    );
+    Ok((market, data, node))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use agora_e2e::{Node, market::Market, mlp};
+use agora_e2e::mlp;
 use agora_node::{client::NodeClient, serve::metering};
 use alloy::{primitives::U256, signers::SignerSync};
 use serde_json::json;
@@ -63,14 +63,7 @@ fn row(name: &str, o: &mut Outcome, baseline: Option<f64>) -> f64 {
 }
 
 pub async fn run(requests: usize) -> anyhow::Result<()> {
-    let market = Market::start().await;
-    let data = tempfile::tempdir()?;
-    let node = Node::start(
-        &market.anvil.endpoint(),
-        &market.deployment_path(),
-        data.path(),
-        &[("AGORA_ADMIN_TOKEN", TOKEN), ("AGORA_LOG", "warn")],
-    );
+    let (market, _data, node) = super::chain_and_node(TOKEN).await?;
     let mut seller = NodeClient::new(&node.url)?;
     seller.sign_in(&market.signer(1)).await?;
     let version = mlp::register(&seller, "bench", true).await;
