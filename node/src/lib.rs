@@ -29,6 +29,7 @@ pub mod config;
 pub mod market;
 pub mod node;
 pub mod registry;
+pub mod secrets;
 pub mod serve;
 pub mod store;
 pub mod telemetry;

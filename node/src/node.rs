@@ -81,11 +81,11 @@ pub async fn run(
 
     let provider = chain::connect(&config.chain.rpc_url).await?;
     let watermark_key = agora_watermark::MasterKey::from_bytes(
-        auth::load_or_create_key(&config.watermark_key_path()).with_context(|| {
+        crate::secrets::load_or_create_key(&config.watermark_key_path()).with_context(|| {
             format!("cannot read or create the watermark key {}", config.watermark_key_path().display())
         })?,
     );
-    let session_key = auth::load_or_create_key(&config.session_key_path()).with_context(|| {
+    let session_key = crate::secrets::load_or_create_key(&config.session_key_path()).with_context(|| {
         format!("cannot read or create the session key {}", config.session_key_path().display())
     })?;
     let sessions = auth::Sessions::new(
@@ -97,7 +97,7 @@ pub async fn run(
     .with_contract_check(erc1271(provider.clone()));
     let provider_for_api = provider.clone();
     let watermark_key = std::sync::Arc::new(watermark_key);
-    let node_key = auth::load_or_create_key(&config.node_key_path()).with_context(|| {
+    let node_key = crate::secrets::load_or_create_key(&config.node_key_path()).with_context(|| {
         format!("cannot read or create the node key {}", config.node_key_path().display())
     })?;
     let delivery = crate::market::delivery::Delivery::new(

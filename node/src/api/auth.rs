@@ -5,7 +5,7 @@
 //! the comparison does not leak how much of a guessed token was right. Any other token must be
 //! a wallet session from sign-in (`POST /api/v1/auth/login`).
 
-use std::{fs, io::Write, os::unix::fs::OpenOptionsExt, path::Path};
+use std::path::Path;
 
 use axum::http::{HeaderMap, StatusCode, header};
 
@@ -81,22 +81,12 @@ pub fn api_caller(state: &AppState, headers: &HeaderMap) -> Result<Context, ApiE
 
 /// Loads the operator token from `path`, creating a random one with mode 0600 when missing.
 pub fn load_or_create_token(path: &Path) -> std::io::Result<String> {
-    match fs::read_to_string(path) {
-        Ok(text) if text.trim().len() >= 16 => return Ok(text.trim().to_owned()),
-        Ok(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("{} holds no token of at least 16 characters", path.display()),
-            ));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    let token = crate::secrets::load_or_create(path)?;
+    if token.len() < 16 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} holds no token of at least 16 characters", path.display()),
+        ));
     }
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
-    let token = crate::artifacts::hex(&bytes);
-    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    file.write_all(token.as_bytes())?;
-    file.sync_all()?;
     Ok(token)
 }

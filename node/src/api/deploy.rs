@@ -113,7 +113,7 @@ pub async fn get(
 ) -> Result<Json<DeploymentView>, ApiError> {
     let id = parse_id(&raw)?;
     let serve = state.serve.clone();
-    Ok(Json(tokio::task::spawn_blocking(move || serve.get(id)).await??.1))
+    Ok(Json(tokio::task::spawn_blocking(move || serve.get(id)).await??))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -205,7 +205,7 @@ pub async fn predict(
     let locks = state.usage_locks.clone();
     let delivery = state.delivery.clone();
     let (answer, metered) = tokio::task::spawn_blocking(move || {
-        let (record, _) = serve.get(id)?;
+        let record = serve.record(id)?;
         let owner = registry.require_model(&record.model).ok().and_then(|m| m.owner);
         let caller = match &ctx.actor {
             Actor::Operator => None,

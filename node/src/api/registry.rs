@@ -543,24 +543,7 @@ pub async fn artifact(
     let ctx = auth::api_caller(&state, &headers)?;
     let version = parse_version(&version)?;
     let view = blocking(&state, move |r| r.version(&model_name, version)).await?;
-    match &ctx.actor {
-        Actor::Operator => {}
-        Actor::Wallet(a) if view.model.owner == Some(*a) => {}
-        Actor::Anonymous => {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                "downloading the original needs the owner's or an operator's token",
-            ));
-        }
-        Actor::Wallet(_) => {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "only the model's owner or an operator downloads the original",
-            ));
-        }
-    }
+    state.registry.authorize(&ctx.actor, &view.model)?;
     let file = view.version.file.ok_or_else(|| {
         ApiError::not_found(format!("version {version} of '{}' has no file in this node", view.model.name))
     })?;

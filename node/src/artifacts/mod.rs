@@ -18,9 +18,8 @@ pub mod backend;
 pub mod format;
 
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{self, File},
     io::{self, BufWriter, Read, Write},
-    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -245,34 +244,9 @@ impl ArtifactStore {
 
 /// Loads the master key from `path` (hex), creating it with mode 0600 when it does not exist.
 pub fn load_or_create_key(path: &Path) -> Result<MasterKey, ArtifactError> {
-    let fail = |reason: String| ArtifactError::Key { path: path.to_owned(), reason };
-    match fs::read_to_string(path) {
-        Ok(text) => {
-            let text = text.trim();
-            let bytes = blake3::Hash::from_hex(text).map_err(|_| {
-                fail("is not 64 hex characters; restore the right file (blobs need it)".into())
-            })?;
-            Ok(MasterKey::from_bytes(*bytes.as_bytes()))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let mut bytes = [0u8; 32];
-            getrandom::fill(&mut bytes).map_err(|e| fail(format!("no randomness: {e}")))?;
-            if let Some(dir) = path.parent() {
-                fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
-            }
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| fail(e.to_string()))?;
-            writeln!(file, "{}", hex(&bytes))
-                .and_then(|_| file.sync_all())
-                .map_err(|e| fail(e.to_string()))?;
-            Ok(MasterKey::from_bytes(bytes))
-        }
-        Err(e) => Err(fail(e.to_string())),
-    }
+    crate::secrets::load_or_create_key(path)
+        .map(MasterKey::from_bytes)
+        .map_err(|e| ArtifactError::Key { path: path.to_owned(), reason: format!("{e} (blobs need it)") })
 }
 
 /// A blob's name in its backend: `ab/abcd….blob`.

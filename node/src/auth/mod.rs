@@ -11,7 +11,6 @@
 
 use std::{
     collections::HashMap,
-    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -201,30 +200,6 @@ fn random_nonce() -> String {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).expect("the operating system's random source works");
     bytes.iter().map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char).collect()
-}
-
-/// Loads the session key from `path`, creating a random one with mode 0600 when missing.
-pub fn load_or_create_key(path: &Path) -> std::io::Result<[u8; 32]> {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let bytes = blake3::Hash::from_hex(text.trim()).map_err(|_| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("{} does not hold a 32-byte hex key", path.display()),
-                )
-            })?;
-            return Ok(*bytes.as_bytes());
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let mut key = [0u8; 32];
-    getrandom::fill(&mut key).map_err(std::io::Error::other)?;
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    file.write_all(crate::artifacts::hex(&key).as_bytes())?;
-    file.sync_all()?;
-    Ok(key)
 }
 
 /// The SIWE message a client signs to sign in to the node at `node_url`.

@@ -73,18 +73,21 @@ impl Connected {
     /// Waits until the node has indexed `block` (so what the user does next sees the change).
     pub async fn wait_indexed(&self, block: Option<u64>) -> anyhow::Result<()> {
         let Some(block) = block else { return Ok(()) };
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        loop {
-            let status = self.node.get_json("/api/v1/chain/status").await?;
-            if status["indexed_block"].as_u64().is_some_and(|b| b >= block) {
-                return Ok(());
+        let indexed = async {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                let status = self.node.get_json("/api/v1/chain/status").await?;
+                if status["indexed_block"].as_u64().is_some_and(|b| b >= block) {
+                    return Ok::<_, anyhow::Error>(());
+                }
             }
-            if std::time::Instant::now() > deadline {
-                bail!(
-                    "the transaction is in block {block} but the node has not indexed it after 120 s; check `GET /api/v1/chain/status`"
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        match tokio::time::timeout(Duration::from_secs(120), indexed).await {
+            Ok(result) => result,
+            Err(_) => bail!(
+                "the transaction is in block {block} but the node has not indexed it after 120 s; check `GET /api/v1/chain/status`"
+            ),
         }
     }
 
@@ -215,11 +218,7 @@ pub struct EarningsArgs {
     #[arg(long)]
     pub address: Option<Address>,
     #[command(flatten)]
-    pub wallet: WalletArgs,
-    #[command(flatten)]
-    pub node: NodeArgs,
-    #[arg(long)]
-    pub json: bool,
+    pub pay: PayArgs,
 }
 
 impl MarketCommand {
@@ -429,11 +428,11 @@ async fn cancel(args: CancelArgs, config: &Config) -> anyhow::Result<()> {
 async fn earnings(args: EarningsArgs) -> anyhow::Result<()> {
     let address = match args.address {
         Some(a) => a,
-        None => args.wallet.address()?,
+        None => args.pay.wallet.address()?,
     };
-    let node = NodeClient::new(&args.node.node)?;
+    let node = NodeClient::new(&args.pay.node.node)?;
     let answer = node.get_json(&format!("/api/v1/marketplace/earnings?address={address}")).await?;
-    if args.json {
+    if args.pay.json {
         println!("{answer}");
         return Ok(());
     }
@@ -597,23 +596,8 @@ async fn buy(args: BuyArgs, config: &Config) -> anyhow::Result<()> {
                 .licenseId
         }
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let license = loop {
-        match c.node.get_json(&format!("/api/v1/licenses/{license_id}")).await {
-            Ok(l)
-                if l["license"]["holder"]
-                    .as_str()
-                    .is_some_and(|h| h.eq_ignore_ascii_case(&buyer.to_string())) =>
-            {
-                break l;
-            }
-            _ if std::time::Instant::now() > deadline => bail!(
-                "license {license_id} is bought (tx {}) but the node has not indexed it after 120 s",
-                receipt.transaction_hash
-            ),
-            _ => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    };
+    c.wait_indexed(receipt.block_number).await?;
+    let license = c.node.get_json(&format!("/api/v1/licenses/{license_id}")).await?;
     let out = json!({"license_id": license_id.to_string(), "tx": receipt.transaction_hash, "block": receipt.block_number, "license": license["license"]});
     if args.pay.json {
         println!("{out}");

@@ -8,7 +8,7 @@
 //!    then for the node to index it.
 //! 4. Prints the token id, the transaction, the version and the commitment.
 
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
 use agora_contracts::ModelRegistry;
 use alloy::primitives::{Address, B256, U256};
@@ -142,25 +142,14 @@ async fn publish(args: PublishArgs, config: &Config) -> anyhow::Result<()> {
         .context("the receipt has no VersionAnchored event")?;
 
     // The node has it once its index shows the anchor on this version.
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let indexed = loop {
-        let page = node.get_json(&format!("/api/v1/models/{name}/versions?limit=1000")).await?;
-        let found = page["versions"]
-            .as_array()
-            .and_then(|vs| vs.iter().find(|v| v["version"].as_u64() == Some(number)))
-            .filter(|v| !v["anchored"].is_null())
-            .cloned();
-        if let Some(v) = found {
-            break v;
-        }
-        if std::time::Instant::now() > deadline {
-            bail!(
-                "the transaction {} is mined but the node has not indexed it after 120 s; check `GET /api/v1/chain/status`",
-                receipt.transaction_hash
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    // The node has it once its index has the block.
+    c.wait_indexed(receipt.block_number).await?;
+    let page = node.get_json(&format!("/api/v1/models/{name}/versions?limit=1000")).await?;
+    let indexed = page["versions"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["version"].as_u64() == Some(number)))
+        .cloned()
+        .unwrap_or_default();
     let out = json!({
         "name": name,
         "token_id": token_id.to_string(),

@@ -268,7 +268,8 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(format!("registered model '{name}' not found")))
     }
 
-    fn authorize(&self, actor: &Actor, model: &RegistryModel) -> Result<(), RegistryError> {
+    /// Whether `actor` may change (or read the originals of) `model`: its owner or an operator.
+    pub fn authorize(&self, actor: &Actor, model: &RegistryModel) -> Result<(), RegistryError> {
         actor.require_signed_in()?;
         match actor {
             Actor::Operator => Ok(()),
@@ -541,12 +542,35 @@ impl Registry {
     }
 
     pub fn version(&self, name: &str, version: u32) -> Result<VersionView, RegistryError> {
-        let model = self.require_model(name)?;
-        let record = self
-            .store
-            .get::<RegistryVersions>(&(model.id, version))?
-            .ok_or_else(|| version_not_found(name, version))?;
+        let (model, record) = self.model_version(name, version)?;
         self.view(&model, record)
+    }
+
+    /// A model and one of its versions, or which one is missing.
+    fn model_version(
+        &self,
+        name: &str,
+        number: u32,
+    ) -> Result<(RegistryModel, RegistryVersion), RegistryError> {
+        let model = self.require_model(name)?;
+        let version = self
+            .store
+            .get::<RegistryVersions>(&(model.id, number))?
+            .ok_or_else(|| version_not_found(name, number))?;
+        Ok((model, version))
+    }
+
+    /// [`Self::model_version`] for a change: `actor` must be allowed to write the model. Call
+    /// under the writer lock.
+    fn writable_version(
+        &self,
+        actor: &Actor,
+        name: &str,
+        number: u32,
+    ) -> Result<(RegistryModel, RegistryVersion), RegistryError> {
+        let (model, version) = self.model_version(name, number)?;
+        self.authorize(actor, &model)?;
+        Ok((model, version))
     }
 
     /// The newest version in each of `stages` (every stage when empty).
@@ -652,12 +676,7 @@ impl Registry {
         change: impl FnOnce(&mut RegistryVersion) -> Result<(), RegistryError>,
     ) -> Result<VersionView, RegistryError> {
         let _guard = self.lock();
-        let model = self.require_model(name)?;
-        self.authorize(&ctx.actor, &model)?;
-        let mut version = self
-            .store
-            .get::<RegistryVersions>(&(model.id, number))?
-            .ok_or_else(|| version_not_found(name, number))?;
+        let (model, mut version) = self.writable_version(&ctx.actor, name, number)?;
         change(&mut version)?;
         version.updated_ms = now_ms();
         self.store.put::<RegistryVersions>(&(model.id, number), &version)?;
@@ -739,12 +758,7 @@ impl Registry {
     ) -> Result<VersionView, RegistryError> {
         let (view, from, archived) = {
             let _guard = self.lock();
-            let model = self.require_model(name)?;
-            self.authorize(&ctx.actor, &model)?;
-            let mut version = self
-                .store
-                .get::<RegistryVersions>(&(model.id, number))?
-                .ok_or_else(|| version_not_found(name, number))?;
+            let (model, mut version) = self.writable_version(&ctx.actor, name, number)?;
             let now = now_ms();
             let from = Stage::from_code(version.stage);
             let mut batch = self.store.batch();
@@ -807,12 +821,7 @@ impl Registry {
     pub fn delete_version(&self, ctx: &Context, name: &str, number: u32) -> Result<(), RegistryError> {
         {
             let _guard = self.lock();
-            let mut model = self.require_model(name)?;
-            self.authorize(&ctx.actor, &model)?;
-            let version = self
-                .store
-                .get::<RegistryVersions>(&(model.id, number))?
-                .ok_or_else(|| version_not_found(name, number))?;
+            let (mut model, version) = self.writable_version(&ctx.actor, name, number)?;
             let mut batch = self.store.batch();
             self.remove_version(&mut batch, &model, &version)?;
             model.aliases.retain(|_, v| *v != number);
@@ -850,11 +859,7 @@ impl Registry {
         let count = points.len();
         {
             let _guard = self.lock();
-            let model = self.require_model(name)?;
-            self.authorize(&ctx.actor, &model)?;
-            if self.store.get::<RegistryVersions>(&(model.id, number))?.is_none() {
-                return Err(version_not_found(name, number));
-            }
+            let (model, _) = self.writable_version(&ctx.actor, name, number)?;
             let mut prefix = model.id.to_be_bytes().to_vec();
             prefix.extend_from_slice(&number.to_be_bytes());
             let next = match self.store.scan::<RegistryMetrics>(&prefix, None, true).next().transpose()? {
@@ -879,10 +884,7 @@ impl Registry {
         name: &str,
         number: u32,
     ) -> Result<BTreeMap<String, Vec<MetricPoint>>, RegistryError> {
-        let model = self.require_model(name)?;
-        if self.store.get::<RegistryVersions>(&(model.id, number))?.is_none() {
-            return Err(version_not_found(name, number));
-        }
+        let (model, _) = self.model_version(name, number)?;
         let mut prefix = model.id.to_be_bytes().to_vec();
         prefix.extend_from_slice(&number.to_be_bytes());
         let mut series: BTreeMap<String, Vec<MetricPoint>> = BTreeMap::new();

@@ -209,7 +209,7 @@ pub struct Serve {
     artifacts: ArtifactStore,
     tmp: std::path::PathBuf,
     cache_limit: u64,
-    /// Loaded models by blake3 of (weights' hash, config), with when they were last used.
+    /// Loaded models by blake3 of (weights' hash, config's hash), with when they were last used.
     models: Arc<Mutex<ModelCache>>,
     stats: Arc<Mutex<HashMap<u64, Stats>>>,
     write: Arc<Mutex<()>>,
@@ -260,20 +260,7 @@ impl Serve {
                 .next()
                 .ok_or_else(|| invalid(format!("'{model}' has no versions")))?,
         };
-        match &ctx.actor {
-            crate::registry::Actor::Operator => {}
-            crate::registry::Actor::Wallet(a) if view.model.owner == Some(*a) => {}
-            crate::registry::Actor::Anonymous => {
-                return Err(ServeError::Registry(RegistryError::Unauthenticated(
-                    "deploying needs a bearer token".into(),
-                )));
-            }
-            _ => {
-                return Err(ServeError::Forbidden(format!(
-                    "only the owner of '{model}' or an operator deploys it"
-                )));
-            }
-        }
+        self.registry.authorize(&ctx.actor, &view.model)?;
         let (status, reason) = match self.load(&view) {
             Ok(_) => ("ready".to_owned(), None),
             Err(e) => ("failed".to_owned(), Some(e.to_string())),
@@ -346,10 +333,14 @@ impl Serve {
         Ok(view.anchored.and_then(|a| a.token_id.parse().ok()))
     }
 
-    pub fn get(&self, id: u64) -> Result<(DeploymentRecord, DeploymentView), ServeError> {
-        let record = self.store.get::<Deployments>(&id)?.ok_or(ServeError::NotFound(id))?;
-        let view = self.view(&record)?;
-        Ok((record, view))
+    /// The stored deployment (what a call needs; no statistics).
+    pub fn record(&self, id: u64) -> Result<DeploymentRecord, ServeError> {
+        self.store.get::<Deployments>(&id)?.ok_or(ServeError::NotFound(id))
+    }
+
+    /// The deployment as shown, with its statistics.
+    pub fn get(&self, id: u64) -> Result<DeploymentView, ServeError> {
+        self.view(&self.record(id)?)
     }
 
     pub fn list(&self) -> Result<Vec<DeploymentView>, ServeError> {
@@ -357,7 +348,7 @@ impl Serve {
     }
 
     pub fn delete(&self, ctx: &Context, id: u64) -> Result<(), ServeError> {
-        let record = self.store.get::<Deployments>(&id)?.ok_or(ServeError::NotFound(id))?;
+        let record = self.record(id)?;
         let model = self.registry.require_model(&record.model).ok();
         let allowed = match &ctx.actor {
             crate::registry::Actor::Operator => true,
@@ -398,18 +389,20 @@ impl Serve {
             .registry
             .file(&format!("{dir}/config.json"))?
             .ok_or_else(|| ServeError::Model("the version has no config.json describing the MLP".into()))?;
+        // The same weights under another config are another model; both are content-addressed,
+        // so their hashes name the loaded network without reading either.
+        let key =
+            *blake3::Hasher::new().update(&file.blake3).update(&config_file.blake3).finalize().as_bytes();
+        if let Some((mlp, used)) = self.models.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&key) {
+            *used = Instant::now();
+            return Ok(mlp.clone());
+        }
         let mut config_bytes = Vec::new();
         self.artifacts
             .copy_to(&config_file.blake3, &mut config_bytes)
             .map_err(|e| ServeError::Model(e.to_string()))?;
         let config: MlpConfig = serde_json::from_slice(&config_bytes)
             .map_err(|e| ServeError::Model(format!("config.json: {e}")))?;
-        // The same weights under another config are another model.
-        let key = *blake3::Hasher::new().update(&file.blake3).update(&config_bytes).finalize().as_bytes();
-        if let Some((mlp, used)) = self.models.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&key) {
-            *used = Instant::now();
-            return Ok(mlp.clone());
-        }
         std::fs::create_dir_all(&self.tmp).map_err(|e| ServeError::Model(e.to_string()))?;
         let weights = tempfile::Builder::new()
             .prefix("serve-")

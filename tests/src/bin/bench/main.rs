@@ -27,7 +27,8 @@ use agora_node::{
 use alloy::{providers::Provider, rpc::types::Filter, sol_types::SolEventInterface};
 use futures::StreamExt;
 
-/// A local chain with the contracts and a node on it (quiet logs), with `token` as operator.
+/// A local chain with the contracts and a node on it (quiet logs but for the copies it makes
+/// ahead, which the flows benchmark waits for), with `token` as operator.
 async fn chain_and_node(token: &str) -> anyhow::Result<(Market, tempfile::TempDir, agora_e2e::Node)> {
     let market = Market::start().await;
     let data = tempfile::tempdir()?;
@@ -35,7 +36,7 @@ async fn chain_and_node(token: &str) -> anyhow::Result<(Market, tempfile::TempDi
         &market.anvil.endpoint(),
         &market.deployment_path(),
         data.path(),
-        &[("AGORA_ADMIN_TOKEN", token), ("AGORA_LOG", "warn")],
+        &[("AGORA_ADMIN_TOKEN", token), ("AGORA_LOG", "warn,agora::delivery=info")],
     );
     Ok((market, data, node))
 }

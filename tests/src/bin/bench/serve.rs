@@ -3,7 +3,7 @@
 //! with vouchers (pre-signed, so signing is not in the server's budget), (b) perpetual licenses
 //! with a sign-in token, (c) the operator, whose calls skip the license check — all one run.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use agora_e2e::mlp;
 use agora_node::{client::NodeClient, serve::metering};
@@ -113,7 +113,6 @@ pub async fn run(requests: usize) -> anyhow::Result<()> {
     let mut c = load(unchecked, &path).await?;
     let mut b = load(perpetual, &path).await?;
     let mut a = load(usage, &path).await?;
-    tokio::time::sleep(Duration::from_millis(10)).await;
 
     println!("serve: {CALLERS} callers x {requests} predict calls (one row, MLP 4-8-3), loopback, one run");
     println!("{:<46} {:>9} {:>9} {:>9}", "", "req/s", "p50 ms", "p99 ms");
