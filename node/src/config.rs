@@ -23,7 +23,40 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub auth: AuthConfig,
     pub settle: SettleConfig,
+    pub p2p: P2pSection,
     pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct P2pSection {
+    /// Join the peer-to-peer network.
+    pub enabled: bool,
+    /// Multiaddrs to listen on.
+    pub listen: Vec<String>,
+    /// Peers to dial at start: multiaddrs ending in `/p2p/<peer id>`.
+    pub bootstrap: Vec<String>,
+    /// Find peers on the LAN with mDNS.
+    pub mdns: bool,
+    /// Most open connections, and most per peer.
+    pub max_connections: u32,
+    pub max_per_peer: u32,
+    /// Announce the index root at least every this many blocks.
+    pub roots_every: u64,
+}
+
+impl Default for P2pSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: vec!["/ip4/0.0.0.0/tcp/4001".into()],
+            bootstrap: Vec::new(),
+            mdns: false,
+            max_connections: 128,
+            max_per_peer: 2,
+            roots_every: 10,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -273,6 +306,42 @@ pub struct ConfigArgs {
     #[arg(long, env = "AGORA_SETTLE_INTERVAL", global = true, help_heading = "Settlement")]
     pub settle_interval: Option<u64>,
 
+    /// Join the peer-to-peer network [default: true].
+    #[arg(long, env = "AGORA_P2P", global = true, help_heading = "Peer-to-peer", value_parser = clap::builder::BoolishValueParser::new())]
+    pub p2p: Option<bool>,
+
+    /// Multiaddrs to listen on, comma-separated [default: /ip4/0.0.0.0/tcp/4001].
+    #[arg(
+        long,
+        env = "AGORA_P2P_LISTEN",
+        global = true,
+        help_heading = "Peer-to-peer",
+        value_delimiter = ','
+    )]
+    pub p2p_listen: Option<Vec<String>>,
+
+    /// Peers to dial at start, comma-separated multiaddrs ending in /p2p/<peer id>.
+    #[arg(
+        long,
+        env = "AGORA_BOOTSTRAP",
+        global = true,
+        help_heading = "Peer-to-peer",
+        value_delimiter = ','
+    )]
+    pub bootstrap: Option<Vec<String>>,
+
+    /// Find peers on the LAN with mDNS [default: false].
+    #[arg(long, env = "AGORA_MDNS", global = true, help_heading = "Peer-to-peer", value_parser = clap::builder::BoolishValueParser::new())]
+    pub mdns: Option<bool>,
+
+    /// Most open peer connections [default: 128].
+    #[arg(long, env = "AGORA_P2P_MAX_CONNECTIONS", global = true, help_heading = "Peer-to-peer")]
+    pub p2p_max_connections: Option<u32>,
+
+    /// Announce the index root at least every this many blocks [default: 10].
+    #[arg(long, env = "AGORA_ROOTS_EVERY", global = true, help_heading = "Peer-to-peer")]
+    pub roots_every: Option<u64>,
+
     /// Log filter, e.g. `info` or `agora_node=debug` (RUST_LOG is read when this is unset) [default: info].
     #[arg(long = "log", env = "AGORA_LOG", global = true, help_heading = "Logging")]
     pub log_filter: Option<String>,
@@ -308,6 +377,12 @@ pub enum ConfigError {
     SettleMin(String),
     #[error("settle.operator_key (AGORA_OPERATOR_KEY) is not 32 bytes of hex")]
     OperatorKey,
+    #[error("p2p.{field} {value:?} is not a multiaddr: {reason}")]
+    Multiaddr { field: &'static str, value: String, reason: String },
+    #[error("p2p.bootstrap {0:?} does not end in /p2p/<peer id>")]
+    BootstrapPeer(String),
+    #[error("p2p.max_connections, p2p.max_per_peer and p2p.roots_every must be at least 1")]
+    ZeroP2p,
 }
 
 impl Config {
@@ -396,6 +471,24 @@ impl Config {
         if let Some(v) = args.session_secs {
             self.auth.session_secs = v;
         }
+        if let Some(v) = args.p2p {
+            self.p2p.enabled = v;
+        }
+        if let Some(v) = &args.p2p_listen {
+            self.p2p.listen = v.iter().map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
+        }
+        if let Some(v) = &args.bootstrap {
+            self.p2p.bootstrap = v.iter().map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
+        }
+        if let Some(v) = args.mdns {
+            self.p2p.mdns = v;
+        }
+        if let Some(v) = args.p2p_max_connections {
+            self.p2p.max_connections = v;
+        }
+        if let Some(v) = args.roots_every {
+            self.p2p.roots_every = v;
+        }
         // RUST_LOG is an environment variable too: it beats the file, AGORA_LOG beats it.
         match (&args.log_filter, std::env::var("RUST_LOG")) {
             (Some(v), _) => self.log.filter = v.clone(),
@@ -444,7 +537,40 @@ impl Config {
         {
             return Err(ConfigError::OperatorKey);
         }
+        self.p2p_net()?;
+        if self.p2p.max_connections == 0 || self.p2p.max_per_peer == 0 || self.p2p.roots_every == 0 {
+            return Err(ConfigError::ZeroP2p);
+        }
         Ok(())
+    }
+
+    /// The swarm's settings, with every address parsed.
+    pub fn p2p_net(&self) -> Result<crate::p2p::net::NetConfig, ConfigError> {
+        let parse = |field: &'static str, value: &String| {
+            value.parse::<libp2p::Multiaddr>().map_err(|e| ConfigError::Multiaddr {
+                field,
+                value: value.clone(),
+                reason: e.to_string(),
+            })
+        };
+        let listen = self.p2p.listen.iter().map(|a| parse("listen", a)).collect::<Result<Vec<_>, _>>()?;
+        let bootstrap = self
+            .p2p
+            .bootstrap
+            .iter()
+            .map(|a| {
+                let address = parse("bootstrap", a)?;
+                crate::p2p::net::peer_of(&address).ok_or_else(|| ConfigError::BootstrapPeer(a.clone()))?;
+                Ok(address)
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        Ok(crate::p2p::net::NetConfig {
+            listen,
+            bootstrap,
+            mdns: self.p2p.mdns,
+            max_connections: self.p2p.max_connections,
+            max_per_peer: self.p2p.max_per_peer,
+        })
     }
 
     /// The deployment file this node reads.

@@ -28,6 +28,7 @@ pub mod client;
 pub mod config;
 pub mod market;
 pub mod node;
+pub mod p2p;
 pub mod registry;
 pub mod secrets;
 pub mod serve;

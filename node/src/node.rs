@@ -157,6 +157,26 @@ pub async fn run(
         delivery.clone().prepare_on_purchase(Duration::from_millis(config.chain.poll_ms), shutdown.clone()),
     );
 
+    let (p2p, p2p_task) = if config.p2p.enabled {
+        let p2p_config =
+            crate::p2p::P2pConfig { net: config.p2p_net()?, roots_every: config.p2p.roots_every };
+        let (p2p, task) = crate::p2p::P2p::start(
+            node_key,
+            p2p_config,
+            store.clone(),
+            artifacts.clone(),
+            deployment.clone(),
+            provider_for_api.clone(),
+            index_status.clone(),
+            &config.storage.data_dir,
+            shutdown.clone(),
+        )?;
+        tracing::info!(target: "agora::node", peer_id = %p2p.net().peer_id, "joined the peer-to-peer network");
+        (Some(p2p), Some(task))
+    } else {
+        (None, None)
+    };
+
     let listener = api::bind(config.http.addr).await?;
     let local = listener.local_addr()?;
     let router = api::router(api::AppState {
@@ -184,6 +204,7 @@ pub async fn run(
         ),
         data_dir: config.storage.data_dir.clone(),
         max_upload: config.registry.max_upload,
+        p2p,
     });
     tracing::info!(target: "agora::node", %local, chain_id = deployment.chain_id, registry = %deployment.model_registry, market = %deployment.license_market, "node started");
     // A plain line on stdout, for people and for scripts that start the node on port 0.
@@ -193,6 +214,9 @@ pub async fn run(
     let _ = monitor_task.await;
     let _ = indexer_task.await;
     let _ = copies_task.await;
+    if let Some(task) = p2p_task {
+        let _ = task.await;
+    }
     if let Some(task) = settle_task {
         let _ = task.await;
     }

@@ -24,8 +24,24 @@ pub fn agora_bin() -> PathBuf {
         let exe = std::env::current_exe().expect("the test knows its own path");
         let dir = exe.parent().and_then(Path::parent).expect("tests run from target/<profile>/deps");
         let bin = dir.join("agora");
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "--bin", "agora", "--package", "agora-node"])
+        // The same selection as scripts/test's `cargo build --bin agora` at the root: building
+        // agora-node alone unifies dependency features differently and relinks the binary.
+        let mut cargo = Command::new(env!("CARGO"));
+        // Cargo sets the package's variables (CARGO_PKG_*, CARGO_MANIFEST_DIR, ...) for the
+        // test process; build scripts that watch them (ring's) would see them changed and
+        // rebuild everything above them.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            let package_var =
+                ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_"]
+                    .iter()
+                    .any(|p| key.starts_with(p));
+            if package_var || key == "OUT_DIR" || key == "CARGO_TARGET_TMPDIR" {
+                cargo.env_remove(key.as_ref());
+            }
+        }
+        let status = cargo
+            .args(["build", "--quiet", "--workspace", "--bin", "agora"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("cargo runs");
@@ -40,6 +56,8 @@ pub fn agora_bin() -> PathBuf {
 pub fn agora(args: &[&str], envs: &[(&str, &str)]) -> (ExitStatus, String, String) {
     let output = Command::new(agora_bin())
         .args(args)
+        // Nodes listen for peers on a free loopback port unless a test says otherwise.
+        .env("AGORA_P2P_LISTEN", "/ip4/127.0.0.1/tcp/0")
         .envs(envs.iter().copied())
         .env_remove("AGORA_CONFIG")
         .stdin(Stdio::null())
@@ -63,6 +81,7 @@ impl AgoraProcess {
     pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Self {
         let mut child = Command::new(agora_bin())
             .args(args)
+            .env("AGORA_P2P_LISTEN", "/ip4/127.0.0.1/tcp/0")
             .envs(envs.iter().copied())
             .env_remove("AGORA_CONFIG")
             .stdin(Stdio::null())

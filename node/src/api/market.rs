@@ -29,6 +29,11 @@ pub struct ChainStatus {
     pub license_market: alloy::primitives::Address,
     #[serde(flatten)]
     pub index: IndexStatus,
+    /// Peers whose index root equals this node's at the same block (peer ids).
+    pub peers_agreeing: Vec<String>,
+    /// Peers whose index root differs from this node's at the same block: one of the two
+    /// indexes is wrong (`agora index verify` rebuilds this node's from the chain to tell).
+    pub peers_disagreeing: Vec<String>,
     pub as_of: AsOf,
 }
 
@@ -40,11 +45,15 @@ fn view(state: &AppState) -> MarketView<'_> {
 #[utoipa::path(get, path = "/api/v1/chain/status", tag = "chain", responses((status = 200, body = ChainStatus)))]
 pub async fn chain_status(State(state): State<AppState>) -> Result<Json<ChainStatus>, ApiError> {
     let view = view(&state);
+    let (peers_agreeing, peers_disagreeing) =
+        state.p2p.as_ref().map(|p| p.root_agreement()).unwrap_or_default();
     Ok(Json(ChainStatus {
         chain_id: state.deployment.chain_id,
         model_registry: state.deployment.model_registry,
         license_market: state.deployment.license_market,
         index: state.index.borrow().clone(),
+        peers_agreeing,
+        peers_disagreeing,
         as_of: view.as_of()?,
     }))
 }

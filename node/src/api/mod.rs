@@ -13,6 +13,7 @@ mod health;
 mod market;
 mod mlflow;
 mod orders;
+mod p2p;
 mod params;
 pub use params::parse_u256;
 mod registry;
@@ -68,6 +69,8 @@ pub struct AppState {
     pub data_dir: std::path::PathBuf,
     /// Largest upload, in bytes.
     pub max_upload: u64,
+    /// The peer-to-peer network (absent when the node runs without it).
+    pub p2p: Option<crate::p2p::P2p>,
 }
 
 #[derive(OpenApi)]
@@ -80,6 +83,7 @@ pub struct AppState {
         (name = "licenses", description = "Licenses"),
         (name = "audit", description = "The hash-chained audit log"),
         (name = "auth", description = "Sign-in with Ethereum (EIP-4361) and session tokens"),
+        (name = "p2p", description = "Peers, gossip, index roots compared between nodes, blobs exchanged by hash"),
         (name = "deployments", description = "Models served by the node behind the license gate"),
         (name = "registry", description = "Registered models, versions, stages, metrics, files (MLflow's registry API is served too, under /api/2.0/mlflow)"),
     )
@@ -107,6 +111,12 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(deploy::predict))
         .routes(routes!(deploy::usage))
         .routes(routes!(deploy::receipts))
+        .routes(routes!(p2p::status))
+        .routes(routes!(p2p::peers))
+        .routes(routes!(p2p::blobs))
+        .routes(routes!(p2p::share))
+        .routes(routes!(p2p::unshare))
+        .routes(routes!(p2p::fetch))
         .routes(routes!(orders::list))
         .routes(routes!(orders::order))
         .routes(routes!(orders::purchase))

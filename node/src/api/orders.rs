@@ -2,6 +2,7 @@
 //! transaction that buys a term (signed and sent from their own wallet, or relayed here).
 
 use agora_contracts::{LicenseMarket, TermKind};
+use alloy::sol_types::SolValue as _;
 use alloy::{
     consensus::{Transaction, TxEnvelope},
     eips::eip2718::Decodable2718,
@@ -89,17 +90,9 @@ pub async fn list(
     let deployment = state.deployment.clone();
     let index = state.index.borrow().clone();
     let audit = crate::audit::Audit::new(state.store.clone());
+    let gossip = (order.abi_encode(), signature.clone());
     let (hash, new) = tokio::task::spawn_blocking(move || {
-        let now = MarketView::new(&store, index).chain_now()?;
-        let accepted = orders::accept(
-            &store,
-            &order,
-            &signature,
-            deployment.chain_id,
-            deployment.license_market,
-            now,
-            "local",
-        )?;
+        let accepted = orders::accept_now(&store, index, &deployment, &order, &signature, "local")?;
         if accepted.1 {
             audit.record(
                 &ctx.actor.id(),
@@ -111,6 +104,9 @@ pub async fn list(
         Ok::<_, OrderError>(accepted)
     })
     .await??;
+    if new && let Some(p2p) = &state.p2p {
+        p2p.publish_order(gossip.0, gossip.1).await;
+    }
     Ok((if new { StatusCode::CREATED } else { StatusCode::OK }, Json(Listed { order_hash: hash, new })))
 }
 

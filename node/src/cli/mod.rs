@@ -76,6 +76,9 @@ pub struct NodeArgs {
     /// Print the effective configuration (secrets masked) and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Print the node's libp2p peer id (from its node key, created if missing) and exit.
+    #[arg(long)]
+    pub print_peer_id: bool,
 }
 
 impl Cli {
@@ -85,6 +88,12 @@ impl Cli {
             Command::Node(args) => {
                 if args.print_config {
                     print!("{}", config.to_masked_toml());
+                    return Ok(());
+                }
+                if args.print_peer_id {
+                    std::fs::create_dir_all(&config.storage.data_dir)?;
+                    let key = crate::secrets::load_or_create_key(&config.node_key_path())?;
+                    println!("{}", crate::p2p::net::keypair(key)?.public().to_peer_id());
                     return Ok(());
                 }
                 telemetry::init_tracing(&config.log)?;

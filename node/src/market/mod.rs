@@ -97,8 +97,10 @@ pub struct OrderView {
     pub order: orders::OrderJson,
     /// 0x-hex, 65 bytes.
     pub signature: String,
-    /// `local`, or the peer it came from.
+    /// `local` (posted to this node) or `peer` (received from the network).
     pub source: String,
+    /// The peer it came from (`source: peer`).
+    pub peer_id: Option<String>,
     /// Unix milliseconds.
     pub received_ms: u64,
 }
@@ -307,7 +309,8 @@ impl<'a> MarketView<'a> {
             order_hash: hash,
             order: orders::OrderJson::from_order(&order),
             signature: alloy::primitives::hex::encode_prefixed(&record.signature),
-            source: record.source,
+            source: if record.source.starts_with("peer:") { "peer".into() } else { record.source.clone() },
+            peer_id: record.source.strip_prefix("peer:").map(str::to_owned),
             received_ms: record.received_ms,
         };
         Ok(Some((view, dead)))

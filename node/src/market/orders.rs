@@ -232,6 +232,19 @@ pub fn accept(
     Ok((hash, true))
 }
 
+/// [`accept`] at the index's chain time, for the deployment's market.
+pub fn accept_now(
+    store: &Store,
+    status: crate::chain::indexer::IndexStatus,
+    deployment: &agora_contracts::Deployment,
+    order: &LicenseMarket::Order,
+    signature: &[u8],
+    source: &str,
+) -> Result<(B256, bool), OrderError> {
+    let now = super::MarketView::new(store, status).chain_now()?;
+    accept(store, order, signature, deployment.chain_id, deployment.license_market, now, source)
+}
+
 /// A kept order, decoded.
 pub fn decode(record: &OrderRecord) -> Option<LicenseMarket::Order> {
     LicenseMarket::Order::abi_decode(&record.order).ok()

@@ -127,6 +127,8 @@ tables! {
     Deployments = "deployments", root: false, key: u64, value: DeploymentRecord, encode: |k| k.to_be_bytes().to_vec();
     /// The artifact tree (MLflow's `mlflow-artifacts:` paths and registered files): blobs by path.
     ArtifactFiles = "artifact_files", root: false, key: String, value: FileRecord, encode: |k| k.as_bytes().to_vec();
+    /// Blobs this node serves to peers (`/agora/blob/1`), with their chunk manifests.
+    SharedBlobs = "shared_blobs", root: false, key: [u8; 32], value: SharedBlob, encode: |k| k.to_vec();
 }
 
 /// A registered model (the registry's own record, whether or not it is on-chain).
@@ -250,6 +252,15 @@ pub struct DeploymentRecord {
     pub created_ms: u64,
     /// Who deployed it.
     pub actor: String,
+}
+
+/// A blob shared with peers: its size and the blake3 chaining values of its 1 MiB chunks
+/// (32 bytes each; none for a blob of one chunk or less).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedBlob {
+    pub size: u64,
+    pub chaining_values: Vec<u8>,
+    pub shared_ms: u64,
 }
 
 /// A file of the artifact tree.

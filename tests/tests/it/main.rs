@@ -7,6 +7,7 @@ mod indexer;
 mod market_api;
 mod mlflow;
 mod node;
+mod p2p;
 mod publish;
 mod registry;
 mod serve;

@@ -1,7 +1,8 @@
 //! `scripts/bench`: benchmarks printed beside a ceiling measured in the same run.
 //!
 //! `agora-bench watermark [--gib N]`: see `watermark.rs`; `agora-bench artifacts [--gib N]`: see
-//! `artifacts.rs`; `agora-bench flows [--gib N]`: see `flows.rs`; `agora-bench serve [--requests N]`: see `serve.rs`.
+//! `artifacts.rs`; `agora-bench flows [--gib N]`: see `flows.rs`; `agora-bench serve [--requests N]`: see `serve.rs`;
+//! `agora-bench p2p [--nodes N] [--orders N] [--mib N]`: see `p2p.rs`.
 //!
 //! `agora-bench index [--events N]`: makes N marketplace events on a local anvil (purchases,
 //! distributions with their credits), then times a cold backfill into an empty data dir, beside
@@ -9,6 +10,7 @@
 
 mod artifacts;
 mod flows;
+mod p2p;
 mod serve;
 mod watermark;
 
@@ -73,6 +75,14 @@ async fn main() -> anyhow::Result<()> {
             };
             flows::run(gib).await
         }
+        Some("p2p") => {
+            let value = |name: &str, default: usize| match args.iter().position(|a| a == name) {
+                Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(default),
+                None => default,
+            };
+            p2p::run(value("--nodes", 10).max(2), value("--orders", 100).max(1), value("--mib", 256).max(1))
+                .await
+        }
         Some("artifacts") => {
             let gib = match args.iter().position(|a| a == "--gib") {
                 Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(1.0),
@@ -82,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => {
             anyhow::bail!(
-                "usage: agora-bench index [--events N] | watermark [--gib N] | artifacts [--gib N] | flows [--gib N]"
+                "usage: agora-bench index [--events N] | watermark [--gib N] | artifacts [--gib N] | flows [--gib N] | serve [--requests N] | p2p [--nodes N] [--orders N] [--mib N]"
             )
         }
     }

@@ -1,0 +1,87 @@
+//! What crosses the network: gossip payloads (postcard) and request-response messages (CBOR).
+//! Nothing here is trusted by its receiver: orders carry the seller's EIP-712 signature and
+//! are checked against the local index, roots are signed by gossipsub with the author's peer
+//! key, blobs are checked chunk by chunk against their blake3 hash.
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+/// A signed order as gossiped on `agora/orders/1` and paged by `/agora/orders/1`: the
+/// ABI-encoded `LicenseMarket.Order` and the seller's 65-byte signature.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedOrder {
+    pub order: ByteBuf,
+    pub signature: ByteBuf,
+}
+
+impl SignedOrder {
+    pub fn new(order: Vec<u8>, signature: Vec<u8>) -> Self {
+        Self { order: ByteBuf::from(order), signature: ByteBuf::from(signature) }
+    }
+}
+
+/// A node's index at one block, gossiped on `agora/roots/1`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootAnnouncement {
+    pub block: u64,
+    pub hash: [u8; 32],
+    pub state_root: [u8; 32],
+}
+
+/// `/agora/orders/1`: a page of the active orders, in order-hash order after `after`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OrdersRequest {
+    pub after: Option<[u8; 32]>,
+    pub limit: u32,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct OrdersPage {
+    pub orders: Vec<SignedOrder>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<[u8; 32]>,
+}
+
+/// `/agora/blob/1`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum BlobRequest {
+    /// The blob's size and the chaining values of its chunks, which the fetcher checks
+    /// against the blob's hash before trusting any chunk.
+    Manifest { hash: [u8; 32] },
+    /// `len` bytes from `offset`: one whole chunk.
+    Range { hash: [u8; 32], offset: u64, len: u32 },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum BlobResponse {
+    Manifest {
+        size: u64,
+        chunk_size: u32,
+        chaining_values: ByteBuf,
+    },
+    Data(ByteBuf),
+    /// The node does not share this blob (unknown, private, or refused).
+    Refused(String),
+}
+
+impl BlobResponse {
+    pub fn data(bytes: Vec<u8>) -> Self {
+        Self::Data(ByteBuf::from(bytes))
+    }
+
+    pub fn manifest(size: u64, chaining_values: Vec<u8>) -> Self {
+        Self::Manifest {
+            size,
+            chunk_size: super::blob::CHUNK as u32,
+            chaining_values: ByteBuf::from(chaining_values),
+        }
+    }
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).unwrap_or_default()
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Option<T> {
+    postcard::from_bytes(bytes).ok()
+}

@@ -1,0 +1,179 @@
+//! `agora-bench p2p [--nodes N] [--orders N] [--mib N]`: N nodes (default 10) on loopback
+//! sharing one anvil chain. Order propagation: the time from `POST /api/v1/marketplace/list` at
+//! one node until every other node serves the order, p50 and p99 over 100 orders. Blob
+//! transfer: MB/s of `POST /api/v1/p2p/blobs/{hash}/fetch` between two nodes (manifest, chunks
+//! verified, stored in the fetcher's artifact store) beside a plain loopback TCP copy of the
+//! same bytes in the same run.
+
+use std::time::{Duration, Instant};
+
+use agora_e2e::{Node, eventually, market::Market};
+use agora_node::market::orders::OrderJson;
+use alloy::{signers::SignerSync, sol_types::SolStruct};
+use futures::future::join_all;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TOKEN: &str = "benchmark-operator-token-0123456789";
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn p2p_address(node: &Node) -> String {
+    eventually("a p2p address", Duration::from_secs(60), || async {
+        node.get("/api/v1/p2p/status").await.1["listening"][0].as_str().map(str::to_owned)
+    })
+    .await
+}
+
+async fn serves(client: &reqwest::Client, node: &Node, hash: &str) -> bool {
+    client
+        .get(format!("{}/api/v1/marketplace/orders/{hash}", node.url))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+}
+
+pub async fn run(nodes: usize, orders: usize, mib: usize) -> anyhow::Result<()> {
+    let market = Market::start().await;
+    let token = market.register("bench-p2p").await;
+    let dirs: Vec<_> = (0..nodes).map(|_| tempfile::tempdir()).collect::<Result<_, _>>()?;
+    let start = |dir: &tempfile::TempDir, bootstrap: &str| {
+        Node::start(
+            &market.anvil.endpoint(),
+            &market.deployment_path(),
+            dir.path(),
+            &[("AGORA_BOOTSTRAP", bootstrap), ("AGORA_ADMIN_TOKEN", TOKEN), ("AGORA_LOG", "warn")],
+        )
+    };
+    let first = start(&dirs[0], "");
+    let first_address = p2p_address(&first).await;
+    let mut all = vec![first];
+    for dir in &dirs[1..] {
+        all.push(start(dir, &first_address));
+    }
+    let (head, hash) = market.head().await;
+    for node in &all {
+        node.wait_indexed(head, hash).await;
+    }
+    println!("p2p: {nodes} nodes on loopback, one anvil chain; {orders} orders, each listed at one node");
+
+    let client = reqwest::Client::new();
+    let domain = agora_contracts::order_domain(market.deployment.chain_id, market.deployment.license_market);
+    let nonce = market.seller_nonce().await;
+    let mut latencies = Vec::with_capacity(orders);
+    // One warm-up order lets the gossip meshes form before anything is timed.
+    for i in 0..=orders {
+        let (mut order, _) = market.order(token, nonce);
+        order.expiry = u64::MAX - i as u64;
+        let signature = market.signer(1).sign_hash_sync(&order.eip712_signing_hash(&domain))?;
+        let at = i % nodes;
+        let body = json!({ "order": OrderJson::from_order(&order), "signature": signature.to_string() });
+        let started = Instant::now();
+        let listed: Value = client
+            .post(format!("{}/api/v1/marketplace/list", all[at].url))
+            .json(&body)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let order_hash = listed["order_hash"].as_str().unwrap_or_default().to_owned();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut waiting: Vec<usize> = (0..nodes).filter(|n| *n != at).collect();
+        while !waiting.is_empty() {
+            let answers = join_all(waiting.iter().map(|n| serves(&client, &all[*n], &order_hash))).await;
+            waiting =
+                waiting.into_iter().zip(answers).filter(|(_, served)| !served).map(|(n, _)| n).collect();
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "order {i} did not reach {} nodes within 30 s",
+                waiting.len()
+            );
+            if !waiting.is_empty() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        if i > 0 {
+            latencies.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "  list → served by all {} others: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms   (target p99 < 1000 ms)",
+        nodes - 1,
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or_default()
+    );
+
+    // Blob transfer between two nodes, beside a plain TCP copy of the same bytes.
+    let size = mib << 20;
+    let mut data = vec![0u8; size];
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    for b in data.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        b.copy_from_slice(&x.to_le_bytes());
+    }
+    let blob = blake3::hash(&data).to_hex().to_string();
+    client
+        .put(format!("{}/api/2.0/mlflow-artifacts/artifacts/bench/blob.bin", all[0].url))
+        .bearer_auth(TOKEN)
+        .body(data.clone())
+        .send()
+        .await?
+        .error_for_status()?;
+    client
+        .post(format!("{}/api/v1/p2p/blobs/{blob}/share", all[0].url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await?
+        .error_for_status()?;
+    let started = Instant::now();
+    let report: Value = client
+        .post(format!("{}/api/v1/p2p/blobs/{blob}/fetch", all[1].url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let fetch_secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(report["fetched"] == true, "the fetch did not happen: {report}");
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let sender = tokio::spawn({
+        let data = data.clone();
+        async move {
+            let (mut socket, _) = listener.accept().await?;
+            socket.write_all(&data).await?;
+            socket.shutdown().await
+        }
+    });
+    let started = Instant::now();
+    let mut socket = tokio::net::TcpStream::connect(address).await?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut received = 0usize;
+    loop {
+        let n = socket.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        received += n;
+    }
+    let tcp_secs = started.elapsed().as_secs_f64();
+    sender.await??;
+    anyhow::ensure!(received == size, "the plain copy moved {received} of {size} bytes");
+
+    let mb = size as f64 / 1e6;
+    let fetch = mb / fetch_secs;
+    let tcp = mb / tcp_secs;
+    println!("  blob of {mib} MiB, node → node (verified, stored): {fetch:.0} MB/s");
+    println!("  plain loopback TCP copy of the same bytes:          {tcp:.0} MB/s");
+    println!("  ratio {:.1}%   (target ≥ 50%)", fetch / tcp * 100.0);
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! Nodes as peers on loopback: orders spread by gossip and by catch-up, cancellations seen
+//! everywhere, invalid gossip dropped and its sender scored down, index roots compared, blobs
+//! fetched by hash with every chunk checked.
+
+use std::time::Duration;
+
+use agora_e2e::{Node, eventually, market::Market};
+use agora_node::{
+    market::orders::OrderJson,
+    p2p::{
+        blob,
+        net::{self, NetConfig, NetEvent, Topic},
+        wire::{self, BlobRequest, BlobResponse, SignedOrder},
+    },
+};
+use alloy::{
+    primitives::{B256, U256},
+    signers::SignerSync,
+    sol_types::{SolStruct, SolValue},
+};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "operator-token-for-p2p-tests-0123";
+const WAIT: Duration = Duration::from_secs(60);
+
+fn start(market: &Market, data: &std::path::Path, bootstrap: &[String]) -> Node {
+    let bootstrap = bootstrap.join(",");
+    Node::start(
+        &market.anvil.endpoint(),
+        &market.deployment_path(),
+        data,
+        &[("AGORA_BOOTSTRAP", &bootstrap), ("AGORA_ADMIN_TOKEN", TOKEN), ("AGORA_ROOTS_EVERY", "1")],
+    )
+}
+
+/// The node's peer id and its first p2p address (with `/p2p/<id>`).
+async fn address(node: &Node) -> (String, String) {
+    eventually("the node's p2p address", WAIT, || async {
+        let (_, status) = node.get("/api/v1/p2p/status").await;
+        let address = status["listening"][0].as_str()?.to_owned();
+        Some((status["peer_id"].as_str()?.to_owned(), address))
+    })
+    .await
+}
+
+async fn connected(node: &Node) -> usize {
+    node.get("/api/v1/p2p/status").await.1["peers_connected"].as_u64().unwrap_or(0) as usize
+}
+
+async fn list(node: &Node, market: &Market, token: U256, nonce: U256) -> String {
+    let (head, hash) = market.head().await;
+    node.wait_indexed(head, hash).await;
+    let (order, signature) = market.order(token, nonce);
+    let body = json!({ "order": OrderJson::from_order(&order), "signature": signature.to_string() });
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/v1/marketplace/list", node.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let listed: Value = response.json().await.unwrap();
+    listed["order_hash"].as_str().unwrap().to_owned()
+}
+
+async fn order_status(node: &Node, hash: &str) -> Option<Value> {
+    let (status, order) = node.get(&format!("/api/v1/marketplace/orders/{hash}")).await;
+    (status == 200).then_some(order)
+}
+
+async fn until_status(node: &Node, hash: &str, want: &str) -> Value {
+    eventually(&format!("order {hash} {want} at {}", node.url), WAIT, || async {
+        order_status(node, hash).await.filter(|o| o["status"] == want)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_spread_to_every_node_and_late_or_restarted_nodes_catch_up() {
+    let market = Market::start().await;
+    let token = market.register("p2p-model-one").await;
+    let dirs: Vec<_> = (0..6).map(|_| tempfile::tempdir().unwrap()).collect();
+
+    let a = start(&market, dirs[0].path(), &[]);
+    let (a_id, a_addr) = address(&a).await;
+    let mut nodes = vec![a];
+    for dir in &dirs[1..5] {
+        nodes.push(start(&market, dir.path(), std::slice::from_ref(&a_addr)));
+    }
+    for node in &nodes[1..] {
+        eventually("a connection to the first node", WAIT, || async {
+            (connected(node).await >= 1).then_some(())
+        })
+        .await;
+    }
+
+    // Listed at A: every node serves it, as an order from a peer.
+    let nonce = market.seller_nonce().await;
+    let first = list(&nodes[0], &market, token, nonce).await;
+    for node in &nodes[1..] {
+        let order = until_status(node, &first, "active").await;
+        assert_eq!(order["source"], "peer", "{order}");
+        assert!(order["peer_id"].is_string(), "{order}");
+    }
+    assert_eq!(until_status(&nodes[0], &first, "active").await["source"], "local");
+    let (_, models) = nodes[3].get("/api/v1/marketplace/models").await;
+    let model =
+        models["models"].as_array().unwrap().iter().find(|m| m["token_id"] == token.to_string()).unwrap();
+    let active = model["active_orders"].as_array().expect("the model lists its orders");
+    assert!(
+        active.iter().any(|o| o["order_hash"] == first && o["source"] == "peer" && o["peer_id"] == a_id),
+        "{model}"
+    );
+
+    // Cancelled on-chain: gone everywhere.
+    market.cancel(token, nonce).await;
+    for node in &nodes {
+        until_status(node, &first, "cancelled").await;
+    }
+
+    // An order listed at C reaches a sixth node that starts later, by catch-up.
+    let second_token = market.register("p2p-model-two").await;
+    let second = list(&nodes[2], &market, second_token, nonce).await;
+    for node in &nodes {
+        until_status(node, &second, "active").await;
+    }
+    let (_, b_addr) = address(&nodes[1]).await;
+    let late = start(&market, dirs[5].path(), &[b_addr]);
+    until_status(&late, &second, "active").await;
+
+    // D killed; an order listed meanwhile reaches it when it comes back.
+    let d = nodes.remove(3);
+    drop(d);
+    let third_token = market.register("p2p-model-three").await;
+    let third = list(&nodes[3], &market, third_token, nonce).await;
+    let d = start(&market, dirs[3].path(), std::slice::from_ref(&a_addr));
+    until_status(&d, &third, "active").await;
+    until_status(&d, &second, "active").await;
+    until_status(&d, &first, "cancelled").await;
+}
+
+/// A bare swarm in this process: a peer the test controls completely.
+async fn rogue(
+    bootstrap: &[String],
+    seed: u8,
+) -> (net::Net, tokio::sync::mpsc::Receiver<NetEvent>, tokio::sync::watch::Sender<bool>) {
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let config = NetConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap: bootstrap.iter().map(|a| a.parse().unwrap()).collect(),
+        mdns: false,
+        max_connections: 16,
+        max_per_peer: 2,
+    };
+    let (net, events, _task) = net::start(net::keypair([seed; 32]).unwrap(), config, shutdown).unwrap();
+    (net, events, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_foreign_orders_are_dropped_and_their_sender_penalised() {
+    let market = Market::start().await;
+    let token = market.register("p2p-rogue-target").await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(&market, da.path(), &[]);
+    let (_, a_addr) = address(&a).await;
+    let b = start(&market, db.path(), std::slice::from_ref(&a_addr));
+    eventually("B connected", WAIT, || async { (connected(&b).await >= 1).then_some(()) }).await;
+
+    let (rogue, mut events, _stop) = rogue(std::slice::from_ref(&a_addr), 7).await;
+    eventually("A's subscription seen by the rogue", WAIT, || {
+        let got = match events.try_recv() {
+            Ok(NetEvent::Subscribed { topic: Topic::Orders, .. }) => Some(()),
+            _ => None,
+        };
+        async move { got }
+    })
+    .await;
+
+    let nonce = market.seller_nonce().await;
+    let domain = agora_contracts::order_domain(market.deployment.chain_id, market.deployment.license_market);
+    // Forged: names the seller, signed by someone else.
+    let (order, _) = market.order(token, nonce);
+    let forged = market.signer(2).sign_hash_sync(&order.eip712_signing_hash(&domain)).unwrap();
+    // Foreign: honestly signed by account 2, which does not own the token.
+    let mut foreign = order.clone();
+    foreign.seller = market.address(2);
+    let foreign_hash = foreign.eip712_signing_hash(&domain);
+    let foreign_sig = market.signer(2).sign_hash_sync(&foreign_hash).unwrap();
+    for (o, sig) in [(order.clone(), forged), (foreign.clone(), foreign_sig)] {
+        let message = wire::encode(&SignedOrder::new(o.abi_encode(), sig.as_bytes().to_vec()));
+        rogue.publish(Topic::Orders, message).await.unwrap();
+    }
+
+    let rogue_id = rogue.peer_id.to_string();
+    let score = eventually("the rogue scored down at A", WAIT, || async {
+        let (_, peers) = a.get("/api/v1/p2p/peers").await;
+        let me = peers["peers"].as_array()?.iter().find(|p| p["peer_id"] == rogue_id.as_str())?.clone();
+        me["score"].as_f64().filter(|s| *s < 0.0)
+    })
+    .await;
+    assert!(score < 0.0);
+    let (_, status) = a.get("/api/v1/p2p/status").await;
+    assert!(status["gossip_invalid"].as_u64() >= Some(2), "{status}");
+    assert!(status["orders_rejected"].as_u64() >= Some(2), "{status}");
+
+    // Kept nowhere, forwarded nowhere.
+    let hashes = [
+        agora_node::market::orders::order_hash(
+            &order,
+            market.deployment.chain_id,
+            market.deployment.license_market,
+        ),
+        foreign_hash,
+    ];
+    for node in [&a, &b] {
+        for hash in hashes {
+            assert!(order_status(node, &hash.to_string()).await.is_none(), "{hash} kept at {}", node.url);
+        }
+    }
+    // B, if the rogue reached it at all, judged them itself (nothing came through A).
+    let (_, a_status) = a.get("/api/v1/p2p/status").await;
+    assert_eq!(a_status["orders_from_peers"], 0, "{a_status}");
+    let (_, b_status) = b.get("/api/v1/p2p/status").await;
+    assert_eq!(b_status["orders_from_peers"], 0, "{b_status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_corrupted_index_is_seen_disagreeing() {
+    let market = Market::start().await;
+    market.register("p2p-roots").await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(&market, dirs[0].path(), &[]);
+    let (a_id, a_addr) = address(&a).await;
+    let b = start(&market, dirs[1].path(), std::slice::from_ref(&a_addr));
+    let mut c = start(&market, dirs[2].path(), std::slice::from_ref(&a_addr));
+    let (c_id, _) = address(&c).await;
+    let (b_id, _) = address(&b).await;
+    eventually("A agrees with B and C", WAIT, || async {
+        let status = a.status().await;
+        let agreeing = status["peers_agreeing"].as_array()?.clone();
+        (agreeing.contains(&json!(b_id)) && agreeing.contains(&json!(c_id))).then_some(())
+    })
+    .await;
+
+    // Corrupt C's index while it is stopped: its state root no longer matches its records.
+    c.process.terminate(Duration::from_secs(30)).expect("C stops on SIGTERM");
+    {
+        use agora_node::store::{
+            Store,
+            tables::{Meta, MetaKey, MetaValue},
+        };
+        let store = Store::open(&dirs[2].path().join("db")).unwrap();
+        let Some(MetaValue::Bytes(mut bytes)) = store.get::<Meta>(&MetaKey::RootAccumulator).unwrap() else {
+            panic!("C has a root accumulator");
+        };
+        bytes[0] ^= 0x5a;
+        store.put::<Meta>(&MetaKey::RootAccumulator, &MetaValue::Bytes(bytes)).unwrap();
+    }
+    let c = start(&market, dirs[2].path(), std::slice::from_ref(&a_addr));
+    market.register("p2p-roots-after").await;
+    for node in [&a, &b] {
+        let status = eventually("C seen disagreeing", WAIT, || async {
+            let status = node.status().await;
+            status["peers_disagreeing"].as_array()?.contains(&json!(c_id)).then_some(status)
+        })
+        .await;
+        assert!(!status["peers_agreeing"].as_array().unwrap().contains(&json!(c_id)), "{status}");
+    }
+    // And C, from its side, disagrees with both.
+    eventually("C disagreeing with A and B", WAIT, || async {
+        let disagreeing = c.status().await["peers_disagreeing"].as_array()?.clone();
+        (disagreeing.contains(&json!(a_id)) && disagreeing.contains(&json!(b_id))).then_some(())
+    })
+    .await;
+}
+
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_are_fetched_verified_and_a_corrupt_provider_is_passed_over() {
+    let market = Market::start().await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(&market, dirs[0].path(), &[]);
+    let (_, a_addr) = address(&a).await;
+    let client = reqwest::Client::new();
+
+    // A holds a 3.5 MiB run artifact and shares it.
+    let data = random_bytes(3 * blob::CHUNK as usize + 512 * 1024, 42);
+    let hash = blake3::hash(&data).to_hex().to_string();
+    let put = client
+        .put(format!("{}/api/2.0/mlflow-artifacts/artifacts/runs/r1/data.bin", a.url))
+        .bearer_auth(TOKEN)
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.text().await.unwrap());
+    let share = client
+        .post(format!("{}/api/v1/p2p/blobs/{hash}/share", a.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(share.status(), 200);
+    let shared: Value = share.json().await.unwrap();
+    assert_eq!(shared["chunks"], 4);
+    // Only the operator shares.
+    let anonymous = client.post(format!("{}/api/v1/p2p/blobs/{hash}/share", a.url)).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+
+    // B fetches it from A.
+    let b = start(&market, dirs[1].path(), std::slice::from_ref(&a_addr));
+    eventually("B connected", WAIT, || async { (connected(&b).await >= 1).then_some(()) }).await;
+    let fetch = |node: &Node| {
+        client.post(format!("{}/api/v1/p2p/blobs/{hash}/fetch", node.url)).bearer_auth(TOKEN).send()
+    };
+    let response = fetch(&b).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let report: Value = response.json().await.unwrap();
+    assert_eq!(report["fetched"], true, "{report}");
+    assert_eq!(report["size"].as_u64(), Some(data.len() as u64));
+    let again: Value = fetch(&b).await.unwrap().json().await.unwrap();
+    assert_eq!(again["fetched"], false, "already held: {again}");
+    // What B holds is the blob itself: B can share it on (it computes the manifest from its copy).
+    let reshared = client
+        .post(format!("{}/api/v1/p2p/blobs/{hash}/share", b.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reshared.status(), 200);
+
+    // A rogue provider that answers the manifest truthfully and corrupts chunk 2. Its key is
+    // chosen so that it sorts first and is tried first.
+    let a_id: String = address(&a).await.0;
+    let b_id: String = address(&b).await.0;
+    let mut seed = 1u8;
+    let (rogue, mut events, _stop) = loop {
+        let candidate = net::keypair([seed; 32]).unwrap().public().to_peer_id().to_string();
+        if candidate < a_id && candidate < b_id {
+            break rogue(std::slice::from_ref(&a_addr), seed).await;
+        }
+        seed += 1;
+    };
+    let blob_hash = *blake3::hash(&data).as_bytes();
+    let cvs = blob::chaining_values(&data[..], data.len() as u64).unwrap().concat();
+    rogue.provide(blob_hash, true).await.unwrap();
+    let served = data.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            if let NetEvent::BlobRequest { request, reply, .. } = event {
+                let answer = match request {
+                    BlobRequest::Manifest { .. } => BlobResponse::manifest(served.len() as u64, cvs.clone()),
+                    BlobRequest::Range { offset, len, .. } => {
+                        let end = (offset as usize + len as usize).min(served.len());
+                        let mut chunk = served[offset as usize..end].to_vec();
+                        if offset / blob::CHUNK == 2 {
+                            chunk[1000] ^= 1;
+                        }
+                        BlobResponse::data(chunk)
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+        }
+    });
+    let rogue_addr = eventually("the rogue's address", WAIT, || {
+        let listening = rogue.state().listening.first().cloned();
+        async move { listening }
+    })
+    .await;
+    let c = start(&market, dirs[2].path(), &[rogue_addr, a_addr.clone()]);
+    eventually("C connected to both", WAIT, || async { (connected(&c).await >= 2).then_some(()) }).await;
+    let response = fetch(&c).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let report: Value = response.json().await.unwrap();
+    assert_eq!(report["fetched"], true, "{report}");
+    let rogue_id = rogue.peer_id.to_string();
+    assert_eq!(report["providers"][0], rogue_id.as_str(), "the rogue served the first chunks: {report}");
+    assert!(report["corrupt"].as_array().unwrap().contains(&json!(rogue_id)), "{report}");
+    assert_eq!(report["providers"].as_array().unwrap().len(), 2, "{report}");
+
+    // Originals never leave: a registered model's file cannot be shared; nor can a blob the
+    // node does not hold.
+    let weights = super::registry::safetensors(16, 3);
+    let metadata = json!({"name": "private-original"});
+    let (status, _) =
+        super::registry::register(&client, &a.url, Some(TOKEN), &metadata, Some(weights.clone())).await;
+    assert_eq!(status, 201);
+    let original = blake3::hash(&weights).to_hex().to_string();
+    let refused = client
+        .post(format!("{}/api/v1/p2p/blobs/{original}/share", a.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422);
+    let unknown = client
+        .post(format!("{}/api/v1/p2p/blobs/{}/share", a.url, B256::repeat_byte(1)))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+}
