@@ -37,7 +37,7 @@ use crate::{
 /// Bytes per verified chunk (a power of two, so chunks are whole blake3 subtrees).
 pub const CHUNK: u64 = 1 << 20;
 /// Chunk requests kept in flight to one provider.
-const WINDOW: usize = 8;
+const WINDOW: usize = 32;
 
 /// The chaining value of the chunk that starts at `offset`.
 pub fn chunk_cv(offset: u64, data: &[u8]) -> ChainingValue {
@@ -111,7 +111,7 @@ impl Manifest {
         self.size.div_ceil(CHUNK).max(1)
     }
 
-    fn chunk_len(&self, index: u64) -> u64 {
+    pub fn chunk_len(&self, index: u64) -> u64 {
         (self.size - index * CHUNK).min(CHUNK)
     }
 
@@ -233,6 +233,10 @@ pub struct FetchReport {
     pub providers: Vec<String>,
     /// Peers caught sending a bad manifest or a corrupted chunk.
     pub corrupt: Vec<String>,
+    /// Seconds spent receiving and checking chunks (the artifact store takes them meanwhile),
+    /// and seconds from the last chunk until the blob was stored.
+    pub transfer_secs: f64,
+    pub store_secs: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -301,15 +305,37 @@ pub async fn fetch(
     std::fs::create_dir_all(part_dir)?;
     let part = part_path(part_dir, &hash);
     let mut file = std::fs::OpenOptions::new().create(true).append(true).read(true).open(&part)?;
-    // Only verified chunks are ever appended; a crash mid-append leaves a torn last chunk,
-    // cut back to the boundary here.
-    let have = file.metadata()?.len();
-    let whole = (have / CHUNK * CHUNK).min(manifest.size);
-    if whole != have {
-        file.set_len(whole)?;
+    // The artifact store takes the blob as it arrives, on its own thread: the verified part
+    // of an interrupted fetch first, then each chunk once checked.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(WINDOW);
+    let store = {
+        let artifacts = artifacts.clone();
+        let size = manifest.size;
+        tokio::task::spawn_blocking(move || {
+            artifacts.put(ChannelReader { rx, buf: Vec::new(), pos: 0, left: size }, size)
+        })
+    };
+    let feed = |tx: &std::sync::mpsc::SyncSender<Vec<u8>>, data: Vec<u8>| {
+        tx.send(data)
+            .map_err(|_| FetchError::Io(std::io::Error::other("the artifact store stopped taking the blob")))
+    };
+    let mut next = 0;
+    let mut buf = vec![0u8; CHUNK as usize];
+    while next < manifest.chunks() && manifest.size > 0 {
+        // A part file holds only chunks that were checked when they arrived; they are checked
+        // again, and the file cut at the first that fails (a crash may tear the last write).
+        let len = manifest.chunk_len(next) as usize;
+        let read = std::io::Read::read_exact(&mut file, &mut buf[..len]);
+        if read.is_err() || !manifest.verify(next, &buf[..len]) {
+            break;
+        }
+        feed(&tx, buf[..len].to_vec())?;
+        next += 1;
     }
+    let whole = (next * CHUNK).min(manifest.size);
+    file.set_len(whole)?;
     report.resumed_from = whole;
-    let mut next = whole / CHUNK;
+    let started = std::time::Instant::now();
     if manifest.size == 0 {
         next = manifest.chunks();
     }
@@ -330,23 +356,24 @@ pub async fn fetch(
                 queued += 1;
             }
             let Some((index, answer)) = inflight.next().await else { break };
-            let ok = matches!(&answer, Ok(BlobResponse::Data(data)) if manifest.verify(index, data));
-            if !ok {
-                let why = match answer {
-                    Ok(BlobResponse::Data(_)) => "a corrupted chunk".to_owned(),
-                    Ok(BlobResponse::Refused(why)) => format!("a refusal: {why}"),
-                    Ok(BlobResponse::Manifest { .. }) => "a manifest for a range".to_owned(),
-                    Err(e) => e.to_string(),
-                };
-                tracing::warn!(target: "agora::p2p", %peer, blob = %report.blake3, chunk = index, %why, "provider failed; trying another");
-                metrics::counter!("agora_p2p_blob_failures_total").increment(1);
-                bad.insert(peer);
-                break;
-            }
-            if let Ok(BlobResponse::Data(data)) = answer {
-                metrics::counter!("agora_p2p_bytes_total", "direction" => "in").increment(data.len() as u64);
-                file.write_all(&data)?;
-            }
+            let data = match answer {
+                Ok(BlobResponse::Data(data)) if manifest.verify(index, &data) => data.into_vec(),
+                other => {
+                    let why = match other {
+                        Ok(BlobResponse::Data(_)) => "a corrupted chunk".to_owned(),
+                        Ok(BlobResponse::Refused(why)) => format!("a refusal: {why}"),
+                        Ok(BlobResponse::Manifest { .. }) => "a manifest for a range".to_owned(),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::warn!(target: "agora::p2p", %peer, blob = %report.blake3, chunk = index, %why, "provider failed; trying another");
+                    metrics::counter!("agora_p2p_blob_failures_total").increment(1);
+                    bad.insert(peer);
+                    break;
+                }
+            };
+            metrics::counter!("agora_p2p_bytes_total", "direction" => "in").increment(data.len() as u64);
+            file.write_all(&data)?;
+            feed(&tx, data)?;
             served = true;
             next = index + 1;
         }
@@ -354,19 +381,52 @@ pub async fn fetch(
             report.providers.push(peer.to_string());
         }
     }
-    file.sync_all()?;
+    report.transfer_secs = started.elapsed().as_secs_f64();
+    let started = std::time::Instant::now();
+    drop(tx);
     drop(file);
-    let reader = std::fs::File::open(&part)?;
-    let info = artifacts.put(std::io::BufReader::with_capacity(1 << 20, reader), manifest.size)?;
+    let info = store.await.map_err(|e| FetchError::Io(std::io::Error::other(e)))??;
     if info.blake3 != report.blake3 {
         // Cannot happen with every chunk verified; never keep a mislabelled blob.
         artifacts.release(&hash)?;
         return Err(FetchError::Io(std::io::Error::other("the assembled blob does not match its hash")));
     }
     std::fs::remove_file(&part)?;
+    report.store_secs = started.elapsed().as_secs_f64();
     report.corrupt = bad.iter().map(|p| p.to_string()).collect();
     report.fetched = true;
     Ok(report)
+}
+
+/// The bytes of a blob as they arrive; an error, never a short read, if they stop early (so
+/// the artifact store cannot keep a truncated blob).
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+    pos: usize,
+    left: u64,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos == self.buf.len() {
+            if self.left == 0 {
+                return Ok(0);
+            }
+            self.buf = self.rx.recv().map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the fetch stopped before the blob was complete",
+                )
+            })?;
+            self.pos = 0;
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        self.left = self.left.saturating_sub(n as u64);
+        Ok(n)
+    }
 }
 
 #[cfg(test)]

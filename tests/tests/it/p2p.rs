@@ -83,6 +83,12 @@ async fn orders_spread_to_every_node_and_late_or_restarted_nodes_catch_up() {
 
     let a = start(&market, dirs[0].path(), &[]);
     let (a_id, a_addr) = address(&a).await;
+    // The peer id is the node key's, printed without starting the node.
+    let data = dirs[0].path().display().to_string();
+    let (status, stdout, stderr) =
+        agora_e2e::agora(&["node", "--print-peer-id"], &[("AGORA_DATA_DIR", &data)]);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stdout.trim(), a_id);
     let mut nodes = vec![a];
     for dir in &dirs[1..5] {
         nodes.push(start(&market, dir.path(), std::slice::from_ref(&a_addr)));
@@ -340,7 +346,7 @@ async fn blobs_are_fetched_verified_and_a_corrupt_provider_is_passed_over() {
         .unwrap();
     assert_eq!(reshared.status(), 200);
 
-    // A rogue provider that answers the manifest truthfully and corrupts chunk 2. Its key is
+    // A rogue provider that answers the manifest truthfully and corrupts chunk 3. Its key is
     // chosen so that it sorts first and is tried first.
     let a_id: String = address(&a).await.0;
     let b_id: String = address(&b).await.0;
@@ -364,7 +370,7 @@ async fn blobs_are_fetched_verified_and_a_corrupt_provider_is_passed_over() {
                     BlobRequest::Range { offset, len, .. } => {
                         let end = (offset as usize + len as usize).min(served.len());
                         let mut chunk = served[offset as usize..end].to_vec();
-                        if offset / blob::CHUNK == 2 {
+                        if offset / blob::CHUNK == 3 {
                             chunk[1000] ^= 1;
                         }
                         BlobResponse::data(chunk)
@@ -379,12 +385,20 @@ async fn blobs_are_fetched_verified_and_a_corrupt_provider_is_passed_over() {
         async move { listening }
     })
     .await;
+    // C was interrupted earlier: its part file holds two checked chunks and a torn write.
+    let parts = dirs[2].path().join("tmp").join("p2p");
+    std::fs::create_dir_all(&parts).unwrap();
+    let mut part = data[..2 * blob::CHUNK as usize].to_vec();
+    part.extend_from_slice(&[0xee; 1000]);
+    std::fs::write(parts.join(format!("{hash}.part")), part).unwrap();
     let c = start(&market, dirs[2].path(), &[rogue_addr, a_addr.clone()]);
     eventually("C connected to both", WAIT, || async { (connected(&c).await >= 2).then_some(()) }).await;
     let response = fetch(&c).await.unwrap();
     assert_eq!(response.status(), 200);
     let report: Value = response.json().await.unwrap();
     assert_eq!(report["fetched"], true, "{report}");
+    assert_eq!(report["resumed_from"].as_u64(), Some(2 * blob::CHUNK), "{report}");
+    assert!(!parts.join(format!("{hash}.part")).exists(), "the part file goes once the blob is stored");
     let rogue_id = rogue.peer_id.to_string();
     assert_eq!(report["providers"][0], rogue_id.as_str(), "the rogue served the first chunks: {report}");
     assert!(report["corrupt"].as_array().unwrap().contains(&json!(rogue_id)), "{report}");
