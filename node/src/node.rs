@@ -177,6 +177,15 @@ pub async fn run(
         (None, None)
     };
 
+    let serve = crate::serve::Serve::new(
+        store.clone(),
+        registry.clone(),
+        artifacts.clone(),
+        config.storage.data_dir.join("tmp"),
+        config.registry.model_cache,
+    );
+    let probe_task = tokio::spawn(serve.clone().probe_upstreams(Duration::from_secs(5), shutdown.clone()));
+
     let listener = api::bind(config.http.addr).await?;
     let local = listener.local_addr()?;
     let router = api::router(api::AppState {
@@ -195,13 +204,7 @@ pub async fn run(
         delivery: delivery.clone(),
         trace_limiter: Default::default(),
         usage_locks: Default::default(),
-        serve: crate::serve::Serve::new(
-            store.clone(),
-            registry.clone(),
-            artifacts.clone(),
-            config.storage.data_dir.join("tmp"),
-            config.registry.model_cache,
-        ),
+        serve: serve.clone(),
         data_dir: config.storage.data_dir.clone(),
         max_upload: config.registry.max_upload,
         p2p,
@@ -214,6 +217,7 @@ pub async fn run(
     let _ = monitor_task.await;
     let _ = indexer_task.await;
     let _ = copies_task.await;
+    let _ = probe_task.await;
     if let Some(task) = p2p_task {
         let _ = task.await;
     }

@@ -27,6 +27,9 @@ impl From<ServeError> for ApiError {
             ServeError::Model(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "model_error", e.to_string())
             }
+            ServeError::Upstream(_) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "upstream_failed", e.to_string())
+            }
             ServeError::Registry(r) => r.into(),
             ServeError::Store(s) => s.into(),
         }
@@ -41,12 +44,17 @@ pub struct CreateRequest {
     /// A version number, or an `alias`; the newest version when neither is given.
     pub version: Option<u32>,
     pub alias: Option<String>,
-    /// `builtin` (in-process).
+    /// `builtin` (in-process) or `http` (a reverse proxy to `upstream_url`).
     #[serde(default = "builtin")]
     pub runtime: String,
     /// Units a call costs per input row (usage licenses).
     #[serde(default = "one")]
     pub unit_cost: u64,
+    /// `http` runtime: where calls are POSTed, body unchanged.
+    pub upstream_url: Option<String>,
+    /// `http` runtime: probed with GET (2xx is healthy) [default: any answer from the
+    /// upstream's origin].
+    pub health_url: Option<String>,
 }
 
 fn builtin() -> String {
@@ -94,11 +102,16 @@ pub async fn create(
     let view = tokio::task::spawn_blocking(move || {
         serve.create(
             &ctx,
-            &request.model,
-            request.version,
-            request.alias.as_deref(),
-            &request.runtime,
-            request.unit_cost,
+            crate::serve::NewDeployment {
+                model: request.model,
+                version: request.version,
+                alias: request.alias,
+                runtime: request.runtime,
+                unit_cost: request.unit_cost,
+                upstream: request
+                    .upstream_url
+                    .map(|url| crate::store::tables::UpstreamRecord { url, health_url: request.health_url }),
+            },
         )
     })
     .await??;
@@ -176,7 +189,8 @@ pub async fn predict(
 ) -> Result<Response, ApiError> {
     let ctx = auth::api_caller(&state, &headers)?;
     let id = parse_id(&raw)?;
-    let request: PredictRequest = json(&body)?;
+    let input: serde_json::Value = json(&body)?;
+    let rows = crate::serve::rows_of(&input);
     let voucher = headers
         .get("agora-voucher")
         .map(|v| {
@@ -206,6 +220,22 @@ pub async fn predict(
     let delivery = state.delivery.clone();
     let (answer, metered) = tokio::task::spawn_blocking(move || {
         let record = serve.record(id)?;
+        let upstream = serve.upstream(id)?;
+        let run = |record: &crate::store::tables::DeploymentRecord| -> Result<Answer, ApiError> {
+            match &upstream {
+                Some(upstream) => {
+                    let (status, bytes) = serve.forward(record, upstream, &body)?;
+                    Ok(Answer::Passthrough(status, bytes))
+                }
+                None => {
+                    let request: PredictRequest = serde_json::from_value(input.clone()).map_err(|e| {
+                        ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("the request body is not valid: {e}"))
+                    })?;
+                    let outputs = serve.predict(record, &request.inputs)?;
+                    Ok(Answer::Outputs(PredictAnswer { outputs, model: record.model.clone(), version: record.version }))
+                }
+            }
+        };
         let owner = registry.require_model(&record.model).ok().and_then(|m| m.owner);
         let caller = match &ctx.actor {
             Actor::Operator => None,
@@ -216,24 +246,23 @@ pub async fn predict(
             Actor::Wallet(caller) => Some(*caller),
         };
         let Some(caller) = caller else {
-            let outputs = serve.predict(&record, &request.inputs)?;
-            return Ok((PredictAnswer { outputs, model: record.model, version: record.version }, None));
+            return Ok((run(&record)?, None));
         };
         let token = serve.token_of(&record)?.ok_or_else(|| {
             ApiError::new(StatusCode::FORBIDDEN, "forbidden", "the deployed version is not anchored on-chain, so no license opens it")
         })?;
-        let cost = U256::from(record.unit_cost) * U256::from(request.inputs.len().max(1));
+        let cost = U256::from(record.unit_cost) * U256::from(rows);
         if let (Some((license, cumulative, signature)), Some(price)) = (voucher, unit_price) {
             let lock = locks.of(license);
             let _serialised = lock.lock().unwrap_or_else(|p| p.into_inner());
             let accepted = metering::check(&store, caller, token, license, cumulative, &signature, cost, price, chain_id, market)
                 .map_err(meter_error)?;
-            let outputs = serve.predict(&record, &request.inputs)?;
+            let answer = run(&record)?;
             let time_ms = crate::registry::now_ms();
             let signature = delivery.sign_message(&metering::receipt_bytes(license, cumulative, &request_hash, time_ms));
             let receipt = crate::store::tables::ReceiptRecord { request: request_hash, time_ms, signature: signature.to_vec() };
             metering::commit(&store, &accepted, &receipt)?;
-            return Ok((PredictAnswer { outputs, model: record.model, version: record.version }, Some((license, cumulative, receipt))));
+            return Ok((answer, Some((license, cumulative, receipt))));
         }
         let now = crate::market::MarketView::new(&store, index).chain_now()?;
         let mut usage = None;
@@ -253,10 +282,7 @@ pub async fn predict(
             }
         }
         match (ok, usage) {
-            (true, _) => {
-                let outputs = serve.predict(&record, &request.inputs)?;
-                Ok((PredictAnswer { outputs, model: record.model, version: record.version }, None))
-            }
+            (true, _) => Ok((run(&record)?, None)),
             (false, Some(license)) => {
                 let required = metering::last_accepted(&store, license)? + cost;
                 Err(meter_error(metering::MeterError::Unpaid {
@@ -268,7 +294,17 @@ pub async fn predict(
         }
     })
     .await??;
-    let mut response = Json(answer).into_response();
+    let mut response = match answer {
+        Answer::Outputs(outputs) => Json(outputs).into_response(),
+        Answer::Passthrough(status, bytes) => {
+            let mut response =
+                (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), bytes).into_response();
+            response
+                .headers_mut()
+                .insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+    };
     if let Some((license, cumulative, receipt)) = metered {
         let header = format!(
             "license={license}; cumulative_units={cumulative}; request={}; time_ms={}; signature={}",
@@ -281,6 +317,12 @@ pub async fn predict(
         }
     }
     Ok(response)
+}
+
+/// What a call returns: the builtin runtime's outputs, or the upstream's answer as it came.
+enum Answer {
+    Outputs(PredictAnswer),
+    Passthrough(u16, Vec<u8>),
 }
 
 fn meter_error(e: metering::MeterError) -> ApiError {

@@ -14,7 +14,8 @@ use crate::{config::Config, serve::metering};
 
 #[derive(Subcommand, Debug)]
 pub enum DeployCommand {
-    /// Deploy a model version you own (runtime builtin).
+    /// Deploy a model version you own: in-process (builtin) or in front of an inference
+    /// server (http).
     Create {
         #[arg(long)]
         model: String,
@@ -25,6 +26,15 @@ pub enum DeployCommand {
         /// Units a call costs per input row.
         #[arg(long, default_value_t = 1)]
         unit_cost: u64,
+        /// `builtin` or `http`.
+        #[arg(long, default_value = "builtin")]
+        runtime: String,
+        /// http runtime: where calls are POSTed, body unchanged.
+        #[arg(long)]
+        upstream_url: Option<String>,
+        /// http runtime: GET here must answer 2xx [default: any answer from the upstream's origin].
+        #[arg(long)]
+        health_url: Option<String>,
         #[command(flatten)]
         pay: PayArgs,
     },
@@ -41,7 +51,8 @@ pub enum DeployCommand {
 #[derive(Args, Debug)]
 pub struct PredictArgs {
     pub id: u64,
-    /// The rows, e.g. '[[0.1, 0.2, 0.3, 0.4]]'.
+    /// The rows, e.g. '[[0.1, 0.2, 0.3, 0.4]]', or a whole JSON object sent as it is (an http
+    /// deployment's KServe v2 or OpenAI-style body).
     #[arg(long, conflicts_with = "input_file")]
     pub input: Option<String>,
     #[arg(long)]
@@ -59,13 +70,14 @@ pub struct PredictArgs {
 impl DeployCommand {
     pub async fn run(self, config: &Config) -> anyhow::Result<()> {
         match self {
-            Self::Create { model, version, alias, unit_cost, pay } => {
+            Self::Create { model, version, alias, unit_cost, runtime, upstream_url, health_url, pay } => {
                 let c = Connected::open(&pay.node, &pay.wallet, config, false).await?.signed_in().await?;
                 let answer = c
                     .node
                     .post_json(
                         "/api/v1/deployments/create",
-                        &json!({"model": model, "version": version, "alias": alias, "unit_cost": unit_cost}),
+                        &json!({"model": model, "version": version, "alias": alias, "unit_cost": unit_cost,
+                            "runtime": runtime, "upstream_url": upstream_url, "health_url": health_url}),
                     )
                     .await?;
                 print(pay.json, &answer, |a| {
@@ -114,16 +126,21 @@ async fn predict(args: PredictArgs, config: &Config) -> anyhow::Result<()> {
         }
         (None, None) => bail!("give --input '[[…]]' or --input-file FILE"),
     };
-    let rows: Vec<Vec<f32>> =
-        serde_json::from_str(&text).context("the input is not rows of numbers, e.g. [[0.1, 0.2]]")?;
+    let input: Value =
+        serde_json::from_str(&text).context("the input is not JSON: rows like [[0.1, 0.2]] or an object")?;
+    let body = match input {
+        Value::Array(_) => json!({"inputs": input}),
+        Value::Object(_) => input,
+        _ => bail!("the input must be rows like [[0.1, 0.2]] or a JSON object"),
+    };
     let c = Connected::open(&args.pay.node, &args.pay.wallet, config, false).await?.signed_in().await?;
     let path = format!("/api/v1/deployments/{}/predict", args.id);
-    let mut request =
-        c.node.authorize(c.node.http.post(c.node.endpoint(&path))).json(&json!({"inputs": rows}));
+    let mut request = c.node.authorize(c.node.http.post(c.node.endpoint(&path))).json(&body);
     let mut counted = None;
     if let Some(license) = args.license {
         let deployment = c.node.get_json(&format!("/api/v1/deployments/{}", args.id)).await?;
-        let cost = U256::from(deployment["unit_cost"].as_u64().unwrap_or(1)) * U256::from(rows.len());
+        let cost = U256::from(deployment["unit_cost"].as_u64().unwrap_or(1))
+            * U256::from(crate::serve::rows_of(&body));
         let state = state_file(&args.state_dir, c.chain_id, license)?;
         let last = match std::fs::read_to_string(&state).ok().and_then(|t| t.trim().parse::<U256>().ok()) {
             Some(last) => last,
@@ -159,7 +176,13 @@ async fn predict(args: PredictArgs, config: &Config) -> anyhow::Result<()> {
     if let Some((state, cumulative)) = counted {
         write_state(&state, cumulative)?;
     }
-    let out = json!({"outputs": answer["outputs"], "receipt": receipt});
+    // The builtin runtime answers {outputs}; an upstream answers in its own shape.
+    let outputs = if answer.get("model").is_some() && answer.get("outputs").is_some() {
+        answer["outputs"].clone()
+    } else {
+        answer
+    };
+    let out = json!({"outputs": outputs, "receipt": receipt});
     print(args.pay.json, &out, |o| o["outputs"].to_string());
     Ok(())
 }

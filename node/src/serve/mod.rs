@@ -7,8 +7,13 @@
 //! `layers.{i}.weight` `[out, in]` and `layers.{i}.bias` `[out]`). Loaded models are shared by
 //! blake3 in a cache bounded by bytes (least recently used go first).
 //!
-//! Deployments are records in RocksDB (they survive restarts); counters and latencies are kept
-//! in memory per process.
+//! The `http` runtime puts the gate in front of any serving stack: calls are POSTed with the
+//! caller's JSON body unchanged (KServe v2, OpenAI-style, or anything else) to the deployment's
+//! upstream URL, and the upstream's answer comes back as it is. A background task probes each
+//! upstream's health.
+//!
+//! Deployments are records in RocksDB (they survive restarts); counters, latencies and health
+//! are kept in memory per process.
 
 pub mod metering;
 pub mod settle;
@@ -28,7 +33,9 @@ use crate::{
     registry::{Context, Registry, RegistryError, now_ms},
     store::{
         Store, StoreError,
-        tables::{DeploymentRecord, Deployments, Meta, MetaKey, MetaValue},
+        tables::{
+            DeploymentRecord, DeploymentUpstreams, Deployments, Meta, MetaKey, MetaValue, UpstreamRecord,
+        },
     },
 };
 
@@ -44,6 +51,8 @@ pub enum ServeError {
     NotReady { id: u64, reason: String },
     #[error("the model cannot run: {0}")]
     Model(String),
+    #[error("the upstream inference server failed: {0}")]
+    Upstream(String),
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]
@@ -170,6 +179,21 @@ impl Mlp {
     }
 }
 
+/// What to deploy.
+#[derive(Clone, Debug)]
+pub struct NewDeployment {
+    pub model: String,
+    /// A version number, or an alias; the newest version when neither is given.
+    pub version: Option<u32>,
+    pub alias: Option<String>,
+    /// `builtin` or `http`.
+    pub runtime: String,
+    /// Units a call costs per input row.
+    pub unit_cost: u64,
+    /// `http` only.
+    pub upstream: Option<UpstreamRecord>,
+}
+
 /// What a deployment shows.
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct DeploymentView {
@@ -189,12 +213,17 @@ pub struct DeploymentView {
     pub latency_p50_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
     pub created_at: u64,
+    /// `http` runtime: where calls go.
+    pub upstream_url: Option<String>,
+    /// `http` runtime: `healthy`, `unhealthy: <why>`, or absent until the first probe.
+    pub health: Option<String>,
 }
 
 #[derive(Default)]
 struct Stats {
     requests: u64,
     errors: u64,
+    health: Option<String>,
     /// The last 10,000 latencies in milliseconds.
     latencies: std::collections::VecDeque<f64>,
 }
@@ -213,6 +242,9 @@ pub struct Serve {
     models: Arc<Mutex<ModelCache>>,
     stats: Arc<Mutex<HashMap<u64, Stats>>>,
     write: Arc<Mutex<()>>,
+    /// For `http` deployments: the client, and the runtime that blocking threads run it on.
+    http: reqwest::Client,
+    runtime: tokio::runtime::Handle,
 }
 
 impl Serve {
@@ -232,27 +264,37 @@ impl Serve {
             models: Arc::default(),
             stats: Arc::default(),
             write: Arc::default(),
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(60))
+                .build()
+                .unwrap_or_default(),
+            runtime: tokio::runtime::Handle::current(),
         }
     }
 
     /// Deploys a version (the model's owner or an operator): loads it to check it runs.
-    pub fn create(
-        &self,
-        ctx: &Context,
-        model: &str,
-        version: Option<u32>,
-        alias: Option<&str>,
-        runtime: &str,
-        unit_cost: u64,
-    ) -> Result<DeploymentView, ServeError> {
-        if runtime != "builtin" {
-            return Err(invalid(format!(
-                "runtime {runtime:?} is not available on this node; use \"builtin\""
-            )));
+    pub fn create(&self, ctx: &Context, spec: NewDeployment) -> Result<DeploymentView, ServeError> {
+        let NewDeployment { model, version, alias, runtime, unit_cost, upstream } = spec;
+        let (model, runtime) = (model.as_str(), runtime.as_str());
+        match (runtime, &upstream) {
+            ("builtin", None) => {}
+            ("builtin", Some(_)) => return Err(invalid("the builtin runtime takes no upstream_url")),
+            ("http", Some(u)) => {
+                check_url("upstream_url", &u.url)?;
+                if let Some(h) = &u.health_url {
+                    check_url("health_url", h)?;
+                }
+            }
+            ("http", None) => return Err(invalid("the http runtime needs an upstream_url")),
+            _ => {
+                return Err(invalid(format!(
+                    "runtime {runtime:?} is not available on this node; use \"builtin\" or \"http\""
+                )));
+            }
         }
         let view = match (version, alias) {
             (Some(v), _) => self.registry.version(model, v)?,
-            (None, Some(a)) => self.registry.by_alias(model, a)?,
+            (None, Some(a)) => self.registry.by_alias(model, &a)?,
             (None, None) => self
                 .registry
                 .versions(model)?
@@ -261,8 +303,10 @@ impl Serve {
                 .ok_or_else(|| invalid(format!("'{model}' has no versions")))?,
         };
         self.registry.authorize(&ctx.actor, &view.model)?;
-        let (status, reason) = match self.load(&view) {
-            Ok(_) => ("ready".to_owned(), None),
+        // An http deployment runs elsewhere: its health is probed, not its weights loaded.
+        let loaded = if upstream.is_some() { Ok(()) } else { self.load(&view).map(|_| ()) };
+        let (status, reason) = match loaded {
+            Ok(()) => ("ready".to_owned(), None),
             Err(e) => ("failed".to_owned(), Some(e.to_string())),
         };
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
@@ -284,6 +328,9 @@ impl Serve {
         let mut batch = self.store.batch();
         batch.put::<Meta>(&MetaKey::NextDeployment, &MetaValue::Count(id + 1))?;
         batch.put::<Deployments>(&id, &record)?;
+        if let Some(upstream) = &upstream {
+            batch.put::<DeploymentUpstreams>(&id, upstream)?;
+        }
         self.store.write(batch)?;
         crate::audit::Audit::new(self.store.clone()).record(
             &ctx.actor.id(),
@@ -297,15 +344,16 @@ impl Serve {
     fn view(&self, r: &DeploymentRecord) -> Result<DeploymentView, ServeError> {
         let token_id = self.token_of(r)?.map(|t| t.to_string());
         let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        let (requests, errors, p50, p99) = match stats.get(&r.id) {
+        let (requests, errors, p50, p99, health) = match stats.get(&r.id) {
             Some(s) => {
                 let mut sorted: Vec<f64> = s.latencies.iter().copied().collect();
                 sorted.sort_by(f64::total_cmp);
                 let at = |q: f64| sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied();
-                (s.requests, s.errors, at(0.5), at(0.99))
+                (s.requests, s.errors, at(0.5), at(0.99), s.health.clone())
             }
-            None => (0, 0, None, None),
+            None => (0, 0, None, None, None),
         };
+        let upstream_url = self.store.get::<DeploymentUpstreams>(&r.id)?.map(|u| u.url);
         Ok(DeploymentView {
             deployment_id: r.id.to_string(),
             model: r.model.clone(),
@@ -320,6 +368,8 @@ impl Serve {
             latency_p50_ms: p50,
             latency_p99_ms: p99,
             created_at: r.created_ms,
+            upstream_url,
+            health,
         })
     }
 
@@ -363,6 +413,7 @@ impl Serve {
         }
         let mut batch = self.store.batch();
         batch.delete::<Deployments>(&id);
+        batch.delete::<DeploymentUpstreams>(&id);
         self.store.write(batch)?;
         crate::audit::Audit::new(self.store.clone()).record(
             &ctx.actor.id(),
@@ -445,17 +496,119 @@ impl Serve {
             .map_err(ServeError::from)
             .and_then(|view| self.load(&view))
             .and_then(|mlp| mlp.forward(rows));
+        self.count(record.id, started, result.is_ok());
+        result
+    }
+
+    fn count(&self, id: u64, started: Instant, ok: bool) {
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        let s = stats.entry(record.id).or_default();
+        let s = stats.entry(id).or_default();
         s.requests += 1;
-        if result.is_err() {
+        if !ok {
             s.errors += 1;
         }
         s.latencies.push_back(started.elapsed().as_secs_f64() * 1e3);
         if s.latencies.len() > 10_000 {
             s.latencies.pop_front();
         }
+    }
+
+    /// The upstream of an `http` deployment.
+    pub fn upstream(&self, id: u64) -> Result<Option<UpstreamRecord>, ServeError> {
+        Ok(self.store.get::<DeploymentUpstreams>(&id)?)
+    }
+
+    /// Sends a call to an `http` deployment's upstream (from a blocking thread) and returns its
+    /// status and body. Only a 2xx answer counts as served.
+    pub fn forward(
+        &self,
+        record: &DeploymentRecord,
+        upstream: &UpstreamRecord,
+        body: &[u8],
+    ) -> Result<(u16, Vec<u8>), ServeError> {
+        let started = Instant::now();
+        let call =
+            self.http.post(&upstream.url).header("content-type", "application/json").body(body.to_vec());
+        let result = self.runtime.block_on(async move {
+            let response = call.send().await.map_err(|e| ServeError::Upstream(e.to_string()))?;
+            let status = response.status();
+            let bytes = response.bytes().await.map_err(|e| ServeError::Upstream(e.to_string()))?;
+            if !status.is_success() {
+                return Err(ServeError::Upstream(format!(
+                    "it answered {status}: {}",
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(500)])
+                )));
+            }
+            Ok((status.as_u16(), bytes.to_vec()))
+        });
+        self.count(record.id, started, result.is_ok());
         result
+    }
+
+    /// Probes every `http` deployment's upstream until `shutdown`.
+    pub async fn probe_upstreams(
+        self,
+        every: std::time::Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => if *shutdown.borrow() { return },
+                _ = tick.tick() => {}
+            }
+            let upstreams: Vec<(u64, UpstreamRecord)> = self
+                .store
+                .iter::<DeploymentUpstreams>()
+                .filter_map(|item| item.ok())
+                .filter_map(|(key, u)| Some((u64::from_be_bytes(key.as_slice().try_into().ok()?), u)))
+                .collect();
+            for (id, upstream) in upstreams {
+                let health = self.probe(&upstream).await;
+                let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+                let s = stats.entry(id).or_default();
+                if s.health.as_deref() != Some(health.as_str()) {
+                    tracing::info!(target: "agora::serve", deployment = id, %health, "upstream health");
+                }
+                s.health = Some(health);
+            }
+        }
+    }
+
+    async fn probe(&self, upstream: &UpstreamRecord) -> String {
+        let (url, any_answer) = match &upstream.health_url {
+            Some(h) => (h.clone(), false),
+            None => match url::Url::parse(&upstream.url) {
+                Ok(u) => (u.origin().ascii_serialization(), true),
+                Err(e) => return format!("unhealthy: {e}"),
+            },
+        };
+        match self.http.get(&url).timeout(std::time::Duration::from_secs(5)).send().await {
+            Ok(r) if any_answer || r.status().is_success() => "healthy".into(),
+            Ok(r) => format!("unhealthy: {url} answered {}", r.status()),
+            Err(e) => format!("unhealthy: {e}"),
+        }
+    }
+}
+
+/// Rows in a call, for metering: our `{"inputs": [[…], …]}`, KServe v2's first input tensor's
+/// batch dimension (`inputs[0].shape[0]`), or an OpenAI-style `input` list; 1 otherwise.
+pub fn rows_of(body: &serde_json::Value) -> u64 {
+    let rows = match body.get("inputs").and_then(|v| v.as_array()) {
+        Some(inputs) => match inputs.first() {
+            Some(first) if first.is_object() => first["shape"].get(0).and_then(|d| d.as_u64()).unwrap_or(1),
+            _ => inputs.len() as u64,
+        },
+        None => body.get("input").and_then(|v| v.as_array()).map_or(1, |a| a.len() as u64),
+    };
+    rows.max(1)
+}
+
+fn check_url(what: &str, url: &str) -> Result<(), ServeError> {
+    match url::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+        Ok(_) => Err(invalid(format!("{what} {url:?} must be an http or https URL"))),
+        Err(e) => Err(invalid(format!("{what} {url:?} is not a URL: {e}"))),
     }
 }
 
@@ -519,6 +672,17 @@ mod tests {
         assert!(p.iter().all(|r| (r.iter().sum::<f32>() - 1.0).abs() < 1e-5));
         assert!(matches!(mlp.forward(&[vec![1.0; 3]]), Err(ServeError::Invalid(_))));
         assert!(matches!(mlp.forward(&[vec![f32::NAN; 4]]), Err(ServeError::Invalid(_))));
+    }
+
+    #[test]
+    fn rows_are_counted_in_every_body_shape() {
+        use serde_json::json;
+        assert_eq!(rows_of(&json!({"inputs": [[1, 2], [3, 4], [5, 6]]})), 3);
+        assert_eq!(rows_of(&json!({"inputs": [{"name": "x", "shape": [7, 4], "data": []}]})), 7);
+        assert_eq!(rows_of(&json!({"input": ["a", "b"]})), 2);
+        assert_eq!(rows_of(&json!({"input": "one text"})), 1);
+        assert_eq!(rows_of(&json!({"inputs": []})), 1);
+        assert_eq!(rows_of(&json!({"messages": []})), 1);
     }
 
     #[test]

@@ -127,6 +127,8 @@ tables! {
     Deployments = "deployments", root: false, key: u64, value: DeploymentRecord, encode: |k| k.to_be_bytes().to_vec();
     /// The artifact tree (MLflow's `mlflow-artifacts:` paths and registered files): blobs by path.
     ArtifactFiles = "artifact_files", root: false, key: String, value: FileRecord, encode: |k| k.as_bytes().to_vec();
+    /// Where `http` deployments send their calls.
+    DeploymentUpstreams = "deployment_upstreams", root: false, key: u64, value: UpstreamRecord, encode: |k| k.to_be_bytes().to_vec();
     /// Blobs this node serves to peers (`/agora/blob/1`), with their chunk manifests.
     SharedBlobs = "shared_blobs", root: false, key: [u8; 32], value: SharedBlob, encode: |k| k.to_vec();
 }
@@ -252,6 +254,16 @@ pub struct DeploymentRecord {
     pub created_ms: u64,
     /// Who deployed it.
     pub actor: String,
+}
+
+/// The upstream inference server of an `http` deployment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamRecord {
+    /// Calls are POSTed here with the caller's JSON body, unchanged.
+    pub url: String,
+    /// Probed with GET every few seconds; 2xx is healthy. Unset: any HTTP answer from the
+    /// upstream URL's origin is.
+    pub health_url: Option<String>,
 }
 
 /// A blob shared with peers: its size and the blake3 chaining values of its 1 MiB chunks

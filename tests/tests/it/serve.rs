@@ -11,19 +11,53 @@ use super::registry::{TOKEN, start};
 
 use agora_e2e::mlp::{forward as reference, register};
 
-#[tokio::test]
-async fn license_holders_get_the_models_answers() {
-    let (market, _data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN)]).await;
+/// The seller (account 1) signed in, having registered an MLP as `name` and anchored it on-chain.
+async fn publish(
+    market: &agora_e2e::market::Market,
+    node: &agora_e2e::Node,
+    name: &str,
+    with_config: bool,
+) -> (NodeClient, alloy::primitives::U256) {
     let mut seller = NodeClient::new(&node.url).unwrap();
     seller.sign_in(&market.signer(1)).await.unwrap();
-    let version = register(&seller, "iris", true).await;
+    let version = register(&seller, name, with_config).await;
     let hash = format!("0x{}", version["file"]["blake3"].as_str().unwrap()).parse().unwrap();
-    let token = market.register_content(hash, "iris").await;
+    let token = market.register_content(hash, name).await;
     agora_e2e::eventually("the anchor indexed", Duration::from_secs(30), || async {
-        let (_, v) = node.get("/api/v1/models/iris").await;
+        let (_, v) = node.get(&format!("/api/v1/models/{name}")).await;
         (v["token_id"] == token.to_string()).then_some(())
     })
     .await;
+    (seller, token)
+}
+
+/// Runs `agora LINE` (split on spaces) as buyer 7 against the node: (success, stdout JSON, stderr).
+async fn cli(
+    market: &agora_e2e::market::Market,
+    node: &agora_e2e::Node,
+    state: &std::path::Path,
+    line: String,
+) -> (bool, Value, String) {
+    let env = [
+        ("AGORA_NODE_URL".to_owned(), node.url.clone()),
+        ("AGORA_RPC_URL".to_owned(), market.anvil.endpoint()),
+        ("AGORA_PRIVATE_KEY".to_owned(), agora_contracts::anvil::DEV_KEYS[7].to_owned()),
+        ("AGORA_STATE_DIR".to_owned(), state.display().to_string()),
+    ];
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = line.split_whitespace().collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let (status, stdout, stderr) = agora_e2e::agora(&args, &env);
+        (status.success(), serde_json::from_str::<Value>(stdout.trim()).unwrap_or(Value::Null), stderr)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn license_holders_get_the_models_answers() {
+    let (market, _data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN)]).await;
+    let (seller, token) = publish(&market, &node, "iris", true).await;
 
     // Only the owner (or an operator) deploys.
     let mut stranger = NodeClient::new(&node.url).unwrap();
@@ -150,9 +184,9 @@ async fn metered_calls(market: &agora_e2e::market::Market, node: &agora_e2e::Nod
     let (_, usage_now) = node.get(&format!("/api/v1/licenses/{license}/usage")).await;
     assert_eq!(usage_now["cumulative_units"], "3");
 
-    // Twenty concurrent callers with counts 4..=23 in no order: each accepted call moved the
+    // Fifty concurrent callers with counts 4..=53 in no order: each accepted call moved the
     // count by exactly one, so the final count is 3 plus the accepted calls.
-    let calls: Vec<_> = (4..24u64).rev().map(|c| call(1, Some(voucher(7, c)))).collect();
+    let calls: Vec<_> = (4..54u64).rev().map(|c| call(1, Some(voucher(7, c)))).collect();
     let results = futures::future::join_all(calls).await;
     let accepted = results.iter().filter(|(s, _, _)| *s == StatusCode::OK).count() as u64;
     assert!(accepted >= 1);
@@ -166,20 +200,7 @@ async fn metered_calls(market: &agora_e2e::market::Market, node: &agora_e2e::Nod
     // The CLI signs its own vouchers, keeps the count in a state file, and recovers it from
     // the node when the file is gone.
     let state = tempfile::tempdir().unwrap();
-    let cli = |line: String| {
-        let env = [
-            ("AGORA_NODE_URL".to_owned(), node.url.clone()),
-            ("AGORA_RPC_URL".to_owned(), market.anvil.endpoint()),
-            ("AGORA_PRIVATE_KEY".to_owned(), agora_contracts::anvil::DEV_KEYS[7].to_owned()),
-            ("AGORA_STATE_DIR".to_owned(), state.path().display().to_string()),
-        ];
-        tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = line.split_whitespace().collect();
-            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            let (status, stdout, stderr) = agora_e2e::agora(&args, &env);
-            (status.success(), serde_json::from_str::<Value>(stdout.trim()).unwrap_or(Value::Null), stderr)
-        })
-    };
+    let cli = |line: String| cli(market, node, state.path(), line);
     let before: u64 = node.get(&format!("/api/v1/licenses/{license}/usage")).await.1["cumulative_units"]
         .as_str()
         .unwrap()
@@ -193,8 +214,7 @@ async fn metered_calls(market: &agora_e2e::market::Market, node: &agora_e2e::Nod
         }
         let (ok, out, err) =
             cli(format!("deploy predict {id} --input [[1,2,3,4],[0,0,0,1]] --license {license} --json"))
-                .await
-                .unwrap();
+                .await;
         assert!(ok, "{err}");
         assert_eq!(out["outputs"].as_array().unwrap().len(), 2);
         assert!(
@@ -205,11 +225,11 @@ async fn metered_calls(market: &agora_e2e::market::Market, node: &agora_e2e::Nod
         );
     }
     // Every metered call left a signed receipt; the CLI checks them all.
-    let (ok, listed, err) = cli(format!("license receipts {license} --json")).await.unwrap();
+    let (ok, listed, err) = cli(format!("license receipts {license} --json")).await;
     assert!(ok, "{err}");
     assert_eq!(listed["invalid"], 0);
     assert_eq!(listed["receipts"].as_array().unwrap().len() as u64, 2 + accepted + 3);
-    let (ok, status, err) = cli(format!("deploy status {id} --json")).await.unwrap();
+    let (ok, status, err) = cli(format!("deploy status {id} --json")).await;
     assert!(ok, "{err}");
     assert!(status["requests"].as_u64().unwrap() > 3);
 
@@ -299,23 +319,12 @@ async fn accepted_vouchers_are_settled_on_chain_even_after_a_crash() {
 
     // Closing: requested, refused while the challenge window is open, then the unused escrow
     // (1,000 units paid, 5 settled) comes back to the buyer exactly.
-    let cli = |line: String| {
-        let env = [
-            ("AGORA_NODE_URL".to_owned(), node.url.clone()),
-            ("AGORA_RPC_URL".to_owned(), market.anvil.endpoint()),
-            ("AGORA_PRIVATE_KEY".to_owned(), agora_contracts::anvil::DEV_KEYS[7].to_owned()),
-        ];
-        tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = line.split_whitespace().collect();
-            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            let (status, stdout, stderr) = agora_e2e::agora(&args, &env);
-            (status.success(), serde_json::from_str::<Value>(stdout.trim()).unwrap_or(Value::Null), stderr)
-        })
-    };
-    let (ok, requested, err) = cli(format!("license close {license} --json")).await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let cli = |line: String| cli(&market, &node, state.path(), line);
+    let (ok, requested, err) = cli(format!("license close {license} --json")).await;
     assert!(ok, "{err}");
     assert_eq!(requested["requested"], true);
-    let (ok, _, err) = cli(format!("license close {license}")).await.unwrap();
+    let (ok, _, err) = cli(format!("license close {license}")).await;
     assert!(!ok);
     assert!(err.contains("ChallengeWindowOpen"), "{err}");
     use alloy::providers::ext::AnvilApi;
@@ -323,10 +332,163 @@ async fn accepted_vouchers_are_settled_on_chain_even_after_a_crash() {
     market.mine(1).await;
     let (head, head_hash) = market.head().await;
     node.wait_indexed(head, head_hash).await;
-    let (ok, closed, err) = cli(format!("license close {license} --json")).await.unwrap();
+    let (ok, closed, err) = cli(format!("license close {license} --json")).await;
     assert!(ok, "{err}");
     assert_eq!(closed["refund"], (unit * U256::from(1000 - 5)).to_string());
-    let (ok, withdrawn, err) = cli("market withdraw --json".into()).await.unwrap();
+    let (ok, withdrawn, err) = cli("market withdraw --json".into()).await;
     assert!(ok, "{err}");
     assert_eq!(withdrawn["amount"], (unit * U256::from(1000 - 5)).to_string());
+}
+
+/// A stand-in inference server on loopback: answers every POST with `{"model_name", "outputs":
+/// [{"name", "shape", "data"}], "echo": <the request>}` (KServe v2's shape) and every GET with 200.
+async fn upstream() -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        // Connections belong to the server task: aborting it closes them too.
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else { return };
+            connections.spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    let length = head
+                        .lines()
+                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + length {
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body: Value = serde_json::from_slice(&buf[end + 4..end + 4 + length]).unwrap_or(Value::Null);
+                    buf.drain(..end + 4 + length);
+                    let answer = if head.starts_with("POST") {
+                        json!({"model_name": "m", "outputs": [{"name": "y", "shape": [1], "data": [42.0]}], "echo": body})
+                    } else {
+                        json!({"ready": true})
+                    }
+                    .to_string();
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if socket.write_all(response.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{address}"), task)
+}
+
+#[tokio::test]
+async fn an_http_deployment_puts_the_gate_in_front_of_any_server() {
+    use agora_node::serve::metering;
+    use alloy::{primitives::U256, signers::SignerSync};
+    let (market, _data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN)]).await;
+    let (seller, token) = publish(&market, &node, "proxied", false).await;
+
+    // Bad requests name what is wrong.
+    for (body, needle) in [
+        (json!({"model": "proxied", "runtime": "http"}), "needs an upstream_url"),
+        (json!({"model": "proxied", "runtime": "http", "upstream_url": "ftp://x"}), "http or https"),
+        (
+            json!({"model": "proxied", "runtime": "builtin", "upstream_url": "http://127.0.0.1:1"}),
+            "takes no upstream_url",
+        ),
+        (json!({"model": "proxied", "runtime": "gpu"}), "not available"),
+    ] {
+        let err = seller.post_json("/api/v1/deployments/create", &body).await.unwrap_err();
+        assert!(err.to_string().contains("400") && err.to_string().contains(needle), "{err}");
+    }
+
+    let (base, server) = upstream().await;
+    let created = seller
+        .post_json(
+            "/api/v1/deployments/create",
+            &json!({"model": "proxied", "runtime": "http", "upstream_url": format!("{base}/v2/models/m/infer"), "unit_cost": 2}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created["status"], "ready", "{created}");
+    let id = created["deployment_id"].as_str().unwrap().to_owned();
+    agora_e2e::eventually("the upstream seen healthy", Duration::from_secs(30), || async {
+        let (_, d) = node.get(&format!("/api/v1/deployments/{id}")).await;
+        (d["health"] == "healthy").then_some(())
+    })
+    .await;
+
+    market.buy(token, 5, 0).await;
+    market.buy(token, 7, 2).await;
+    let (head, head_hash) = market.head().await;
+    node.wait_indexed(head, head_hash).await;
+    let path = format!("/api/v1/deployments/{id}/predict");
+    let kserve =
+        json!({"inputs": [{"name": "x", "shape": [3, 4], "datatype": "FP32", "data": vec![0.5; 12]}]});
+
+    // A perpetual holder's call goes through unchanged and the answer comes back as it was.
+    let mut holder = NodeClient::new(&node.url).unwrap();
+    holder.sign_in(&market.signer(5)).await.unwrap();
+    let answer = holder.post_json(&path, &kserve).await.unwrap();
+    assert_eq!(answer["echo"], kserve, "{answer}");
+    assert_eq!(answer["outputs"][0]["data"][0], 42.0);
+
+    // A usage holder pays unit_cost × the batch dimension (3 rows × 2).
+    let mut usage = NodeClient::new(&node.url).unwrap();
+    usage.sign_in(&market.signer(7)).await.unwrap();
+    let (_, licenses) = node.get(&format!("/api/v1/licenses?holder={}", market.address(7))).await;
+    let license: U256 = licenses["licenses"][0]["license_id"].as_str().unwrap().parse().unwrap();
+    let (chain, lm) = (market.deployment.chain_id, market.deployment.license_market);
+    let paid = |cumulative: u64| {
+        let hash = metering::voucher_hash(license, U256::from(cumulative), chain, lm);
+        let signature = market.signer(7).sign_hash_sync(&hash).unwrap();
+        let request = usage
+            .authorize(usage.http.post(usage.endpoint(&path)))
+            .header("agora-voucher", metering::header(license, U256::from(cumulative), &signature.as_bytes()))
+            .json(&kserve);
+        async move { request.send().await.unwrap() }
+    };
+    let response = paid(6).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers().get("agora-receipt").unwrap().to_str().unwrap().contains("cumulative_units=6;")
+    );
+    assert_eq!(response.json::<Value>().await.unwrap()["echo"], kserve);
+    let err = NodeClient::new(&node.url).unwrap().post_json(&path, &kserve).await.unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+
+    // The CLI sends a whole JSON body as it is and counts its rows the same way.
+    let state = tempfile::tempdir().unwrap();
+    let line = format!("deploy predict {id} --input {kserve} --license {license} --json");
+    let (ok, out, err) = cli(&market, &node, state.path(), line).await;
+    assert!(ok, "{err}");
+    assert_eq!(out["outputs"]["echo"], kserve, "{out}");
+    assert!(out["receipt"].as_str().unwrap().contains("cumulative_units=12;"), "{out}");
+
+    // The upstream goes away: the probe says so, a call is 502 and costs nothing.
+    server.abort();
+    let _ = server.await;
+    agora_e2e::eventually("the upstream seen unhealthy", Duration::from_secs(30), || async {
+        let (_, d) = node.get(&format!("/api/v1/deployments/{id}")).await;
+        d["health"].as_str().is_some_and(|h| h.starts_with("unhealthy")).then_some(())
+    })
+    .await;
+    let response = paid(18).await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let (_, usage_now) = node.get(&format!("/api/v1/licenses/{license}/usage")).await;
+    assert_eq!(usage_now["cumulative_units"], "12", "a failed call is not metered");
 }
