@@ -231,6 +231,68 @@ struct Stats {
 /// Loaded models and when each was last used.
 type ModelCache = HashMap<[u8; 32], (Arc<Mlp>, Instant)>;
 
+/// Calls on one model that arrive together run as one forward pass. Each caller queues its
+/// rows and waits its turn to run; the caller whose turn comes runs everything queued by then
+/// (its own rows and those of every caller that arrived while the previous pass ran) and hands
+/// each caller its rows' outputs. Nobody waits on a timer: a lone call runs at once.
+#[derive(Default)]
+pub struct Batcher {
+    queue: Mutex<Vec<Job>>,
+    turn: Mutex<()>,
+    /// Passes run and calls served (calls / passes is the mean batch).
+    pub passes: std::sync::atomic::AtomicU64,
+    pub calls: std::sync::atomic::AtomicU64,
+}
+
+type Outputs = Result<Vec<Vec<f32>>, ServeError>;
+
+struct Job {
+    rows: Vec<Vec<f32>>,
+    reply: std::sync::mpsc::Sender<Outputs>,
+}
+
+impl Batcher {
+    pub fn run(&self, mlp: &Mlp, rows: Vec<Vec<f32>>) -> Outputs {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).push(Job { rows, reply });
+        let turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
+        if let Ok(outputs) = answer.try_recv() {
+            // The previous pass took these rows along.
+            return outputs;
+        }
+        let jobs = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
+        let width = mlp.inputs();
+        // A call with malformed rows runs alone, so its error is its own.
+        let (good, bad): (Vec<Job>, Vec<Job>) =
+            jobs.into_iter().partition(|j| !j.rows.is_empty() && j.rows.iter().all(|r| r.len() == width));
+        for job in bad {
+            let _ = job.reply.send(mlp.forward(&job.rows));
+        }
+        if !good.is_empty() {
+            let all: Vec<Vec<f32>> = good.iter().flat_map(|j| j.rows.iter().cloned()).collect();
+            self.passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.calls.fetch_add(good.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            metrics::histogram!("agora_serve_batch_calls").record(good.len() as f64);
+            match mlp.forward(&all) {
+                Ok(mut outputs) => {
+                    for job in good.into_iter().rev() {
+                        let mine = outputs.split_off(outputs.len() - job.rows.len());
+                        let _ = job.reply.send(Ok(mine));
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for job in good {
+                        let _ = job.reply.send(Err(ServeError::Model(message.clone())));
+                    }
+                }
+            }
+        }
+        drop(turn);
+        answer.recv().unwrap_or_else(|_| Err(ServeError::Model("the batch runner stopped".into())))
+    }
+}
+
 #[derive(Clone)]
 pub struct Serve {
     store: Store,
@@ -240,6 +302,8 @@ pub struct Serve {
     cache_limit: u64,
     /// Loaded models by blake3 of (weights' hash, config's hash), with when they were last used.
     models: Arc<Mutex<ModelCache>>,
+    /// One batcher per loaded model (by its address).
+    batchers: Arc<Mutex<HashMap<usize, Arc<Batcher>>>>,
     stats: Arc<Mutex<HashMap<u64, Stats>>>,
     write: Arc<Mutex<()>>,
     /// For `http` deployments: the client, and the runtime that blocking threads run it on.
@@ -262,6 +326,7 @@ impl Serve {
             tmp,
             cache_limit,
             models: Arc::default(),
+            batchers: Arc::default(),
             stats: Arc::default(),
             write: Arc::default(),
             http: reqwest::Client::builder()
@@ -495,9 +560,23 @@ impl Serve {
             .version(&record.model, record.version)
             .map_err(ServeError::from)
             .and_then(|view| self.load(&view))
-            .and_then(|mlp| mlp.forward(rows));
+            .and_then(|mlp| self.batcher(&mlp).run(&mlp, rows.to_vec()));
         self.count(record.id, started, result.is_ok());
         result
+    }
+
+    fn batcher(&self, mlp: &Arc<Mlp>) -> Arc<Batcher> {
+        let mut batchers = self.batchers.lock().unwrap_or_else(|p| p.into_inner());
+        // Models evicted from the cache take their batchers with them.
+        let live: std::collections::HashSet<usize> = self
+            .models
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|(m, _)| Arc::as_ptr(m) as usize)
+            .collect();
+        batchers.retain(|k, _| live.contains(k));
+        batchers.entry(Arc::as_ptr(mlp) as usize).or_default().clone()
     }
 
     fn count(&self, id: u64, started: Instant, ok: bool) {
@@ -672,6 +751,41 @@ mod tests {
         assert!(p.iter().all(|r| (r.iter().sum::<f32>() - 1.0).abs() < 1e-5));
         assert!(matches!(mlp.forward(&[vec![1.0; 3]]), Err(ServeError::Invalid(_))));
         assert!(matches!(mlp.forward(&[vec![f32::NAN; 4]]), Err(ServeError::Invalid(_))));
+    }
+
+    #[test]
+    fn calls_that_arrive_together_share_a_pass_and_get_their_own_rows() {
+        let layers = [4, 8, 3];
+        let mlp = Mlp::new(
+            MlpConfig { layers: layers.to_vec(), activation: "relu".into(), output: "softmax".into() },
+            tensors(&layers),
+        )
+        .unwrap();
+        let batcher = Batcher::default();
+        let barrier = std::sync::Barrier::new(16);
+        std::thread::scope(|scope| {
+            for t in 0..16 {
+                let (mlp, batcher, barrier) = (&mlp, &batcher, &barrier);
+                scope.spawn(move || {
+                    let rows: Vec<Vec<f32>> =
+                        (0..=t % 3).map(|r| vec![t as f32 * 0.1, r as f32, -1.0, 0.5]).collect();
+                    barrier.wait();
+                    let got = batcher.run(mlp, rows.clone()).unwrap();
+                    let alone = mlp.forward(&rows).unwrap();
+                    assert_eq!(got.len(), alone.len(), "caller {t}");
+                    for (a, b) in got.iter().flatten().zip(alone.iter().flatten()) {
+                        assert!((a - b).abs() < 1e-5, "caller {t}: {a} vs {b}");
+                    }
+                    if t == 7 {
+                        let bad = batcher.run(mlp, vec![vec![1.0; 3]]).unwrap_err();
+                        assert!(bad.to_string().contains("takes 4"), "{bad}");
+                    }
+                });
+            }
+        });
+        let calls = batcher.calls.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(calls, 16, "every well-formed call served once");
+        assert!(batcher.passes.load(std::sync::atomic::Ordering::Relaxed) <= calls);
     }
 
     #[test]

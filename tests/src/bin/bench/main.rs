@@ -1,7 +1,7 @@
 //! `scripts/bench`: benchmarks printed beside a ceiling measured in the same run.
 //!
 //! `agora-bench watermark [--gib N]`: see `watermark.rs`; `agora-bench artifacts [--gib N]`: see
-//! `artifacts.rs`; `agora-bench flows [--gib N]`: see `flows.rs`; `agora-bench serve [--requests N]`: see `serve.rs`;
+//! `artifacts.rs`; `agora-bench flows [--gib N]`: see `flows.rs`; `agora-bench serve [--requests N] [--callers N]`: see `serve.rs`;
 //! `agora-bench p2p [--nodes N] [--orders N] [--mib N]`: see `p2p.rs`.
 //!
 //! `agora-bench index [--events N]`: makes N marketplace events on a local anvil (purchases,
@@ -62,11 +62,11 @@ async fn main() -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || watermark::run(gib)).await?
         }
         Some("serve") => {
-            let requests = match args.iter().position(|a| a == "--requests") {
-                Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(2_000),
-                None => 2_000,
+            let value = |name: &str, default: usize| match args.iter().position(|a| a == name) {
+                Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(default),
+                None => default,
             };
-            serve::run(requests).await
+            serve::run(value("--requests", 2_000).max(1), value("--callers", 8).max(1)).await
         }
         Some("flows") => {
             let gib = match args.iter().position(|a| a == "--gib") {
@@ -92,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => {
             anyhow::bail!(
-                "usage: agora-bench index [--events N] | watermark [--gib N] | artifacts [--gib N] | flows [--gib N] | serve [--requests N] | p2p [--nodes N] [--orders N] [--mib N]"
+                "usage: agora-bench index [--events N] | watermark [--gib N] | artifacts [--gib N] | flows [--gib N] | serve [--requests N] [--callers N] | p2p [--nodes N] [--orders N] [--mib N]"
             )
         }
     }

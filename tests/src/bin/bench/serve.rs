@@ -1,5 +1,5 @@
-//! `agora-bench serve [--requests N]`: predict throughput and latency on loopback against the
-//! MLP deployment, eight callers at once, each with its own license: (a) usage licenses paying
+//! `agora-bench serve [--requests N] [--callers N]`: predict throughput and latency on loopback
+//! against the MLP deployment, N callers at once (default 8), each with its own license: (a) usage licenses paying
 //! with vouchers (pre-signed, so signing is not in the server's budget), (b) perpetual licenses
 //! with a sign-in token, (c) the operator, whose calls skip the license check — all one run.
 
@@ -11,7 +11,6 @@ use alloy::{primitives::U256, signers::SignerSync};
 use serde_json::json;
 
 const TOKEN: &str = "benchmark-operator-token-0123456789";
-const CALLERS: usize = 8;
 
 struct Outcome {
     seconds: f64,
@@ -62,7 +61,7 @@ fn row(name: &str, o: &mut Outcome, baseline: Option<f64>) -> f64 {
     rps
 }
 
-pub async fn run(requests: usize) -> anyhow::Result<()> {
+pub async fn run(requests: usize, callers: usize) -> anyhow::Result<()> {
     let (market, _data, node) = super::chain_and_node(TOKEN).await?;
     let mut seller = NodeClient::new(&node.url)?;
     seller.sign_in(&market.signer(1)).await?;
@@ -73,11 +72,13 @@ pub async fn run(requests: usize) -> anyhow::Result<()> {
     let path =
         format!("/api/v1/deployments/{}/predict", created["deployment_id"].as_str().unwrap_or_default());
 
-    // Each caller (accounts 2..=9) holds a usage license topped up for the run and a perpetual one.
+    // Each caller (accounts 2..=9, in turn) holds a usage license of its own topped up for the
+    // run, and a perpetual one.
     let (chain, lm) = (market.deployment.chain_id, market.deployment.license_market);
     let mut usage = Vec::new();
     let mut perpetual = Vec::new();
-    for account in 2..2 + CALLERS {
+    for caller in 0..callers {
+        let account = 2 + caller % 8;
         let license = market.buy(token, account, 2).await;
         let top_up = U256::from(requests as u64) * U256::from(agora_e2e::market::UNIT_PRICE);
         market
@@ -106,7 +107,7 @@ pub async fn run(requests: usize) -> anyhow::Result<()> {
     node.wait_indexed(head, head_hash).await;
     let mut operator = NodeClient::new(&node.url)?;
     operator.token = Some(TOKEN.into());
-    let unchecked: Vec<_> = (0..CALLERS).map(|_| (operator.clone(), vec![None; requests])).collect();
+    let unchecked: Vec<_> = (0..callers).map(|_| (operator.clone(), vec![None; requests])).collect();
 
     // Warm the model cache and the connections.
     load(vec![(operator.clone(), vec![None; 50])], &path).await?;
@@ -114,7 +115,7 @@ pub async fn run(requests: usize) -> anyhow::Result<()> {
     let mut b = load(perpetual, &path).await?;
     let mut a = load(usage, &path).await?;
 
-    println!("serve: {CALLERS} callers x {requests} predict calls (one row, MLP 4-8-3), loopback, one run");
+    println!("serve: {callers} callers x {requests} predict calls (one row, MLP 4-8-3), loopback, one run");
     println!("{:<46} {:>9} {:>9} {:>9}", "", "req/s", "p50 ms", "p99 ms");
     let baseline = row("(c) no license check (operator; baseline)", &mut c, None);
     row("(b) perpetual license, sign-in token", &mut b, Some(baseline));
