@@ -9,6 +9,7 @@ mod dev;
 pub mod index;
 mod market;
 mod model;
+mod p2p;
 mod wallet;
 mod watermark;
 
@@ -66,6 +67,9 @@ pub enum Command {
     /// Wallets: encrypted keystore files (Web3 Secret Storage).
     #[command(subcommand)]
     Wallet(wallet::WalletCommand),
+    /// The node's peers, and blobs shared with and fetched from them.
+    #[command(subcommand)]
+    P2p(p2p::P2pCommand),
     /// Mark model files and check marks: keys, embed, verify, trace.
     #[command(subcommand)]
     Watermark(watermark::WatermarkCommand),
@@ -112,6 +116,7 @@ impl Cli {
             Command::Watermark(command) => tokio::task::spawn_blocking(move || command.run()).await?,
             Command::Model(command) => command.run(&config).await,
             Command::Deploy(command) => command.run(&config).await,
+            Command::P2p(command) => command.run(&config).await,
             Command::Market(command) => command.run(&config).await,
             Command::License(command) => command.run(&config).await,
             Command::Wallet(command) => tokio::task::spawn_blocking(move || command.run()).await?,

@@ -335,8 +335,25 @@ async fn blobs_are_fetched_verified_and_a_corrupt_provider_is_passed_over() {
     let report: Value = response.json().await.unwrap();
     assert_eq!(report["fetched"], true, "{report}");
     assert_eq!(report["size"].as_u64(), Some(data.len() as u64));
-    let again: Value = fetch(&b).await.unwrap().json().await.unwrap();
+    // The CLI says the same: already held; and the operator token is required.
+    let cli = |args: Vec<String>, token: bool| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let env: &[(&str, &str)] = if token { &[("AGORA_ADMIN_TOKEN", TOKEN)] } else { &[] };
+            let (status, stdout, stderr) = agora_e2e::agora(&args, env);
+            (status.success(), serde_json::from_str::<Value>(stdout.trim()).unwrap_or(Value::Null), stderr)
+        })
+    };
+    let line = |s: String| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+    let (ok, again, err) =
+        cli(line(format!("p2p fetch {hash} --node {} --json", b.url)), true).await.unwrap();
+    assert!(ok, "{err}");
     assert_eq!(again["fetched"], false, "already held: {again}");
+    let (ok, _, err) = cli(line(format!("p2p fetch {hash} --node {}", b.url)), false).await.unwrap();
+    assert!(!ok && err.contains("AGORA_ADMIN_TOKEN"), "{err}");
+    let (ok, status, err) = cli(line(format!("p2p status --node {} --json", b.url)), false).await.unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(status["peers_connected"], 1, "{status}");
     // What B holds is the blob itself: B can share it on (it computes the manifest from its copy).
     let reshared = client
         .post(format!("{}/api/v1/p2p/blobs/{hash}/share", b.url))
