@@ -220,7 +220,7 @@ pub async fn predict(
     let delivery = state.delivery.clone();
     let (answer, metered) = tokio::task::spawn_blocking(move || {
         let record = serve.record(id)?;
-        let upstream = serve.upstream(id)?;
+        let upstream = if record.runtime == "http" { serve.upstream(id)? } else { None };
         let run = |record: &crate::store::tables::DeploymentRecord| -> Result<Answer, ApiError> {
             match &upstream {
                 Some(upstream) => {
@@ -228,10 +228,10 @@ pub async fn predict(
                     Ok(Answer::Passthrough(status, bytes))
                 }
                 None => {
-                    let request: PredictRequest = serde_json::from_value(input.clone()).map_err(|e| {
+                    let request = PredictRequest::deserialize(&input).map_err(|e| {
                         ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("the request body is not valid: {e}"))
                     })?;
-                    let outputs = serve.predict(record, &request.inputs)?;
+                    let outputs = serve.predict(record, request.inputs)?;
                     Ok(Answer::Outputs(PredictAnswer { outputs, model: record.model.clone(), version: record.version }))
                 }
             }

@@ -39,16 +39,13 @@ fn operator(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 fn blob_hash(raw: &str) -> Result<[u8; 32], ApiError> {
-    let raw = raw.strip_prefix("0x").unwrap_or(raw);
-    let mut out = [0u8; 32];
-    match alloy::primitives::hex::decode_to_slice(raw, &mut out) {
-        Ok(()) => Ok(out),
-        Err(_) => Err(ApiError::new(
+    raw.parse::<alloy::primitives::B256>().map(|h| h.0).map_err(|_| {
+        ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_parameter",
             format!("blob hash `{raw}` is not 32 bytes of hex (blake3)"),
-        )),
-    }
+        )
+    })
 }
 
 /// This node's peer id, addresses, gossip counters, held orders and peers' index roots.

@@ -308,41 +308,46 @@ impl P2p {
         }
     }
 
+    /// Checks an order from a peer against the local index, as the API would, and keeps it
+    /// when valid. Returns whether it was new.
+    async fn keep(
+        &self,
+        order: &LicenseMarket::Order,
+        signed: &SignedOrder,
+        peer: PeerId,
+    ) -> Result<bool, OrderError> {
+        let (store, index, deployment) =
+            (self.store.clone(), self.index.borrow().clone(), self.deployment.clone());
+        let (order, signature, source) = (order.clone(), signed.signature.to_vec(), format!("peer:{peer}"));
+        let (_, new) = tokio::task::spawn_blocking(move || {
+            orders::accept_now(&store, index, &deployment, &order, &signature, &source)
+        })
+        .await
+        .map_err(|e| OrderError::Terms(format!("the check did not finish: {e}")))??;
+        if new {
+            self.shared().orders_from_peers += 1;
+        }
+        Ok(new)
+    }
+
     /// Judges an order from a peer; keeps it when valid.
     async fn judge(&self, signed: SignedOrder, peer: PeerId) -> Verdict {
         let Ok(order) = LicenseMarket::Order::abi_decode(&signed.order) else {
             return self.rejected("not an ABI-encoded order".into());
         };
-        let (store, index, deployment) =
-            (self.store.clone(), self.index.borrow().clone(), self.deployment.clone());
-        let signature = signed.signature.to_vec();
-        let source = format!("peer:{peer}");
-        let checked = {
-            let order = order.clone();
-            tokio::task::spawn_blocking(move || {
-                orders::accept_now(&store, index, &deployment, &order, &signature, &source)
-            })
-            .await
-        };
-        match checked {
-            Ok(Ok((_, new))) => {
-                if new {
-                    self.shared().orders_from_peers += 1;
-                }
-                Verdict::Accepted { new }
-            }
-            Ok(Err(e @ (OrderError::Signature(_) | OrderError::Terms(_) | OrderError::Cancelled))) => {
+        match self.keep(&order, &signed, peer).await {
+            Ok(new) => Verdict::Accepted { new },
+            Err(e @ (OrderError::Signature(_) | OrderError::Terms(_) | OrderError::Cancelled)) => {
                 self.rejected(e.to_string())
             }
-            Ok(Err(e @ OrderError::Expired { .. })) => Verdict::Ignored(e.to_string()),
-            Ok(Err(e @ (OrderError::NotOwner(_) | OrderError::StaleNonce { .. }))) => {
+            Err(e @ (OrderError::NotOwner(_) | OrderError::StaleNonce { .. })) => {
                 match self.chain_vouches(&order).await {
                     Some(true) => Verdict::Held,
                     Some(false) => self.rejected(e.to_string()),
                     None => Verdict::Ignored(format!("{e}; the chain could not be asked")),
                 }
             }
-            Ok(Err(e)) => Verdict::Ignored(e.to_string()),
+            // Expired on the way, or the store failed: no fault of the sender.
             Err(e) => Verdict::Ignored(e.to_string()),
         }
     }
@@ -376,22 +381,23 @@ impl P2p {
         Some(owner == order.seller && nonce == order.nonce)
     }
 
-    /// Retries held orders now that the index moved; drops those whose time ran out.
+    /// Checks held orders again now that the index moved (the chain already vouched for them:
+    /// only the index is asked); drops those whose time ran out.
     async fn retry_held(&self) {
         let held = std::mem::take(&mut self.shared().held);
         for h in held {
             if h.until < Instant::now() {
                 continue;
             }
-            let signed = h.order.clone();
-            match self.judge(h.order, h.peer).await {
-                Verdict::Accepted { new: true } => {
+            let Ok(order) = LicenseMarket::Order::abi_decode(&h.order.order) else { continue };
+            match self.keep(&order, &h.order, h.peer).await {
+                Ok(true) => {
                     // Spread it: peers that missed the first gossip get it now (duplicates are
                     // recognised by content).
-                    let _ = self.net.publish(Topic::Orders, wire::encode(&signed)).await;
+                    let _ = self.net.publish(Topic::Orders, wire::encode(&h.order)).await;
                 }
-                Verdict::Held => self.shared().held.push(Held { order: signed, ..h }),
-                _ => {}
+                Err(OrderError::NotOwner(_) | OrderError::StaleNonce { .. }) => self.shared().held.push(h),
+                Ok(false) | Err(_) => {}
             }
         }
     }
@@ -510,9 +516,7 @@ impl P2p {
                         announced = block;
                         last_announce = Instant::now();
                     }
-                    if !self.shared().held.is_empty() {
-                        self.retry_held().await;
-                    }
+                    self.shared().held.retain(|h| h.until >= Instant::now());
                 }
             }
         }
@@ -526,13 +530,13 @@ impl P2p {
         while shared.own_roots.len() > ROOTS_KEPT {
             shared.own_roots.pop_first();
         }
-        let own = shared.own_roots.clone();
-        for (peer, pr) in shared.peer_roots.iter_mut() {
+        let Shared { own_roots, peer_roots, .. } = &mut *shared;
+        for (peer, pr) in peer_roots.iter_mut() {
             let announcement =
                 RootAnnouncement { block: pr.block, hash: pr.hash.0, state_root: pr.state_root.0 };
-            let agrees = compare(&own, &announcement);
+            let agrees = compare(own_roots, &announcement);
             if agrees == Some(false) && pr.agrees != Some(false) {
-                note_disagreement(peer, &announcement, &own);
+                note_disagreement(peer, &announcement, own_roots);
             }
             pr.agrees = agrees;
         }

@@ -229,7 +229,13 @@ struct Stats {
 }
 
 /// Loaded models and when each was last used.
-type ModelCache = HashMap<[u8; 32], (Arc<Mlp>, Instant)>;
+type ModelCache = HashMap<[u8; 32], (Arc<Loaded>, Instant)>;
+
+/// A model in the cache with the batcher of its calls (they leave the cache together).
+struct Loaded {
+    mlp: Mlp,
+    batcher: Batcher,
+}
 
 /// Calls on one model that arrive together run as one forward pass. Each caller queues its
 /// rows and waits its turn to run; the caller whose turn comes runs everything queued by then
@@ -302,8 +308,6 @@ pub struct Serve {
     cache_limit: u64,
     /// Loaded models by blake3 of (weights' hash, config's hash), with when they were last used.
     models: Arc<Mutex<ModelCache>>,
-    /// One batcher per loaded model (by its address).
-    batchers: Arc<Mutex<HashMap<usize, Arc<Batcher>>>>,
     stats: Arc<Mutex<HashMap<u64, Stats>>>,
     write: Arc<Mutex<()>>,
     /// For `http` deployments: the client, and the runtime that blocking threads run it on.
@@ -326,7 +330,6 @@ impl Serve {
             tmp,
             cache_limit,
             models: Arc::default(),
-            batchers: Arc::default(),
             stats: Arc::default(),
             write: Arc::default(),
             http: reqwest::Client::builder()
@@ -490,7 +493,7 @@ impl Serve {
     }
 
     /// Loads (or finds in the cache) the MLP of a version.
-    fn load(&self, view: &crate::registry::VersionView) -> Result<Arc<Mlp>, ServeError> {
+    fn load(&self, view: &crate::registry::VersionView) -> Result<Arc<Loaded>, ServeError> {
         let file = view
             .version
             .file
@@ -509,9 +512,9 @@ impl Serve {
         // so their hashes name the loaded network without reading either.
         let key =
             *blake3::Hasher::new().update(&file.blake3).update(&config_file.blake3).finalize().as_bytes();
-        if let Some((mlp, used)) = self.models.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&key) {
+        if let Some((loaded, used)) = self.models.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&key) {
             *used = Instant::now();
-            return Ok(mlp.clone());
+            return Ok(loaded.clone());
         }
         let mut config_bytes = Vec::new();
         self.artifacts
@@ -528,23 +531,27 @@ impl Serve {
             .copy_to(&file.blake3, weights.as_file())
             .map_err(|e| ServeError::Model(e.to_string()))?;
         let tensors = candle_core::safetensors::load(weights.path(), &Device::Cpu).map_err(model_error)?;
-        let mlp = Arc::new(Mlp::new(config, tensors)?);
+        let loaded = Arc::new(Loaded { mlp: Mlp::new(config, tensors)?, batcher: Batcher::default() });
         let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
-        models.insert(key, (mlp.clone(), Instant::now()));
-        let mut total: u64 = models.values().map(|(m, _)| m.bytes).sum();
+        models.insert(key, (loaded.clone(), Instant::now()));
+        let mut total: u64 = models.values().map(|(m, _)| m.mlp.bytes).sum();
         while total > self.cache_limit && models.len() > 1 {
             let Some(oldest) = models.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k) else {
                 break;
             };
             if let Some((m, _)) = models.remove(&oldest) {
-                total -= m.bytes;
+                total -= m.mlp.bytes;
             }
         }
-        Ok(mlp)
+        Ok(loaded)
     }
 
     /// Runs a batch on a ready deployment and records its latency.
-    pub fn predict(&self, record: &DeploymentRecord, rows: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ServeError> {
+    pub fn predict(
+        &self,
+        record: &DeploymentRecord,
+        rows: Vec<Vec<f32>>,
+    ) -> Result<Vec<Vec<f32>>, ServeError> {
         if record.status != "ready" {
             return Err(ServeError::NotReady {
                 id: record.id,
@@ -560,23 +567,9 @@ impl Serve {
             .version(&record.model, record.version)
             .map_err(ServeError::from)
             .and_then(|view| self.load(&view))
-            .and_then(|mlp| self.batcher(&mlp).run(&mlp, rows.to_vec()));
+            .and_then(|loaded| loaded.batcher.run(&loaded.mlp, rows));
         self.count(record.id, started, result.is_ok());
         result
-    }
-
-    fn batcher(&self, mlp: &Arc<Mlp>) -> Arc<Batcher> {
-        let mut batchers = self.batchers.lock().unwrap_or_else(|p| p.into_inner());
-        // Models evicted from the cache take their batchers with them.
-        let live: std::collections::HashSet<usize> = self
-            .models
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(|(m, _)| Arc::as_ptr(m) as usize)
-            .collect();
-        batchers.retain(|k, _| live.contains(k));
-        batchers.entry(Arc::as_ptr(mlp) as usize).or_default().clone()
     }
 
     fn count(&self, id: u64, started: Instant, ok: bool) {

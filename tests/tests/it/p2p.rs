@@ -311,12 +311,11 @@ async fn blobs_are_fetched_verified_and_a_corrupt_provider_is_passed_over() {
         .await
         .unwrap();
     assert!(put.status().is_success(), "{}", put.text().await.unwrap());
-    let share = client
-        .post(format!("{}/api/v1/p2p/blobs/{hash}/share", a.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    // The operator's blob calls: `action` (share or fetch) on blob `blob` at `node`.
+    let operator = |node: &Node, blob: &str, action: &str| {
+        client.post(format!("{}/api/v1/p2p/blobs/{blob}/{action}", node.url)).bearer_auth(TOKEN).send()
+    };
+    let share = operator(&a, &hash, "share").await.unwrap();
     assert_eq!(share.status(), 200);
     let shared: Value = share.json().await.unwrap();
     assert_eq!(shared["chunks"], 4);
@@ -327,9 +326,7 @@ async fn blobs_are_fetched_verified_and_a_corrupt_provider_is_passed_over() {
     // B fetches it from A.
     let b = start(&market, dirs[1].path(), std::slice::from_ref(&a_addr));
     eventually("B connected", WAIT, || async { (connected(&b).await >= 1).then_some(()) }).await;
-    let fetch = |node: &Node| {
-        client.post(format!("{}/api/v1/p2p/blobs/{hash}/fetch", node.url)).bearer_auth(TOKEN).send()
-    };
+    let fetch = |node: &Node| operator(node, &hash, "fetch");
     let response = fetch(&b).await.unwrap();
     assert_eq!(response.status(), 200);
     let report: Value = response.json().await.unwrap();
@@ -355,12 +352,7 @@ async fn blobs_are_fetched_verified_and_a_corrupt_provider_is_passed_over() {
     assert!(ok, "{err}");
     assert_eq!(status["peers_connected"], 1, "{status}");
     // What B holds is the blob itself: B can share it on (it computes the manifest from its copy).
-    let reshared = client
-        .post(format!("{}/api/v1/p2p/blobs/{hash}/share", b.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let reshared = operator(&b, &hash, "share").await.unwrap();
     assert_eq!(reshared.status(), 200);
 
     // A rogue provider that answers the manifest truthfully and corrupts chunk 3. Its key is
@@ -429,18 +421,8 @@ async fn blobs_are_fetched_verified_and_a_corrupt_provider_is_passed_over() {
         super::registry::register(&client, &a.url, Some(TOKEN), &metadata, Some(weights.clone())).await;
     assert_eq!(status, 201);
     let original = blake3::hash(&weights).to_hex().to_string();
-    let refused = client
-        .post(format!("{}/api/v1/p2p/blobs/{original}/share", a.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let refused = operator(&a, &original, "share").await.unwrap();
     assert_eq!(refused.status(), 422);
-    let unknown = client
-        .post(format!("{}/api/v1/p2p/blobs/{}/share", a.url, B256::repeat_byte(1)))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let unknown = operator(&a, &B256::repeat_byte(1).to_string(), "share").await.unwrap();
     assert_eq!(unknown.status(), 404);
 }
