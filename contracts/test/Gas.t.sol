@@ -3,6 +3,7 @@ pragma solidity ^0.8.24;
 
 import {Base} from "./Base.t.sol";
 import {LicenseMarket} from "../src/LicenseMarket.sol";
+import {ComputeMarket} from "../src/ComputeMarket.sol";
 
 /// Gas of the calls users pay for, each measured as its own transaction (run under the
 /// `gas` profile, which isolates calls) with the split recipients' balances already
@@ -76,5 +77,34 @@ contract GasTest is Base {
         vm.prank(bob);
         market.distributeAndWithdraw(ids);
         vm.snapshotGasLastCall("distributeAndWithdraw (1 model, 3 recipients)");
+    }
+
+    function test_gas_computeReserveConfirmClaim() public {
+        ComputeMarket compute = new ComputeMarket(1 hours);
+        ComputeMarket.Offer memory o = ComputeMarket.Offer({
+            provider: seller,
+            gpu: "H100-80GB",
+            gpuCount: 8,
+            memoryGb: 80,
+            pricePerGpuHour: 0.01 ether,
+            kind: 0,
+            availableFrom: 0,
+            availableUntil: uint64(block.timestamp + 30 days),
+            region: "eu-west",
+            node: "12D3KooWAgoraProviderNode",
+            nonce: 0,
+            expiry: uint64(block.timestamp + 1 days)
+        });
+        bytes memory offerSig = sign(SELLER_KEY, compute.offerHash(o));
+        vm.prank(buyer);
+        uint256 id = compute.reserve{value: 16 * 0.01 ether}(o, offerSig, 16, 0);
+        vm.snapshotGasLastCall("compute reserve");
+        vm.prank(seller);
+        compute.confirmStart(id);
+        vm.snapshotGasLastCall("compute confirmStart");
+        bytes memory statement = sign(BUYER_KEY, compute.statementDigest(id, 9));
+        vm.prank(seller);
+        compute.claim(id, 9, statement);
+        vm.snapshotGasLastCall("compute claim (signed statement)");
     }
 }

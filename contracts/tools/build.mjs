@@ -10,7 +10,7 @@ const require = createRequire(import.meta.url);
 const solc = require("solc");
 const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..");
 const outDir = path.resolve(process.argv[2] ?? path.join(root, "artifacts"));
-const deployable = ["ModelRegistry", "LicenseMarket"];
+const deployable = ["ModelRegistry", "LicenseMarket", "ComputeMarket"];
 
 const sources = {};
 for (const file of fs.readdirSync(path.join(root, "src")).sort()) {

@@ -24,6 +24,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub settle: SettleConfig,
     pub p2p: P2pSection,
+    pub compute: crate::compute::ComputeConfig,
     pub log: LogConfig,
 }
 
@@ -342,6 +343,14 @@ pub struct ConfigArgs {
     #[arg(long, env = "AGORA_ROOTS_EVERY", global = true, help_heading = "Peer-to-peer")]
     pub roots_every: Option<u64>,
 
+    /// Seconds a compute offer's signature stays valid (re-signed at half) [default: 3600].
+    #[arg(long, env = "AGORA_OFFER_TTL", global = true, help_heading = "Compute")]
+    pub offer_ttl: Option<u64>,
+
+    /// Assumed share of a GPU's peak throughput that training achieves [default: 0.4].
+    #[arg(long, env = "AGORA_COMPUTE_UTILISATION", global = true, help_heading = "Compute")]
+    pub compute_utilisation: Option<f64>,
+
     /// Log filter, e.g. `info` or `agora_node=debug` (RUST_LOG is read when this is unset) [default: info].
     #[arg(long = "log", env = "AGORA_LOG", global = true, help_heading = "Logging")]
     pub log_filter: Option<String>,
@@ -383,6 +392,8 @@ pub enum ConfigError {
     BootstrapPeer(String),
     #[error("p2p.max_connections, p2p.max_per_peer and p2p.roots_every must be at least 1")]
     ZeroP2p,
+    #[error("compute.{0}")]
+    Compute(String),
 }
 
 impl Config {
@@ -489,6 +500,12 @@ impl Config {
         if let Some(v) = args.roots_every {
             self.p2p.roots_every = v;
         }
+        if let Some(v) = args.offer_ttl {
+            self.compute.offer_ttl = v;
+        }
+        if let Some(v) = args.compute_utilisation {
+            self.compute.utilisation = v;
+        }
         // RUST_LOG is an environment variable too: it beats the file, AGORA_LOG beats it.
         match (&args.log_filter, std::env::var("RUST_LOG")) {
             (Some(v), _) => self.log.filter = v.clone(),
@@ -540,6 +557,46 @@ impl Config {
         self.p2p_net()?;
         if self.p2p.max_connections == 0 || self.p2p.max_per_peer == 0 || self.p2p.roots_every == 0 {
             return Err(ConfigError::ZeroP2p);
+        }
+        self.validate_compute()
+    }
+
+    fn validate_compute(&self) -> Result<(), ConfigError> {
+        let c = &self.compute;
+        if !(c.utilisation > 0.0 && c.utilisation <= 1.0) {
+            return Err(ConfigError::Compute(format!(
+                "utilisation {} must be above 0 and at most 1 (AGORA_COMPUTE_UTILISATION)",
+                c.utilisation
+            )));
+        }
+        if c.offer_ttl < 2 {
+            return Err(ConfigError::Compute(
+                "offer_ttl must be at least 2 seconds (AGORA_OFFER_TTL)".into(),
+            ));
+        }
+        for (i, g) in c.gpus.iter().enumerate() {
+            if g.tflops.is_nan() || g.tflops <= 0.0 || g.memory_gb == 0 || g.name.trim().is_empty() {
+                return Err(ConfigError::Compute(format!(
+                    "gpus[{i}] needs a name, tflops above 0 and memory_gb above 0"
+                )));
+            }
+        }
+        let throughput = c.throughput();
+        for (i, spec) in c.offers.iter().enumerate() {
+            spec.to_offer(
+                alloy::primitives::Address::ZERO,
+                "node",
+                alloy::primitives::U256::ZERO,
+                0,
+                c.offer_ttl,
+            )
+            .map_err(|e| ConfigError::Compute(format!("offers[{i}]: {e}")))?;
+            if throughput.tflops(&spec.gpu).is_none() {
+                return Err(ConfigError::Compute(format!(
+                    "offers[{i}]: GPU model {:?} is not in the throughput table; add it under [[compute.gpus]]",
+                    spec.gpu
+                )));
+            }
         }
         Ok(())
     }

@@ -25,6 +25,7 @@ pub mod auth;
 pub mod chain;
 pub mod cli;
 pub mod client;
+pub mod compute;
 pub mod config;
 pub mod market;
 pub mod node;

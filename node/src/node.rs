@@ -126,18 +126,25 @@ pub async fn run(
         config.rpc_is_websocket(),
     )?;
     let indexer_task = tokio::spawn(indexer.run(shutdown.clone()));
-    let settle_task = match &config.settle.operator_key {
+    let operator = match &config.settle.operator_key {
         Some(key) => {
             use alloy::providers::Provider as _;
             let signer: alloy::signers::local::PrivateKeySigner =
                 key.trim().parse().context("AGORA_OPERATOR_KEY")?;
-            tracing::info!(target: "agora::node", operator = %signer.address(), "settling usage vouchers");
-            let operator = alloy::providers::ProviderBuilder::new()
-                .wallet(alloy::network::EthereumWallet::from(signer))
+            let provider = alloy::providers::ProviderBuilder::new()
+                .wallet(alloy::network::EthereumWallet::from(signer.clone()))
                 .connect(&config.chain.rpc_url)
                 .await
                 .context("cannot connect the operator wallet to the chain")?
                 .erased();
+            Some(crate::compute::Operator { signer, provider })
+        }
+        None => None,
+    };
+    let settle_task = match &operator {
+        Some(op) => {
+            tracing::info!(target: "agora::node", operator = %op.signer.address(), "settling usage vouchers");
+            let operator = op.provider.clone();
             let settle = crate::serve::settle::SettleConfig {
                 min_wei: config.settle.min_wei.parse().unwrap_or_default(),
                 interval: Duration::from_secs(config.settle.interval_secs),
@@ -177,6 +184,20 @@ pub async fn run(
         (None, None)
     };
 
+    let compute = crate::compute::Compute::new(
+        store.clone(),
+        deployment.clone(),
+        index_status.clone(),
+        registry.clone(),
+        p2p.clone(),
+        operator.clone(),
+        config.compute.clone(),
+    );
+    if !deployment.has_compute() {
+        tracing::warn!(target: "agora::node", "the deployment file names no ComputeMarket: compute brokering is off (deploy the contracts again to turn it on)");
+    }
+    let provider_task = tokio::spawn(compute.clone().run_provider(shutdown.clone()));
+
     let serve = crate::serve::Serve::new(
         store.clone(),
         registry.clone(),
@@ -208,6 +229,7 @@ pub async fn run(
         data_dir: config.storage.data_dir.clone(),
         max_upload: config.registry.max_upload,
         p2p,
+        compute,
     });
     tracing::info!(target: "agora::node", %local, chain_id = deployment.chain_id, registry = %deployment.model_registry, market = %deployment.license_market, "node started");
     // A plain line on stdout, for people and for scripts that start the node on port 0.
@@ -218,6 +240,7 @@ pub async fn run(
     let _ = indexer_task.await;
     let _ = copies_task.await;
     let _ = probe_task.await;
+    let _ = provider_task.await;
     if let Some(task) = p2p_task {
         let _ = task.await;
     }
@@ -231,7 +254,12 @@ pub async fn run(
 
 /// Identifies a deployment in the store's metadata.
 pub fn deployment_id(deployment: &Deployment) -> String {
-    format!("{}:{}:{}", deployment.chain_id, deployment.model_registry, deployment.license_market)
+    let mut id =
+        format!("{}:{}:{}", deployment.chain_id, deployment.model_registry, deployment.license_market);
+    if deployment.has_compute() {
+        id.push_str(&format!(":{}", deployment.compute_market));
+    }
+    id
 }
 
 /// A channel that flips to `true` on Ctrl-C or SIGTERM.

@@ -58,8 +58,8 @@ pub fn agora(args: &[&str], envs: &[(&str, &str)]) -> (ExitStatus, String, Strin
         .args(args)
         // Nodes listen for peers on a free loopback port unless a test says otherwise.
         .env("AGORA_P2P_LISTEN", "/ip4/127.0.0.1/tcp/0")
-        .envs(envs.iter().copied())
         .env_remove("AGORA_CONFIG")
+        .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .output()
         .expect("agora runs");
@@ -82,8 +82,9 @@ impl AgoraProcess {
         let mut child = Command::new(agora_bin())
             .args(args)
             .env("AGORA_P2P_LISTEN", "/ip4/127.0.0.1/tcp/0")
-            .envs(envs.iter().copied())
+            // a config file of the developer's own must not leak in; a test may give its own
             .env_remove("AGORA_CONFIG")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -30,7 +30,8 @@ pub const UNIT_PRICE: u64 = 1_000_000_000;
 /// the same transaction (same sender, nonce and calldata, so the same hash) is sent again, and
 /// the watcher, which remembers the blocks of the abandoned branch, reports it mined before the
 /// new branch holds it.
-trait Mined {
+#[allow(async_fn_in_trait)] // used in tests only, on one runtime
+pub trait Mined {
     async fn mined(self) -> alloy::rpc::types::TransactionReceipt;
 }
 
@@ -74,7 +75,12 @@ impl Market {
             .erased();
         let deployment = deploy(
             provider.clone(),
-            DeployParams { treasury: anvil.signer(0).address(), fee_bps: 250, challenge_window: 3600 },
+            DeployParams {
+                treasury: anvil.signer(0).address(),
+                fee_bps: 250,
+                challenge_window: 3600,
+                compute_grace: 3600,
+            },
         )
         .await
         .unwrap();

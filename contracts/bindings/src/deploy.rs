@@ -7,7 +7,7 @@ use alloy::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{LicenseMarket, ModelRegistry};
+use crate::{ComputeMarket, LicenseMarket, ModelRegistry};
 
 /// Deployment parameters fixed for the market's lifetime.
 #[derive(Clone, Debug)]
@@ -18,11 +18,14 @@ pub struct DeployParams {
     pub fee_bps: u16,
     /// Seconds between a usage license's close request and its close.
     pub challenge_window: u64,
+    /// ComputeMarket's grace: how long a provider has to confirm after a reservation's
+    /// start and to claim after its end, and how long a report waits before it is final.
+    pub compute_grace: u64,
 }
 
 impl Default for DeployParams {
     fn default() -> Self {
-        Self { treasury: Address::ZERO, fee_bps: 250, challenge_window: 86_400 }
+        Self { treasury: Address::ZERO, fee_bps: 250, challenge_window: 86_400, compute_grace: 3_600 }
     }
 }
 
@@ -37,6 +40,12 @@ pub struct Deployment {
     pub treasury: Address,
     pub fee_bps: u16,
     pub challenge_window: u64,
+    /// ComputeMarket (zero in deployment files written before it existed: compute brokering
+    /// is then off).
+    #[serde(default)]
+    pub compute_market: Address,
+    #[serde(default)]
+    pub compute_grace: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +69,11 @@ pub enum DeployError {
 }
 
 impl Deployment {
+    /// Whether the deployment includes ComputeMarket.
+    pub fn has_compute(&self) -> bool {
+        !self.compute_market.is_zero()
+    }
+
     pub fn load(path: &Path) -> Result<Self, DeployError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| DeployError::Read { path: path.display().to_string(), source })?;
@@ -68,8 +82,8 @@ impl Deployment {
     }
 }
 
-/// Deploys ModelRegistry and LicenseMarket from the provider's default sender, and binds
-/// the market to the registry. Waits for each receipt.
+/// Deploys ModelRegistry, LicenseMarket and ComputeMarket from the provider's default sender,
+/// and binds the market to the registry. Waits for each receipt.
 pub async fn deploy<P, N>(provider: P, params: DeployParams) -> Result<Deployment, DeployError>
 where
     P: Provider<N> + Clone,
@@ -106,6 +120,13 @@ where
         return Err(DeployError::Reverted("bindMarket"));
     }
 
+    let receipt = ComputeMarket::deploy_builder(provider.clone(), params.compute_grace)
+        .send()
+        .await?
+        .get_receipt()
+        .await?;
+    let compute = receipt.contract_address().ok_or(DeployError::Reverted("ComputeMarket"))?;
+
     Ok(Deployment {
         chain_id,
         model_registry: registry,
@@ -114,6 +135,8 @@ where
         treasury: params.treasury,
         fee_bps: params.fee_bps,
         challenge_window: params.challenge_window,
+        compute_market: compute,
+        compute_grace: params.compute_grace,
     })
 }
 
@@ -127,9 +150,12 @@ where
     N: Network,
 {
     let mut missing = Vec::new();
-    for (name, address) in
-        [("ModelRegistry", deployment.model_registry), ("LicenseMarket", deployment.license_market)]
-    {
+    let mut contracts =
+        vec![("ModelRegistry", deployment.model_registry), ("LicenseMarket", deployment.license_market)];
+    if deployment.has_compute() {
+        contracts.push(("ComputeMarket", deployment.compute_market));
+    }
+    for (name, address) in contracts {
         if provider.get_code_at(address).await?.is_empty() {
             missing.push((name, address));
         }

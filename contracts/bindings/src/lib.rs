@@ -1,9 +1,9 @@
 //! Rust side of Agora's contracts.
 //!
-//! - [`ModelRegistry`] and [`LicenseMarket`]: alloy bindings generated with `sol!` from the
+//! - [`ModelRegistry`], [`LicenseMarket`] and [`ComputeMarket`]: alloy bindings generated with `sol!` from the
 //!   committed compiled artifacts (`contracts/artifacts/*.json`, made by
 //!   `scripts/build-contracts`), so the Rust code always matches the deployed bytecode.
-//! - [`deploy`]: deploys both contracts, binds the market to the registry and returns a
+//! - [`deploy`]: deploys the three contracts, binds the market to the registry and returns a
 //!   [`Deployment`], the JSON file (`data/deployment.json`) every node and CLI reads.
 //! - [`order_domain`]: the EIP-712 domain sellers sign orders and buyers sign vouchers under.
 //! - [`anvil`]: a harness that runs the pinned anvil binary on a free loopback port and kills
@@ -34,6 +34,28 @@ sol!(
     LicenseMarket,
     "../artifacts/LicenseMarket.json"
 );
+
+sol!(
+    #[sol(rpc)]
+    #[derive(Debug, PartialEq, Eq)]
+    #[allow(clippy::too_many_arguments)] // generated: Reserved has nine fields
+    ComputeMarket,
+    "../artifacts/ComputeMarket.json"
+);
+
+/// The EIP-712 domain name of ComputeMarket.
+pub const COMPUTE_DOMAIN_NAME: &str = "Agora ComputeMarket";
+
+/// The domain providers sign offers and holders sign usage statements under.
+pub fn compute_domain(chain_id: u64, compute_market: Address) -> Eip712Domain {
+    Eip712Domain::new(
+        Some(COMPUTE_DOMAIN_NAME.into()),
+        Some("1".into()),
+        Some(U256::from(chain_id)),
+        Some(compute_market),
+        None,
+    )
+}
 
 /// The EIP-712 domain name of LicenseMarket.
 pub const MARKET_DOMAIN_NAME: &str = "Agora LicenseMarket";

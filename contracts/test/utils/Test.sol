@@ -9,6 +9,7 @@ interface Vm {
     function deal(address, uint256) external;
     function warp(uint256) external;
     function expectRevert() external;
+    function expectEmit(address emitter) external;
     function expectRevert(bytes4) external;
     function expectRevert(bytes calldata) external;
     function sign(uint256 privateKey, bytes32 digest) external pure returns (uint8 v, bytes32 r, bytes32 s);
@@ -40,6 +41,18 @@ abstract contract Test {
 
     function assertTrue(bool ok, string memory why) internal pure {
         if (!ok) revert(why);
+    }
+
+    function assertTrue(bool ok) internal pure {
+        assertTrue(ok, "expected true");
+    }
+
+    function assertEq(uint256 a, uint256 b) internal pure {
+        assertEq(a, b, "not equal");
+    }
+
+    function assertEq(address a, address b) internal pure {
+        assertEq(a, b, "addresses differ");
     }
 
     function assertEq(uint256 a, uint256 b, string memory why) internal pure {

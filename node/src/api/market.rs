@@ -27,6 +27,9 @@ pub struct ChainStatus {
     pub model_registry: alloy::primitives::Address,
     #[schema(value_type = String)]
     pub license_market: alloy::primitives::Address,
+    /// Absent when the deployment predates ComputeMarket (compute brokering off).
+    #[schema(value_type = Option<String>)]
+    pub compute_market: Option<alloy::primitives::Address>,
     #[serde(flatten)]
     pub index: IndexStatus,
     /// Peers whose index root equals this node's at the same block (peer ids).
@@ -51,6 +54,7 @@ pub async fn chain_status(State(state): State<AppState>) -> Result<Json<ChainSta
         chain_id: state.deployment.chain_id,
         model_registry: state.deployment.model_registry,
         license_market: state.deployment.license_market,
+        compute_market: state.deployment.has_compute().then_some(state.deployment.compute_market),
         index: state.index.borrow().clone(),
         peers_agreeing,
         peers_disagreeing,

@@ -6,6 +6,7 @@
 
 mod audit;
 pub mod auth;
+mod compute;
 mod delivery;
 mod deploy;
 pub mod error;
@@ -71,6 +72,8 @@ pub struct AppState {
     pub max_upload: u64,
     /// The peer-to-peer network (absent when the node runs without it).
     pub p2p: Option<crate::p2p::P2p>,
+    /// Compute offers, estimates and reservations.
+    pub compute: crate::compute::Compute,
 }
 
 #[derive(OpenApi)]
@@ -84,6 +87,7 @@ pub struct AppState {
         (name = "audit", description = "The hash-chained audit log"),
         (name = "auth", description = "Sign-in with Ethereum (EIP-4361) and session tokens"),
         (name = "p2p", description = "Peers, gossip, index roots compared between nodes, blobs exchanged by hash"),
+        (name = "compute", description = "Compute offers, training requirements, cost estimates, reservations (compute futures)"),
         (name = "deployments", description = "Models served by the node behind the license gate"),
         (name = "registry", description = "Registered models, versions, stages, metrics, files (MLflow's registry API is served too, under /api/2.0/mlflow)"),
     )
@@ -117,6 +121,12 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(p2p::share))
         .routes(routes!(p2p::unshare))
         .routes(routes!(p2p::fetch))
+        .routes(routes!(compute::offers, compute::post_offer))
+        .routes(routes!(compute::training_requirements))
+        .routes(routes!(compute::estimate_cost))
+        .routes(routes!(compute::reservations))
+        .routes(routes!(compute::gpus))
+        .routes(routes!(compute::account))
         .routes(routes!(orders::list))
         .routes(routes!(orders::order))
         .routes(routes!(orders::purchase))

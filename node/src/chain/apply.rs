@@ -4,7 +4,7 @@
 //! block's undo record. The rules mirror the contracts exactly (fees rounded down per booking,
 //! revenue booked per model, credits from `Credited`), so balances match the chain to the wei.
 
-use agora_contracts::{Deployment, LicenseMarket, ModelRegistry};
+use agora_contracts::{ComputeMarket, Deployment, LicenseMarket, ModelRegistry};
 use alloy::{
     primitives::{Address, U256},
     rpc::types::Log,
@@ -15,8 +15,9 @@ use super::writer::IndexWriter;
 use crate::store::{
     StoreError,
     tables::{
-        BalanceRecord, Balances, CancelRecord, Cancelled, ContentVersions, Earnings, HolderLicenses,
-        LicenseRecord, Licenses, ModelRecord, Models, Nonces, Origin, RecipientModels, Revenue,
+        BalanceRecord, Balances, CancelRecord, Cancelled, ClosedOffers, ComputeBalance, ComputeBalances,
+        ContentVersions, Earnings, HolderLicenses, LicenseRecord, Licenses, ModelRecord, Models, Nonces,
+        OfferNonces, Origin, RecipientModels, ReservationRecord, ReservationState, Reservations, Revenue,
         RevenueRecord, Split, TokenLicenses, VersionRecord, Versions,
     },
 };
@@ -67,6 +68,10 @@ pub fn apply_log(w: &mut IndexWriter<'_>, deployment: &Deployment, log: &Log) ->
         let event = LicenseMarket::LicenseMarketEvents::decode_log(&log.inner)
             .map_err(|e| ApplyError::Decode(describe(log), e.to_string()))?;
         apply_market(w, deployment, event.data, at)?;
+    } else if deployment.has_compute() && log.address() == deployment.compute_market {
+        let event = ComputeMarket::ComputeMarketEvents::decode_log(&log.inner)
+            .map_err(|e| ApplyError::Decode(describe(log), e.to_string()))?;
+        apply_compute(w, event.data, at)?;
     } else {
         return Ok(());
     }
@@ -264,6 +269,106 @@ fn apply_market(
     Ok(())
 }
 
+fn compute_balance(w: &IndexWriter<'_>, account: Address) -> Result<ComputeBalance, StoreError> {
+    Ok(w.get::<ComputeBalances>(&account)?.unwrap_or_default())
+}
+
+/// Credits ComputeMarket's pull balances as `_settle` and `reclaim` do.
+fn credit_compute(
+    w: &mut IndexWriter<'_>,
+    account: Address,
+    earned: U256,
+    refund: U256,
+) -> Result<(), StoreError> {
+    if earned.is_zero() && refund.is_zero() {
+        return Ok(());
+    }
+    let mut b = compute_balance(w, account)?;
+    b.earned += earned;
+    b.refunds += refund;
+    w.put::<ComputeBalances>(&account, &b)
+}
+
+fn apply_compute(
+    w: &mut IndexWriter<'_>,
+    event: ComputeMarket::ComputeMarketEvents,
+    at: Origin,
+) -> Result<(), ApplyError> {
+    use ComputeMarket::ComputeMarketEvents as E;
+    let update = |w: &mut IndexWriter<'_>, id: U256, f: &dyn Fn(&mut ReservationRecord)| {
+        if let Some(mut r) = w.get::<Reservations>(&id)? {
+            f(&mut r);
+            w.put::<Reservations>(&id, &r)?;
+        }
+        Ok::<(), StoreError>(())
+    };
+    match event {
+        E::Reserved(e) => {
+            let record = ReservationRecord {
+                provider: e.provider,
+                holder: e.holder,
+                offer_hash: e.offerHash,
+                gpu_hours: e.gpuHours,
+                price_per_gpu_hour: e.pricePerGpuHour,
+                start_time: e.startTime,
+                end_time: e.endTime,
+                escrow: e.escrow,
+                state: ReservationState::Reserved,
+                confirmed_at: None,
+                reported: None,
+                hours_used: None,
+                paid: U256::ZERO,
+                refund: U256::ZERO,
+                reserved: at,
+                closed: None,
+            };
+            w.put::<Reservations>(&e.reservationId, &record)?;
+            w.put::<ClosedOffers>(&e.offerHash, &at)?;
+        }
+        E::Confirmed(e) => update(w, e.reservationId, &|r| {
+            r.state = ReservationState::Confirmed;
+            r.confirmed_at = Some(e.at);
+        })?,
+        E::Reported(e) => update(w, e.reservationId, &|r| r.reported = Some((e.hoursUsed, e.finalAt)))?,
+        E::Settled(e) => {
+            let Some(provider) = w.get::<Reservations>(&e.reservationId)?.map(|r| r.provider) else {
+                return Ok(());
+            };
+            update(w, e.reservationId, &|r| {
+                r.state = ReservationState::Settled;
+                r.hours_used = Some(e.hoursUsed);
+                r.paid = e.paid;
+                r.refund = e.refund;
+                r.closed = Some(at);
+            })?;
+            credit_compute(w, provider, e.paid, U256::ZERO)?;
+            credit_compute(w, e.holder, U256::ZERO, e.refund)?;
+        }
+        E::Reclaimed(e) => {
+            update(w, e.reservationId, &|r| {
+                r.state = ReservationState::Reclaimed;
+                r.refund = e.refund;
+                r.closed = Some(at);
+            })?;
+            credit_compute(w, e.holder, U256::ZERO, e.refund)?;
+        }
+        E::Transfer(e) => {
+            if !e.from.is_zero() {
+                update(w, e.tokenId, &|r| r.holder = e.to)?;
+            }
+        }
+        E::OfferCancelled(e) => w.put::<ClosedOffers>(&e.offerHash, &at)?,
+        E::NonceBumped(e) => w.put::<OfferNonces>(&e.provider, &e.nonce)?,
+        E::Withdrawn(e) => {
+            let mut b = compute_balance(w, e.account)?;
+            b.withdrawn += e.amount;
+            w.put::<ComputeBalances>(&e.account, &b)?;
+        }
+        E::Approval(_) | E::ApprovalForAll(_) | E::EIP712DomainChanged(_) => {}
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use alloy::{
@@ -286,6 +391,8 @@ mod tests {
             treasury: address!("0x00000000000000000000000000000000000000cc"),
             fee_bps: 250,
             challenge_window: 60,
+            compute_market: address!("0x00000000000000000000000000000000000000dd"),
+            compute_grace: 3_600,
         }
     }
 

@@ -318,10 +318,11 @@ impl Indexer {
         from: u64,
         to: u64,
     ) -> impl std::future::Future<Output = Result<Vec<Log>, IndexError>> + use<> {
-        let filter = Filter::new()
-            .address(vec![self.deployment.model_registry, self.deployment.license_market])
-            .from_block(from)
-            .to_block(to);
+        let mut contracts = vec![self.deployment.model_registry, self.deployment.license_market];
+        if self.deployment.has_compute() {
+            contracts.push(self.deployment.compute_market);
+        }
+        let filter = Filter::new().address(contracts).from_block(from).to_block(to);
         let provider = self.provider.clone();
         let timeout = self.config.rpc_timeout;
         async move { with_timeout("eth_getLogs", timeout, || provider.get_logs(&filter)).await }

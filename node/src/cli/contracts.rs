@@ -32,6 +32,10 @@ pub struct DeployArgs {
     /// Seconds a usage license's close waits for late settlements.
     #[arg(long, default_value_t = 86_400)]
     pub challenge_window: u64,
+    /// Seconds a compute provider has to confirm a reservation after its start and to claim
+    /// after its end (also how long an unsigned report waits before it is final).
+    #[arg(long, default_value_t = 3_600)]
+    pub compute_grace: u64,
     /// Also write the deployment JSON to this file.
     #[arg(long, short)]
     pub output: Option<std::path::PathBuf>,
@@ -66,6 +70,7 @@ impl ContractsCommand {
                     treasury: args.treasury.unwrap_or(deployer),
                     fee_bps: args.fee_bps,
                     challenge_window: args.challenge_window,
+                    compute_grace: args.compute_grace,
                 };
                 let deployment = deploy(provider, params).await?;
                 let json = serde_json::to_string_pretty(&deployment)?;

@@ -65,8 +65,11 @@ async fn ensure_deployment(anvil: &Anvil, path: &Path, data_dir: &Path) -> anyho
         return Ok(existing);
     }
 
-    let deployment =
-        deploy(provider, DeployParams { treasury: deployer, fee_bps: 250, challenge_window: 86_400 }).await?;
+    let deployment = deploy(
+        provider,
+        DeployParams { treasury: deployer, fee_bps: 250, challenge_window: 86_400, compute_grace: 3_600 },
+    )
+    .await?;
     write_deployment(path, &serde_json::to_string_pretty(&deployment)?)?;
     // An index of a chain that no longer exists must not be mixed with the new one.
     let db = data_dir.join("db");

@@ -3,6 +3,7 @@
 
 mod artifacts;
 mod audit;
+mod compute;
 mod contracts;
 mod deploy;
 mod dev;
@@ -70,6 +71,9 @@ pub enum Command {
     /// The node's peers, and blobs shared with and fetched from them.
     #[command(subcommand)]
     P2p(p2p::P2pCommand),
+    /// Compute offers: list what the node knows, offer GPU capacity as a provider.
+    #[command(subcommand)]
+    Compute(compute::ComputeCommand),
     /// Mark model files and check marks: keys, embed, verify, trace.
     #[command(subcommand)]
     Watermark(watermark::WatermarkCommand),
@@ -117,6 +121,7 @@ impl Cli {
             Command::Model(command) => command.run(&config).await,
             Command::Deploy(command) => command.run(&config).await,
             Command::P2p(command) => command.run(&config).await,
+            Command::Compute(command) => command.run().await,
             Command::Market(command) => command.run(&config).await,
             Command::License(command) => command.run(&config).await,
             Command::Wallet(command) => tokio::task::spawn_blocking(move || command.run()).await?,

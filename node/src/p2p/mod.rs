@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch};
 
 use self::{
     net::{Net, NetConfig, NetEvent, Topic},
-    wire::{OrdersPage, OrdersRequest, RootAnnouncement, SignedOrder},
+    wire::{OrdersPage, OrdersRequest, RootAnnouncement, SignedOffer, SignedOrder},
 };
 use crate::{
     artifacts::ArtifactStore,
@@ -213,6 +213,52 @@ impl P2p {
         }
     }
 
+    /// Gossips a compute offer (already checked and kept by this node).
+    pub async fn publish_offer(&self, offer: Vec<u8>, signature: Vec<u8>) {
+        let signed = SignedOffer::new(offer, signature);
+        if let Err(e) = self.net.publish(Topic::Offers, wire::encode(&signed)).await {
+            tracing::debug!(target: "agora::p2p", error = %e, "cannot gossip an offer now; it goes out again when a peer subscribes");
+        }
+    }
+
+    /// Checks a compute offer from a peer as the API would and keeps it.
+    fn judge_offer(&self, signed: &SignedOffer, author: PeerId) -> MessageAcceptance {
+        use crate::compute::offers::{self, OfferError};
+        let now = match crate::market::MarketView::new(&self.store, self.index.borrow().clone()).chain_now() {
+            Ok(head) => head.max(crate::registry::now_ms() / 1000),
+            Err(_) => return MessageAcceptance::Ignore,
+        };
+        match offers::accept(
+            &self.store,
+            &self.deployment,
+            &signed.offer,
+            &signed.signature,
+            now,
+            "peer",
+            Some(author.to_string()),
+        ) {
+            Ok(_) => MessageAcceptance::Accept,
+            Err(e @ (OfferError::Decode(_) | OfferError::Signature(_) | OfferError::Invalid(_))) => {
+                tracing::warn!(target: "agora::p2p", %author, error = %e, "invalid offer gossiped; sender penalised");
+                MessageAcceptance::Reject
+            }
+            // closed, stale, expired: the local index may be ahead of or behind the sender's
+            Err(e) => {
+                tracing::debug!(target: "agora::p2p", %author, error = %e, "gossiped offer ignored");
+                MessageAcceptance::Ignore
+            }
+        }
+    }
+
+    /// Gossips again the live offers this node made or was given, for a peer that just joined.
+    async fn republish_offers(&self) {
+        let now = crate::registry::now_ms() / 1000;
+        let Ok(live) = crate::compute::offers::live(&self.store, now) else { return };
+        for offer in live.into_iter().filter(|o| o.source == "local") {
+            self.publish_offer(alloy::sol_types::SolValue::abi_encode(&offer.offer), offer.signature).await;
+        }
+    }
+
     /// Shares a blob of the artifact store with peers and announces it in the DHT.
     pub async fn share(&self, hash: [u8; 32]) -> Result<crate::store::tables::SharedBlob, blob::ShareError> {
         let (store, artifacts) = (self.store.clone(), self.artifacts.clone());
@@ -282,10 +328,19 @@ impl P2p {
                     };
                     self.net.report(id, from, acceptance).await;
                 }
-                NetEvent::Gossip { topic: Topic::Offers, from, id, .. } => {
-                    // Compute offers are judged by the compute service; until it runs they are
-                    // neither kept nor forwarded.
-                    self.net.report(id, from, MessageAcceptance::Ignore).await;
+                NetEvent::Gossip { topic: Topic::Offers, author, from, id, data } => {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let store_work = this.clone();
+                        let acceptance =
+                            tokio::task::spawn_blocking(move || match wire::decode::<SignedOffer>(&data) {
+                                Some(signed) => store_work.judge_offer(&signed, author.unwrap_or(from)),
+                                None => MessageAcceptance::Reject,
+                            })
+                            .await
+                            .unwrap_or(MessageAcceptance::Ignore);
+                        this.net.report(id, from, acceptance).await;
+                    });
                 }
                 NetEvent::OrdersRequest { request, reply, .. } => {
                     let this = self.clone();
@@ -303,6 +358,7 @@ impl P2p {
                     tokio::spawn(self.clone().catch_up(peer));
                 }
                 NetEvent::Subscribed { topic: Topic::Roots, .. } => self.announce_root().await,
+                NetEvent::Subscribed { topic: Topic::Offers, .. } => self.republish_offers().await,
                 NetEvent::Subscribed { .. } => {}
             }
         }
@@ -409,6 +465,29 @@ impl P2p {
         let now = market.chain_now()?;
         let start = request.after.map(|a| a.to_vec());
         let mut page = OrdersPage::default();
+        if request.offers {
+            let now = now.max(crate::registry::now_ms() / 1000);
+            for item in self.store.scan::<crate::store::tables::Offers>(&[], start.as_deref(), false) {
+                let (key, record) = item?;
+                if Some(key.as_slice()) == start.as_deref() {
+                    continue;
+                }
+                let Ok(offer) =
+                    <agora_contracts::ComputeMarket::Offer as SolValue>::abi_decode(&record.offer)
+                else {
+                    continue;
+                };
+                let hash = B256::from_slice(&key);
+                if crate::compute::offers::dead_reason(&self.store, &offer, hash, now)?.is_none() {
+                    page.offers.push(SignedOffer::new(record.offer, record.signature));
+                    if page.offers.len() == limit {
+                        page.next = Some(hash.0);
+                        break;
+                    }
+                }
+            }
+            return Ok(page);
+        }
         for item in self.store.scan::<Orders>(&[], start.as_deref(), false) {
             let (key, record) = item?;
             if Some(key.as_slice()) == start.as_deref() {
@@ -428,28 +507,42 @@ impl P2p {
 
     /// Pulls a peer's active orders (a node that joins late, or reconnects, catches up).
     async fn catch_up(self, peer: PeerId) {
-        let mut after = None;
-        let mut kept = 0usize;
-        for _ in 0..MAX_PAGES {
-            let page = match self.net.request_orders(peer, OrdersRequest { after, limit: PAGE }).await {
-                Ok(page) => page,
-                Err(e) => {
-                    tracing::debug!(target: "agora::p2p", %peer, error = %e, "catch-up stopped");
-                    return;
+        let (mut kept, mut offers) = (0usize, 0usize);
+        for wants_offers in [false, true] {
+            let mut after = None;
+            for _ in 0..MAX_PAGES {
+                let request = OrdersRequest { after, limit: PAGE, offers: wants_offers };
+                let page = match self.net.request_orders(peer, request).await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::debug!(target: "agora::p2p", %peer, error = %e, "catch-up stopped");
+                        return;
+                    }
+                };
+                for signed in page.orders {
+                    if let Verdict::Accepted { new: true } = self.judge_or_hold(signed, peer).await {
+                        kept += 1;
+                    }
                 }
-            };
-            for signed in page.orders {
-                if let Verdict::Accepted { new: true } = self.judge_or_hold(signed, peer).await {
-                    kept += 1;
+                if !page.offers.is_empty() {
+                    let this = self.clone();
+                    offers += tokio::task::spawn_blocking(move || {
+                        page.offers
+                            .iter()
+                            .filter(|o| this.judge_offer(o, peer) == MessageAcceptance::Accept)
+                            .count()
+                    })
+                    .await
+                    .unwrap_or(0);
                 }
-            }
-            match page.next {
-                Some(next) => after = Some(next),
-                None => break,
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
             }
         }
-        if kept > 0 {
-            tracing::info!(target: "agora::p2p", %peer, kept, "caught up on orders");
+        if kept + offers > 0 {
+            tracing::info!(target: "agora::p2p", %peer, orders = kept, offers, "caught up");
         }
     }
 

@@ -20,6 +20,19 @@ impl SignedOrder {
     }
 }
 
+/// A compute offer and its provider's EIP-712 signature, gossiped on `agora/offers/1`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedOffer {
+    pub offer: ByteBuf,
+    pub signature: ByteBuf,
+}
+
+impl SignedOffer {
+    pub fn new(offer: Vec<u8>, signature: Vec<u8>) -> Self {
+        Self { offer: ByteBuf::from(offer), signature: ByteBuf::from(signature) }
+    }
+}
+
 /// A node's index at one block, gossiped on `agora/roots/1`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootAnnouncement {
@@ -28,11 +41,15 @@ pub struct RootAnnouncement {
     pub state_root: [u8; 32],
 }
 
-/// `/agora/orders/1`: a page of the active orders, in order-hash order after `after`.
+/// `/agora/orders/1`: a page of the active orders (or, with `offers`, of the live compute
+/// offers), in hash order after `after`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OrdersRequest {
     pub after: Option<[u8; 32]>,
     pub limit: u32,
+    /// Page the live compute offers instead of the orders.
+    #[serde(default)]
+    pub offers: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -40,6 +57,8 @@ pub struct OrdersPage {
     pub orders: Vec<SignedOrder>,
     /// Where the next page starts; `None` on the last page.
     pub next: Option<[u8; 32]>,
+    #[serde(default)]
+    pub offers: Vec<SignedOffer>,
 }
 
 /// `/agora/blob/1`.

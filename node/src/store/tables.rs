@@ -131,6 +131,20 @@ tables! {
     DeploymentUpstreams = "deployment_upstreams", root: false, key: u64, value: UpstreamRecord, encode: |k| k.to_be_bytes().to_vec();
     /// Blobs this node serves to peers (`/agora/blob/1`), with their chunk manifests.
     SharedBlobs = "shared_blobs", root: false, key: [u8; 32], value: SharedBlob, encode: |k| k.to_vec();
+    /// Compute reservations (compute futures) by id.
+    Reservations = "reservations", root: true, key: U256, value: ReservationRecord, encode: |k| u256_key(k);
+    /// Withdrawable money per account in ComputeMarket.
+    ComputeBalances = "compute_balances", root: true, key: Address, value: ComputeBalance, encode: |k| k.to_vec();
+    /// Compute offers reserved or cancelled, by offer hash.
+    ClosedOffers = "closed_offers", root: true, key: B256, value: Origin, encode: |k| k.to_vec();
+    /// Providers' current offer nonces.
+    OfferNonces = "offer_nonces", root: true, key: Address, value: U256, encode: |k| k.to_vec();
+    /// Signed compute offers this node knows (its own and gossiped), by offer hash.
+    Offers = "offers", root: false, key: B256, value: OfferRecord, encode: |k| k.to_vec();
+    /// Lookup: the newest offer of each provider's pool (same GPUs, kind, region and node).
+    PoolOffers = "pool_offers", root: false, key: B256, value: B256, encode: |k| k.to_vec();
+    /// Offers this node signed as a provider: which configured offer each came from and its nonce.
+    OwnOffers = "own_offers", root: false, key: B256, value: OwnOffer, encode: |k| k.to_vec();
 }
 
 /// A registered model (the registry's own record, whether or not it is on-chain).
@@ -458,4 +472,74 @@ pub struct RevenueRecord {
 pub struct CancelRecord {
     pub seller: Address,
     pub cancelled: Origin,
+}
+
+/// Where a reservation stands, as ComputeMarket's `State`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReservationState {
+    Reserved,
+    Confirmed,
+    Settled,
+    Reclaimed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservationRecord {
+    pub provider: Address,
+    /// The token's holder (follows ERC-721 transfers).
+    pub holder: Address,
+    pub offer_hash: B256,
+    pub gpu_hours: u64,
+    pub price_per_gpu_hour: U256,
+    pub start_time: u64,
+    pub end_time: u64,
+    pub escrow: U256,
+    pub state: ReservationState,
+    pub confirmed_at: Option<u64>,
+    /// An unsigned report: hours and when it becomes final.
+    pub reported: Option<(u64, u64)>,
+    pub hours_used: Option<u64>,
+    pub paid: U256,
+    pub refund: U256,
+    pub reserved: Origin,
+    pub closed: Option<Origin>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComputeBalance {
+    /// Paid to a provider for hours used.
+    pub earned: U256,
+    /// Unused escrow returned to holders.
+    pub refunds: U256,
+    pub withdrawn: U256,
+}
+
+impl ComputeBalance {
+    pub fn withdrawable(&self) -> U256 {
+        (self.earned + self.refunds).saturating_sub(self.withdrawn)
+    }
+}
+
+/// A signed compute offer, as received.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfferRecord {
+    /// ABI-encoded `ComputeMarket.Offer`.
+    pub offer: Vec<u8>,
+    pub signature: Vec<u8>,
+    /// `local` (signed by this node's provider wallet or posted to its API) or `peer`.
+    pub source: String,
+    /// The peer that gossiped it.
+    pub peer_id: Option<String>,
+    pub received_ms: u64,
+}
+
+/// An offer this node signed from its `[[compute.offers]]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnOffer {
+    /// Index of the configured offer.
+    pub spec: u32,
+    pub nonce: U256,
+    pub available_from: u64,
+    pub expiry: u64,
 }

@@ -1,6 +1,7 @@
 //! End-to-end tests: real anvil, real `agora` processes, real HTTP on loopback.
 
 mod artifacts;
+mod compute;
 mod dev;
 mod flows;
 mod indexer;

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use agora_contracts::{Deployment, anvil::Anvil, anvil::DEV_KEYS};
 use agora_e2e::{AgoraProcess, agora, eventually, get_json};
+use alloy::primitives::Address;
 
 fn deploy(anvil: &Anvil, out: &std::path::Path) -> Deployment {
     let endpoint = anvil.endpoint();
@@ -99,6 +100,8 @@ async fn node_without_contract_code_is_not_ready() {
         treasury: anvil.signer(0).address(),
         fee_bps: 250,
         challenge_window: 60,
+        compute_market: Address::ZERO,
+        compute_grace: 0,
     };
     std::fs::write(data.path().join("deployment.json"), serde_json::to_string(&bogus).unwrap()).unwrap();
     let endpoint = anvil.endpoint();

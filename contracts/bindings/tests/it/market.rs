@@ -45,8 +45,11 @@ async fn register_list_buy_each_kind_split_and_withdraw() -> anyhow::Result<()> 
         wallet.register_signer(anvil.signer(i));
     }
     let provider = ProviderBuilder::new().wallet(wallet).connect(&anvil.endpoint()).await?;
-    let deployment =
-        deploy(provider.clone(), DeployParams { treasury, fee_bps: FEE_BPS, challenge_window: 3600 }).await?;
+    let deployment = deploy(
+        provider.clone(),
+        DeployParams { treasury, fee_bps: FEE_BPS, challenge_window: 3600, compute_grace: 3600 },
+    )
+    .await?;
     assert_eq!(deployment.chain_id, anvil.chain_id());
 
     let registry = ModelRegistry::new(deployment.model_registry, provider.clone());

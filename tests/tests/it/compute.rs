@@ -1,0 +1,279 @@
+//! Compute brokering between nodes on loopback: providers' signed offers spread by gossip, the
+//! broker prices them and chooses, a reservation (a compute future) is escrowed, withdrawn
+//! from the book, transferred, and reclaimed, every step as the index sees it.
+
+use std::time::Duration;
+
+use agora_contracts::{ComputeMarket, anvil::DEV_KEYS};
+use agora_e2e::{
+    Node, eventually,
+    market::{Market, Mined},
+};
+use agora_node::{client::NodeClient, compute::offers::OfferJson};
+use alloy::{
+    primitives::{Bytes, U256},
+    providers::ext::AnvilApi,
+};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "operator-token-for-compute-tests";
+const WAIT: Duration = Duration::from_secs(60);
+const GWEI: u64 = 1_000_000_000;
+
+fn start(market: &Market, data: &std::path::Path, extra: &[(&str, &str)]) -> Node {
+    let mut env = vec![("AGORA_ADMIN_TOKEN", TOKEN)];
+    env.extend_from_slice(extra);
+    Node::start(&market.anvil.endpoint(), &market.deployment_path(), data, &env)
+}
+
+async fn p2p_address(node: &Node) -> String {
+    eventually("the node's p2p address", WAIT, || async {
+        let (_, status) = node.get("/api/v1/p2p/status").await;
+        Some(status["listening"][0].as_str()?.to_owned())
+    })
+    .await
+}
+
+/// A provider node offering one pool of GPUs from `[[compute.offers]]`, signing with dev key `key`.
+fn provider(
+    market: &Market,
+    data: &std::path::Path,
+    key: usize,
+    bootstrap: &str,
+    (gpu, count, gwei, kind, region): (&str, u32, u64, &str, &str),
+) -> Node {
+    let config = data.join("agora.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[compute.offers]]\ngpu = \"{gpu}\"\ngpu_count = {count}\nmemory_gb = 80\nprice_per_gpu_hour = \"{}\"\nkind = \"{kind}\"\nregion = \"{region}\"\n",
+            u128::from(gwei) * u128::from(GWEI)
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    start(
+        market,
+        data,
+        &[("AGORA_CONFIG", &config), ("AGORA_OPERATOR_KEY", DEV_KEYS[key]), ("AGORA_BOOTSTRAP", bootstrap)],
+    )
+}
+
+async fn offers(node: &Node) -> Vec<Value> {
+    node.get("/api/v1/compute/offers").await.1["offers"].as_array().cloned().unwrap_or_default()
+}
+
+async fn post(node: &Node, path: &str, body: &Value) -> (u16, Value) {
+    let response =
+        reqwest::Client::new().post(format!("{}{path}", node.url)).json(body).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+}
+
+/// Addresses as the API writes them.
+fn lower(address: alloy::primitives::Address) -> String {
+    address.to_string().to_lowercase()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_spread_the_broker_chooses_and_futures_are_escrowed_moved_and_reclaimed() {
+    let market = Market::start().await;
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let buyer = start(&market, dirs[0].path(), &[]);
+    let bootstrap = p2p_address(&buyer).await;
+    let pools = [
+        ("A100-80GB", 1, 1000, "spot", "us-east"),
+        ("H100-80GB", 1, 3000, "owned", "eu-west"),
+        ("H100-80GB", 4, 2500, "partner", "eu-north"),
+    ];
+    let providers: Vec<Node> = pools
+        .iter()
+        .enumerate()
+        .map(|(i, pool)| provider(&market, dirs[i + 1].path(), i + 1, &bootstrap, *pool))
+        .collect();
+
+    // Every provider's offer reaches the buyer's node by gossip, signed by its wallet.
+    let book = eventually("three offers at the buyer's node", WAIT, || async {
+        let book = offers(&buyer).await;
+        (book.len() == 3).then_some(book)
+    })
+    .await;
+    for (i, offer) in book.iter().enumerate() {
+        assert_eq!(offer["source"], "peer", "{offer}");
+        assert!(offer["peer_id"].is_string(), "{offer}");
+        if i > 0 {
+            let price =
+                |o: &Value| o["offer"]["price_per_gpu_hour"].as_str().unwrap().parse::<u128>().unwrap();
+            assert!(price(&book[i - 1]) <= price(offer), "cheapest first");
+        }
+    }
+    let own = eventually("a provider sees its own offer and its peers'", WAIT, || async {
+        let book = offers(&providers[2]).await;
+        (book.len() == 3).then_some(book)
+    })
+    .await;
+    assert!(own.iter().any(|o| o["source"] == "local" && o["offer"]["provider"] == lower(market.address(3))));
+
+    // Requirements of a registered MLP: parameters from its header, the stated formulas.
+    let mut operator = NodeClient::new(&buyer.url).unwrap();
+    operator.token = Some(TOKEN.into());
+    agora_e2e::mlp::register(&operator, "trainable", true).await;
+    let (status, req) =
+        buyer.get("/api/v1/models/training-requirements?name=trainable&dataset_rows=1000&epochs=10").await;
+    assert_eq!(status, 200, "{req}");
+    assert_eq!(req["family"], "mlp");
+    assert_eq!(req["parameters"], 4 * 8 + 8 + 8 * 3 + 3);
+    assert_eq!(req["flops"].as_f64().unwrap(), 6.0 * 67.0 * 1000.0 * 10.0);
+    assert_eq!(req["memory"]["weights"], 4 * 67);
+    let (status, err) = buyer.get("/api/v1/models/training-requirements?name=trainable").await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("dataset_rows"), "{err}");
+    assert_eq!(buyer.get("/api/v1/models/training-requirements?name=nothing&dataset_rows=1").await.0, 404);
+
+    // The cheapest feasible offer wins; kind and deadline constraints change the choice.
+    let (status, estimate) = post(
+        &buyer,
+        "/api/v1/models/estimate-cost",
+        &json!({"model": "trainable", "dataset_rows": 1000, "epochs": 10}),
+    )
+    .await;
+    assert_eq!(status, 200, "{estimate}");
+    assert_eq!(estimate["chosen"]["gpu"], "A100-80GB", "{estimate}");
+    assert_eq!(estimate["chosen"]["gpu_hours"], 1);
+    assert_eq!(estimate["chosen"]["cost"], (1000 * GWEI).to_string());
+    assert_eq!(estimate["feasible"].as_array().unwrap().len(), 3);
+
+    let constrained = |constraints: Value, flops: Option<f64>| {
+        let mut requirements = req.clone();
+        if let Some(flops) = flops {
+            requirements["flops"] = json!(flops);
+        }
+        json!({"requirements": requirements, "constraints": constraints})
+    };
+    let (_, no_spot) = post(
+        &buyer,
+        "/api/v1/models/estimate-cost",
+        &constrained(json!({"kinds": ["owned", "partner"]}), None),
+    )
+    .await;
+    assert_eq!(no_spot["chosen"]["kind"], "partner", "{no_spot}");
+    assert_eq!(no_spot["chosen"]["gpu_count"], 4);
+    // 6e17 FLOPs: 0.42 H100-hours (1 517 s on one, 380 s on four), 1.34 A100-hours
+    let (status, soon) = post(
+        &buyer,
+        "/api/v1/models/estimate-cost",
+        &constrained(json!({"deadline": now() + 1_000}), Some(6e17)),
+    )
+    .await;
+    assert_eq!(status, 200, "{soon}");
+    assert_eq!(soon["chosen"]["gpu_count"], 4, "{soon}");
+    assert_eq!(soon["feasible"].as_array().unwrap().len(), 1, "{soon}");
+    for (constraints, named) in [
+        (json!({"min_gpu_memory_gb": 100}), "min_gpu_memory_gb"),
+        (json!({"max_cost": "1"}), "max_cost"),
+        (json!({"region": "ap-*"}), "region"),
+        (json!({"deadline": now() + 60}), "deadline"),
+    ] {
+        let (status, err) =
+            post(&buyer, "/api/v1/models/estimate-cost", &constrained(constraints, Some(6e17))).await;
+        assert_eq!(status, 422, "{err}");
+        assert!(err["error"]["message"].as_str().unwrap().contains(named), "{named}: {err}");
+    }
+
+    // A forged offer is refused.
+    let chosen = &no_spot["chosen"];
+    let entry = book.iter().find(|o| o["hash"] == chosen["offer_hash"]).unwrap().clone();
+    let mut forged = entry["offer"].clone();
+    forged["price_per_gpu_hour"] = json!("1");
+    let (status, err) =
+        post(&buyer, "/api/v1/compute/offers", &json!({"offer": forged, "signature": entry["signature"]}))
+            .await;
+    assert_eq!(status, 422, "{err}");
+
+    // Reserve the chosen offer on-chain, to start in ten minutes: the node's EIP-712 hash is
+    // the contract's, the escrow is indexed, and the provider withdraws its signed offers.
+    let offer: OfferJson = serde_json::from_value(entry["offer"].clone()).unwrap();
+    let offer = offer.to_offer().unwrap();
+    let signature: Bytes = entry["signature"].as_str().unwrap().parse().unwrap();
+    let compute = ComputeMarket::new(market.deployment.compute_market, market.provider.clone());
+    let escrow = U256::from(2) * offer.pricePerGpuHour;
+    let start_time = now() + 600;
+    compute
+        .reserve(offer.clone(), signature, 2, start_time)
+        .from(market.address(5))
+        .value(escrow)
+        .send()
+        .await
+        .unwrap()
+        .mined()
+        .await;
+    let holder5 = lower(market.address(5));
+    let reservation = eventually("the reservation indexed", WAIT, || async {
+        let (_, list) = buyer.get(&format!("/api/v1/compute/reservations?holder={holder5}")).await;
+        list["reservations"].as_array()?.first().cloned()
+    })
+    .await;
+    assert_eq!(reservation["state"], "reserved");
+    assert_eq!(reservation["escrow"], escrow.to_string());
+    assert_eq!(reservation["provider"], lower(market.address(3)));
+    assert_eq!(reservation["offer_hash"], entry["hash"]);
+    // two GPU-hours on four GPUs: one wall-clock hour
+    assert_eq!(reservation["end_time"].as_u64().unwrap(), start_time + 3600);
+    let id: U256 = reservation["id"].as_str().unwrap().parse().unwrap();
+
+    let provider3 = lower(market.address(3));
+    let fresh = eventually("the provider's offers withdrawn and re-signed", WAIT, || async {
+        let (_, account) = buyer.get(&format!("/api/v1/compute/accounts/{provider3}")).await;
+        if account["offer_nonce"] != "1" {
+            return None;
+        }
+        offers(&buyer).await.into_iter().find(|o| o["offer"]["provider"] == provider3)
+    })
+    .await;
+    assert_eq!(fresh["offer"]["nonce"], "1", "{fresh}");
+    assert!(
+        fresh["offer"]["available_from"].as_u64().unwrap() >= start_time + 3600,
+        "the pool is busy until the reservation ends: {fresh}"
+    );
+    assert!(
+        offers(&buyer).await.iter().all(|o| o["hash"] != entry["hash"]),
+        "the reserved offer left the book"
+    );
+
+    // The future changes hands before its start; the new holder gets the refund.
+    compute
+        .transferFrom(market.address(5), market.address(6), id)
+        .from(market.address(5))
+        .send()
+        .await
+        .unwrap()
+        .mined()
+        .await;
+    let holder6 = lower(market.address(6));
+    eventually("the transfer indexed", WAIT, || async {
+        let (_, list) = buyer.get(&format!("/api/v1/compute/reservations?holder={holder6}")).await;
+        (list["reservations"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+
+    // Never confirmed: after start + grace the holder reclaims everything.
+    market.provider.anvil_increase_time(600 + 3_600 + 1).await.unwrap();
+    compute.reclaim(id).from(market.address(7)).send().await.unwrap().mined().await;
+    let reclaimed = eventually("the reclaim indexed", WAIT, || async {
+        let (_, list) = buyer.get(&format!("/api/v1/compute/reservations?holder={holder6}")).await;
+        list["reservations"].as_array()?.first().filter(|r| r["state"] == "reclaimed").cloned()
+    })
+    .await;
+    assert_eq!(reclaimed["refund"], escrow.to_string());
+    let (_, account) = buyer.get(&format!("/api/v1/compute/accounts/{holder6}")).await;
+    assert_eq!(account["withdrawable"], escrow.to_string(), "{account}");
+    assert_eq!(
+        compute.withdrawable(market.address(6)).call().await.unwrap(),
+        escrow,
+        "the index agrees with the chain"
+    );
+    drop(providers);
+}
