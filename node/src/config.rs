@@ -347,6 +347,10 @@ pub struct ConfigArgs {
     #[arg(long, env = "AGORA_OFFER_TTL", global = true, help_heading = "Compute")]
     pub offer_ttl: Option<u64>,
 
+    /// Seconds a training job may go without a word from the other node [default: 600].
+    #[arg(long, env = "AGORA_JOB_TIMEOUT", global = true, help_heading = "Compute")]
+    pub job_timeout: Option<u64>,
+
     /// Assumed share of a GPU's peak throughput that training achieves [default: 0.4].
     #[arg(long, env = "AGORA_COMPUTE_UTILISATION", global = true, help_heading = "Compute")]
     pub compute_utilisation: Option<f64>,
@@ -506,6 +510,9 @@ impl Config {
         if let Some(v) = args.compute_utilisation {
             self.compute.utilisation = v;
         }
+        if let Some(v) = args.job_timeout {
+            self.compute.job_timeout = v;
+        }
         // RUST_LOG is an environment variable too: it beats the file, AGORA_LOG beats it.
         match (&args.log_filter, std::env::var("RUST_LOG")) {
             (Some(v), _) => self.log.filter = v.clone(),
@@ -568,6 +575,14 @@ impl Config {
                 "utilisation {} must be above 0 and at most 1 (AGORA_COMPUTE_UTILISATION)",
                 c.utilisation
             )));
+        }
+        if c.job_timeout == 0 {
+            return Err(ConfigError::Compute(
+                "job_timeout must be at least 1 second (AGORA_JOB_TIMEOUT)".into(),
+            ));
+        }
+        if c.external_command.first().is_some_and(|program| program.trim().is_empty()) {
+            return Err(ConfigError::Compute("external_command starts with an empty program".into()));
         }
         if c.offer_ttl < 2 {
             return Err(ConfigError::Compute(

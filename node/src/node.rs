@@ -192,7 +192,13 @@ pub async fn run(
         p2p.clone(),
         operator.clone(),
         config.compute.clone(),
-    );
+    )
+    .with_training(config.storage.data_dir.join("tmp"), watermark_key.clone());
+    let (job_tx, job_rx) = tokio::sync::mpsc::channel(256);
+    if let Some(p2p) = &p2p {
+        p2p.set_job_handler(job_tx);
+    }
+    let jobs_task = tokio::spawn(compute.clone().run_jobs(job_rx, shutdown.clone()));
     if !deployment.has_compute() {
         tracing::warn!(target: "agora::node", "the deployment file names no ComputeMarket: compute brokering is off (deploy the contracts again to turn it on)");
     }
@@ -241,6 +247,7 @@ pub async fn run(
     let _ = copies_task.await;
     let _ = probe_task.await;
     let _ = provider_task.await;
+    let _ = jobs_task.await;
     if let Some(task) = p2p_task {
         let _ = task.await;
     }

@@ -16,6 +16,7 @@ use super::{
 use crate::compute::{
     AccountView, ComputeError, RequirementsQuery, ReservationView,
     estimate::{Constraints, Requirements, Selection},
+    jobs::{JobRecord, TriggerRequest},
     offers::{OfferError, OfferJson, OfferView},
 };
 
@@ -29,6 +30,7 @@ impl From<ComputeError> for ApiError {
             ComputeError::Infeasible(i) => {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, "infeasible", i.to_string())
             }
+            ComputeError::Unconfirmed(m) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "not_confirmed", m),
             ComputeError::Offer(OfferError::Store(e)) | ComputeError::Store(e) => e.into(),
             ComputeError::Offer(OfferError::NoMarket) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "compute_disabled", e.to_string())
@@ -256,4 +258,79 @@ pub async fn account(
     })?;
     let compute = state.compute.clone();
     Ok(Json(tokio::task::spawn_blocking(move || compute.account(address)).await??))
+}
+
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<JobRecord>,
+}
+
+/// Schedules a training run of a registered MLP on reserved compute: estimates it, picks the
+/// cheapest feasible offer, reserves it from the operator wallet and sends the job at the
+/// start time. The model's owner or the operator.
+#[utoipa::path(post, path = "/api/v1/retraining/trigger", tag = "compute", request_body = TriggerRequest, responses((status = 201, body = JobRecord), (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody), (status = 403, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody)))]
+pub async fn trigger(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
+    let ctx = super::auth::api_caller(&state, &headers)?;
+    let request: TriggerRequest = json(&body)?;
+    let job = state.compute.trigger(&ctx, request).await?;
+    Ok((StatusCode::CREATED, Json(job)))
+}
+
+/// Training jobs: the ones this node scheduled (`role: buyer`: reservation, provider, start,
+/// status, cost, losses, the version it produced) and the ones it runs as a provider.
+#[utoipa::path(get, path = "/api/v1/training/scheduled", tag = "compute", responses((status = 200, body = JobList)))]
+pub async fn scheduled(State(state): State<AppState>) -> Result<Json<JobList>, ApiError> {
+    let compute = state.compute.clone();
+    Ok(Json(JobList { jobs: tokio::task::spawn_blocking(move || compute.jobs()).await?? }))
+}
+
+/// One training job.
+#[utoipa::path(get, path = "/api/v1/training/jobs/{id}", tag = "compute", params(("id" = u64, Path)), responses((status = 200, body = JobRecord), (status = 404, body = super::error::ErrorBody)))]
+pub async fn job(
+    State(state): State<AppState>,
+    axum::extract::Path(raw): axum::extract::Path<String>,
+) -> Result<Json<JobRecord>, ApiError> {
+    let id: u64 = raw.parse().map_err(|_| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_parameter", format!("job id `{raw}` is not a number"))
+    })?;
+    let compute = state.compute.clone();
+    Ok(Json(tokio::task::spawn_blocking(move || compute.job(id)).await??))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReservationConfirmed {
+    pub reservation_id: String,
+    /// The provider's `confirmStart` transaction.
+    pub tx: String,
+}
+
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ConfirmationChecked {
+    pub reservation_id: String,
+    pub confirmed_at: u64,
+    /// The job this node runs on the reservation, now `running`.
+    pub job: Option<u64>,
+}
+
+/// A provider tells the buyer's node that a reservation is confirmed, naming its
+/// `confirmStart` transaction; the node checks the transaction on the chain (a successful
+/// `Confirmed` event of this deployment's ComputeMarket for that reservation) before it
+/// believes it. 422 when the chain does not show it.
+#[utoipa::path(post, path = "/api/v1/compute/reservation-confirmed", tag = "compute", request_body = ReservationConfirmed, responses((status = 200, body = ConfirmationChecked), (status = 400, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody)))]
+pub async fn reservation_confirmed(
+    State(state): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<Json<ConfirmationChecked>, ApiError> {
+    let request: ReservationConfirmed = json(&body)?;
+    let id = params::path_id("reservation id", &request.reservation_id)?;
+    let tx: alloy::primitives::B256 = request.tx.trim().parse().map_err(|_| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "`tx` is not a 32-byte transaction hash")
+    })?;
+    let (confirmed_at, job) = state.compute.check_confirmation(&state.provider, id, tx).await?;
+    Ok(Json(ConfirmationChecked { reservation_id: id.to_string(), confirmed_at, job }))
 }

@@ -8,7 +8,9 @@
 //! the capacity that is left (the reserved pool is busy until the reservation ends).
 
 pub mod estimate;
+pub mod jobs;
 pub mod offers;
+pub mod train;
 
 use std::{collections::HashMap, time::Duration};
 
@@ -50,6 +52,8 @@ pub enum ComputeError {
     Offer(#[from] OfferError),
     #[error(transparent)]
     Infeasible(#[from] Infeasible),
+    #[error("{0}")]
+    Unconfirmed(String),
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]
@@ -68,6 +72,14 @@ pub struct ComputeConfig {
     pub utilisation: f64,
     /// GPU models added to (or replacing entries of) the throughput table.
     pub gpus: Vec<GpuEntry>,
+    /// Seconds a training job may go without a word from the other node before it fails
+    /// (and, for a provider, before it reports hours nobody signed).
+    pub job_timeout: u64,
+    /// The external executor: a command (argv) run in the job's work dir, which holds
+    /// `weights.safetensors`, `config.json`, `dataset.csv|safetensors` and
+    /// `hyperparameters.json`; it writes `output.safetensors` and may print JSON lines with a
+    /// `loss` (and `epoch`) as progress. Empty: only the built-in executor.
+    pub external_command: Vec<String>,
 }
 
 impl Default for ComputeConfig {
@@ -77,6 +89,8 @@ impl Default for ComputeConfig {
             offer_ttl: 3600,
             utilisation: estimate::DEFAULT_UTILISATION,
             gpus: Vec::new(),
+            job_timeout: 600,
+            external_command: Vec::new(),
         }
     }
 }
@@ -118,6 +132,12 @@ pub struct Compute {
     operator: Option<Operator>,
     config: ComputeConfig,
     throughput: Throughput,
+    /// Serialises read-modify-writes of training jobs.
+    jobs_lock: std::sync::Arc<std::sync::Mutex<()>>,
+    /// Work dirs of jobs.
+    tmp: std::path::PathBuf,
+    /// For the watermark commitment of trained versions.
+    watermark_key: Option<std::sync::Arc<agora_watermark::MasterKey>>,
 }
 
 /// `GET /api/v1/compute/reservations` item.
@@ -227,7 +247,30 @@ impl Compute {
         config: ComputeConfig,
     ) -> Self {
         let throughput = config.throughput();
-        Self { store, deployment, index, registry, p2p, operator, config, throughput }
+        Self {
+            store,
+            deployment,
+            index,
+            registry,
+            p2p,
+            operator,
+            config,
+            throughput,
+            jobs_lock: Default::default(),
+            tmp: std::env::temp_dir(),
+            watermark_key: None,
+        }
+    }
+
+    /// Where training jobs keep their work dirs, and the key that commits trained versions.
+    pub fn with_training(
+        mut self,
+        tmp: std::path::PathBuf,
+        watermark_key: std::sync::Arc<agora_watermark::MasterKey>,
+    ) -> Self {
+        self.tmp = tmp;
+        self.watermark_key = Some(watermark_key);
+        self
     }
 
     pub fn enabled(&self) -> bool {

@@ -30,7 +30,7 @@ use crate::{
     artifacts::{ArtifactStore, hex},
     store::{
         Store,
-        tables::{ArtifactFiles, LicenseCopies, RegistryVersions, SharedBlob, SharedBlobs},
+        tables::{ArtifactFiles, LicenseCopies, PeerShares, RegistryVersions, SharedBlob, SharedBlobs},
     },
 };
 
@@ -159,6 +159,26 @@ pub fn private_reason(store: &Store, hash: &[u8; 32]) -> Result<Option<String>, 
     Ok(None)
 }
 
+/// Serves a blob of the artifact store to one peer only (not announced, not listed): a
+/// training job's inputs to its provider, its output to its buyer.
+pub fn share_with(
+    store: &Store,
+    artifacts: &ArtifactStore,
+    hash: &[u8; 32],
+    peer: &PeerId,
+) -> Result<SharedBlob, ShareError> {
+    let key = (*hash, peer.to_bytes());
+    if let Some(shared) = store.get::<PeerShares>(&key)? {
+        return Ok(shared);
+    }
+    let info = artifacts.info(hash)?.ok_or_else(|| ShareError::NotFound(hex(hash)))?;
+    let cvs = chaining_values(artifacts.read_range(hash, 0, info.size)?, info.size)?;
+    let record =
+        SharedBlob { size: info.size, chaining_values: cvs.concat(), shared_ms: crate::registry::now_ms() };
+    store.put::<PeerShares>(&key, &record)?;
+    Ok(record)
+}
+
 /// Marks a blob of the artifact store as shared with peers: computes and keeps its manifest.
 pub fn share(store: &Store, artifacts: &ArtifactStore, hash: &[u8; 32]) -> Result<SharedBlob, ShareError> {
     if let Some(shared) = store.get::<SharedBlobs>(hash)? {
@@ -189,15 +209,20 @@ pub enum ShareError {
     Io(#[from] std::io::Error),
 }
 
-/// Answers a peer's blob request: only shared blobs, only whole chunks.
-pub fn serve(store: &Store, artifacts: &ArtifactStore, request: BlobRequest) -> BlobResponse {
+/// Answers a peer's blob request: only blobs shared with everyone or with that peer, only
+/// whole chunks.
+pub fn serve(store: &Store, artifacts: &ArtifactStore, peer: &PeerId, request: BlobRequest) -> BlobResponse {
     let refused = |why: &str| BlobResponse::Refused(why.to_owned());
     let hash = match &request {
         BlobRequest::Manifest { hash } | BlobRequest::Range { hash, .. } => *hash,
     };
     let shared = match store.get::<SharedBlobs>(&hash) {
         Ok(Some(shared)) => shared,
-        Ok(None) => return refused("not shared by this node"),
+        Ok(None) => match store.get::<PeerShares>(&(hash, peer.to_bytes())) {
+            Ok(Some(shared)) => shared,
+            Ok(None) => return refused("not shared by this node"),
+            Err(e) => return refused(&e.to_string()),
+        },
         Err(e) => return refused(&e.to_string()),
     };
     match request {

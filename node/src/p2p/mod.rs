@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch};
 
 use self::{
     net::{Net, NetConfig, NetEvent, Topic},
-    wire::{OrdersPage, OrdersRequest, RootAnnouncement, SignedOffer, SignedOrder},
+    wire::{JobMessage, JobReply, OrdersPage, OrdersRequest, RootAnnouncement, SignedOffer, SignedOrder},
 };
 use crate::{
     artifacts::ArtifactStore,
@@ -98,7 +98,12 @@ struct Shared {
     held: Vec<Held>,
     orders_from_peers: u64,
     orders_rejected: u64,
+    /// Where job messages go (the compute service, once it runs).
+    jobs: Option<JobHandler>,
 }
+
+/// A job message from a peer, and where its reply goes.
+pub type JobHandler = mpsc::Sender<(PeerId, JobMessage, tokio::sync::oneshot::Sender<JobReply>)>;
 
 /// The node's handle on the network; cheap to clone.
 #[derive(Clone)]
@@ -211,6 +216,25 @@ impl P2p {
         if let Err(e) = self.net.publish(Topic::Orders, wire::encode(&signed)).await {
             tracing::warn!(target: "agora::p2p", error = %e, "cannot gossip an order; peers get it by catch-up");
         }
+    }
+
+    /// Routes job messages from peers to `handler`.
+    pub fn set_job_handler(&self, handler: JobHandler) {
+        self.shared().jobs = Some(handler);
+    }
+
+    /// Sends a job message to a peer.
+    pub async fn send_job(&self, peer: PeerId, message: JobMessage) -> anyhow::Result<JobReply> {
+        self.net.send_job(peer, message).await
+    }
+
+    /// Serves a blob to one peer only.
+    pub async fn share_with(&self, hash: [u8; 32], peer: PeerId) -> Result<(), blob::ShareError> {
+        let (store, artifacts) = (self.store.clone(), self.artifacts.clone());
+        tokio::task::spawn_blocking(move || blob::share_with(&store, &artifacts, &hash, &peer))
+            .await
+            .map_err(|e| blob::ShareError::Io(std::io::Error::other(e)))??;
+        Ok(())
     }
 
     /// Gossips a compute offer (already checked and kept by this node).
@@ -348,11 +372,24 @@ impl P2p {
                         let _ = reply.send(this.orders_page(&request).unwrap_or_default());
                     });
                 }
-                NetEvent::BlobRequest { request, reply, .. } => {
+                NetEvent::BlobRequest { peer, request, reply } => {
                     let (store, artifacts) = (self.store.clone(), self.artifacts.clone());
                     tokio::task::spawn_blocking(move || {
-                        let _ = reply.send(blob::serve(&store, &artifacts, request));
+                        let _ = reply.send(blob::serve(&store, &artifacts, &peer, request));
                     });
+                }
+                NetEvent::JobMessage { peer, message, reply } => {
+                    let handler = self.shared().jobs.clone();
+                    match handler {
+                        Some(jobs) => {
+                            if jobs.send((peer, message, reply)).await.is_err() {
+                                tracing::warn!(target: "agora::p2p", %peer, "the job service stopped; a job message was dropped");
+                            }
+                        }
+                        None => {
+                            let _ = reply.send(JobReply::Refused("this node runs no compute jobs".into()));
+                        }
+                    }
                 }
                 NetEvent::Connected(peer) => {
                     tokio::spawn(self.clone().catch_up(peer));

@@ -21,7 +21,7 @@ use libp2p::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::wire::{BlobRequest, BlobResponse, OrdersPage, OrdersRequest};
+use super::wire::{BlobRequest, BlobResponse, JobMessage, JobReply, OrdersPage, OrdersRequest};
 
 /// The gossip topics, as the issue names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -52,6 +52,8 @@ impl Topic {
 }
 
 pub const ORDERS_PROTOCOL: StreamProtocol = StreamProtocol::new("/agora/orders/1");
+/// Training jobs between a buyer's node and a provider's: start, progress, result, statement.
+pub const JOBS_PROTOCOL: StreamProtocol = StreamProtocol::new("/agora/jobs/1");
 pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/agora/blob/1");
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/agora/kad/1");
 const AGENT: &str = concat!("agora/", env!("CARGO_PKG_VERSION"));
@@ -74,6 +76,7 @@ struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
     gossipsub: gossipsub::Behaviour,
     orders: request_response::cbor::Behaviour<OrdersRequest, OrdersPage>,
+    jobs: request_response::cbor::Behaviour<JobMessage, JobReply>,
     blob: request_response::cbor::Behaviour<BlobRequest, BlobResponse>,
     mdns: Toggle<mdns::tokio::Behaviour>,
 }
@@ -99,6 +102,11 @@ pub enum NetEvent {
         peer: PeerId,
         request: BlobRequest,
         reply: oneshot::Sender<BlobResponse>,
+    },
+    JobMessage {
+        peer: PeerId,
+        message: JobMessage,
+        reply: oneshot::Sender<JobReply>,
     },
     /// The first connection to a peer opened.
     Connected(PeerId),
@@ -136,6 +144,7 @@ enum Command {
     Publish { topic: Topic, data: Vec<u8>, done: oneshot::Sender<Result<(), String>> },
     Report { id: gossipsub::MessageId, from: PeerId, verdict: gossipsub::MessageAcceptance },
     Orders { peer: PeerId, request: OrdersRequest, reply: oneshot::Sender<Result<OrdersPage, String>> },
+    Job { peer: PeerId, message: JobMessage, reply: oneshot::Sender<Result<JobReply, String>> },
     Blob { peer: PeerId, request: BlobRequest, reply: oneshot::Sender<Result<BlobResponse, String>> },
     Provide { key: [u8; 32], on: bool },
     Providers { key: [u8; 32], reply: oneshot::Sender<HashSet<PeerId>> },
@@ -179,6 +188,13 @@ impl Net {
         verdict: gossipsub::MessageAcceptance,
     ) {
         let _ = self.send(Command::Report { id, from, verdict }).await;
+    }
+
+    /// Sends a job message to a peer and waits for its reply.
+    pub async fn send_job(&self, peer: PeerId, message: JobMessage) -> anyhow::Result<JobReply> {
+        let (reply, wait) = oneshot::channel();
+        self.send(Command::Job { peer, message, reply }).await?;
+        wait.await?.map_err(|e| anyhow::anyhow!("job message to {peer}: {e}"))
     }
 
     pub async fn request_orders(&self, peer: PeerId, request: OrdersRequest) -> anyhow::Result<OrdersPage> {
@@ -323,6 +339,7 @@ pub fn start(
             };
             let (orders_protocols, orders_config) = rr(ORDERS_PROTOCOL);
             let (blob_protocols, blob_config) = rr(BLOB_PROTOCOL);
+            let (jobs_protocols, jobs_config) = rr(JOBS_PROTOCOL);
             let mdns = if mdns_on {
                 Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
             } else {
@@ -337,6 +354,7 @@ pub fn start(
                 kad,
                 gossipsub,
                 orders: request_response::cbor::Behaviour::new(orders_protocols, orders_config),
+                jobs: request_response::cbor::Behaviour::new(jobs_protocols, jobs_config),
                 blob: request_response::cbor::Behaviour::new(blob_protocols, blob_config),
                 mdns: Toggle::from(mdns),
             })
@@ -378,6 +396,8 @@ struct SwarmTask {
     state: Arc<RwLock<NetState>>,
     events: mpsc::Sender<NetEvent>,
     orders_out: Waiting<OrdersPage>,
+    jobs_out: Waiting<JobReply>,
+    jobs_in: Replies<JobReply>,
     blob_out: Waiting<BlobResponse>,
     provider_queries: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<HashSet<PeerId>>)>,
     orders_in: Replies<OrdersPage>,
@@ -395,6 +415,8 @@ impl SwarmTask {
             state,
             events,
             orders_out: HashMap::new(),
+            jobs_out: HashMap::new(),
+            jobs_in: FuturesUnordered::new(),
             blob_out: HashMap::new(),
             provider_queries: HashMap::new(),
             orders_in: FuturesUnordered::new(),
@@ -425,6 +447,11 @@ impl SwarmTask {
                 Some((channel, answer)) = self.blob_in.next(), if !self.blob_in.is_empty() => {
                     if let Some(answer) = answer {
                         let _ = self.swarm.behaviour_mut().blob.send_response(channel, answer);
+                    }
+                }
+                Some((channel, answer)) = self.jobs_in.next(), if !self.jobs_in.is_empty() => {
+                    if let Some(answer) = answer {
+                        let _ = self.swarm.behaviour_mut().jobs.send_response(channel, answer);
                     }
                 }
                 _ = scores.tick() => self.refresh_scores(),
@@ -483,6 +510,10 @@ impl SwarmTask {
             Command::Orders { peer, request, reply } => {
                 let id = b.orders.send_request(&peer, request);
                 self.orders_out.insert(id, reply);
+            }
+            Command::Job { peer, message, reply } => {
+                let id = b.jobs.send_request(&peer, message);
+                self.jobs_out.insert(id, reply);
             }
             Command::Blob { peer, request, reply } => {
                 let id = b.blob.send_request(&peer, request);
@@ -610,6 +641,13 @@ impl SwarmTask {
             BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic }) => {
                 if let Some(topic) = Topic::from_hash(&topic) {
                     self.emit(NetEvent::Subscribed { peer: peer_id, topic }).await;
+                }
+            }
+            BehaviourEvent::Jobs(event) => {
+                if let Some((peer, message, channel)) = route(event, &mut self.jobs_out) {
+                    let (reply, wait) = oneshot::channel();
+                    self.jobs_in.push(Box::pin(async move { (channel, wait.await.ok()) }));
+                    self.emit(NetEvent::JobMessage { peer, message, reply }).await;
                 }
             }
             BehaviourEvent::Orders(event) => {

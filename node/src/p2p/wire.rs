@@ -104,3 +104,57 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Option<T> {
     postcard::from_bytes(bytes).ok()
 }
+
+/// `/agora/jobs/1`: what a buyer's node and a provider's node tell each other about a
+/// training job on a reservation (reservation ids are big-endian uint256).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum JobMessage {
+    /// Buyer → provider: run this job on the reservation (signed by the reservation's holder).
+    Start(JobStart),
+    /// Provider → buyer: an epoch finished.
+    Progress { reservation: [u8; 32], epoch: u32, loss: f64 },
+    /// Provider → buyer: the trained weights, shared with the buyer by blake3.
+    Done { reservation: [u8; 32], output: [u8; 32], losses: Vec<f64>, seconds: f64, hours_used: u64 },
+    /// Provider → buyer: the job failed.
+    Failed { reservation: [u8; 32], reason: String },
+    /// Buyer → provider: the holder's signed usage statement, once the output is registered.
+    Statement { reservation: [u8; 32], hours_used: u64, signature: ByteBuf },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobStart {
+    pub reservation: [u8; 32],
+    /// blake3 of the base weights, their config.json, and the dataset.
+    pub base: [u8; 32],
+    pub config: [u8; 32],
+    pub dataset: [u8; 32],
+    /// `csv` or `safetensors`.
+    pub dataset_format: String,
+    /// JSON.
+    pub hyperparameters: String,
+    /// `builtin` or `external`.
+    pub executor: String,
+    /// The holder's EIP-191 signature of [`JobStart::digest`].
+    pub signature: ByteBuf,
+}
+
+impl JobStart {
+    /// What the holder signs: every field but the signature.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("agora training job start v1");
+        h.update(&self.reservation).update(&self.base).update(&self.config).update(&self.dataset);
+        for text in [&self.dataset_format, &self.hyperparameters, &self.executor] {
+            h.update(&(text.len() as u64).to_le_bytes()).update(text.as_bytes());
+        }
+        *h.finalize().as_bytes()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum JobReply {
+    Accepted,
+    Ack,
+    Refused(String),
+    /// Not now (the provider's index has not seen the reservation yet): ask again.
+    Later(String),
+}

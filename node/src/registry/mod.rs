@@ -1046,7 +1046,7 @@ fn version_not_found(name: &str, version: u32) -> RegistryError {
     RegistryError::NotFound(format!("model version (name={name}, version={version}) not found"))
 }
 
-fn parse_blake3(hex_text: &str) -> Result<[u8; 32], RegistryError> {
+pub fn parse_blake3(hex_text: &str) -> Result<[u8; 32], RegistryError> {
     blake3::Hash::from_hex(hex_text)
         .map(|h| *h.as_bytes())
         .map_err(|_| invalid(format!("'{hex_text}' is not a blake3 hash")))

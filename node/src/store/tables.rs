@@ -143,6 +143,11 @@ tables! {
     Offers = "offers", root: false, key: B256, value: OfferRecord, encode: |k| k.to_vec();
     /// Lookup: the newest offer of each provider's pool (same GPUs, kind, region and node).
     PoolOffers = "pool_offers", root: false, key: B256, value: B256, encode: |k| k.to_vec();
+    /// Training jobs by id: the ones this node scheduled (buyer) and the ones it runs (provider).
+    TrainingJobs = "training_jobs", root: false, key: u64, value: crate::compute::jobs::JobRecord, encode: |k| k.to_be_bytes().to_vec();
+    /// Blobs served to one peer only (a job's inputs to its provider, its output to its buyer).
+    PeerShares = "peer_shares", root: false, key: ([u8; 32], Vec<u8>), value: SharedBlob,
+        encode: |k| concat(&[&k.0, &k.1]);
     /// Offers this node signed as a provider: which configured offer each came from and its nonce.
     OwnOffers = "own_offers", root: false, key: B256, value: OwnOffer, encode: |k| k.to_vec();
 }

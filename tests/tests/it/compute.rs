@@ -40,13 +40,25 @@ fn provider(
     data: &std::path::Path,
     key: usize,
     bootstrap: &str,
+    pool: (&str, u32, u64, &str, &str),
+) -> Node {
+    provider_with(market, data, key, bootstrap, pool, "")
+}
+
+/// [`provider`], with more TOML before the offer (a `[compute]` table).
+fn provider_with(
+    market: &Market,
+    data: &std::path::Path,
+    key: usize,
+    bootstrap: &str,
     (gpu, count, gwei, kind, region): (&str, u32, u64, &str, &str),
+    extra: &str,
 ) -> Node {
     let config = data.join("agora.toml");
     std::fs::write(
         &config,
         format!(
-            "[[compute.offers]]\ngpu = \"{gpu}\"\ngpu_count = {count}\nmemory_gb = 80\nprice_per_gpu_hour = \"{}\"\nkind = \"{kind}\"\nregion = \"{region}\"\n",
+            "{extra}[[compute.offers]]\ngpu = \"{gpu}\"\ngpu_count = {count}\nmemory_gb = 80\nprice_per_gpu_hour = \"{}\"\nkind = \"{kind}\"\nregion = \"{region}\"\n",
             u128::from(gwei) * u128::from(GWEI)
         ),
     )
@@ -276,4 +288,192 @@ async fn offers_spread_the_broker_chooses_and_futures_are_escrowed_moved_and_rec
         "the index agrees with the chain"
     );
     drop(providers);
+}
+
+/// A buyer's node (operator wallet: dev account 5) and one provider offering `pool`, connected.
+async fn pair(
+    market: &Market,
+    dirs: &[tempfile::TempDir],
+    pool: (&str, u32, u64, &str, &str),
+    extra: &str,
+) -> (Node, Node) {
+    let buyer =
+        start(market, dirs[0].path(), &[("AGORA_OPERATOR_KEY", DEV_KEYS[5]), ("AGORA_JOB_TIMEOUT", "5")]);
+    let bootstrap = p2p_address(&buyer).await;
+    let provider = provider_with(market, dirs[1].path(), 3, &bootstrap, pool, extra);
+    eventually("the provider's offer at the buyer's node", WAIT, || async {
+        (offers(&buyer).await.len() == 1).then_some(())
+    })
+    .await;
+    (buyer, provider)
+}
+
+/// Registers the MLP fixture and uploads a CSV dataset for it: 4 features, 3 targets that are
+/// a linear function of them.
+async fn trainable(buyer: &Node) {
+    let mut operator = NodeClient::new(&buyer.url).unwrap();
+    operator.token = Some(TOKEN.into());
+    agora_e2e::mlp::register(&operator, "trainable", true).await;
+    let mut csv = String::from("a,b,c,d,y0,y1,y2\n");
+    for r in 0..256 {
+        let x: Vec<f32> = (0..4).map(|k| ((r * (k + 3) + k) % 19) as f32 / 19.0 - 0.5).collect();
+        let y = [x[0] - x[1], 0.5 * x[2] + x[3], 0.25 - x[0] * 0.5];
+        let row: Vec<String> = x.iter().chain(y.iter()).map(|v| v.to_string()).collect();
+        csv.push_str(&row.join(","));
+        csv.push('\n');
+    }
+    let response = reqwest::Client::new()
+        .put(format!("{}/api/2.0/mlflow-artifacts/artifacts/datasets/train.csv", buyer.url))
+        .bearer_auth(TOKEN)
+        .body(csv)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{:?}", response.text().await);
+}
+
+async fn trigger(buyer: &Node, body: Value) -> Value {
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/v1/retraining/trigger", buyer.url))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let job: Value = response.json().await.unwrap();
+    assert_eq!(status, 201, "{job}");
+    job
+}
+
+async fn job(buyer: &Node, id: &Value) -> Value {
+    buyer.get(&format!("/api/v1/training/jobs/{id}")).await.1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_triggered_training_runs_on_the_provider_and_settles_to_the_wei() {
+    let market = Market::start().await;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (buyer, provider) = pair(&market, &dirs, ("H100-80GB", 2, 2000, "owned", "eu-west"), "").await;
+    trainable(&buyer).await;
+
+    // Bad inputs are refused before anything is reserved.
+    let mut bad =
+        json!({"model": "trainable", "dataset": "datasets/train.csv", "hyperparameters": {"epochs": 0}});
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/v1/retraining/trigger", buyer.url))
+        .bearer_auth(TOKEN)
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    bad["hyperparameters"] = json!({});
+    bad["dataset"] = json!("datasets/missing.csv");
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/v1/retraining/trigger", buyer.url))
+        .bearer_auth(TOKEN)
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(buyer.get("/api/v1/compute/reservations").await.1["reservations"].as_array().unwrap().is_empty());
+
+    let scheduled = trigger(
+        &buyer,
+        json!({"model": "trainable", "dataset": "datasets/train.csv", "hyperparameters": {"epochs": 40, "learning_rate": 0.02}}),
+    )
+    .await;
+    assert_eq!(scheduled["role"], "buyer");
+    assert_eq!(scheduled["gpu"], "H100-80GB");
+    let done = eventually("the training job to succeed", WAIT, || async {
+        let j = job(&buyer, &scheduled["id"]).await;
+        assert_ne!(j["status"], "failed", "{j}\nprovider:\n{}", provider.process.output());
+        (j["status"] == "succeeded" && j["new_version"].is_u64()).then_some(j)
+    })
+    .await;
+    let losses: Vec<f64> = done["losses"].as_array().unwrap().iter().map(|l| l.as_f64().unwrap()).collect();
+    assert_eq!(losses.len(), 40, "{done}");
+    assert!(losses[39] < losses[0] / 2.0, "the loss decreases: {losses:?}");
+
+    // The new version: in Staging, with the losses as metrics, runnable.
+    let version = done["new_version"].as_u64().unwrap();
+    let (_, versions) = buyer.get("/api/v1/models/trainable/versions").await;
+    let v =
+        versions["versions"].as_array().unwrap().iter().find(|v| v["version"] == version).unwrap().clone();
+    assert_eq!(v["stage"], "Staging", "{v}");
+    let (_, metrics) = buyer.get(&format!("/api/v1/models/metrics?name=trainable&version={version}")).await;
+    assert_eq!(metrics["metrics"]["loss"].as_array().map(|l| l.len()), Some(40), "{metrics}");
+
+    // The provider is paid for the hours used, the rest refunded, to the wei.
+    let id = done["reservation"].as_str().unwrap().to_owned();
+    let settled = eventually("the reservation settled", WAIT, || async {
+        let (_, list) = buyer.get("/api/v1/compute/reservations").await;
+        list["reservations"].as_array()?.iter().find(|r| r["id"] == id && r["state"] == "settled").cloned()
+    })
+    .await;
+    let price = U256::from(2000u64) * U256::from(GWEI);
+    let hours = settled["hours_used"].as_u64().unwrap();
+    assert_eq!(Some(hours), done["hours_used"].as_u64());
+    let reserved = settled["gpu_hours"].as_u64().unwrap();
+    assert_eq!(settled["paid"], (U256::from(hours) * price).to_string());
+    assert_eq!(settled["refund"], (U256::from(reserved - hours) * price).to_string());
+    let compute = ComputeMarket::new(market.deployment.compute_market, market.provider.clone());
+    assert_eq!(compute.withdrawable(market.address(3)).call().await.unwrap(), U256::from(hours) * price);
+    assert_eq!(
+        compute.withdrawable(market.address(5)).call().await.unwrap(),
+        U256::from(reserved - hours) * price
+    );
+    let (_, provider_job) = provider.get("/api/v1/training/scheduled").await;
+    assert_eq!(provider_job["jobs"][0]["role"], "provider", "{provider_job}");
+    assert_eq!(provider_job["jobs"][0]["settled"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_killed_mid_job_leaves_the_holder_its_escrow() {
+    let market = Market::start().await;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    // An external executor that reports one epoch, then hangs.
+    let extra = "[compute]\nexternal_command = [\"sh\", \"-c\", \"echo '{\\\"epoch\\\": 1, \\\"loss\\\": 0.9}'; sleep 600\"]\n";
+    let (buyer, provider) = pair(&market, &dirs, ("A100-80GB", 1, 1500, "spot", "us-east"), extra).await;
+    trainable(&buyer).await;
+    let scheduled = trigger(
+        &buyer,
+        json!({"model": "trainable", "dataset": "datasets/train.csv", "executor": "external"}),
+    )
+    .await;
+    eventually("the job running on the provider", WAIT, || async {
+        let j = job(&buyer, &scheduled["id"]).await;
+        (j["status"] == "running" && j["losses"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    let id = scheduled["reservation"].as_str().unwrap().to_owned();
+    let (_, list) = buyer.get("/api/v1/compute/reservations").await;
+    let reservation =
+        list["reservations"].as_array().unwrap().iter().find(|r| r["id"] == id).unwrap().clone();
+    assert_eq!(reservation["state"], "confirmed");
+    drop(provider);
+
+    let failed = eventually("the job failed on silence", WAIT, || async {
+        let j = job(&buyer, &scheduled["id"]).await;
+        (j["status"] == "failed").then_some(j)
+    })
+    .await;
+    assert!(failed["error"].as_str().unwrap().contains("silent"), "{failed}");
+    // Past the reservation's end and the grace, the buyer's node reclaims the whole escrow.
+    let end = reservation["end_time"].as_u64().unwrap();
+    market.provider.anvil_increase_time(end + 3_600 + 5 - now()).await.unwrap();
+    market.mine(1).await;
+    let reclaimed = eventually("the escrow reclaimed", WAIT, || async {
+        let (_, list) = buyer.get("/api/v1/compute/reservations").await;
+        list["reservations"].as_array()?.iter().find(|r| r["id"] == id && r["state"] == "reclaimed").cloned()
+    })
+    .await;
+    assert_eq!(reclaimed["refund"], reservation["escrow"]);
+    let compute = ComputeMarket::new(market.deployment.compute_market, market.provider.clone());
+    assert_eq!(
+        compute.withdrawable(market.address(5)).call().await.unwrap().to_string(),
+        reservation["escrow"].as_str().unwrap()
+    );
 }
