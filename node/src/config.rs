@@ -584,6 +584,16 @@ impl Config {
         if c.external_command.first().is_some_and(|program| program.trim().is_empty()) {
             return Err(ConfigError::Compute("external_command starts with an empty program".into()));
         }
+        let mut names = std::collections::HashSet::new();
+        for policy in &c.policies {
+            policy.check().map_err(|e| ConfigError::Compute(format!("policies: {e}")))?;
+            if !names.insert(policy.name.as_str()) {
+                return Err(ConfigError::Compute(format!(
+                    "policies: the name {:?} is used twice",
+                    policy.name
+                )));
+            }
+        }
         if c.offer_ttl < 2 {
             return Err(ConfigError::Compute(
                 "offer_ttl must be at least 2 seconds (AGORA_OFFER_TTL)".into(),

@@ -334,3 +334,33 @@ pub async fn reservation_confirmed(
     let (confirmed_at, job) = state.compute.check_confirmation(&state.provider, id, tx).await?;
     Ok(Json(ConfirmationChecked { reservation_id: id.to_string(), confirmed_at, job }))
 }
+
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PolicyList {
+    pub policies: Vec<crate::compute::policies::PolicyView>,
+}
+
+/// Retraining policies: each a schedule (cron) or manual, with its next and last run.
+#[utoipa::path(get, path = "/api/v1/retraining/policies", tag = "compute", responses((status = 200, body = PolicyList)))]
+pub async fn policies(State(state): State<AppState>) -> Json<PolicyList> {
+    Json(PolicyList { policies: state.compute.policies() })
+}
+
+/// Runs a retraining policy now (the operator).
+#[utoipa::path(post, path = "/api/v1/retraining/policies/{name}/run", tag = "compute", params(("name" = String, Path)), responses((status = 201, body = JobRecord), (status = 401, body = super::error::ErrorBody), (status = 403, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody)))]
+pub async fn run_policy(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
+    let ctx = super::auth::api_caller(&state, &headers)?;
+    if !matches!(ctx.actor, crate::registry::Actor::Operator) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only the node's operator runs retraining policies",
+        ));
+    }
+    let job = state.compute.run_policy(&name).await?;
+    Ok((StatusCode::CREATED, Json(job)))
+}

@@ -131,6 +131,8 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(compute::scheduled))
         .routes(routes!(compute::job))
         .routes(routes!(compute::reservation_confirmed))
+        .routes(routes!(compute::policies))
+        .routes(routes!(compute::run_policy))
         .routes(routes!(orders::list))
         .routes(routes!(orders::order))
         .routes(routes!(orders::purchase))

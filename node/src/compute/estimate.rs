@@ -185,7 +185,7 @@ fn hours(flops: f64, tflops: f64, utilisation: f64) -> f64 {
 }
 
 /// What the buyer will accept (`POST /api/v1/models/estimate-cost`).
-#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Constraints {
     /// Wei (decimal).

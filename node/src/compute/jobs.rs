@@ -1175,11 +1175,89 @@ impl Compute {
         }
     }
 
+    /// Retraining policies with what they did and will do.
+    pub fn policies(&self) -> Vec<super::policies::PolicyView> {
+        let runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        self.config
+            .policies
+            .iter()
+            .map(|p| {
+                let last = runs.last.get(&p.name);
+                super::policies::PolicyView {
+                    policy: p.clone(),
+                    trigger: if p.schedule.is_some() { "schedule" } else { "manual" }.into(),
+                    next_run: runs.next.get(&p.name).copied(),
+                    last_run: last.map(|(at, _)| *at),
+                    last_job: last.and_then(|(_, r)| r.as_ref().ok().copied()),
+                    last_error: last.and_then(|(_, r)| r.as_ref().err().cloned()),
+                }
+            })
+            .collect()
+    }
+
+    /// Runs a policy now (its schedule, if any, is unchanged).
+    pub async fn run_policy(&self, name: &str) -> Result<JobRecord, ComputeError> {
+        let policy = self.config.policies.iter().find(|p| p.name == name).cloned().ok_or_else(|| {
+            ComputeError::Registry(RegistryError::NotFound(format!("no retraining policy {name:?}")))
+        })?;
+        let ctx = Context { actor: Actor::Operator, request_id: None };
+        let result = self.trigger(&ctx, policy.request()).await;
+        let outcome = match &result {
+            Ok(job) => Ok(job.id),
+            Err(e) => Err(e.to_string()),
+        };
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.runs.lock().unwrap_or_else(|p| p.into_inner()).last.insert(name.to_owned(), (at, outcome));
+        result
+    }
+
+    /// Fires the scheduled policies that are due.
+    async fn fire_policies(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut due = Vec::new();
+        {
+            let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+            for policy in self.config.policies.iter().filter(|p| p.schedule.is_some()) {
+                match runs.next.get(&policy.name).copied() {
+                    None => {
+                        if let Some(next) = policy.next_after(now) {
+                            runs.next.insert(policy.name.clone(), next);
+                        }
+                    }
+                    Some(next) if next <= now => {
+                        due.push(policy.name.clone());
+                        if let Some(next) = policy.next_after(now) {
+                            runs.next.insert(policy.name.clone(), next);
+                        }
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        for name in due {
+            match self.run_policy(&name).await {
+                Ok(job) => {
+                    tracing::info!(target: "agora::compute", policy = %name, job = job.id, "retraining policy fired")
+                }
+                Err(e) => {
+                    tracing::warn!(target: "agora::compute", policy = %name, error = %e, "retraining policy could not run")
+                }
+            }
+        }
+    }
+
     async fn upkeep(&self) -> anyhow::Result<()> {
         let Some(operator) = self.operator.clone() else { return Ok(()) };
         if !self.enabled() {
             return Ok(());
         }
+        self.fire_policies().await;
         let now = self.chain_now()?;
         let timeout_ms = self.job_timeout().as_millis() as u64;
         let grace = self.deployment.compute_grace;

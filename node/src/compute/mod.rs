@@ -10,6 +10,7 @@
 pub mod estimate;
 pub mod jobs;
 pub mod offers;
+pub mod policies;
 pub mod train;
 
 use std::{collections::HashMap, time::Duration};
@@ -80,6 +81,8 @@ pub struct ComputeConfig {
     /// `hyperparameters.json`; it writes `output.safetensors` and may print JSON lines with a
     /// `loss` (and `epoch`) as progress. Empty: only the built-in executor.
     pub external_command: Vec<String>,
+    /// Retraining policies (`[[compute.policies]]`).
+    pub policies: Vec<policies::Policy>,
 }
 
 impl Default for ComputeConfig {
@@ -91,6 +94,7 @@ impl Default for ComputeConfig {
             gpus: Vec::new(),
             job_timeout: 600,
             external_command: Vec::new(),
+            policies: Vec::new(),
         }
     }
 }
@@ -138,6 +142,8 @@ pub struct Compute {
     tmp: std::path::PathBuf,
     /// For the watermark commitment of trained versions.
     watermark_key: Option<std::sync::Arc<agora_watermark::MasterKey>>,
+    /// When policies fire next and what their last runs did.
+    runs: std::sync::Arc<std::sync::Mutex<policies::Runs>>,
 }
 
 /// `GET /api/v1/compute/reservations` item.
@@ -259,6 +265,7 @@ impl Compute {
             jobs_lock: Default::default(),
             tmp: std::env::temp_dir(),
             watermark_key: None,
+            runs: Default::default(),
         }
     }
 
@@ -564,7 +571,11 @@ impl Compute {
             let i = i as u32;
             let busy = busy_until.get(&i).copied().unwrap_or(0);
             let from = now.max(busy);
-            let fresh = latest.get(&i).is_some_and(|l| l.expiry > now + ttl / 2 && l.available_from >= busy);
+            // Fresh: valid for a while yet, not before the pool is free, and not after either
+            // (a reservation that settled early frees the pool at once).
+            let fresh = latest.get(&i).is_some_and(|l| {
+                l.expiry > now + ttl / 2 && l.available_from >= busy && l.available_from <= from
+            });
             if fresh {
                 continue;
             }

@@ -297,8 +297,20 @@ async fn pair(
     pool: (&str, u32, u64, &str, &str),
     extra: &str,
 ) -> (Node, Node) {
-    let buyer =
-        start(market, dirs[0].path(), &[("AGORA_OPERATOR_KEY", DEV_KEYS[5]), ("AGORA_JOB_TIMEOUT", "5")]);
+    // Two retraining policies: one nightly, one run on demand.
+    let config = dirs[0].path().join("agora.toml");
+    std::fs::write(
+        &config,
+        "[[compute.policies]]\nname = \"nightly\"\nschedule = \"0 0 3 * * *\"\nmodel = \"trainable\"\ndataset = \"datasets/train.csv\"\n\n\
+         [[compute.policies]]\nname = \"on-demand\"\nmodel = \"trainable\"\ndataset = \"datasets/train.csv\"\nhyperparameters = { epochs = 5 }\n",
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let buyer = start(
+        market,
+        dirs[0].path(),
+        &[("AGORA_OPERATOR_KEY", DEV_KEYS[5]), ("AGORA_JOB_TIMEOUT", "5"), ("AGORA_CONFIG", &config)],
+    );
     let bootstrap = p2p_address(&buyer).await;
     let provider = provider_with(market, dirs[1].path(), 3, &bootstrap, pool, extra);
     eventually("the provider's offer at the buyer's node", WAIT, || async {
@@ -428,6 +440,38 @@ async fn a_triggered_training_runs_on_the_provider_and_settles_to_the_wei() {
     let (_, provider_job) = provider.get("/api/v1/training/scheduled").await;
     assert_eq!(provider_job["jobs"][0]["role"], "provider", "{provider_job}");
     assert_eq!(provider_job["jobs"][0]["settled"], true);
+
+    // Settled early, the pool is offered again from now; a manual policy trains on it.
+    eventually("the provider's pool offered again from now", WAIT, || async {
+        let book = offers(&buyer).await;
+        (book.len() == 1 && book[0]["offer"]["available_from"].as_u64()? <= now()).then_some(())
+    })
+    .await;
+    let (_, policies) = buyer.get("/api/v1/retraining/policies").await;
+    let policies = policies["policies"].as_array().unwrap().clone();
+    assert_eq!(policies.len(), 2, "{policies:?}");
+    assert_eq!(policies[0]["trigger"], "schedule");
+    assert_eq!(policies[0]["next_run"].as_u64().unwrap() % 86_400, 3 * 3600, "{policies:?}");
+    assert_eq!(policies[1]["trigger"], "manual");
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/v1/retraining/policies/on-demand/run", buyer.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let second: Value = response.json().await.unwrap();
+    assert_eq!(second["policy"], "on-demand");
+    let second = eventually("the policy's job to succeed", WAIT, || async {
+        let j = job(&buyer, &second["id"]).await;
+        assert_ne!(j["status"], "failed", "{j}");
+        (j["status"] == "succeeded" && j["new_version"].is_u64()).then_some(j)
+    })
+    .await;
+    assert_eq!(second["losses"].as_array().unwrap().len(), 5);
+    assert_eq!(second["new_version"].as_u64(), Some(version + 1));
+    let (_, policies) = buyer.get("/api/v1/retraining/policies").await;
+    assert_eq!(policies["policies"][1]["last_job"], second["id"], "{policies}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -449,10 +493,11 @@ async fn a_provider_killed_mid_job_leaves_the_holder_its_escrow() {
     })
     .await;
     let id = scheduled["reservation"].as_str().unwrap().to_owned();
-    let (_, list) = buyer.get("/api/v1/compute/reservations").await;
-    let reservation =
-        list["reservations"].as_array().unwrap().iter().find(|r| r["id"] == id).unwrap().clone();
-    assert_eq!(reservation["state"], "confirmed");
+    let reservation = eventually("the start confirmed on-chain", WAIT, || async {
+        let (_, list) = buyer.get("/api/v1/compute/reservations").await;
+        list["reservations"].as_array()?.iter().find(|r| r["id"] == id && r["state"] == "confirmed").cloned()
+    })
+    .await;
     drop(provider);
 
     let failed = eventually("the job failed on silence", WAIT, || async {

@@ -2,13 +2,15 @@
 //!
 //! `agora-bench watermark [--gib N]`: see `watermark.rs`; `agora-bench artifacts [--gib N]`: see
 //! `artifacts.rs`; `agora-bench flows [--gib N]`: see `flows.rs`; `agora-bench serve [--requests N] [--callers N]`: see `serve.rs`;
-//! `agora-bench p2p [--nodes N] [--orders N] [--mib N]`: see `p2p.rs`.
+//! `agora-bench p2p [--nodes N] [--orders N] [--mib N]`: see `p2p.rs`; `agora-bench compute
+//! [--offers N] [--rows N]`: see `compute.rs`.
 //!
 //! `agora-bench index [--events N]`: makes N marketplace events on a local anvil (purchases,
 //! distributions with their credits), then times a cold backfill into an empty data dir, beside
 //! the ceiling of fetching the same logs with `eth_getLogs` and decoding them without storing.
 
 mod artifacts;
+mod compute;
 mod flows;
 mod p2p;
 mod serve;
@@ -83,6 +85,14 @@ async fn main() -> anyhow::Result<()> {
             p2p::run(value("--nodes", 10).max(2), value("--orders", 100).max(1), value("--mib", 256).max(1))
                 .await
         }
+        Some("compute") => {
+            let value = |name: &str, default: usize| match args.iter().position(|a| a == name) {
+                Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(default),
+                None => default,
+            };
+            let (offers, rows) = (value("--offers", 10_000).max(1), value("--rows", 16_384).max(256));
+            tokio::task::spawn_blocking(move || compute::run(offers, rows)).await?
+        }
         Some("artifacts") => {
             let gib = match args.iter().position(|a| a == "--gib") {
                 Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(1.0),
@@ -92,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => {
             anyhow::bail!(
-                "usage: agora-bench index [--events N] | watermark [--gib N] | artifacts [--gib N] | flows [--gib N] | serve [--requests N] [--callers N] | p2p [--nodes N] [--orders N] [--mib N]"
+                "usage: agora-bench index [--events N] | watermark [--gib N] | artifacts [--gib N] | flows [--gib N] | serve [--requests N] [--callers N] | p2p [--nodes N] [--orders N] [--mib N] | compute [--offers N] [--rows N]"
             )
         }
     }

@@ -1,0 +1,114 @@
+//! Retraining policies: a training run to trigger on a schedule (cron, seconds resolution:
+//! `sec min hour day-of-month month day-of-week [year]`, UTC) or on demand. Drift and metric
+//! triggers come with monitoring.
+
+use std::{collections::HashMap, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+
+use super::{estimate::Constraints, jobs::TriggerRequest};
+
+/// `[[compute.policies]]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub name: String,
+    /// Cron schedule; absent: the policy runs only when asked (`POST .../run`).
+    #[serde(default)]
+    pub schedule: Option<String>,
+    pub model: String,
+    /// Blake3 or artifact path of the dataset (a path picks up new data at every run).
+    pub dataset: String,
+    #[serde(default)]
+    pub dataset_format: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub hyperparameters: Option<serde_json::Value>,
+    #[serde(default)]
+    pub constraints: Constraints,
+    #[serde(default)]
+    pub executor: Option<String>,
+}
+
+impl Policy {
+    pub fn check(&self) -> Result<(), String> {
+        if self.name.trim().is_empty() {
+            return Err("a policy needs a name".into());
+        }
+        if let Some(schedule) = &self.schedule {
+            cron::Schedule::from_str(schedule).map_err(|e| {
+                format!("policy {:?}: schedule {schedule:?} is not a cron expression: {e}", self.name)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The next time the schedule fires after `after` (unix seconds).
+    pub fn next_after(&self, after: u64) -> Option<u64> {
+        let schedule = cron::Schedule::from_str(self.schedule.as_deref()?).ok()?;
+        let after = chrono::DateTime::from_timestamp(i64::try_from(after).ok()?, 0)?;
+        schedule.after(&after).next().and_then(|t| u64::try_from(t.timestamp()).ok())
+    }
+
+    pub fn request(&self) -> TriggerRequest {
+        TriggerRequest {
+            model: self.model.clone(),
+            version: None,
+            dataset: self.dataset.clone(),
+            dataset_format: self.dataset_format.clone(),
+            hyperparameters: self.hyperparameters.clone(),
+            constraints: self.constraints.clone(),
+            executor: self.executor.clone(),
+            policy: Some(self.name.clone()),
+        }
+    }
+}
+
+/// A policy as `GET /api/v1/retraining/policies` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PolicyView {
+    #[serde(flatten)]
+    pub policy: Policy,
+    /// `schedule` or `manual`.
+    pub trigger: String,
+    pub next_run: Option<u64>,
+    pub last_run: Option<u64>,
+    /// The job its last run scheduled, or why it could not.
+    pub last_job: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+/// When each scheduled policy fires next, and what its last run did (in memory: a restart
+/// schedules from the next firing on).
+#[derive(Debug, Default)]
+pub struct Runs {
+    pub next: HashMap<String, u64>,
+    pub last: HashMap<String, (u64, Result<u64, String>)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_parse_and_fire() {
+        let mut p = Policy {
+            name: "nightly".into(),
+            schedule: Some("0 0 3 * * *".into()),
+            model: "m".into(),
+            dataset: "datasets/train.csv".into(),
+            dataset_format: None,
+            hyperparameters: None,
+            constraints: Constraints::default(),
+            executor: None,
+        };
+        p.check().unwrap();
+        let next = p.next_after(1_800_000_000).unwrap();
+        assert!(next > 1_800_000_000 && next - 1_800_000_000 <= 86_400);
+        assert_eq!(next % 86_400, 3 * 3600, "03:00 UTC");
+        p.schedule = Some("every day".into());
+        assert!(p.check().unwrap_err().contains("nightly"));
+        p.schedule = None;
+        assert_eq!(p.next_after(0), None, "manual policies never fire by themselves");
+    }
+}
