@@ -206,6 +206,9 @@ pub struct TriggerRequest {
     /// The policy that fired, when a schedule triggered it.
     #[serde(default)]
     pub policy: Option<String>,
+    /// GPU-hours to reserve when more than the estimate (headroom; unused hours are refunded).
+    #[serde(default)]
+    pub gpu_hours: Option<u64>,
 }
 
 fn invalid(message: impl Into<String>) -> ComputeError {
@@ -328,7 +331,19 @@ impl Compute {
             .map_err(|e| invalid(format!("planning failed: {e}")))??;
         let Plan { view_version, base, config, dataset, format, hyperparameters, executor, selection, offer } =
             plan;
-        let chosen = selection.chosen;
+        let mut chosen = selection.chosen;
+        if let Some(hours) = request.gpu_hours.filter(|h| *h > chosen.gpu_hours) {
+            chosen.gpu_hours = hours;
+            chosen.cost_wei = U256::from(hours) * offer.offer.pricePerGpuHour;
+            let max_cost =
+                request.constraints.max_cost.as_deref().and_then(|m| m.trim().parse::<U256>().ok());
+            if max_cost.is_some_and(|max| chosen.cost_wei > max) {
+                return Err(ComputeError::Infeasible(super::estimate::Infeasible {
+                    constraint: "max_cost",
+                    detail: format!("{hours} GPU-hours on the chosen offer cost {} wei", chosen.cost_wei),
+                }));
+            }
+        }
         let now = self.chain_now()?;
         let start = if chosen.earliest_start > now + 30 { chosen.earliest_start } else { 0 };
         let compute = ComputeMarket::new(self.deployment.compute_market, operator.provider.clone());
@@ -626,6 +641,14 @@ impl Compute {
                 j.error = Some(format!("the provider failed: {reason}"));
             }),
             JobMessage::Done { reservation, output, losses, seconds, hours_used } => {
+                // Told twice (a resend): the output is fetched and registered once.
+                let first = matches!(
+                    self.job_of(U256::from_be_bytes(reservation), JobRole::Buyer),
+                    Ok(Some(job)) if job.output.is_none()
+                );
+                if !first {
+                    return JobReply::Ack;
+                }
                 let reply = self.buyer_update(peer, reservation, |j| {
                     j.losses = losses.clone();
                     j.output = Some(output);

@@ -60,6 +60,7 @@ impl Policy {
             constraints: self.constraints.clone(),
             executor: self.executor.clone(),
             policy: Some(self.name.clone()),
+            gpu_hours: None,
         }
     }
 }

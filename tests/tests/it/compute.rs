@@ -394,7 +394,7 @@ async fn a_triggered_training_runs_on_the_provider_and_settles_to_the_wei() {
 
     let scheduled = trigger(
         &buyer,
-        json!({"model": "trainable", "dataset": "datasets/train.csv", "hyperparameters": {"epochs": 40, "learning_rate": 0.02}}),
+        json!({"model": "trainable", "dataset": "datasets/train.csv", "hyperparameters": {"epochs": 40, "learning_rate": 0.02}, "gpu_hours": 3}),
     )
     .await;
     assert_eq!(scheduled["role"], "buyer");
@@ -429,6 +429,8 @@ async fn a_triggered_training_runs_on_the_provider_and_settles_to_the_wei() {
     let hours = settled["hours_used"].as_u64().unwrap();
     assert_eq!(Some(hours), done["hours_used"].as_u64());
     let reserved = settled["gpu_hours"].as_u64().unwrap();
+    assert_eq!(reserved, 3, "the headroom asked for");
+    assert_eq!(hours, 1, "seconds on two GPUs bill one GPU-hour");
     assert_eq!(settled["paid"], (U256::from(hours) * price).to_string());
     assert_eq!(settled["refund"], (U256::from(reserved - hours) * price).to_string());
     let compute = ComputeMarket::new(market.deployment.compute_market, market.provider.clone());
@@ -521,4 +523,110 @@ async fn a_provider_killed_mid_job_leaves_the_holder_its_escrow() {
         compute.withdrawable(market.address(5)).call().await.unwrap().to_string(),
         reservation["escrow"].as_str().unwrap()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_whose_output_does_not_match_its_hash_is_rejected() {
+    use agora_node::p2p::{
+        blob,
+        net::{self, NetConfig, NetEvent, Topic},
+        wire::{self, BlobRequest, BlobResponse, JobMessage, JobReply, SignedOffer},
+    };
+    use alloy::sol_types::SolValue;
+
+    let market = Market::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let buyer =
+        start(&market, dir.path(), &[("AGORA_OPERATOR_KEY", DEV_KEYS[5]), ("AGORA_JOB_TIMEOUT", "30")]);
+    trainable(&buyer).await;
+    let bootstrap = p2p_address(&buyer).await;
+
+    // A provider the test plays by hand: its offer is genuine, its output is not.
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let net_config = NetConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap: vec![bootstrap.parse().unwrap()],
+        mdns: false,
+        max_connections: 16,
+        max_per_peer: 2,
+    };
+    let (net, mut events, _task) = net::start(net::keypair([9; 32]).unwrap(), net_config, shutdown).unwrap();
+    let signer = market.signer(4);
+    let spec = agora_node::compute::offers::OfferSpec {
+        gpu: "A100-80GB".into(),
+        gpu_count: 1,
+        memory_gb: 80,
+        price_per_gpu_hour: (1000 * GWEI).to_string(),
+        kind: agora_node::compute::offers::OfferKind::Spot,
+        region: "us-east".into(),
+        available_from: None,
+        available_until: None,
+        available_hours: Some(24),
+    };
+    let offer = spec.to_offer(signer.address(), &net.peer_id.to_string(), U256::ZERO, now(), 3600).unwrap();
+    let (chain_id, compute_market) = (market.deployment.chain_id, market.deployment.compute_market);
+    let signature = agora_node::compute::offers::sign(&offer, &signer, chain_id, compute_market);
+    let gossip = wire::encode(&SignedOffer::new(offer.abi_encode(), signature));
+    eventually("the rogue's offer at the buyer's node", WAIT, || async {
+        let _ = net.publish(Topic::Offers, gossip.clone()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (offers(&buyer).await.len() == 1).then_some(())
+    })
+    .await;
+
+    let scheduled = trigger(&buyer, json!({"model": "trainable", "dataset": "datasets/train.csv"})).await;
+    let reservation: U256 = scheduled["reservation"].as_str().unwrap().parse().unwrap();
+    let compute = ComputeMarket::new(compute_market, market.provider.clone());
+    let fake = vec![7u8; 3000];
+    let claimed = *blake3::hash(b"the weights it claims to have made").as_bytes();
+    let buyer_peer = loop {
+        match events.recv().await.expect("the rogue's swarm runs") {
+            NetEvent::JobMessage { peer, message: JobMessage::Start(_), reply } => {
+                let _ = reply.send(JobReply::Accepted);
+                break peer;
+            }
+            NetEvent::JobMessage { reply, .. } => {
+                let _ = reply.send(JobReply::Ack);
+            }
+            _ => {}
+        }
+    };
+    compute.confirmStart(reservation).from(market.address(4)).send().await.unwrap().mined().await;
+    let done = JobMessage::Done {
+        reservation: reservation.to_be_bytes(),
+        output: claimed,
+        losses: vec![0.5],
+        seconds: 1.0,
+        hours_used: 1,
+    };
+    // Asked for the output, it serves the manifest of other bytes.
+    let serving = tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            match event {
+                NetEvent::BlobRequest { request: BlobRequest::Manifest { .. }, reply, .. } => {
+                    let cvs = blob::chaining_values(&fake[..], fake.len() as u64).unwrap();
+                    let _ = reply.send(BlobResponse::manifest(fake.len() as u64, cvs.concat()));
+                }
+                NetEvent::BlobRequest { reply, .. } => {
+                    let _ = reply.send(BlobResponse::Refused("no".into()));
+                }
+                NetEvent::JobMessage { reply, .. } => {
+                    let _ = reply.send(JobReply::Ack);
+                }
+                _ => {}
+            }
+        }
+    });
+    assert!(matches!(net.send_job(buyer_peer, done).await.unwrap(), JobReply::Ack));
+    let failed = eventually("the output rejected", WAIT, || async {
+        let j = job(&buyer, &scheduled["id"]).await;
+        (j["status"] == "failed").then_some(j)
+    })
+    .await;
+    assert!(failed["error"].as_str().unwrap().contains("rejected"), "{failed}");
+    assert!(failed["new_version"].is_null());
+    let (_, versions) = buyer.get("/api/v1/models/trainable/versions").await;
+    assert_eq!(versions["versions"].as_array().unwrap().len(), 1, "nothing registered");
+    let _ = stop.send(true);
+    serving.abort();
 }
