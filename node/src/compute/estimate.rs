@@ -227,9 +227,13 @@ pub struct Quote {
     pub gpu_hours: u64,
     /// The estimate before rounding.
     pub estimated_gpu_hours: f64,
-    /// Wei (decimal).
-    pub cost: String,
-    pub price_per_gpu_hour: String,
+    /// Wei (decimal in JSON).
+    #[serde(with = "super::dec")]
+    #[schema(value_type = String)]
+    pub cost: U256,
+    #[serde(with = "super::dec")]
+    #[schema(value_type = String)]
+    pub price_per_gpu_hour: U256,
     pub earliest_start: u64,
     /// Seconds the training is expected to take on the offer's GPUs.
     pub duration_secs: u64,
@@ -238,9 +242,6 @@ pub struct Quote {
     pub reservation_end: u64,
     pub reliability: f64,
     pub latency_ms: Option<f64>,
-    #[serde(skip)]
-    #[schema(ignore)]
-    pub cost_wei: U256,
 }
 
 /// No offer meets a constraint.
@@ -316,15 +317,14 @@ fn quote(
         region: o.region.clone(),
         gpu_hours,
         estimated_gpu_hours: estimated,
-        cost: cost.to_string(),
-        price_per_gpu_hour: o.pricePerGpuHour.to_string(),
+        cost,
+        price_per_gpu_hour: o.pricePerGpuHour,
         earliest_start: start,
         duration_secs,
         finish,
         reservation_end,
         reliability: c.reliability,
         latency_ms: c.latency_ms,
-        cost_wei: cost,
     })
 }
 
@@ -334,8 +334,8 @@ const CONSTRAINTS: [&str; 8] =
     ["gpu", "memory", "min_gpu_memory_gb", "kinds", "region", "availability", "deadline", "max_cost"];
 
 fn better(a: &Quote, b: &Quote) -> Ordering {
-    a.cost_wei
-        .cmp(&b.cost_wei)
+    a.cost
+        .cmp(&b.cost)
         .then_with(|| b.reliability.total_cmp(&a.reliability))
         .then_with(|| a.latency_ms.unwrap_or(f64::INFINITY).total_cmp(&b.latency_ms.unwrap_or(f64::INFINITY)))
         .then_with(|| a.offer_hash.cmp(&b.offer_hash))

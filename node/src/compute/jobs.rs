@@ -75,7 +75,7 @@ pub enum JobStatus {
 pub struct JobRecord {
     pub id: u64,
     pub role: JobRole,
-    #[serde(with = "dec")]
+    #[serde(with = "super::dec")]
     #[schema(value_type = String)]
     pub reservation: U256,
     /// The other node: the provider's (buyer side) or the buyer's (provider side).
@@ -102,7 +102,7 @@ pub struct JobRecord {
     pub gpu_count: u32,
     pub gpu_hours: u64,
     /// Wei escrowed.
-    #[serde(with = "dec")]
+    #[serde(with = "super::dec")]
     #[schema(value_type = String)]
     pub cost: U256,
     pub start_time: u64,
@@ -122,24 +122,6 @@ pub struct JobRecord {
     pub sent_ms: Option<u64>,
     /// Provider: claimed (or reported) on-chain. Buyer: reclaimed after a failure.
     pub settled: bool,
-}
-
-/// uint256 as a decimal string in JSON (compact bytes in the store).
-mod dec {
-    use alloy::primitives::U256;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &U256, s: S) -> Result<S::Ok, S::Error> {
-        if s.is_human_readable() { s.serialize_str(&v.to_string()) } else { v.serialize(s) }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<U256, D::Error> {
-        if d.is_human_readable() {
-            String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-        } else {
-            U256::deserialize(d)
-        }
-    }
 }
 
 mod hex32 {
@@ -334,13 +316,13 @@ impl Compute {
         let mut chosen = selection.chosen;
         if let Some(hours) = request.gpu_hours.filter(|h| *h > chosen.gpu_hours) {
             chosen.gpu_hours = hours;
-            chosen.cost_wei = U256::from(hours) * offer.offer.pricePerGpuHour;
+            chosen.cost = U256::from(hours) * offer.offer.pricePerGpuHour;
             let max_cost =
                 request.constraints.max_cost.as_deref().and_then(|m| m.trim().parse::<U256>().ok());
-            if max_cost.is_some_and(|max| chosen.cost_wei > max) {
+            if max_cost.is_some_and(|max| chosen.cost > max) {
                 return Err(ComputeError::Infeasible(super::estimate::Infeasible {
                     constraint: "max_cost",
-                    detail: format!("{hours} GPU-hours on the chosen offer cost {} wei", chosen.cost_wei),
+                    detail: format!("{hours} GPU-hours on the chosen offer cost {} wei", chosen.cost),
                 }));
             }
         }
@@ -349,7 +331,7 @@ impl Compute {
         let compute = ComputeMarket::new(self.deployment.compute_market, operator.provider.clone());
         let receipt = compute
             .reserve(offer.offer.clone(), offer.signature.clone().into(), chosen.gpu_hours, start)
-            .value(chosen.cost_wei)
+            .value(chosen.cost)
             .send()
             .await
             .map_err(|e| invalid(format!("the reservation was refused: {e}")))?
@@ -391,7 +373,7 @@ impl Compute {
             gpu: chosen.gpu.clone(),
             gpu_count: chosen.gpu_count,
             gpu_hours: chosen.gpu_hours,
-            cost: chosen.cost_wei,
+            cost: chosen.cost,
             start_time: reserved.data.startTime,
             status: JobStatus::Scheduled,
             losses: Vec::new(),

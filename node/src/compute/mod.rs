@@ -43,6 +43,24 @@ use crate::{
     },
 };
 
+/// uint256 as a decimal string in JSON (compact bytes in the store).
+pub(crate) mod dec {
+    use alloy::primitives::U256;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &U256, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() { s.serialize_str(&v.to_string()) } else { v.serialize(s) }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<U256, D::Error> {
+        if d.is_human_readable() {
+            String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        } else {
+            U256::deserialize(d)
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ComputeError {
     #[error("compute brokering is off: the deployment has no ComputeMarket (redeploy the contracts)")]
