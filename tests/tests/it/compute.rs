@@ -591,7 +591,31 @@ async fn a_provider_whose_output_does_not_match_its_hash_is_rejected() {
             _ => {}
         }
     };
-    compute.confirmStart(reservation).from(market.address(4)).send().await.unwrap().mined().await;
+    let confirmed =
+        compute.confirmStart(reservation).from(market.address(4)).send().await.unwrap().mined().await;
+    // The provider's word is checked against the chain: the confirming transaction counts, the
+    // reserving one (no `Confirmed` in it) does not.
+    let (status, checked) = post(
+        &buyer,
+        "/api/v1/compute/reservation-confirmed",
+        &json!({"reservation_id": reservation.to_string(), "tx": confirmed.transaction_hash.to_string()}),
+    )
+    .await;
+    assert_eq!(status, 200, "{checked}");
+    assert_eq!(checked["job"], scheduled["id"]);
+    let reserve_tx = eventually("the reservation indexed", WAIT, || async {
+        let (_, list) = buyer.get("/api/v1/compute/reservations").await;
+        list["reservations"].as_array()?.first().map(|r| r["reserved_tx"].clone())
+    })
+    .await;
+    let (status, refused) = post(
+        &buyer,
+        "/api/v1/compute/reservation-confirmed",
+        &json!({"reservation_id": reservation.to_string(), "tx": reserve_tx}),
+    )
+    .await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(job(&buyer, &scheduled["id"]).await["status"], "running");
     let done = JobMessage::Done {
         reservation: reservation.to_be_bytes(),
         output: claimed,
