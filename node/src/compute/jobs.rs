@@ -50,17 +50,19 @@ sol! {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobRole {
+    #[default]
     Buyer,
     Provider,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     /// Reserved; waiting for the start time.
+    #[default]
     Scheduled,
     /// Sent to the provider, which accepted it.
     Sent,
@@ -71,7 +73,7 @@ pub enum JobStatus {
 }
 
 /// A training job as stored (and, on the API, shown).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobRecord {
     pub id: u64,
     pub role: JobRole,
@@ -122,6 +124,14 @@ pub struct JobRecord {
     pub sent_ms: Option<u64>,
     /// Provider: claimed (or reported) on-chain. Buyer: reclaimed after a failure.
     pub settled: bool,
+}
+
+impl JobRecord {
+    /// The defaults of a job just opened: scheduled, nothing heard or done yet, stamped now.
+    fn opened() -> Self {
+        let now = now_ms();
+        Self { created_ms: now, updated_ms: now, heard_ms: now, ..Default::default() }
+    }
 }
 
 mod hex32 {
@@ -223,11 +233,8 @@ impl Compute {
     }
 
     fn next_job_id(&self) -> Result<u64, ComputeError> {
-        let mut last = 0;
-        for item in self.store.iter::<TrainingJobs>() {
-            last = last.max(item?.1.id);
-        }
-        Ok(last + 1)
+        let last = self.store.scan::<TrainingJobs>(&[], None, true).next().transpose()?;
+        Ok(last.map_or(0, |(_, job)| job.id) + 1)
     }
 
     /// Applies `change` to a stored job (one writer at a time).
@@ -375,18 +382,9 @@ impl Compute {
             gpu_hours: chosen.gpu_hours,
             cost: chosen.cost,
             start_time: reserved.data.startTime,
-            status: JobStatus::Scheduled,
-            losses: Vec::new(),
-            output: None,
-            new_version: None,
-            hours_used: None,
-            error: None,
             policy: request.policy.clone(),
-            created_ms: now_ms(),
-            updated_ms: now_ms(),
-            heard_ms: now_ms(),
-            sent_ms: None,
             settled: false,
+            ..JobRecord::opened()
         };
         self.store.put::<TrainingJobs>(&id, &job)?;
         tracing::info!(target: "agora::compute", job = id, reservation = %job.reservation, provider = %job.provider, gpu = %job.gpu, cost = %job.cost, "training reserved");
@@ -397,15 +395,7 @@ impl Compute {
     fn plan(&self, ctx: &Context, request: &TriggerRequest) -> Result<Plan, ComputeError> {
         let model = self.registry.require_model(&request.model)?;
         self.registry.authorize(&ctx.actor, &model)?;
-        let view = match request.version {
-            Some(v) => self.registry.version(&request.model, v)?,
-            None => self
-                .registry
-                .versions(&request.model)?
-                .into_iter()
-                .max_by_key(|v| v.version.version)
-                .ok_or_else(|| invalid(format!("model {:?} has no versions", request.model)))?,
-        };
+        let view = self.version_or_latest(&request.model, request.version)?;
         let base = view
             .version
             .file
@@ -493,8 +483,14 @@ impl Compute {
     async fn dispatch(self, id: u64) {
         let Ok(job) = self.job(id) else { return };
         let Some((operator, p2p)) = self.operator.clone().zip(self.p2p.clone()) else { return };
-        while self.chain_now().unwrap_or(0) < job.start_time {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+        // Chain time moves with new blocks (and the clock): wait for either, up to the start.
+        let mut index = self.index.clone();
+        loop {
+            let now = self.chain_now().unwrap_or(0);
+            if now >= job.start_time {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(job.start_time - now), index.changed()).await;
         }
         let Ok(peer) = job.peer.parse::<PeerId>() else {
             self.fail_job(id, "the provider's peer id is not valid");
@@ -552,7 +548,8 @@ impl Compute {
                     return;
                 }
             }
-            tokio::time::sleep(wait).await;
+            // Ask again when a block arrives (the provider's index moves with it), or after the backoff.
+            let _ = tokio::time::timeout(wait, index.changed()).await;
             wait = (wait * 2).min(Duration::from_secs(10));
         }
     }
@@ -718,31 +715,18 @@ impl Compute {
             peer: peer.to_string(),
             provider: reservation.provider,
             holder: reservation.holder,
-            model: String::new(),
-            base_version: 0,
             base: start.base,
             config: start.config,
             dataset: start.dataset,
             dataset_format: start.dataset_format.clone(),
             hyperparameters: start.hyperparameters.clone(),
             executor: start.executor.clone(),
-            gpu: String::new(),
             gpu_count: 1,
             gpu_hours: reservation.gpu_hours,
             cost: reservation.escrow,
             start_time: reservation.start_time,
-            status: JobStatus::Scheduled,
-            losses: Vec::new(),
-            output: None,
-            new_version: None,
-            hours_used: None,
-            error: None,
-            policy: None,
-            created_ms: now_ms(),
-            updated_ms: now_ms(),
-            heard_ms: now_ms(),
-            sent_ms: None,
             settled: false,
+            ..JobRecord::opened()
         };
         self.store.put::<TrainingJobs>(&job.id, &job)?;
         tracing::info!(target: "agora::compute", job = job.id, reservation = %id, buyer = %peer, "training job accepted");

@@ -136,6 +136,13 @@ impl ComputeConfig {
     }
 }
 
+/// The time the next block will carry, as well as a node can tell: the indexed head's
+/// timestamp, or the clock when that is older (a quiet chain mines no blocks to move it).
+pub fn next_block_time(store: &Store, index: &IndexStatus) -> Result<u64, StoreError> {
+    let head = MarketView::new(store, index.clone()).chain_now()?;
+    Ok(head.max(crate::registry::now_ms() / 1000))
+}
+
 /// The operator wallet, connected to the chain.
 #[derive(Clone)]
 pub struct Operator {
@@ -314,15 +321,9 @@ impl Compute {
         &self.throughput
     }
 
-    /// The time the next block will carry, as well as the node can tell: the indexed head's
-    /// timestamp, or the clock when that is older (a quiet chain mines no blocks to move it).
+    /// [`next_block_time`] for this node.
     pub fn chain_now(&self) -> Result<u64, StoreError> {
-        let head = MarketView::new(&self.store, self.index.borrow().clone()).chain_now()?;
-        let clock = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        Ok(head.max(clock))
+        next_block_time(&self.store, &self.index.borrow())
     }
 
     /// Live offers this node knows, cheapest per GPU-hour first.
@@ -358,15 +359,7 @@ impl Compute {
 
     /// Parameter count, FLOPs, memory and GPU-hours to train a registered version.
     pub fn requirements(&self, q: &RequirementsQuery) -> Result<Requirements, ComputeError> {
-        let view = match q.version {
-            Some(v) => self.registry.version(&q.name, v)?,
-            None => self
-                .registry
-                .versions(&q.name)?
-                .into_iter()
-                .max_by_key(|v| v.version.version)
-                .ok_or_else(|| RegistryError::NotFound(format!("model {:?} has no versions", q.name)))?,
-        };
+        let view = self.version_or_latest(&q.name, q.version)?;
         let file = view.version.file.as_ref().ok_or_else(|| {
             ComputeError::Invalid(format!(
                 "version {} of {:?} has no safetensors file on this node to count parameters in",
@@ -409,6 +402,23 @@ impl Compute {
             }
         };
         Ok(Requirements::new(family, file.parameters, samples, epochs, batch, &self.throughput))
+    }
+
+    /// A model's version, or its latest.
+    fn version_or_latest(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<crate::registry::VersionView, ComputeError> {
+        Ok(match version {
+            Some(v) => self.registry.version(name, v)?,
+            None => self
+                .registry
+                .versions(name)?
+                .into_iter()
+                .max_by_key(|v| v.version.version)
+                .ok_or_else(|| RegistryError::NotFound(format!("model {name:?} has no versions")))?,
+        })
     }
 
     /// The version's `config.json`, when it has one.
@@ -513,7 +523,7 @@ impl Compute {
             return;
         }
         tracing::info!(target: "agora::compute", provider = %operator.signer.address(), pools = self.config.offers.len(), "offering compute capacity");
-        let tick = Duration::from_secs((self.config.offer_ttl / 8).clamp(1, 60));
+        let mut tick = tokio::time::interval(Duration::from_secs((self.config.offer_ttl / 8).clamp(1, 60)));
         let mut index = self.index.clone();
         // The nonce a bump sent this node to, until the index has it (no second bump meanwhile).
         let mut bumped: Option<U256> = None;
@@ -524,7 +534,7 @@ impl Compute {
             tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => return,
                 _ = index.changed() => {}
-                _ = tokio::time::sleep(tick) => {}
+                _ = tick.tick() => {}
             }
         }
     }

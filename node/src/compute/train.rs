@@ -366,23 +366,26 @@ fn shuffle(order: &mut [usize], state: &mut u64) {
 pub(crate) mod tests {
     use super::*;
 
-    /// A regression MLP 2 → 8 → 1 with small deterministic weights.
-    pub fn regression() -> (MlpConfig, HashMap<String, Tensor>) {
-        let config =
-            MlpConfig { layers: vec![2, 8, 1], activation: "tanh".into(), output: "identity".into() };
+    /// Weights `weight(layer, k)` and zero biases for `config`.
+    fn tensors(config: &MlpConfig, weight: impl Fn(usize, usize) -> f32) -> HashMap<String, Tensor> {
         let mut tensors = HashMap::new();
         for (i, pair) in config.layers.windows(2).enumerate() {
-            let w: Vec<f32> =
-                (0..pair[0] * pair[1]).map(|k| ((k * 7 + i * 3) % 11) as f32 / 20.0 - 0.25).collect();
-            tensors.insert(
-                format!("layers.{i}.weight"),
-                Tensor::from_vec(w, (pair[1], pair[0]), &Device::Cpu).unwrap(),
-            );
+            let w: Vec<f32> = (0..pair[0] * pair[1]).map(|k| weight(i, k)).collect();
+            let w = Tensor::from_vec(w, (pair[1], pair[0]), &Device::Cpu).unwrap();
+            tensors.insert(format!("layers.{i}.weight"), w);
             tensors.insert(
                 format!("layers.{i}.bias"),
                 Tensor::zeros(pair[1], DType::F32, &Device::Cpu).unwrap(),
             );
         }
+        tensors
+    }
+
+    /// A regression MLP 2 → 8 → 1 with small deterministic weights.
+    pub fn regression() -> (MlpConfig, HashMap<String, Tensor>) {
+        let config =
+            MlpConfig { layers: vec![2, 8, 1], activation: "tanh".into(), output: "identity".into() };
+        let tensors = tensors(&config, |i, k| ((k * 7 + i * 3) % 11) as f32 / 20.0 - 0.25);
         (config, tensors)
     }
 
@@ -420,18 +423,7 @@ pub(crate) mod tests {
     #[test]
     fn classification_with_cross_entropy() {
         let config = MlpConfig { layers: vec![2, 8, 2], activation: "relu".into(), output: "softmax".into() };
-        let mut tensors = HashMap::new();
-        for (i, pair) in config.layers.windows(2).enumerate() {
-            let w: Vec<f32> = (0..pair[0] * pair[1]).map(|k| ((k * 5 + i) % 7) as f32 / 10.0 - 0.3).collect();
-            tensors.insert(
-                format!("layers.{i}.weight"),
-                Tensor::from_vec(w, (pair[1], pair[0]), &Device::Cpu).unwrap(),
-            );
-            tensors.insert(
-                format!("layers.{i}.bias"),
-                Tensor::zeros(pair[1], DType::F32, &Device::Cpu).unwrap(),
-            );
-        }
+        let tensors = tensors(&config, |i, k| ((k * 5 + i) % 7) as f32 / 10.0 - 0.3);
         let text: String = (0..200)
             .map(|r| {
                 let a = (r % 20) as f32 / 10.0 - 1.0;

@@ -248,9 +248,8 @@ impl P2p {
     /// Checks a compute offer from a peer as the API would and keeps it.
     fn judge_offer(&self, signed: &SignedOffer, author: PeerId) -> MessageAcceptance {
         use crate::compute::offers::{self, OfferError};
-        let now = match crate::market::MarketView::new(&self.store, self.index.borrow().clone()).chain_now() {
-            Ok(head) => head.max(crate::registry::now_ms() / 1000),
-            Err(_) => return MessageAcceptance::Ignore,
+        let Ok(now) = crate::compute::next_block_time(&self.store, &self.index.borrow()) else {
+            return MessageAcceptance::Ignore;
         };
         match offers::accept(
             &self.store,
@@ -276,7 +275,7 @@ impl P2p {
 
     /// Gossips again the live offers this node made or was given, for a peer that just joined.
     async fn republish_offers(&self) {
-        let now = crate::registry::now_ms() / 1000;
+        let Ok(now) = crate::compute::next_block_time(&self.store, &self.index.borrow()) else { return };
         let Ok(live) = crate::compute::offers::live(&self.store, now) else { return };
         for offer in live.into_iter().filter(|o| o.source == "local") {
             self.publish_offer(alloy::sol_types::SolValue::abi_encode(&offer.offer), offer.signature).await;
@@ -503,7 +502,7 @@ impl P2p {
         let start = request.after.map(|a| a.to_vec());
         let mut page = OrdersPage::default();
         if request.offers {
-            let now = now.max(crate::registry::now_ms() / 1000);
+            let now = crate::compute::next_block_time(&self.store, &self.index.borrow())?;
             for item in self.store.scan::<crate::store::tables::Offers>(&[], start.as_deref(), false) {
                 let (key, record) = item?;
                 if Some(key.as_slice()) == start.as_deref() {

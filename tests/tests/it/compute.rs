@@ -75,9 +75,15 @@ async fn offers(node: &Node) -> Vec<Value> {
     node.get("/api/v1/compute/offers").await.1["offers"].as_array().cloned().unwrap_or_default()
 }
 
+/// POSTs `body` as the operator (public endpoints ignore the token).
 async fn post(node: &Node, path: &str, body: &Value) -> (u16, Value) {
-    let response =
-        reqwest::Client::new().post(format!("{}{path}", node.url)).json(body).send().await.unwrap();
+    let response = reqwest::Client::new()
+        .post(format!("{}{path}", node.url))
+        .bearer_auth(TOKEN)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
     (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
 }
 
@@ -345,15 +351,7 @@ async fn trainable(buyer: &Node) {
 }
 
 async fn trigger(buyer: &Node, body: Value) -> Value {
-    let response = reqwest::Client::new()
-        .post(format!("{}/api/v1/retraining/trigger", buyer.url))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let job: Value = response.json().await.unwrap();
+    let (status, job) = post(buyer, "/api/v1/retraining/trigger", &body).await;
     assert_eq!(status, 201, "{job}");
     job
 }
@@ -372,24 +370,10 @@ async fn a_triggered_training_runs_on_the_provider_and_settles_to_the_wei() {
     // Bad inputs are refused before anything is reserved.
     let mut bad =
         json!({"model": "trainable", "dataset": "datasets/train.csv", "hyperparameters": {"epochs": 0}});
-    let response = reqwest::Client::new()
-        .post(format!("{}/api/v1/retraining/trigger", buyer.url))
-        .bearer_auth(TOKEN)
-        .json(&bad)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 400);
+    assert_eq!(post(&buyer, "/api/v1/retraining/trigger", &bad).await.0, 400);
     bad["hyperparameters"] = json!({});
     bad["dataset"] = json!("datasets/missing.csv");
-    let response = reqwest::Client::new()
-        .post(format!("{}/api/v1/retraining/trigger", buyer.url))
-        .bearer_auth(TOKEN)
-        .json(&bad)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 400);
+    assert_eq!(post(&buyer, "/api/v1/retraining/trigger", &bad).await.0, 400);
     assert!(buyer.get("/api/v1/compute/reservations").await.1["reservations"].as_array().unwrap().is_empty());
 
     let scheduled = trigger(
@@ -455,14 +439,8 @@ async fn a_triggered_training_runs_on_the_provider_and_settles_to_the_wei() {
     assert_eq!(policies[0]["trigger"], "schedule");
     assert_eq!(policies[0]["next_run"].as_u64().unwrap() % 86_400, 3 * 3600, "{policies:?}");
     assert_eq!(policies[1]["trigger"], "manual");
-    let response = reqwest::Client::new()
-        .post(format!("{}/api/v1/retraining/policies/on-demand/run", buyer.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    let second: Value = response.json().await.unwrap();
+    let (status, second) = post(&buyer, "/api/v1/retraining/policies/on-demand/run", &json!({})).await;
+    assert_eq!(status, 201, "{second}");
     assert_eq!(second["policy"], "on-demand");
     let second = eventually("the policy's job to succeed", WAIT, || async {
         let j = job(&buyer, &second["id"]).await;
@@ -567,9 +545,10 @@ async fn a_provider_whose_output_does_not_match_its_hash_is_rejected() {
     let (chain_id, compute_market) = (market.deployment.chain_id, market.deployment.compute_market);
     let signature = agora_node::compute::offers::sign(&offer, &signer, chain_id, compute_market);
     let gossip = wire::encode(&SignedOffer::new(offer.abi_encode(), signature));
+    // Published once the buyer's node listens on the offers topic.
+    while !matches!(events.recv().await, Some(NetEvent::Subscribed { topic: Topic::Offers, .. }) | None) {}
+    net.publish(Topic::Offers, gossip).await.unwrap();
     eventually("the rogue's offer at the buyer's node", WAIT, || async {
-        let _ = net.publish(Topic::Offers, gossip.clone()).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
         (offers(&buyer).await.len() == 1).then_some(())
     })
     .await;
