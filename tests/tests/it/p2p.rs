@@ -148,7 +148,7 @@ async fn orders_spread_to_every_node_and_late_or_restarted_nodes_catch_up() {
 /// A bare swarm in this process: a peer the test controls completely.
 async fn rogue(
     bootstrap: &[String],
-    seed: u8,
+    secret: [u8; 32],
 ) -> (net::Net, tokio::sync::mpsc::Receiver<NetEvent>, tokio::sync::watch::Sender<bool>) {
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let config = NetConfig {
@@ -158,7 +158,7 @@ async fn rogue(
         max_connections: 16,
         max_per_peer: 2,
     };
-    let (net, events, _task) = net::start(net::keypair([seed; 32]).unwrap(), config, shutdown).unwrap();
+    let (net, events, _task) = net::start(net::keypair(secret).unwrap(), config, shutdown).unwrap();
     (net, events, stop)
 }
 
@@ -172,7 +172,7 @@ async fn forged_and_foreign_orders_are_dropped_and_their_sender_penalised() {
     let b = start(&market, db.path(), std::slice::from_ref(&a_addr));
     eventually("B connected", WAIT, || async { (connected(&b).await >= 1).then_some(()) }).await;
 
-    let (rogue, mut events, _stop) = rogue(std::slice::from_ref(&a_addr), 7).await;
+    let (rogue, mut events, _stop) = rogue(std::slice::from_ref(&a_addr), [7; 32]).await;
     eventually("A's subscription seen by the rogue", WAIT, || {
         let got = match events.try_recv() {
             Ok(NetEvent::Subscribed { topic: Topic::Orders, .. }) => Some(()),
@@ -359,13 +359,17 @@ async fn blobs_are_fetched_verified_and_a_corrupt_provider_is_passed_over() {
     // chosen so that it sorts first and is tried first.
     let a_id: String = address(&a).await.0;
     let b_id: String = address(&b).await.0;
-    let mut seed = 1u8;
-    let (rogue, mut events, _stop) = loop {
-        let candidate = net::keypair([seed; 32]).unwrap().public().to_peer_id().to_string();
-        if candidate < a_id && candidate < b_id {
-            break rogue(std::slice::from_ref(&a_addr), seed).await;
+    // Keys are drawn from a counter until one sorts below both; when A or B happens to sort
+    // very low this takes many draws, so the counter is wide and each draw is a hash.
+    let (rogue, mut events, _stop) = 'found: {
+        for n in 0u64.. {
+            let secret = *blake3::hash(&n.to_le_bytes()).as_bytes();
+            let candidate = net::keypair(secret).unwrap().public().to_peer_id().to_string();
+            if candidate < a_id && candidate < b_id {
+                break 'found rogue(std::slice::from_ref(&a_addr), secret).await;
+            }
         }
-        seed += 1;
+        unreachable!("2^64 keys all sorted above a peer id")
     };
     let blob_hash = *blake3::hash(&data).as_bytes();
     let cvs = blob::chaining_values(&data[..], data.len() as u64).unwrap().concat();
