@@ -274,3 +274,23 @@ pub fn rebuild(rpc_url: &str, deployment: &str, to_block: u64) -> serde_json::Va
     assert!(status.success(), "rebuild failed: {stderr}");
     serde_json::from_str(&stdout).expect("rebuild prints JSON")
 }
+
+/// The real all-MiniLM-L6-v2 (weights, config.json, tokenizer.json) that `scripts/setup`
+/// fetches; None outside CI when it is missing (CI must have it).
+pub fn minilm_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("AGORA_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/agora/models")
+    });
+    let dir = base.join("all-MiniLM-L6-v2");
+    let present =
+        ["model.safetensors", "config.json", "tokenizer.json"].iter().all(|f| dir.join(f).is_file());
+    assert!(
+        present || std::env::var_os("CI").is_none(),
+        "MiniLM is not at {}: run scripts/setup",
+        dir.display()
+    );
+    if !present {
+        eprintln!("*** SKIPPED: MiniLM is not at {}; run scripts/setup to fetch it ***", dir.display());
+    }
+    present.then_some(dir)
+}

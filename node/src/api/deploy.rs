@@ -158,8 +158,8 @@ pub async fn delete(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PredictRequest {
-    /// Rows of numbers, one per example.
-    pub inputs: Vec<Vec<f32>>,
+    /// One input per example: a row of numbers (MLP) or a text (sentence encoder).
+    pub inputs: Vec<crate::serve::Row>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

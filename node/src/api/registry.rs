@@ -188,7 +188,7 @@ fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
     post,
     path = "/api/v1/models/register",
     tag = "registry",
-    request_body(content_type = "multipart/form-data", description = "parts `metadata` (JSON: name, description, tags, metrics, source, run_id), `artifact` (the .safetensors file) and optionally `config` (the model's config.json, kept next to it)"),
+    request_body(content_type = "multipart/form-data", description = "parts `metadata` (JSON: name, description, tags, metrics, source, run_id), `artifact` (the .safetensors file) and optionally `config` (the model's config.json) and `tokenizer` (a text model's tokenizer.json), kept next to it"),
     responses(
         (status = 201, body = VersionJson),
         (status = 400, body = super::error::ErrorBody),
@@ -215,6 +215,7 @@ pub async fn register(
     let mut metadata: Option<RegisterMetadata> = None;
     let mut file = None;
     let mut config: Option<axum::body::Bytes> = None;
+    let mut tokenizer: Option<axum::body::Bytes> = None;
     let outcome = async {
         while let Some(field) = multipart
             .next_field()
@@ -232,18 +233,8 @@ pub async fn register(
                     registry::check_name(&parsed.name)?;
                     metadata = Some(parsed);
                 }
-                Some("config") => {
-                    let bytes = field.bytes().await.map_err(|e| {
-                        bad_request("invalid_multipart", format!("the config part failed: {e}"))
-                    })?;
-                    if bytes.len() > 1 << 20 {
-                        return Err(bad_request("invalid_config", "the config part is over 1 MiB"));
-                    }
-                    serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| {
-                        bad_request("invalid_config", format!("the config part is not JSON: {e}"))
-                    })?;
-                    config = Some(bytes);
-                }
+                Some("config") => config = Some(json_part(field, "config", CONFIG_LIMIT).await?),
+                Some("tokenizer") => tokenizer = Some(json_part(field, "tokenizer", TOKENIZER_LIMIT).await?),
                 Some("artifact") => {
                     if file.is_some() {
                         return Err(bad_request("invalid_multipart", "more than one artifact part"));
@@ -308,11 +299,18 @@ pub async fn register(
             ..Default::default()
         };
         let view = r.create_version(&ctx, &metadata.name, new)?;
-        // The model's config.json (e.g. an MLP's layers) sits next to its weights.
-        if let (Some(config), Some(dir)) = (&config, &view.version.artifact_dir) {
-            let blob = r.artifacts().put(&config[..], 1 << 20)?;
-            let node = Context { actor: Actor::Operator, request_id: ctx.request_id.clone() };
-            r.put_file(&node, &format!("{dir}/config.json"), &blob)?;
+        // The model's config.json (an MLP's layers, a BERT config) and a text model's
+        // tokenizer.json sit next to its weights.
+        if let Some(dir) = &view.version.artifact_dir {
+            for (bytes, name, limit) in
+                [(&config, "config.json", CONFIG_LIMIT), (&tokenizer, "tokenizer.json", TOKENIZER_LIMIT)]
+            {
+                if let Some(bytes) = bytes {
+                    let blob = r.artifacts().put(&bytes[..], limit as u64)?;
+                    let node = Context { actor: Actor::Operator, request_id: ctx.request_id.clone() };
+                    r.put_file(&node, &format!("{dir}/{name}"), &blob)?;
+                }
+            }
         }
         if !points.is_empty() {
             r.log_metrics(&ctx, &metadata.name, view.version.version, points)?;
@@ -321,6 +319,32 @@ pub async fn register(
     })
     .await?;
     Ok((StatusCode::CREATED, Json(version_json(&view))))
+}
+
+const CONFIG_LIMIT: usize = 1 << 20;
+const TOKENIZER_LIMIT: usize = 32 << 20;
+
+/// A small JSON part of a multipart body, read whole (at most `limit` bytes) and checked.
+async fn json_part(
+    mut field: axum::extract::multipart::Field<'_>,
+    part: &str,
+    limit: usize,
+) -> Result<axum::body::Bytes, ApiError> {
+    let code = if part == "config" { "invalid_config" } else { "invalid_tokenizer" };
+    let mut bytes = Vec::new();
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| bad_request("invalid_multipart", format!("the {part} part failed: {e}")))?
+    {
+        if bytes.len() + chunk.len() > limit {
+            return Err(bad_request(code, format!("the {part} part is over {} MiB", limit >> 20)));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+        .map_err(|e| bad_request(code, format!("the {part} part is not JSON: {e}")))?;
+    Ok(bytes.into())
 }
 
 /// Reads and drops the rest of a refused multipart body (for at most [`transfer::DRAIN`]), so

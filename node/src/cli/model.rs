@@ -50,6 +50,14 @@ pub struct PublishArgs {
     /// Anchor a new version of this token instead of registering a new model.
     #[arg(long = "model", value_name = "TOKEN_ID")]
     pub token_id: Option<U256>,
+    /// The model's config.json, kept next to the weights (what the builtin runtime reads to run
+    /// it: an MLP's layers, or a BERT encoder's Hugging Face config); `--config` is the node's
+    /// own TOML.
+    #[arg(long = "model-config", value_name = "FILE")]
+    pub model_config: Option<PathBuf>,
+    /// The tokenizer.json of a text model, kept next to the weights.
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
     #[command(flatten)]
     pub pay: super::market::PayArgs,
 }
@@ -97,8 +105,17 @@ async fn publish(args: PublishArgs, config: &Config) -> anyhow::Result<()> {
     if total != 10_000 {
         bail!("the --split shares sum to {total} basis points; they must sum to 10000");
     }
+    let mut beside = Vec::new();
+    for (part, path) in [("config", &args.model_config), ("tokenizer", &args.tokenizer)] {
+        if let Some(path) = path {
+            beside.push((
+                part,
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
+            ));
+        }
+    }
     let (node, provider, registry_address) = (&c.node, &c.provider, c.registry);
-    let version = upload(node, &args.file, size, &name, &args.description, args.pay.json).await?;
+    let version = upload(node, &args.file, size, &name, &args.description, beside, args.pay.json).await?;
     let blake3_hex = version["file"]["blake3"].as_str().context("the node's answer has no file hash")?;
     let content_hash: B256 = format!("0x{blake3_hex}").parse()?;
     let number = version["version"].as_u64().unwrap_or_default();
@@ -141,7 +158,6 @@ async fn publish(args: PublishArgs, config: &Config) -> anyhow::Result<()> {
         .decoded_log::<ModelRegistry::VersionAnchored>()
         .context("the receipt has no VersionAnchored event")?;
 
-    // The node has it once its index shows the anchor on this version.
     // The node has it once its index has the block.
     c.wait_indexed(receipt.block_number).await?;
     let page = node.get_json(&format!("/api/v1/models/{name}/versions?limit=1000")).await?;
@@ -185,6 +201,7 @@ async fn upload(
     size: u64,
     name: &str,
     description: &str,
+    beside: Vec<(&'static str, Vec<u8>)>,
     quiet: bool,
 ) -> anyhow::Result<Value> {
     let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(size) };
@@ -219,9 +236,12 @@ async fn upload(
         .unwrap_or_else(|| "model.safetensors".into());
     let part = reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(chunks), size)
         .file_name(file_name);
-    let form = reqwest::multipart::Form::new()
+    let mut form = reqwest::multipart::Form::new()
         .text("metadata", json!({"name": name, "description": description}).to_string())
         .part("artifact", part);
+    for (name, bytes) in beside {
+        form = form.part(name, reqwest::multipart::Part::bytes(bytes));
+    }
     let response = node
         .authorize(node.http.post(node.endpoint("/api/v1/models/register")).multipart(form))
         .send()

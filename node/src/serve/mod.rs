@@ -1,11 +1,15 @@
 //! Deployments: the node serves registered models and is the gate in front of them.
 //!
 //! A deployment names a model version and a runtime. The `builtin` runtime runs the project's
-//! model families in-process on candle; today that is MLP classifiers and regressors described
-//! by a `config.json` next to the weights (`{"layers": [in, hidden…, out], "activation":
-//! "relu"|"tanh"|"gelu"|"sigmoid", "output": "identity"|"softmax"|"sigmoid"}`, tensors
-//! `layers.{i}.weight` `[out, in]` and `layers.{i}.bias` `[out]`). Loaded models are shared by
-//! blake3 in a cache bounded by bytes (least recently used go first).
+//! model families in-process on candle, told apart by the `config.json` next to the weights:
+//! - MLP classifiers and regressors (`{"layers": [in, hidden…, out], "activation":
+//!   "relu"|"tanh"|"gelu"|"sigmoid", "output": "identity"|"softmax"|"sigmoid"}`, tensors
+//!   `layers.{i}.weight` `[out, in]` and `layers.{i}.bias` `[out]`): rows of numbers in;
+//! - BERT-style sentence encoders (a Hugging Face BERT config with a `tokenizer.json` beside
+//!   it, see [`encoder`]): texts in, embeddings out.
+//!
+//! Loaded models are shared by blake3 in a cache bounded by bytes (least recently used go
+//! first).
 //!
 //! The `http` runtime puts the gate in front of any serving stack: calls are POSTed with the
 //! caller's JSON body unchanged (KServe v2, OpenAI-style, or anything else) to the deployment's
@@ -15,6 +19,7 @@
 //! Deployments are records in RocksDB (they survive restarts); counters, latencies and health
 //! are kept in memory per process.
 
+pub mod encoder;
 pub mod metering;
 pub mod settle;
 
@@ -233,8 +238,72 @@ type ModelCache = HashMap<[u8; 32], (Arc<Loaded>, Instant)>;
 
 /// A model in the cache with the batcher of its calls (they leave the cache together).
 struct Loaded {
-    mlp: Mlp,
+    network: Network,
     batcher: Batcher,
+}
+
+/// What the builtin runtime runs.
+pub enum Network {
+    Mlp(Mlp),
+    Encoder(Box<encoder::Encoder>),
+}
+
+/// One input of a call: a row of numbers (MLP) or a text (encoder).
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum Row {
+    Numbers(Vec<f32>),
+    Text(String),
+}
+
+impl Network {
+    fn bytes(&self) -> u64 {
+        match self {
+            Network::Mlp(m) => m.bytes,
+            Network::Encoder(e) => e.bytes,
+        }
+    }
+
+    /// Whether a row is of the kind the network takes (a malformed row's call runs alone).
+    fn takes(&self, row: &Row) -> bool {
+        match (self, row) {
+            (Network::Mlp(m), Row::Numbers(r)) => r.len() == m.inputs(),
+            (Network::Encoder(_), Row::Text(_)) => true,
+            _ => false,
+        }
+    }
+
+    pub fn forward(&self, rows: &[Row]) -> Outputs {
+        match self {
+            Network::Mlp(mlp) => {
+                let numbers = rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, row)| match row {
+                        Row::Numbers(r) => Ok(r.clone()),
+                        Row::Text(_) => Err(invalid(format!(
+                            "input row {i} is a text; the model takes rows of {} numbers",
+                            mlp.inputs()
+                        ))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                mlp.forward(&numbers)
+            }
+            Network::Encoder(encoder) => {
+                let texts = rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, row)| match row {
+                        Row::Text(t) => Ok(t.as_str()),
+                        Row::Numbers(_) => {
+                            Err(invalid(format!("input {i} is a row of numbers; the model takes texts")))
+                        }
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                encoder.forward(&texts)
+            }
+        }
+    }
 }
 
 /// Calls on one model that arrive together run as one forward pass. Each caller queues its
@@ -253,12 +322,12 @@ pub struct Batcher {
 type Outputs = Result<Vec<Vec<f32>>, ServeError>;
 
 struct Job {
-    rows: Vec<Vec<f32>>,
+    rows: Vec<Row>,
     reply: std::sync::mpsc::Sender<Outputs>,
 }
 
 impl Batcher {
-    pub fn run(&self, mlp: &Mlp, rows: Vec<Vec<f32>>) -> Outputs {
+    pub fn run(&self, network: &Network, rows: Vec<Row>) -> Outputs {
         let (reply, answer) = std::sync::mpsc::channel();
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).push(Job { rows, reply });
         let turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
@@ -267,19 +336,18 @@ impl Batcher {
             return outputs;
         }
         let jobs = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
-        let width = mlp.inputs();
         // A call with malformed rows runs alone, so its error is its own.
         let (good, bad): (Vec<Job>, Vec<Job>) =
-            jobs.into_iter().partition(|j| !j.rows.is_empty() && j.rows.iter().all(|r| r.len() == width));
+            jobs.into_iter().partition(|j| !j.rows.is_empty() && j.rows.iter().all(|r| network.takes(r)));
         for job in bad {
-            let _ = job.reply.send(mlp.forward(&job.rows));
+            let _ = job.reply.send(network.forward(&job.rows));
         }
         if !good.is_empty() {
-            let all: Vec<Vec<f32>> = good.iter().flat_map(|j| j.rows.iter().cloned()).collect();
+            let all: Vec<Row> = good.iter().flat_map(|j| j.rows.iter().cloned()).collect();
             self.passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.calls.fetch_add(good.len() as u64, std::sync::atomic::Ordering::Relaxed);
             metrics::histogram!("agora_serve_batch_calls").record(good.len() as f64);
-            match mlp.forward(&all) {
+            match network.forward(&all) {
                 Ok(mut outputs) => {
                     for job in good.into_iter().rev() {
                         let mine = outputs.split_off(outputs.len() - job.rows.len());
@@ -306,7 +374,8 @@ pub struct Serve {
     artifacts: ArtifactStore,
     tmp: std::path::PathBuf,
     cache_limit: u64,
-    /// Loaded models by blake3 of (weights' hash, config's hash), with when they were last used.
+    /// Loaded models by blake3 of (weights', config's and tokenizer's hashes), with when they
+    /// were last used.
     models: Arc<Mutex<ModelCache>>,
     stats: Arc<Mutex<HashMap<u64, Stats>>>,
     write: Arc<Mutex<()>>,
@@ -504,23 +573,29 @@ impl Serve {
             .artifact_dir
             .clone()
             .ok_or_else(|| ServeError::Model("the version has no files on this node".into()))?;
-        let config_file = self
-            .registry
-            .file(&format!("{dir}/config.json"))?
-            .ok_or_else(|| ServeError::Model("the version has no config.json describing the MLP".into()))?;
-        // The same weights under another config are another model; both are content-addressed,
-        // so their hashes name the loaded network without reading either.
-        let key =
-            *blake3::Hasher::new().update(&file.blake3).update(&config_file.blake3).finalize().as_bytes();
+        let config_file = self.registry.file(&format!("{dir}/config.json"))?.ok_or_else(|| {
+            ServeError::Model("the version has no config.json saying which model family it is".into())
+        })?;
+        let tokenizer_file = self.registry.file(&format!("{dir}/tokenizer.json"))?;
+        // The same weights under another config are another model; all are content-addressed,
+        // so their hashes name the loaded network without reading any.
+        let mut key = blake3::Hasher::new();
+        key.update(&file.blake3).update(&config_file.blake3);
+        if let Some(t) = &tokenizer_file {
+            key.update(&t.blake3);
+        }
+        let key = *key.finalize().as_bytes();
         if let Some((loaded, used)) = self.models.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&key) {
             *used = Instant::now();
             return Ok(loaded.clone());
         }
-        let mut config_bytes = Vec::new();
-        self.artifacts
-            .copy_to(&config_file.blake3, &mut config_bytes)
-            .map_err(|e| ServeError::Model(e.to_string()))?;
-        let config: MlpConfig = serde_json::from_slice(&config_bytes)
+        let read = |blake3: &[u8; 32]| -> Result<Vec<u8>, ServeError> {
+            let mut bytes = Vec::new();
+            self.artifacts.copy_to(blake3, &mut bytes).map_err(|e| ServeError::Model(e.to_string()))?;
+            Ok(bytes)
+        };
+        let config_bytes = read(&config_file.blake3)?;
+        let config: serde_json::Value = serde_json::from_slice(&config_bytes)
             .map_err(|e| ServeError::Model(format!("config.json: {e}")))?;
         std::fs::create_dir_all(&self.tmp).map_err(|e| ServeError::Model(e.to_string()))?;
         let weights = tempfile::Builder::new()
@@ -531,27 +606,45 @@ impl Serve {
             .copy_to(&file.blake3, weights.as_file())
             .map_err(|e| ServeError::Model(e.to_string()))?;
         let tensors = candle_core::safetensors::load(weights.path(), &Device::Cpu).map_err(model_error)?;
-        let loaded = Arc::new(Loaded { mlp: Mlp::new(config, tensors)?, batcher: Batcher::default() });
+        let network = if encoder::is_bert(&config) {
+            let tokenizer = tokenizer_file.ok_or_else(|| {
+                ServeError::Model(
+                    "config.json describes a BERT encoder, but no tokenizer.json sits next to the weights"
+                        .into(),
+                )
+            })?;
+            Network::Encoder(Box::new(encoder::Encoder::new(
+                &config_bytes,
+                &read(&tokenizer.blake3)?,
+                tensors,
+            )?))
+        } else if config.get("layers").is_some() {
+            let config: MlpConfig =
+                serde_json::from_value(config).map_err(|e| ServeError::Model(format!("config.json: {e}")))?;
+            Network::Mlp(Mlp::new(config, tensors)?)
+        } else {
+            return Err(ServeError::Model(
+                "config.json describes neither an MLP (`layers`) nor a BERT encoder (`model_type: \"bert\"`)"
+                    .into(),
+            ));
+        };
+        let loaded = Arc::new(Loaded { network, batcher: Batcher::default() });
         let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
         models.insert(key, (loaded.clone(), Instant::now()));
-        let mut total: u64 = models.values().map(|(m, _)| m.mlp.bytes).sum();
+        let mut total: u64 = models.values().map(|(m, _)| m.network.bytes()).sum();
         while total > self.cache_limit && models.len() > 1 {
             let Some(oldest) = models.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k) else {
                 break;
             };
             if let Some((m, _)) = models.remove(&oldest) {
-                total -= m.mlp.bytes;
+                total -= m.network.bytes();
             }
         }
         Ok(loaded)
     }
 
     /// Runs a batch on a ready deployment and records its latency.
-    pub fn predict(
-        &self,
-        record: &DeploymentRecord,
-        rows: Vec<Vec<f32>>,
-    ) -> Result<Vec<Vec<f32>>, ServeError> {
+    pub fn predict(&self, record: &DeploymentRecord, rows: Vec<Row>) -> Result<Vec<Vec<f32>>, ServeError> {
         if record.status != "ready" {
             return Err(ServeError::NotReady {
                 id: record.id,
@@ -567,7 +660,7 @@ impl Serve {
             .version(&record.model, record.version)
             .map_err(ServeError::from)
             .and_then(|view| self.load(&view))
-            .and_then(|loaded| loaded.batcher.run(&loaded.mlp, rows));
+            .and_then(|loaded| loaded.batcher.run(&loaded.network, rows));
         self.count(record.id, started, result.is_ok());
         result
     }
@@ -749,29 +842,34 @@ mod tests {
     #[test]
     fn calls_that_arrive_together_share_a_pass_and_get_their_own_rows() {
         let layers = [4, 8, 3];
-        let mlp = Mlp::new(
-            MlpConfig { layers: layers.to_vec(), activation: "relu".into(), output: "softmax".into() },
-            tensors(&layers),
-        )
-        .unwrap();
+        let network = Network::Mlp(
+            Mlp::new(
+                MlpConfig { layers: layers.to_vec(), activation: "relu".into(), output: "softmax".into() },
+                tensors(&layers),
+            )
+            .unwrap(),
+        );
         let batcher = Batcher::default();
         let barrier = std::sync::Barrier::new(16);
         std::thread::scope(|scope| {
             for t in 0..16 {
-                let (mlp, batcher, barrier) = (&mlp, &batcher, &barrier);
+                let (network, batcher, barrier) = (&network, &batcher, &barrier);
                 scope.spawn(move || {
-                    let rows: Vec<Vec<f32>> =
-                        (0..=t % 3).map(|r| vec![t as f32 * 0.1, r as f32, -1.0, 0.5]).collect();
+                    let rows: Vec<Row> = (0..=t % 3)
+                        .map(|r| Row::Numbers(vec![t as f32 * 0.1, r as f32, -1.0, 0.5]))
+                        .collect();
                     barrier.wait();
-                    let got = batcher.run(mlp, rows.clone()).unwrap();
-                    let alone = mlp.forward(&rows).unwrap();
+                    let got = batcher.run(network, rows.clone()).unwrap();
+                    let alone = network.forward(&rows).unwrap();
                     assert_eq!(got.len(), alone.len(), "caller {t}");
                     for (a, b) in got.iter().flatten().zip(alone.iter().flatten()) {
                         assert!((a - b).abs() < 1e-5, "caller {t}: {a} vs {b}");
                     }
                     if t == 7 {
-                        let bad = batcher.run(mlp, vec![vec![1.0; 3]]).unwrap_err();
+                        let bad = batcher.run(network, vec![Row::Numbers(vec![1.0; 3])]).unwrap_err();
                         assert!(bad.to_string().contains("takes 4"), "{bad}");
+                        let text = batcher.run(network, vec![Row::Text("words".into())]).unwrap_err();
+                        assert!(text.to_string().contains("is a text"), "{text}");
                     }
                 });
             }

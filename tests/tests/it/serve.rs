@@ -492,3 +492,126 @@ async fn an_http_deployment_puts_the_gate_in_front_of_any_server() {
     let (_, usage_now) = node.get(&format!("/api/v1/licenses/{license}/usage")).await;
     assert_eq!(usage_now["cumulative_units"], "12", "a failed call is not metered");
 }
+
+/// Sentence embeddings the way sentence-transformers computes them, one text at a time with no
+/// padding: candle's BERT, mean over the tokens, unit length.
+fn reference_embeddings(dir: &std::path::Path, texts: &[&str]) -> Vec<Vec<f32>> {
+    use candle_core::{DType, Device, Tensor};
+    use candle_transformers::models::bert::{BertModel, Config};
+    let config: Config = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let model =
+        BertModel::load(candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), &config)
+            .unwrap();
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    texts
+        .iter()
+        .map(|text| {
+            let mut encoding = tokenizer.encode(*text, true).unwrap();
+            // The file pads every text to a fixed length; the reference runs the text alone.
+            let real = encoding.get_attention_mask().iter().filter(|m| **m == 1).count();
+            encoding.truncate(real, 0, tokenizers::TruncationDirection::Right);
+            let ids = Tensor::new(encoding.get_ids(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let hidden = model.forward(&ids, &ids.zeros_like().unwrap(), None).unwrap();
+            let mean = hidden.mean(1).unwrap().squeeze(0).unwrap();
+            let norm = mean.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
+            mean.broadcast_div(&norm).unwrap().to_vec1::<f32>().unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_sentence_encoder_deployment_embeds_texts() {
+    let Some(dir) = agora_e2e::minilm_dir() else { return };
+    let (market, data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN)]).await;
+    let texts = [
+        "A seller publishes a model and sells licenses to it.",
+        "Auditors check every claim against the chain.",
+        "She played the violin at the concert last night.",
+        "How many GPUs does this training job need?",
+        "",
+        "Royalties are split between the recipients of a model, and every payment is recorded on-chain.",
+    ];
+    let expected = reference_embeddings(&dir, &texts);
+
+    // The seller publishes the weights with their config and tokenizer from the command line.
+    let line = format!(
+        "model publish {} --name minilm --model-config {} --tokenizer {} --json",
+        dir.join("model.safetensors").display(),
+        dir.join("config.json").display(),
+        dir.join("tokenizer.json").display()
+    );
+    let publish = {
+        let env = [
+            ("AGORA_NODE_URL".to_owned(), node.url.clone()),
+            ("AGORA_RPC_URL".to_owned(), market.anvil.endpoint()),
+            ("AGORA_PRIVATE_KEY".to_owned(), agora_contracts::anvil::DEV_KEYS[1].to_owned()),
+            ("AGORA_STATE_DIR".to_owned(), data.path().join("state").display().to_string()),
+        ];
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = line.split_whitespace().collect();
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let (status, stdout, stderr) = agora_e2e::agora(&args, &env);
+            assert!(status.success(), "{stderr}");
+            serde_json::from_str::<Value>(stdout.trim()).unwrap()
+        })
+    };
+    let published = publish.await.unwrap();
+    let token: alloy::primitives::U256 = published["token_id"].as_str().unwrap().parse().unwrap();
+    let mut seller = NodeClient::new(&node.url).unwrap();
+    seller.sign_in(&market.signer(1)).await.unwrap();
+    let created = seller.post_json("/api/v1/deployments/create", &json!({"model": "minilm"})).await.unwrap();
+    assert_eq!(created["status"], "ready", "{created}");
+    let path = format!("/api/v1/deployments/{}/predict", created["deployment_id"].as_str().unwrap());
+
+    // A perpetual license holder's texts come back as the reference embeddings: several in one
+    // call, and calls sent together (batched into one padded pass) each get their own.
+    market.buy(token, 5, 0).await;
+    let (head, head_hash) = market.head().await;
+    node.wait_indexed(head, head_hash).await;
+    let mut buyer = NodeClient::new(&node.url).unwrap();
+    buyer.sign_in(&market.signer(5)).await.unwrap();
+    let close = |got: &Value, want: &[f32], what: &str| {
+        let got: Vec<f32> = got.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        assert_eq!(got.len(), 384, "{what}");
+        let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "{what}: off by {worst}");
+    };
+    let answer = buyer.post_json(&path, &json!({"inputs": texts})).await.unwrap();
+    let outputs = answer["outputs"].as_array().unwrap();
+    assert_eq!(outputs.len(), texts.len());
+    for (i, (got, want)) in outputs.iter().zip(&expected).enumerate() {
+        close(got, want, &format!("text {i} in one call"));
+    }
+    let together = futures::future::join_all(texts.iter().map(|text| {
+        let (buyer, path) = (buyer.clone(), path.clone());
+        async move { buyer.post_json(&path, &json!({"inputs": [text]})).await.unwrap() }
+    }))
+    .await;
+    for (i, (answer, want)) in together.iter().zip(&expected).enumerate() {
+        close(&answer["outputs"][0], want, &format!("text {i} sent alone, together with the others"));
+    }
+
+    // Numbers where texts belong: 400 naming it, nothing counted as served.
+    let err = buyer.post_json(&path, &json!({"inputs": ["fine", [1, 2]]})).await.unwrap_err();
+    assert!(err.to_string().contains("400") && err.to_string().contains("takes texts"), "{err}");
+
+    // A BERT config without its tokenizer deploys as failed, saying what is missing.
+    let form = reqwest::multipart::Form::new()
+        .text("metadata", json!({"name": "no-tokenizer"}).to_string())
+        .part(
+            "artifact",
+            reqwest::multipart::Part::bytes(std::fs::read(dir.join("model.safetensors")).unwrap()),
+        )
+        .part("config", reqwest::multipart::Part::bytes(std::fs::read(dir.join("config.json")).unwrap()));
+    let response = seller
+        .authorize(seller.http.post(seller.endpoint("/api/v1/models/register")).multipart(form))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let failed =
+        seller.post_json("/api/v1/deployments/create", &json!({"model": "no-tokenizer"})).await.unwrap();
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(failed["reason"].as_str().unwrap().contains("tokenizer.json"), "{failed}");
+}
