@@ -16,6 +16,10 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use super::{ServeError, model_error};
 
+/// Texts per forward pass: a pass holds every layer's attention scores for all of its texts
+/// (texts × heads × tokens² floats), so a large call runs in passes of this many.
+pub const PASS: usize = 32;
+
 pub struct Encoder {
     model: BertModel,
     tokenizer: Tokenizer,
@@ -65,8 +69,16 @@ impl Encoder {
         Ok(Self { model, tokenizer, bytes })
     }
 
-    /// One batch forward: texts in, unit-length mean-pooled embeddings out.
+    /// Texts in, unit-length mean-pooled embeddings out, [`PASS`] texts to a forward pass.
     pub fn forward(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ServeError> {
+        let mut embeddings = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(PASS) {
+            embeddings.extend(self.pass(chunk)?);
+        }
+        Ok(embeddings)
+    }
+
+    fn pass(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ServeError> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
