@@ -50,7 +50,7 @@ impl Default for P2pSection {
     fn default() -> Self {
         Self {
             enabled: true,
-            listen: vec!["/ip4/0.0.0.0/tcp/4001".into()],
+            listen: vec!["/ip4/0.0.0.0/tcp/4001".into(), "/ip4/0.0.0.0/udp/4001/quic-v1".into()],
             bootstrap: Vec::new(),
             mdns: false,
             max_connections: 128,
@@ -311,7 +311,7 @@ pub struct ConfigArgs {
     #[arg(long, env = "AGORA_P2P", global = true, help_heading = "Peer-to-peer", value_parser = clap::builder::BoolishValueParser::new())]
     pub p2p: Option<bool>,
 
-    /// Multiaddrs to listen on, comma-separated [default: /ip4/0.0.0.0/tcp/4001].
+    /// Multiaddrs to listen on, comma-separated [default: /ip4/0.0.0.0/tcp/4001,/ip4/0.0.0.0/udp/4001/quic-v1].
     #[arg(
         long,
         env = "AGORA_P2P_LISTEN",

@@ -316,6 +316,9 @@ pub fn start(
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
         .context("the p2p transport")?
+        // QUIC (`/udp/…/quic-v1` addresses): TLS 1.3 and streams of its own, one handshake
+        // round trip.
+        .with_quic()
         .with_behaviour(|key| {
             let peer_id = key.public().to_peer_id();
             let mut gossipsub = gossipsub::Behaviour::new(

@@ -280,6 +280,18 @@ async fn a_node_with_a_corrupted_index_is_seen_disagreeing() {
     .await;
 }
 
+/// Uploads `data` as a run artifact at `path` of `node` (as the operator).
+async fn put_artifact(node: &Node, path: &str, data: &[u8]) {
+    let put = reqwest::Client::new()
+        .put(format!("{}/api/2.0/mlflow-artifacts/artifacts/{path}", node.url))
+        .bearer_auth(TOKEN)
+        .body(data.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.text().await.unwrap());
+}
+
 fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     (0..n)
@@ -303,14 +315,7 @@ async fn blobs_are_fetched_verified_and_a_corrupt_provider_is_passed_over() {
     // A holds a 3.5 MiB run artifact and shares it.
     let data = random_bytes(3 * blob::CHUNK as usize + 512 * 1024, 42);
     let hash = blake3::hash(&data).to_hex().to_string();
-    let put = client
-        .put(format!("{}/api/2.0/mlflow-artifacts/artifacts/runs/r1/data.bin", a.url))
-        .bearer_auth(TOKEN)
-        .body(data.clone())
-        .send()
-        .await
-        .unwrap();
-    assert!(put.status().is_success(), "{}", put.text().await.unwrap());
+    put_artifact(&a, "runs/r1/data.bin", &data).await;
     // The operator's blob calls: `action` (share or fetch) on blob `blob` at `node`.
     let operator = |node: &Node, blob: &str, action: &str| {
         client.post(format!("{}/api/v1/p2p/blobs/{blob}/{action}", node.url)).bearer_auth(TOKEN).send()
@@ -429,4 +434,47 @@ async fn blobs_are_fetched_verified_and_a_corrupt_provider_is_passed_over() {
     assert_eq!(refused.status(), 422);
     let unknown = operator(&a, &B256::repeat_byte(1).to_string(), "share").await.unwrap();
     assert_eq!(unknown.status(), 404);
+}
+
+/// Two nodes that speak only QUIC: they connect, an order listed at one is served by the other,
+/// and a blob crosses with every chunk checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_peer_over_quic() {
+    let market = Market::start().await;
+    let token = market.register("quic-model").await;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let quic = |data: &std::path::Path, bootstrap: &str| {
+        Node::start(
+            &market.anvil.endpoint(),
+            &market.deployment_path(),
+            data,
+            &[
+                ("AGORA_P2P_LISTEN", "/ip4/127.0.0.1/udp/0/quic-v1"),
+                ("AGORA_BOOTSTRAP", bootstrap),
+                ("AGORA_ADMIN_TOKEN", TOKEN),
+            ],
+        )
+    };
+    let a = quic(dirs[0].path(), "");
+    let (_, a_addr) = address(&a).await;
+    assert!(a_addr.contains("/udp/") && a_addr.contains("/quic-v1/p2p/"), "{a_addr}");
+    let b = quic(dirs[1].path(), &a_addr);
+    eventually("B connected over QUIC", WAIT, || async { (connected(&b).await >= 1).then_some(()) }).await;
+
+    let nonce = market.seller_nonce().await;
+    let order = list(&a, &market, token, nonce).await;
+    assert_eq!(until_status(&b, &order, "active").await["source"], "peer");
+
+    let data = random_bytes(2 * blob::CHUNK as usize + 4096, 7);
+    let hash = blake3::hash(&data).to_hex().to_string();
+    let client = reqwest::Client::new();
+    put_artifact(&a, "runs/q/data.bin", &data).await;
+    let operator = |node: &Node, action: &str| {
+        client.post(format!("{}/api/v1/p2p/blobs/{hash}/{action}", node.url)).bearer_auth(TOKEN).send()
+    };
+    assert_eq!(operator(&a, "share").await.unwrap().status(), 200);
+    let fetched: Value = operator(&b, "fetch").await.unwrap().json().await.unwrap();
+    assert_eq!(fetched["fetched"], true, "{fetched}");
+    assert_eq!(fetched["size"].as_u64(), Some(data.len() as u64), "{fetched}");
+    assert_eq!(fetched["corrupt"], json!([]), "{fetched}");
 }

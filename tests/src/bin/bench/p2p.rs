@@ -2,8 +2,9 @@
 //! sharing one anvil chain. Order propagation: the time from `POST /api/v1/marketplace/list` at
 //! one node until every other node serves the order, p50 and p99 over 100 orders. Blob
 //! transfer: MB/s of `POST /api/v1/p2p/blobs/{hash}/fetch` between two nodes (manifest, chunks
-//! verified, stored in the fetcher's artifact store) beside a plain loopback TCP copy of the
-//! same bytes in the same run.
+//! verified, stored in the fetcher's artifact store) over TCP, and again by a node that reaches
+//! the provider over QUIC only, beside a plain loopback TCP copy of the same bytes in the same
+//! run.
 
 use std::time::{Duration, Instant};
 
@@ -38,19 +39,26 @@ async fn serves(client: &reqwest::Client, node: &Node, hash: &str) -> bool {
 pub async fn run(nodes: usize, orders: usize, mib: usize) -> anyhow::Result<()> {
     let market = Market::start().await;
     let token = market.register("bench-p2p").await;
-    let dirs: Vec<_> = (0..nodes).map(|_| tempfile::tempdir()).collect::<Result<_, _>>()?;
-    let start = |dir: &tempfile::TempDir, bootstrap: &str| {
+    let dirs: Vec<_> = (0..=nodes).map(|_| tempfile::tempdir()).collect::<Result<_, _>>()?;
+    let start_on = |dir: &tempfile::TempDir, bootstrap: &str, listen: &str| {
         Node::start(
             &market.anvil.endpoint(),
             &market.deployment_path(),
             dir.path(),
-            &[("AGORA_BOOTSTRAP", bootstrap), ("AGORA_ADMIN_TOKEN", TOKEN), ("AGORA_LOG", "warn")],
+            &[
+                ("AGORA_BOOTSTRAP", bootstrap),
+                ("AGORA_ADMIN_TOKEN", TOKEN),
+                ("AGORA_LOG", "warn"),
+                ("AGORA_P2P_LISTEN", listen),
+            ],
         )
     };
-    let first = start(&dirs[0], "");
+    let start = |dir: &tempfile::TempDir, bootstrap: &str| start_on(dir, bootstrap, "/ip4/127.0.0.1/tcp/0");
+    // The first node also listens on QUIC, for the blob fetch over QUIC below.
+    let first = start_on(&dirs[0], "", "/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1");
     let first_address = p2p_address(&first).await;
     let mut all = vec![first];
-    for dir in &dirs[1..] {
+    for dir in &dirs[1..nodes] {
         all.push(start(dir, &first_address));
     }
     let (head, hash) = market.head().await;
@@ -126,17 +134,38 @@ pub async fn run(nodes: usize, orders: usize, mib: usize) -> anyhow::Result<()> 
         .send()
         .await?
         .error_for_status()?;
-    let started = Instant::now();
-    let report: Value = client
-        .post(format!("{}/api/v1/p2p/blobs/{blob}/fetch", all[1].url))
-        .bearer_auth(TOKEN)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let fetch_secs = started.elapsed().as_secs_f64();
-    anyhow::ensure!(report["fetched"] == true, "the fetch did not happen: {report}");
+    // `node` fetches the blob from its peers: the report and the seconds it took.
+    let fetch = |node: &Node| {
+        let url = format!("{}/api/v1/p2p/blobs/{blob}/fetch", node.url);
+        let client = client.clone();
+        async move {
+            let started = Instant::now();
+            let report: Value =
+                client.post(url).bearer_auth(TOKEN).send().await?.error_for_status()?.json().await?;
+            anyhow::ensure!(report["fetched"] == true, "the fetch did not happen: {report}");
+            Ok::<_, anyhow::Error>((report, started.elapsed().as_secs_f64()))
+        }
+    };
+    let (report, fetch_secs) = fetch(&all[1]).await?;
+
+    // The same fetch by a node that reaches the first one over QUIC only.
+    let quic_address = eventually("the first node's QUIC address", Duration::from_secs(60), || async {
+        let (_, status) = all[0].get("/api/v1/p2p/status").await;
+        status["listening"]
+            .as_array()?
+            .iter()
+            .filter_map(|a| a.as_str())
+            .find(|a| a.contains("/quic-v1"))
+            .map(str::to_owned)
+    })
+    .await;
+    let over_quic = start_on(&dirs[nodes], &quic_address, "/ip4/127.0.0.1/udp/0/quic-v1");
+    eventually("the QUIC node connected", Duration::from_secs(60), || async {
+        let (_, status) = over_quic.get("/api/v1/p2p/status").await;
+        (status["peers_connected"].as_u64()? >= 1).then_some(())
+    })
+    .await;
+    let (quic_report, quic_secs) = fetch(&over_quic).await?;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
@@ -171,11 +200,17 @@ pub async fn run(nodes: usize, orders: usize, mib: usize) -> anyhow::Result<()> 
     println!("  blob of {mib} MiB, node → node, whole fetch:        {fetch:.0} MB/s");
     println!("    of which chunks received and checked:          {transfer:.0} MB/s");
     println!("    of which stored (compressed, encrypted, fsync): {store:.0} MB/s");
+    let quic = mb / quic_secs;
+    let quic_transfer = mb / quic_report["transfer_secs"].as_f64().unwrap_or(f64::NAN);
+    println!("  the same over QUIC, whole fetch:                    {quic:.0} MB/s");
+    println!("    of which chunks received and checked:          {quic_transfer:.0} MB/s");
     println!("  plain loopback TCP copy of the same bytes:          {tcp:.0} MB/s");
     println!(
-        "  ratio {:.1}% whole fetch, {:.1}% transfer alone   (target ≥ 50%)",
+        "  ratio {:.1}% whole fetch, {:.1}% transfer alone; QUIC {:.1}% and {:.1}%   (target ≥ 50%)",
         fetch / tcp * 100.0,
-        transfer / tcp * 100.0
+        transfer / tcp * 100.0,
+        quic / tcp * 100.0,
+        quic_transfer / tcp * 100.0
     );
     Ok(())
 }
