@@ -44,15 +44,16 @@ pub enum DeployCommand {
         #[command(flatten)]
         pay: PayArgs,
     },
-    /// Run the deployed model on inputs (rows of numbers, JSON).
+    /// Run the deployed model on inputs (JSON: rows of numbers, or texts for an encoder).
     Predict(PredictArgs),
 }
 
 #[derive(Args, Debug)]
 pub struct PredictArgs {
     pub id: u64,
-    /// The rows, e.g. '[[0.1, 0.2, 0.3, 0.4]]', or a whole JSON object sent as it is (an http
-    /// deployment's KServe v2 or OpenAI-style body).
+    /// The rows, e.g. '[[0.1, 0.2, 0.3, 0.4]]' (an MLP) or '["a text", "another"]' (an
+    /// encoder), or a whole JSON object sent as it is (an http deployment's KServe v2 or
+    /// OpenAI-style body).
     #[arg(long, conflicts_with = "input_file")]
     pub input: Option<String>,
     #[arg(long)]
