@@ -2,6 +2,8 @@
 //! against the MLP deployment, N callers at once (default 8), each with its own license: (a) usage licenses paying
 //! with vouchers (pre-signed, so signing is not in the server's budget), (b) perpetual licenses
 //! with a sign-in token, (c) the operator, whose calls skip the license check — all one run.
+//! Then, when MiniLM is present, sentence embeddings through the builtin runtime beside candle
+//! running the same model in this process.
 
 use std::time::Instant;
 
@@ -120,5 +122,102 @@ pub async fn run(requests: usize, callers: usize) -> anyhow::Result<()> {
     let baseline = row("(c) no license check (operator; baseline)", &mut c, None);
     row("(b) perpetual license, sign-in token", &mut b, Some(baseline));
     row("(a) usage license, a voucher per call", &mut a, Some(baseline));
+    if let Some(dir) = agora_e2e::minilm_dir() {
+        encoder(&seller, &dir, callers).await?;
+    }
+    Ok(())
+}
+
+const SENTENCES: [&str; 8] = [
+    "Which license lets me call this model a thousand times?",
+    "The escrow is settled once the challenge window closes.",
+    "Every voucher carries the running count of units used.",
+    "Rain is expected along the coast for most of the week.",
+    "A node checks each gossiped order before forwarding it.",
+    "The orchestra rehearsed the second movement twice.",
+    "Buyers receive a fingerprinted copy of the weights.",
+    "Find the cheapest GPU offer that meets the deadline.",
+];
+
+/// MiniLM behind the builtin runtime: one sentence per call from `callers` callers at once
+/// (batched by the node), beside candle running the same model in this process on the same
+/// sentences, one per pass and all eight in one padded pass.
+async fn encoder(seller: &NodeClient, dir: &std::path::Path, callers: usize) -> anyhow::Result<()> {
+    use candle_core::{DType, Device, Tensor};
+    use candle_transformers::models::bert::{BertModel, Config};
+    let read = |name: &str| std::fs::read(dir.join(name));
+    let form = reqwest::multipart::Form::new()
+        .text("metadata", json!({"name": "bench-minilm"}).to_string())
+        .part(
+            "artifact",
+            reqwest::multipart::Part::bytes(read("model.safetensors")?).file_name("model.safetensors"),
+        )
+        .part("config", reqwest::multipart::Part::bytes(read("config.json")?))
+        .part("tokenizer", reqwest::multipart::Part::bytes(read("tokenizer.json")?));
+    let response = seller
+        .authorize(seller.http.post(seller.endpoint("/api/v1/models/register")).multipart(form))
+        .send()
+        .await?;
+    agora_node::client::answer(response).await?;
+    let created = seller.post_json("/api/v1/deployments/create", &json!({"model": "bench-minilm"})).await?;
+    anyhow::ensure!(created["status"] == "ready", "the encoder did not deploy: {created}");
+    let path =
+        format!("/api/v1/deployments/{}/predict", created["deployment_id"].as_str().unwrap_or_default());
+    let calls = 25;
+    let run = |caller: usize| {
+        let (seller, path) = (seller.clone(), path.clone());
+        async move {
+            let mut latencies = Vec::with_capacity(calls);
+            for i in 0..calls {
+                let body = json!({"inputs": [SENTENCES[(caller + i) % SENTENCES.len()]]});
+                let t = Instant::now();
+                seller.post_json(&path, &body).await?;
+                latencies.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok::<_, anyhow::Error>(latencies)
+        }
+    };
+    run(0).await?;
+    let started = Instant::now();
+    let mut served = Outcome { seconds: 0.0, latencies_ms: Vec::new() };
+    for latencies in futures::future::join_all((0..callers).map(run)).await {
+        served.latencies_ms.extend(latencies?);
+    }
+    served.seconds = started.elapsed().as_secs_f64();
+
+    let config: Config = serde_json::from_slice(&read("config.json")?)?;
+    let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
+    let model =
+        BertModel::load(candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), &config)?;
+    let mut tokenizer =
+        tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).map_err(anyhow::Error::msg)?;
+    tokenizer.with_padding(Some(tokenizers::PaddingParams::default()));
+    let pass = |texts: &[&str]| -> anyhow::Result<()> {
+        let encodings = tokenizer.encode_batch(texts.to_vec(), true).map_err(anyhow::Error::msg)?;
+        let ids: Vec<Vec<u32>> = encodings.iter().map(|e| e.get_ids().to_vec()).collect();
+        let mask: Vec<Vec<u32>> = encodings.iter().map(|e| e.get_attention_mask().to_vec()).collect();
+        let ids = Tensor::new(ids, &Device::Cpu)?;
+        let mask = Tensor::new(mask, &Device::Cpu)?;
+        model.forward(&ids, &ids.zeros_like()?, Some(&mask))?.mean(1)?.to_vec2::<f32>()?;
+        Ok(())
+    };
+    let rounds = (callers * calls).div_ceil(SENTENCES.len());
+    let started = Instant::now();
+    for _ in 0..rounds {
+        for sentence in SENTENCES {
+            pass(&[sentence])?;
+        }
+    }
+    let alone = (rounds * SENTENCES.len()) as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for _ in 0..rounds {
+        pass(&SENTENCES)?;
+    }
+    let batched = (rounds * SENTENCES.len()) as f64 / started.elapsed().as_secs_f64();
+    println!("encoder: all-MiniLM-L6-v2, {callers} callers x {calls} one-sentence calls (the model's owner)");
+    println!("{:<46} {:>9} {:>9} {:>9}", "", "texts/s", "p50 ms", "p99 ms");
+    row("node, builtin runtime", &mut served, None);
+    println!("{:<46} {alone:>9.0}", "candle in-process, one text per pass");
+    println!("{:<46} {batched:>9.0}", "candle in-process, 8 texts per pass");
     Ok(())
 }
