@@ -78,10 +78,8 @@ impl Encoder {
         Ok(embeddings)
     }
 
+    /// One forward pass over a non-empty chunk of texts.
     fn pass(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ServeError> {
-        if texts.is_empty() {
-            return Ok(Vec::new());
-        }
         let encodings = self
             .tokenizer
             .encode_batch(texts.to_vec(), true)

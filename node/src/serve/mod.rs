@@ -144,15 +144,18 @@ impl Mlp {
     }
 
     /// One batch forward: rows of `inputs()` numbers in, rows of outputs out.
-    pub fn forward(&self, rows: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ServeError> {
+    pub fn forward<R: AsRef<[f32]>>(&self, rows: &[R]) -> Result<Vec<Vec<f32>>, ServeError> {
         let width = self.inputs();
-        if let Some((i, row)) = rows.iter().enumerate().find(|(_, r)| r.len() != width) {
-            return Err(invalid(format!("input row {i} has {} numbers; the model takes {width}", row.len())));
+        if let Some((i, row)) = rows.iter().enumerate().find(|(_, r)| r.as_ref().len() != width) {
+            return Err(invalid(format!(
+                "input row {i} has {} numbers; the model takes {width}",
+                row.as_ref().len()
+            )));
         }
-        if rows.iter().flatten().any(|x| !x.is_finite()) {
+        let flat: Vec<f32> = rows.iter().flat_map(|r| r.as_ref().iter().copied()).collect();
+        if flat.iter().any(|x| !x.is_finite()) {
             return Err(invalid("inputs must be finite numbers"));
         }
-        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
         let mut x = Tensor::from_vec(flat, (rows.len(), width), &Device::Cpu).map_err(model_error)?;
         let last = self.layers.len() - 1;
         for (i, (w, b)) in self.layers.iter().enumerate() {
@@ -276,34 +279,38 @@ impl Network {
     pub fn forward(&self, rows: &[Row]) -> Outputs {
         match self {
             Network::Mlp(mlp) => {
-                let numbers = rows
-                    .iter()
-                    .enumerate()
-                    .map(|(i, row)| match row {
-                        Row::Numbers(r) => Ok(r.clone()),
-                        Row::Text(_) => Err(invalid(format!(
-                            "input row {i} is a text; the model takes rows of {} numbers",
-                            mlp.inputs()
-                        ))),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let numbers = rows_as(
+                    rows,
+                    |row| match row {
+                        Row::Numbers(r) => Some(r.as_slice()),
+                        Row::Text(_) => None,
+                    },
+                    |i| format!("input row {i} is a text; the model takes rows of {} numbers", mlp.inputs()),
+                )?;
                 mlp.forward(&numbers)
             }
             Network::Encoder(encoder) => {
-                let texts = rows
-                    .iter()
-                    .enumerate()
-                    .map(|(i, row)| match row {
-                        Row::Text(t) => Ok(t.as_str()),
-                        Row::Numbers(_) => {
-                            Err(invalid(format!("input {i} is a row of numbers; the model takes texts")))
-                        }
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let texts = rows_as(
+                    rows,
+                    |row| match row {
+                        Row::Text(t) => Some(t.as_str()),
+                        Row::Numbers(_) => None,
+                    },
+                    |i| format!("input {i} is a row of numbers; the model takes texts"),
+                )?;
                 encoder.forward(&texts)
             }
         }
     }
+}
+
+/// The rows as the kind a network takes, borrowed; the first of another kind is a bad request.
+fn rows_as<'a, T>(
+    rows: &'a [Row],
+    pick: impl Fn(&'a Row) -> Option<T>,
+    wrong: impl Fn(usize) -> String,
+) -> Result<Vec<T>, ServeError> {
+    rows.iter().enumerate().map(|(i, row)| pick(row).ok_or_else(|| invalid(wrong(i)))).collect()
 }
 
 /// Calls on one model that arrive together run as one forward pass. Each caller queues its
@@ -337,20 +344,22 @@ impl Batcher {
         }
         let jobs = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
         // A call with malformed rows runs alone, so its error is its own.
-        let (good, bad): (Vec<Job>, Vec<Job>) =
+        let (mut good, bad): (Vec<Job>, Vec<Job>) =
             jobs.into_iter().partition(|j| !j.rows.is_empty() && j.rows.iter().all(|r| network.takes(r)));
         for job in bad {
             let _ = job.reply.send(network.forward(&job.rows));
         }
         if !good.is_empty() {
-            let all: Vec<Row> = good.iter().flat_map(|j| j.rows.iter().cloned()).collect();
+            // The rows move into one batch; each caller's outputs are cut back out by count.
+            let counts: Vec<usize> = good.iter().map(|j| j.rows.len()).collect();
+            let all: Vec<Row> = good.iter_mut().flat_map(|j| std::mem::take(&mut j.rows)).collect();
             self.passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.calls.fetch_add(good.len() as u64, std::sync::atomic::Ordering::Relaxed);
             metrics::histogram!("agora_serve_batch_calls").record(good.len() as f64);
             match network.forward(&all) {
                 Ok(mut outputs) => {
-                    for job in good.into_iter().rev() {
-                        let mine = outputs.split_off(outputs.len() - job.rows.len());
+                    for (job, count) in good.into_iter().zip(counts).rev() {
+                        let mine = outputs.split_off(outputs.len() - count);
                         let _ = job.reply.send(Ok(mine));
                     }
                 }
