@@ -2,7 +2,7 @@
 //! value in the block's undo record and updates the state root, and all of a range's writes,
 //! undo records, block hashes, root and cursor go to RocksDB in one atomic batch.
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
 use alloy::primitives::B256;
 
@@ -34,12 +34,23 @@ pub fn load_reorgs(store: &Store) -> Result<u64, StoreError> {
     })
 }
 
-/// A record's place: its table and encoded key. (Fx hashing: these maps see every write of a
-/// backfill, and SipHash's DoS resistance buys nothing for keys the node derives itself.)
-type RecordKey = (&'static str, Vec<u8>);
+/// A record touched by the batch.
+struct Slot {
+    /// Its value before the batch.
+    before: Option<Vec<u8>>,
+    /// Its value now.
+    now: Option<Vec<u8>>,
+    /// The last block (by the writer's count) whose undo record holds the record.
+    undo_block: u64,
+}
 
-/// A block's undo record in the making, and the keys it already holds.
-type BlockUndo = (Vec<UndoEntry>, FxHashSet<RecordKey>);
+/// One table's touched records, by encoded key. (Fx hashing: these maps see every write of a
+/// backfill, and SipHash's DoS resistance buys nothing for keys the node derives itself.)
+type Touched = FxHashMap<Vec<u8>, Slot>;
+
+fn table_index(table: &str) -> usize {
+    tables::NAMES.iter().position(|name| *name == table).expect("a table of the schema")
+}
 
 /// A batch of index writes in progress.
 ///
@@ -50,13 +61,13 @@ type BlockUndo = (Vec<UndoEntry>, FxHashSet<RecordKey>);
 pub struct IndexWriter<'s> {
     store: &'s Store,
     batch: Batch<'s>,
-    /// Each touched key's value now.
-    overlay: FxHashMap<RecordKey, Option<Vec<u8>>>,
-    /// Each touched key's value before this batch.
-    original: FxHashMap<RecordKey, Option<Vec<u8>>>,
+    /// The touched records, one map per table in [`tables::NAMES`] order.
+    touched: Vec<Touched>,
     root: StateRoot,
-    /// The undo record of the block being applied, when it keeps one, and the keys it holds.
-    undo: Option<BlockUndo>,
+    /// The undo record of the block being applied, when it keeps one.
+    undo: Option<Vec<UndoEntry>>,
+    /// Blocks begun so far, the current one's number in [`Slot::undo_block`].
+    blocks: u64,
     events: u64,
 }
 
@@ -65,10 +76,10 @@ impl<'s> IndexWriter<'s> {
         Ok(Self {
             store,
             batch: store.batch(),
-            overlay: FxHashMap::default(),
-            original: FxHashMap::default(),
+            touched: tables::NAMES.iter().map(|_| Touched::default()).collect(),
             root: load_root(store)?,
             undo: None,
+            blocks: 0,
             events: 0,
         })
     }
@@ -78,8 +89,8 @@ impl<'s> IndexWriter<'s> {
     }
 
     fn get_raw(&self, table: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.overlay.get(&(table, key.to_vec())) {
-            Some(pending) => Ok(pending.clone()),
+        match self.touched[table_index(table)].get(key) {
+            Some(slot) => Ok(slot.now.clone()),
             None => self.store.get_raw(table, key),
         }
     }
@@ -99,30 +110,33 @@ impl<'s> IndexWriter<'s> {
         new: Option<Vec<u8>>,
         record_undo: bool,
     ) -> Result<(), StoreError> {
-        let old = self.get_raw(table, &key)?;
-        if old == new {
+        let touched = &mut self.touched[table_index(table)];
+        let slot = match touched.get_mut(&key) {
+            Some(slot) => slot,
+            None => {
+                let before = self.store.get_raw(table, &key)?;
+                let now = before.clone();
+                touched.entry(key.clone()).or_insert(Slot { before, now, undo_block: 0 })
+            }
+        };
+        if slot.now == new {
             return Ok(());
         }
-        if tables::in_root(table) {
-            self.original.entry((table, key.clone())).or_insert_with(|| old.clone());
-        }
         if record_undo
-            && let Some((undo, seen)) = self.undo.as_mut()
-            && seen.insert((table, key.clone()))
+            && let Some(undo) = self.undo.as_mut()
+            && slot.undo_block != self.blocks
         {
-            undo.push(UndoEntry { table: table.to_owned(), key: key.clone(), previous: old });
+            slot.undo_block = self.blocks;
+            undo.push(UndoEntry { table: table.to_owned(), key, previous: slot.now.clone() });
         }
-        match &new {
-            Some(bytes) => self.batch.put_raw(table, &key, bytes),
-            None => self.batch.delete_raw(table, &key),
-        }
-        self.overlay.insert((table, key), new);
+        slot.now = new;
         Ok(())
     }
 
     /// Starts a block; its writes are recorded for undo when `keep_undo`.
     pub fn begin_block(&mut self, keep_undo: bool) {
-        self.undo = keep_undo.then(Default::default);
+        self.blocks += 1;
+        self.undo = keep_undo.then(Vec::new);
     }
 
     /// Ends a block: stores its hash (and undo record) when `keep` says the block is recent.
@@ -134,7 +148,7 @@ impl<'s> IndexWriter<'s> {
         timestamp: u64,
         keep: bool,
     ) -> Result<(), StoreError> {
-        let undo = self.undo.take().map(|(undo, _)| undo).unwrap_or_default();
+        let undo = self.undo.take().unwrap_or_default();
         if keep {
             let record = BlockRecord { hash, parent_hash, timestamp, undo };
             self.write_raw(
@@ -184,14 +198,16 @@ impl<'s> IndexWriter<'s> {
     /// The state root with this batch's writes.
     pub fn root(&self) -> StateRoot {
         let mut root = self.root.clone();
-        for (key, before) in &self.original {
-            let after = &self.overlay[key];
-            if before != after {
-                if let Some(before) = before {
-                    root.remove(key.0, &key.1, before);
+        for (table, touched) in tables::NAMES.iter().zip(&self.touched) {
+            if !tables::in_root(table) {
+                continue;
+            }
+            for (key, slot) in touched.iter().filter(|(_, slot)| slot.before != slot.now) {
+                if let Some(before) = &slot.before {
+                    root.remove(table, key, before);
                 }
-                if let Some(after) = after {
-                    root.add(key.0, &key.1, after);
+                if let Some(now) = &slot.now {
+                    root.add(table, key, now);
                 }
             }
         }
@@ -199,8 +215,22 @@ impl<'s> IndexWriter<'s> {
     }
 
     /// Writes everything, with the new cursor, atomically and durably.
+    ///
+    /// The batch holds each touched key once, with its final value, in key order: a hot record
+    /// rewritten by every event of a range costs one memtable entry, and sorted inserts are the
+    /// cheap case of RocksDB's skip list.
     pub fn commit(mut self, cursor: Option<Cursor>, reorgs: Option<u64>) -> Result<StateRoot, StoreError> {
         let root = self.root();
+        for (table, touched) in tables::NAMES.iter().zip(&self.touched) {
+            let mut writes: Vec<_> = touched.iter().filter(|(_, slot)| slot.before != slot.now).collect();
+            writes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (key, slot) in writes {
+                match &slot.now {
+                    Some(bytes) => self.batch.put_raw(table, key, bytes),
+                    None => self.batch.delete_raw(table, key),
+                }
+            }
+        }
         self.batch.put::<Meta>(&MetaKey::RootAccumulator, &MetaValue::Bytes(root.to_bytes()))?;
         match cursor {
             Some(cursor) => self.batch.put::<Meta>(&MetaKey::Cursor, &MetaValue::Cursor(cursor))?,
