@@ -117,6 +117,9 @@ enum Step {
     Waiting,
 }
 
+/// Ranges fetched ahead of the one being applied.
+const PREFETCH_DEPTH: usize = 2;
+
 /// Attempts of one RPC call before its step fails.
 const RPC_ATTEMPTS: u32 = 3;
 
@@ -153,7 +156,31 @@ struct Header {
     timestamp: u64,
 }
 
-type LogFetch = tokio::task::JoinHandle<Result<Vec<Log>, IndexError>>;
+/// A range's logs with the headers they are checked against, fetched together.
+struct Fetched {
+    logs: Vec<Log>,
+    /// The cursor's block (when the range extends one), the range's ends, and every block of
+    /// the range inside the reorg window; `None` where the RPC does not have the block yet.
+    headers: BTreeMap<u64, Option<Header>>,
+}
+
+type RangeFetch = tokio::task::JoinHandle<Result<Fetched, IndexError>>;
+
+async fn fetch_header(
+    provider: &DynProvider,
+    timeout: Duration,
+    number: u64,
+) -> Result<Option<Header>, IndexError> {
+    let block = with_timeout("eth_getBlockByNumber", timeout, || {
+        provider.get_block_by_number(BlockNumberOrTag::Number(number))
+    })
+    .await?;
+    Ok(block.map(|b| Header {
+        hash: b.header.hash,
+        parent_hash: b.header.parent_hash,
+        timestamp: b.header.timestamp,
+    }))
+}
 
 pub struct Indexer {
     provider: DynProvider,
@@ -161,8 +188,11 @@ pub struct Indexer {
     store: Store,
     config: IndexerConfig,
     range: u64,
-    /// The next range's logs, fetched while the current range is applied: (from, to, fetch).
-    prefetch: Option<(u64, u64, LogFetch)>,
+    /// The next ranges, fetched while the current one is applied: (from, to, fetch), in order.
+    prefetch: std::collections::VecDeque<(u64, u64, RangeFetch)>,
+    /// The chain's head as last asked, and when: a backfill that is still behind it needs no
+    /// fresh head before each range.
+    known_head: Option<(u64, std::time::Instant)>,
     status: watch::Sender<IndexStatus>,
     subscribe: bool,
 }
@@ -186,7 +216,20 @@ impl Indexer {
         };
         let (tx, rx) = watch::channel(status);
         let range = config.max_range.clamp(1, 1_000);
-        Ok((Self { provider, deployment, store, config, range, prefetch: None, status: tx, subscribe }, rx))
+        Ok((
+            Self {
+                provider,
+                deployment,
+                store,
+                config,
+                range,
+                prefetch: Default::default(),
+                known_head: None,
+                status: tx,
+                subscribe,
+            },
+            rx,
+        ))
     }
 
     /// Follows the chain until `shutdown` flips to true, or until a fatal error.
@@ -283,87 +326,105 @@ impl Indexer {
     }
 
     async fn header(&self, number: u64) -> Result<Option<Header>, IndexError> {
-        let block = self
-            .rpc("eth_getBlockByNumber", || {
-                self.provider.get_block_by_number(BlockNumberOrTag::Number(number))
-            })
-            .await?;
-        Ok(block.map(|b| Header {
-            hash: b.header.hash,
-            parent_hash: b.header.parent_hash,
-            timestamp: b.header.timestamp,
-        }))
+        fetch_header(&self.provider, self.config.rpc_timeout, number).await
     }
 
-    async fn headers(&self, numbers: impl Iterator<Item = u64>) -> Result<BTreeMap<u64, Header>, IndexError> {
-        let results: Vec<_> =
-            futures::stream::iter(numbers.map(|n| async move { (n, self.header(n).await) }))
-                .buffer_unordered(16)
-                .collect()
-                .await;
-        let mut headers = BTreeMap::new();
-        for (n, result) in results {
-            match result? {
-                Some(header) => {
-                    headers.insert(n, header);
-                }
-                None => return Err(IndexError::Inconsistent(format!("block {n} is not available yet"))),
-            }
+    /// The chain's head: asked afresh unless a backfill is still behind the one last seen
+    /// (within a poll interval), which spares a round trip per range.
+    async fn head(&mut self, next: u64) -> Result<u64, IndexError> {
+        if let Some((head, at)) = self.known_head
+            && next <= head
+            && at.elapsed() < self.config.poll
+        {
+            return Ok(head);
         }
-        Ok(headers)
+        let head = self.rpc("eth_blockNumber", || self.provider.get_block_number()).await?;
+        self.known_head = Some((head, std::time::Instant::now()));
+        Ok(head)
     }
 
-    fn logs_future(
+    /// Fetches a range's logs and, at the same time, the headers they are checked against.
+    fn fetch_range(
         &self,
         from: u64,
         to: u64,
-    ) -> impl std::future::Future<Output = Result<Vec<Log>, IndexError>> + use<> {
+        window_start: u64,
+    ) -> impl std::future::Future<Output = Result<Fetched, IndexError>> + use<> {
         let mut contracts = vec![self.deployment.model_registry, self.deployment.license_market];
         if self.deployment.has_compute() {
             contracts.push(self.deployment.compute_market);
         }
         let filter = Filter::new().address(contracts).from_block(from).to_block(to);
+        let mut wanted: Vec<u64> = vec![from, to];
+        if from > self.deployment.deployment_block {
+            wanted.push(from - 1);
+        }
+        wanted.extend(from.max(window_start)..=to);
+        wanted.sort_unstable();
+        wanted.dedup();
         let provider = self.provider.clone();
         let timeout = self.config.rpc_timeout;
-        async move { with_timeout("eth_getLogs", timeout, || provider.get_logs(&filter)).await }
+        async move {
+            let logs = with_timeout("eth_getLogs", timeout, || provider.get_logs(&filter));
+            let headers = futures::stream::iter(wanted)
+                .map(|n| {
+                    let provider = &provider;
+                    async move { fetch_header(provider, timeout, n).await.map(|h| (n, h)) }
+                })
+                .buffer_unordered(16)
+                .collect::<Vec<_>>();
+            let (logs, headers) = futures::join!(logs, headers);
+            Ok(Fetched { logs: logs?, headers: headers.into_iter().collect::<Result<_, _>>()? })
+        }
+    }
+
+    /// Compares the cursor with the chain's block at its height: `Some(step)` when the step
+    /// ends there (a lagging replica to wait for, or a reorg unwound).
+    async fn check_cursor(
+        &mut self,
+        cursor: Cursor,
+        chain: Option<Header>,
+        head: u64,
+    ) -> Result<Option<Step>, IndexError> {
+        match chain {
+            // A lagging replica: it has not seen our block yet.
+            None => {
+                self.publish_head(head, None, cursor);
+                Ok(Some(Step::Waiting))
+            }
+            Some(h) if h.hash != cursor.hash => {
+                self.abort_prefetch();
+                self.known_head = None;
+                self.unwind_reorg(cursor).await?;
+                Ok(Some(Step::Advanced))
+            }
+            Some(_) => Ok(None),
+        }
     }
 
     async fn step(&mut self) -> Result<Step, IndexError> {
-        let head = self.rpc("eth_blockNumber", || self.provider.get_block_number()).await?;
         let cursor = load_cursor(&self.store)?;
         let window = self.config.window();
-
-        if let Some(cursor) = cursor {
-            match self.header(cursor.number).await? {
-                // A lagging replica: it has not seen our block yet.
-                None => {
-                    self.publish_head(head, None, cursor);
-                    return Ok(Step::Waiting);
-                }
-                Some(h) if h.hash != cursor.hash => {
-                    if let Some((_, _, fetch)) = self.prefetch.take() {
-                        fetch.abort();
-                    }
-                    self.unwind_reorg(cursor).await?;
-                    return Ok(Step::Advanced);
-                }
-                Some(_) => {}
-            }
-        }
-
         let next = cursor.map(|c| c.number + 1).unwrap_or(self.deployment.deployment_block);
+        let head = self.head(next).await?;
         let limit = self.config.to_block.map_or(head, |to| to.min(head));
         if next > limit {
-            let head_timestamp = self.header(head).await?.map(|h| h.timestamp);
             if let Some(cursor) = cursor {
+                let chain = self.header(cursor.number).await?;
+                if let Some(step) = self.check_cursor(cursor, chain, head).await? {
+                    return Ok(step);
+                }
+                let head_timestamp = self.header(head).await?.map(|h| h.timestamp);
                 self.publish_head(head, head_timestamp, cursor);
             }
             return Ok(Step::Waiting);
         }
-        let prefetched = match self.prefetch.take() {
+        let window_start = head.saturating_sub(window);
+        let prefetched = match self.prefetch.pop_front() {
             Some((from, to, fetch)) if from == next && to <= limit => Some((to, fetch)),
             Some((_, _, fetch)) => {
                 fetch.abort();
+                self.abort_prefetch();
                 None
             }
             None => None,
@@ -374,31 +435,48 @@ impl Indexer {
             }
             None => {
                 let to = limit.min(next + self.range - 1);
-                (to, self.logs_future(next, to).await)
+                (to, self.fetch_range(next, to, window_start).await)
             }
         };
-        let logs = match fetched {
-            Ok(logs) => logs,
+        let Fetched { logs, headers } = match fetched {
+            Ok(fetched) => fetched,
             Err(e) => {
                 // too many results, a provider's range limit, or a failure: ask for less
                 self.range = (self.range / 2).max(1);
                 return Err(e);
             }
         };
-        // Fetch the next range while this one is applied. Its logs are checked against the
-        // headers in the next step like any others.
-        if to < limit {
-            let (from, until) = (to + 1, limit.min(to + self.range));
-            self.prefetch = Some((from, until, tokio::spawn(self.logs_future(from, until))));
+        if let Some(cursor) = cursor
+            && let Some(step) =
+                self.check_cursor(cursor, headers.get(&cursor.number).copied().flatten(), head).await?
+        {
+            return Ok(step);
         }
-
-        // Headers: the range's ends always, and every block inside the reorg window.
-        let window_start = head.saturating_sub(window);
-        let mut wanted: Vec<u64> = vec![next, to];
-        wanted.extend(next.max(window_start)..=to);
-        wanted.sort_unstable();
-        wanted.dedup();
-        let headers = self.headers(wanted.into_iter()).await?;
+        let mut checked = BTreeMap::new();
+        for (n, header) in headers {
+            match header {
+                Some(header) => {
+                    checked.insert(n, header);
+                }
+                None if n >= next => {
+                    return Err(IndexError::Inconsistent(format!("block {n} is not available yet")));
+                }
+                None => {}
+            }
+        }
+        let headers = checked;
+        // Fetch the next ranges while this one is applied: two in flight keep the RPC busy
+        // while this node parses one and applies another. What they bring is checked in their
+        // own step like any other fetch: against their headers and the previous range's last
+        // block.
+        while self.prefetch.len() < PREFETCH_DEPTH {
+            let after = self.prefetch.back().map_or(to, |(_, until, _)| *until);
+            if after >= limit {
+                break;
+            }
+            let (from, until) = (after + 1, limit.min(after + self.range));
+            self.prefetch.push_back((from, until, tokio::spawn(self.fetch_range(from, until, window_start))));
+        }
         self.check_consistency(cursor, next, to, &headers, &logs)?;
 
         let mut by_block: BTreeMap<u64, Vec<&Log>> = BTreeMap::new();
@@ -413,7 +491,7 @@ impl Indexer {
             block_logs.dedup_by_key(|l| l.log_index);
         }
         let mut blocks: Vec<u64> = by_block.keys().copied().collect();
-        blocks.extend(headers.keys().copied().filter(|n| *n >= window_start && *n >= next));
+        blocks.extend(headers.keys().copied().filter(|n| *n >= window_start && *n >= next && *n <= to));
         blocks.sort_unstable();
         blocks.dedup();
 
@@ -471,6 +549,12 @@ impl Indexer {
         });
         tracing::debug!(target: "agora::indexer", from = next, to, events, "applied range");
         Ok(Step::Advanced)
+    }
+
+    fn abort_prefetch(&mut self) {
+        for (_, _, fetch) in self.prefetch.drain(..) {
+            fetch.abort();
+        }
     }
 
     fn publish_head(&self, head: u64, head_timestamp: Option<u64>, cursor: Cursor) {
