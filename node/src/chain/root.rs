@@ -46,16 +46,16 @@ impl StateRoot {
     }
 
     pub fn add(&mut self, table: &str, key: &[u8], value: &[u8]) {
-        let record = record_lanes(table, key, value);
-        for (lane, r) in self.lanes.iter_mut().zip(record.iter()) {
-            *lane = lane.wrapping_add(*r);
+        let record = record_bytes(table, key, value);
+        for (lane, r) in self.lanes.iter_mut().zip(record.as_chunks::<2>().0) {
+            *lane = lane.wrapping_add(u16::from_le_bytes(*r));
         }
     }
 
     pub fn remove(&mut self, table: &str, key: &[u8], value: &[u8]) {
-        let record = record_lanes(table, key, value);
-        for (lane, r) in self.lanes.iter_mut().zip(record.iter()) {
-            *lane = lane.wrapping_sub(*r);
+        let record = record_bytes(table, key, value);
+        for (lane, r) in self.lanes.iter_mut().zip(record.as_chunks::<2>().0) {
+            *lane = lane.wrapping_sub(u16::from_le_bytes(*r));
         }
     }
 
@@ -65,7 +65,8 @@ impl StateRoot {
     }
 }
 
-fn record_lanes(table: &str, key: &[u8], value: &[u8]) -> [u16; LANES] {
+/// A record's lanes, as the little-endian bytes the XOF gives (added in one pass, no copy).
+fn record_bytes(table: &str, key: &[u8], value: &[u8]) -> [u8; LANES * 2] {
     let mut hasher = blake3::Hasher::new_derive_key("agora index state root v1 record");
     hasher.update(&(table.len() as u32).to_le_bytes());
     hasher.update(table.as_bytes());
@@ -74,11 +75,7 @@ fn record_lanes(table: &str, key: &[u8], value: &[u8]) -> [u16; LANES] {
     hasher.update(value);
     let mut bytes = [0u8; LANES * 2];
     hasher.finalize_xof().fill(&mut bytes);
-    let mut lanes = [0u16; LANES];
-    for (lane, chunk) in lanes.iter_mut().zip(bytes.chunks_exact(2)) {
-        *lane = u16::from_le_bytes([chunk[0], chunk[1]]);
-    }
-    lanes
+    bytes
 }
 
 #[cfg(test)]
