@@ -1,14 +1,16 @@
 //! The indexer: a stage that applies the contracts' logs block range by block range, and
 //! unwinds when the chain reorganises.
 //!
-//! Each step fetches `eth_getLogs` for the next range (which doubles on success up to a cap
-//! and halves on any RPC error), checks the logs against the block headers it fetched, and
+//! Each step takes the next range's logs and headers (the range doubles on success up to a cap
+//! and halves on any RPC error; two ranges are fetched ahead while one is applied), checks the
+//! logs against the headers, and
 //! writes the range's effects, the blocks' hashes and undo records, the state root and the
 //! cursor in one atomic batch: a crash at any instant leaves the index at a block boundary,
 //! and a restart resumes from the cursor.
 //!
-//! Reorgs: before each step the stored cursor's hash is compared with the chain's block at
-//! that height (so a reorg that happened while the node was down is found at start-up).
+//! Reorgs: with each range (and each poll when caught up) the stored cursor's hash is compared
+//! with the chain's block at that height (so a reorg that happened while the node was down is
+//! found at start-up).
 //! On a mismatch the indexer walks back through the kept block hashes (the last
 //! `max(128, confirmations)` blocks) to the common ancestor, applies the undo records newest
 //! first, and re-indexes the canonical branch. A reorg deeper than the kept window stops the
