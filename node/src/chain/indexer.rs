@@ -493,7 +493,7 @@ impl Indexer {
             block_logs.dedup_by_key(|l| l.log_index);
         }
         let mut blocks: Vec<u64> = by_block.keys().copied().collect();
-        blocks.extend(headers.keys().copied().filter(|n| *n >= window_start && *n >= next && *n <= to));
+        blocks.extend(headers.keys().copied().filter(|n| *n >= window_start && *n >= next));
         blocks.sort_unstable();
         blocks.dedup();
 

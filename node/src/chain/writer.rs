@@ -8,7 +8,7 @@ use alloy::primitives::B256;
 
 use super::root::StateRoot;
 use crate::store::{
-    Batch, Store, StoreError, decode, encode,
+    Store, StoreError, decode, encode,
     tables::{self, BlockRecord, Blocks, Cursor, Meta, MetaKey, MetaValue, Table, UndoEntry},
 };
 
@@ -60,7 +60,6 @@ fn table_index(table: &str) -> usize {
 /// cost one hash per batch, not one per event.
 pub struct IndexWriter<'s> {
     store: &'s Store,
-    batch: Batch<'s>,
     /// The touched records, one map per table in [`tables::NAMES`] order.
     touched: Vec<Touched>,
     root: StateRoot,
@@ -75,7 +74,6 @@ impl<'s> IndexWriter<'s> {
     pub fn new(store: &'s Store) -> Result<Self, StoreError> {
         Ok(Self {
             store,
-            batch: store.batch(),
             touched: tables::NAMES.iter().map(|_| Touched::default()).collect(),
             root: load_root(store)?,
             undo: None,
@@ -219,27 +217,28 @@ impl<'s> IndexWriter<'s> {
     /// The batch holds each touched key once, with its final value, in key order: a hot record
     /// rewritten by every event of a range costs one memtable entry, and sorted inserts are the
     /// cheap case of RocksDB's skip list.
-    pub fn commit(mut self, cursor: Option<Cursor>, reorgs: Option<u64>) -> Result<StateRoot, StoreError> {
+    pub fn commit(self, cursor: Option<Cursor>, reorgs: Option<u64>) -> Result<StateRoot, StoreError> {
         let root = self.root();
+        let mut batch = self.store.batch();
         for (table, touched) in tables::NAMES.iter().zip(&self.touched) {
             let mut writes: Vec<_> = touched.iter().filter(|(_, slot)| slot.before != slot.now).collect();
             writes.sort_unstable_by(|a, b| a.0.cmp(b.0));
             for (key, slot) in writes {
                 match &slot.now {
-                    Some(bytes) => self.batch.put_raw(table, key, bytes),
-                    None => self.batch.delete_raw(table, key),
+                    Some(bytes) => batch.put_raw(table, key, bytes),
+                    None => batch.delete_raw(table, key),
                 }
             }
         }
-        self.batch.put::<Meta>(&MetaKey::RootAccumulator, &MetaValue::Bytes(root.to_bytes()))?;
+        batch.put::<Meta>(&MetaKey::RootAccumulator, &MetaValue::Bytes(root.to_bytes()))?;
         match cursor {
-            Some(cursor) => self.batch.put::<Meta>(&MetaKey::Cursor, &MetaValue::Cursor(cursor))?,
-            None => self.batch.delete::<Meta>(&MetaKey::Cursor),
+            Some(cursor) => batch.put::<Meta>(&MetaKey::Cursor, &MetaValue::Cursor(cursor))?,
+            None => batch.delete::<Meta>(&MetaKey::Cursor),
         }
         if let Some(reorgs) = reorgs {
-            self.batch.put::<Meta>(&MetaKey::Reorgs, &MetaValue::Count(reorgs))?;
+            batch.put::<Meta>(&MetaKey::Reorgs, &MetaValue::Count(reorgs))?;
         }
-        self.store.write(self.batch)?;
+        self.store.write(batch)?;
         Ok(root)
     }
 }

@@ -259,6 +259,22 @@ pub enum Row {
     Text(String),
 }
 
+impl Row {
+    fn numbers(&self) -> Option<&[f32]> {
+        match self {
+            Row::Numbers(r) => Some(r),
+            Row::Text(_) => None,
+        }
+    }
+
+    fn text(&self) -> Option<&str> {
+        match self {
+            Row::Text(t) => Some(t),
+            Row::Numbers(_) => None,
+        }
+    }
+}
+
 impl Network {
     fn bytes(&self) -> u64 {
         match self {
@@ -279,25 +295,15 @@ impl Network {
     pub fn forward(&self, rows: &[Row]) -> Outputs {
         match self {
             Network::Mlp(mlp) => {
-                let numbers = rows_as(
-                    rows,
-                    |row| match row {
-                        Row::Numbers(r) => Some(r.as_slice()),
-                        Row::Text(_) => None,
-                    },
-                    |i| format!("input row {i} is a text; the model takes rows of {} numbers", mlp.inputs()),
-                )?;
+                let numbers = rows_as(rows, Row::numbers, |i| {
+                    format!("input row {i} is a text; the model takes rows of {} numbers", mlp.inputs())
+                })?;
                 mlp.forward(&numbers)
             }
             Network::Encoder(encoder) => {
-                let texts = rows_as(
-                    rows,
-                    |row| match row {
-                        Row::Text(t) => Some(t.as_str()),
-                        Row::Numbers(_) => None,
-                    },
-                    |i| format!("input {i} is a row of numbers; the model takes texts"),
-                )?;
+                let texts = rows_as(rows, Row::text, |i| {
+                    format!("input {i} is a row of numbers; the model takes texts")
+                })?;
                 encoder.forward(&texts)
             }
         }
