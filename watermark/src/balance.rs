@@ -32,11 +32,8 @@ impl Acceptance {
     /// Counts the codes of the original tensor (`bytes`, elements of `kind`).
     pub fn of(kind: FloatKind, bytes: &[u8]) -> Self {
         // the code is the bit pattern at bf16-equivalent precision
-        let (shift, codes): (u32, usize) = match kind {
-            FloatKind::Bf16 => (0, 1 << 16),
-            FloatKind::F16 => (3, 1 << 13),
-            FloatKind::F32 => (16, 1 << 16),
-        };
+        let shift = Self::code_shift(kind);
+        let codes = Self::codes(kind);
         let size = kind.size();
         let histogram = bytes
             .par_chunks(size * (1 << 16))
@@ -56,6 +53,22 @@ impl Acceptance {
                     a
                 },
             );
+        Self::from_histogram(kind, &histogram)
+    }
+
+    /// The code of an element is its bit pattern shifted right by this.
+    pub fn code_shift(kind: FloatKind) -> u32 {
+        match kind {
+            FloatKind::Bf16 => 0,
+            FloatKind::F16 => 3,
+            FloatKind::F32 => 16,
+        }
+    }
+
+    /// The table for a tensor whose codes were counted elsewhere (on a device).
+    pub fn from_histogram(kind: FloatKind, histogram: &[u32]) -> Self {
+        let shift = Self::code_shift(kind);
+        let codes = histogram.len();
         let target = |code: u32, up: bool| -> u32 {
             let bits = code << shift;
             let moved = match kind {
@@ -76,6 +89,20 @@ impl Acceptance {
             })
             .collect();
         Self { shift, mask: codes as u32 - 1, table }
+    }
+
+    /// Distinct codes of `kind`.
+    pub fn codes(kind: FloatKind) -> usize {
+        match kind {
+            FloatKind::F16 => 1 << 13,
+            FloatKind::Bf16 | FloatKind::F32 => 1 << 16,
+        }
+    }
+
+    /// The table, at `2 * code + up`, and the mask that takes a shifted bit pattern to its code.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn table(&self) -> (&[u32], u32) {
+        (&self.table, self.mask)
     }
 
     /// The acceptance (of 256) of stepping the element with bit pattern `bits` up or down.

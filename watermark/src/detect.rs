@@ -126,6 +126,20 @@ pub fn trace(
     license_ids: &[u128],
     options: &Options,
 ) -> Result<Vec<Evidence>, WatermarkError> {
+    trace_with(suspect, original, model, license_ids, options, |original, pairs, keys| {
+        Ok(scan(original, pairs, model, Half::B, keys))
+    })
+}
+
+/// [`trace`] with the matching sums computed by `scan` (the CPU's, or a device's).
+pub(crate) fn trace_with(
+    suspect: &Path,
+    original: &Path,
+    model: &ModelKey,
+    license_ids: &[u128],
+    options: &Options,
+    scan: impl FnOnce(&ModelFile, &[Pair<'_>], &[[u8; 32]]) -> Result<Scan, WatermarkError> + Send,
+) -> Result<Vec<Evidence>, WatermarkError> {
     if license_ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -134,7 +148,7 @@ pub fn trace(
     options.run(|| {
         let pairs = pair_up(&original_file, &suspect_file)?;
         let keys: Vec<[u8; 32]> = license_ids.iter().map(|id| *model.license(*id).expose()).collect();
-        let scan = scan(&original_file, &pairs, model, Half::B, &keys);
+        let scan = scan(&original_file, &pairs, &keys)?;
         let hypotheses = license_ids.len() as u64;
         Ok(license_ids
             .iter()
@@ -157,7 +171,7 @@ pub(crate) enum Suspect<'a> {
 }
 
 impl Suspect<'_> {
-    fn read(&self, first: usize, out: &mut [f32]) {
+    pub(crate) fn read(&self, first: usize, out: &mut [f32]) {
         match self {
             Self::Raw { kind, bytes } => read_values(*kind, bytes, first, out),
             Self::Aligned(values) => out.copy_from_slice(&values[first..first + out.len()]),
@@ -228,7 +242,7 @@ fn pair_up<'a>(
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Half {
+pub(crate) enum Half {
     /// Partition bit set: the owner mark.
     A,
     /// Partition bit clear: the fingerprints.
@@ -236,17 +250,17 @@ enum Half {
 }
 
 /// Per-key sums of matching weights, and the key-independent totals.
-#[derive(Clone, Default)]
-struct Totals {
-    n: u64,
-    erased: u64,
-    corr_abs: u64,
-    corr_sq: u64,
-    kept_n: u64,
-    kept_abs: u64,
-    kept_sq: u64,
-    ulp: u64,
-    sign: u64,
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Totals {
+    pub n: u64,
+    pub erased: u64,
+    pub corr_abs: u64,
+    pub corr_sq: u64,
+    pub kept_n: u64,
+    pub kept_abs: u64,
+    pub kept_sq: u64,
+    pub ulp: u64,
+    pub sign: u64,
 }
 
 impl Totals {
@@ -263,10 +277,10 @@ impl Totals {
     }
 }
 
-struct Scan {
-    totals: Totals,
+pub(crate) struct Scan {
+    pub totals: Totals,
     /// Per key: matching sums for correlation, erasure-aware, ulp-matched, sign.
-    matches: Vec<[u64; 4]>,
+    pub matches: Vec<[u64; 4]>,
 }
 
 impl Scan {
@@ -599,7 +613,7 @@ fn blind_chunk_body(kind: FloatKind, values: &[f32], partition: &[u64], owner: &
 }
 
 /// The f32 exponent field range of values the embedding marks in `kind`.
-fn markable_exponents(kind: FloatKind) -> (u32, u32) {
+pub(crate) fn markable_exponents(kind: FloatKind) -> (u32, u32) {
     match kind {
         FloatKind::Bf16 => (1, 254),
         FloatKind::F32 => (8, 253),

@@ -46,6 +46,8 @@ macro_rules! dispatch {
 
 pub mod align;
 mod balance;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod detect;
 pub mod format;
 mod keys;
@@ -71,6 +73,8 @@ pub enum WatermarkError {
         path.display()
     )]
     TooFewWeights { path: PathBuf, eligible: usize, needed: usize },
+    #[error("CUDA: {0}")]
+    Device(String),
     #[error("could not start {threads} worker threads: {reason}")]
     Threads { threads: usize, reason: String },
 }

@@ -79,7 +79,18 @@ impl TensorKeys {
         tensor: &TensorEntry,
         kind: FloatKind,
     ) -> Self {
-        let stream = |key: &[u8; 32]| TensorStream::new(key, &tensor.name, kind, &tensor.shape);
+        Self::named(model, license, &tensor.name, kind, &tensor.shape)
+    }
+
+    /// The streams of the tensor called `name` with `shape`.
+    pub fn named(
+        model: &ModelKey,
+        license: Option<&LicenseKey>,
+        name: &str,
+        kind: FloatKind,
+        shape: &[usize],
+    ) -> Self {
+        let stream = |key: &[u8; 32]| TensorStream::new(key, name, kind, shape);
         Self {
             partition: stream(model.partition().expose()),
             owner: stream(model.owner().expose()),
@@ -141,7 +152,7 @@ pub fn embed_tensor(
 }
 
 /// Marks the elements from `first` on, chunk by chunk in parallel.
-fn mark_range(
+pub(crate) fn mark_range(
     kind: FloatKind,
     keys: &TensorKeys,
     acceptance: &Acceptance,

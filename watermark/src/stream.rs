@@ -39,6 +39,11 @@ impl TensorStream {
         Self { key: blake3::derive_key(CONTEXT_TENSOR, &material) }
     }
 
+    /// The ChaCha8 key as eight little-endian words, for a device that makes the same stream.
+    pub fn key_words(&self) -> [u32; 8] {
+        std::array::from_fn(|i| u32::from_le_bytes(self.key[4 * i..4 * i + 4].try_into().expect("4 bytes")))
+    }
+
     /// Fills `words` with the bits of elements `first..first + 64 * words.len()`;
     /// `first` must be a multiple of 512.
     pub fn fill(&self, first: usize, words: &mut [u64]) {

@@ -326,6 +326,15 @@ pub fn prune_magnitude(values: &mut [f32], share: f64) {
     values.iter_mut().filter(|v| v.abs() < cut).for_each(|v| *v = 0.0);
 }
 
+/// A random permutation of 0..n.
+pub fn shuffle(n: usize, rng: &mut Rng) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        v.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    v
+}
+
 pub fn prune_random(values: &mut [f32], share: f64, rng: &mut Rng) {
     values.iter_mut().filter(|_| rng.uniform() < share).for_each(|v| *v = 0.0);
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use agora_watermark::{Evidence, FloatKind, ModelKey, Options, embed, trace, verify_owner};
 use candle_core::quantized::GgmlDType;
 
-use crate::model::{self, Model, Rng, minilm_dir, model_key, values, values_mut};
+use crate::model::{self, Model, Rng, minilm_dir, model_key, shuffle, values, values_mut};
 
 const LICENSE: u128 = 7;
 
@@ -363,14 +363,6 @@ fn t7_permutation_and_scaling_after_alignment() {
     let path = fixture.path("FFN_+_head_permutation,_scaling.safetensors");
     let evidence = fixture.owner(&path);
     assert_eq!(evidence.aligned_tensors.len(), 24, "{:?}", evidence.aligned_tensors);
-}
-
-fn shuffle(n: usize, rng: &mut Rng) -> Vec<usize> {
-    let mut v: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        v.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-    }
-    v
 }
 
 #[test]
