@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use crate::{format::FloatKind, mark};
 
-const PSEUDO_COUNT: u64 = 48;
+pub(crate) const PSEUDO_COUNT: u64 = 48;
 
 /// Acceptances out of 256 for each code and direction of one tensor.
 pub(crate) struct Acceptance {

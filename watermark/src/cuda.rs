@@ -139,6 +139,12 @@ fn multiprocessors(dev: &CudaDevice) -> u32 {
         .map_or(132, |n| n.max(1) as u32)
 }
 
+/// Whether a tensor that starts at element `start` of its allocation (which CUDA aligns to 256
+/// bytes) can be read 16 bytes at a time.
+fn aligned(kind: FloatKind, start: usize) -> i32 {
+    i32::from((start * kind.size()).is_multiple_of(16))
+}
+
 fn grid(blocks: usize, threads: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
@@ -197,18 +203,48 @@ fn device_histogram<T: CudaDType + DeviceRepr>(
     start: usize,
     end: usize,
 ) -> candle_core::Result<Vec<u32>> {
+    storage.device.clone_dtoh(&device_counts::<T>(storage, kind, start, end)?)
+}
+
+/// The acceptance table (at `2 * code + up`) from a histogram on the device, made there.
+fn device_table(
+    dev: &CudaDevice,
+    kind: FloatKind,
+    histogram: &CudaSlice<u32>,
+) -> candle_core::Result<CudaSlice<u32>> {
+    let codes = Acceptance::codes(kind);
+    // SAFETY: the kernel writes every one of the 2 * codes entries.
+    let table = unsafe { dev.alloc::<u32>(2 * codes)? };
+    let func = function(dev, "acceptance")?;
+    let (code, count, pseudo) = (kind_code(kind), codes as u32, crate::balance::PSEUDO_COUNT as u32);
+    let stream = dev.cuda_stream();
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(histogram).arg(&code).arg(&count).arg(&pseudo).arg(&table);
+    // SAFETY: the kernel reads `codes` counts and writes 2 * codes entries, as allocated.
+    unsafe { launch.launch(grid((2 * codes).div_ceil(256), 256)) }.w()?;
+    Ok(table)
+}
+
+/// The code histogram of a device tensor, left on the device.
+fn device_counts<T: CudaDType + DeviceRepr>(
+    storage: &CudaStorage,
+    kind: FloatKind,
+    start: usize,
+    end: usize,
+) -> candle_core::Result<CudaSlice<u32>> {
     let dev = &storage.device;
     let src = storage.as_cuda_slice::<T>()?.slice(start..end);
     let counts = dev.alloc_zeros::<u32>(Acceptance::codes(kind))?;
     let func = function(dev, "histogram")?;
-    let (code, n) = (kind_code(kind), (end - start) as u64);
+    let (code, n, aligned) = (kind_code(kind), (end - start) as u64, aligned(kind, start));
     let stream = dev.cuda_stream();
     let mut launch = stream.launch_builder(&func);
-    launch.arg(&src).arg(&code).arg(&n).arg(&counts);
-    let blocks = (end - start).div_ceil(256).min(4 * multiprocessors(dev) as usize);
+    launch.arg(&src).arg(&code).arg(&n).arg(&aligned).arg(&counts);
+    // eight elements per thread and step; six blocks of 32 KiB of counters fit a multiprocessor
+    let blocks = (end - start).div_ceil(8 * 256).min(6 * multiprocessors(dev) as usize);
     // SAFETY: the kernel reads n elements of `src` and counts into `counts`, which has a slot per code.
     unsafe { launch.launch(grid(blocks, 256)) }.w()?;
-    dev.clone_dtoh(&counts)
+    Ok(counts)
 }
 
 /// Marks one tensor as [`crate::embed`] marks the tensor of that name and shape in a file: a
@@ -277,19 +313,11 @@ impl Mark {
         if n > MAX_ELEMENTS {
             return Err(op_error(format!("a tensor of {n} elements is beyond the keystream's 2^37")));
         }
-        let counted;
-        let acceptance = match &self.acceptance {
-            Some(acceptance) => acceptance,
-            None => {
-                counted = Acceptance::from_histogram(
-                    self.kind,
-                    &device_histogram::<T>(storage, self.kind, start, end)?,
-                );
-                &counted
-            }
+        let table = match &self.acceptance {
+            Some(acceptance) => dev.clone_htod(acceptance.table().0)?,
+            None => device_table(dev, self.kind, &device_counts::<T>(storage, self.kind, start, end)?)?,
         };
-        let (table, mask) = acceptance.table();
-        let table = dev.clone_htod(table)?;
+        let mask = Acceptance::codes(self.kind) as u32 - 1;
         let license = self.keys.license.as_ref().map_or([0; 8], TensorStream::key_words);
         let keys: Vec<u32> = [
             self.keys.partition.key_words(),
@@ -306,6 +334,7 @@ impl Mark {
         let func = function(dev, "mark")?;
         let (code, count, with_license) =
             (kind_code(self.kind), n as u64, i32::from(self.keys.license.is_some()));
+        let aligned = aligned(self.kind, start);
         let stream = dev.cuda_stream();
         let mut launch = stream.launch_builder(&func);
         launch
@@ -313,6 +342,7 @@ impl Mark {
             .arg(&out)
             .arg(&code)
             .arg(&count)
+            .arg(&aligned)
             .arg(&keys)
             .arg(&with_license)
             .arg(&table)

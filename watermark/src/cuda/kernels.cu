@@ -134,29 +134,83 @@ __device__ __forceinline__ u32 step_f32(u32 bits, bool up, bool* markable) {
 // The code of an element for the acceptance table: its bit pattern at bf16-equivalent precision.
 __device__ __forceinline__ u32 code_shift(int kind) { return kind == 0 ? 0 : (kind == 1 ? 3 : 16); }
 
+// Eight consecutive elements from element i: one 16-byte load for 16-bit kinds, two for f32
+// (`data` + i must be 16-byte aligned). Memory-bound kernels need the bytes in flight.
+template <int KIND>
+__device__ __forceinline__ void load8(const void* data, u64 i, u32 v[8]) {
+    if (KIND == 2) {
+        const uint4* p = (const uint4*)((const u32*)data + i);
+        uint4 a = p[0], b = p[1];
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    } else {
+        uint4 a = *(const uint4*)((const u16*)data + i);
+        v[0] = a.x & 0xFFFF; v[1] = a.x >> 16; v[2] = a.y & 0xFFFF; v[3] = a.y >> 16;
+        v[4] = a.z & 0xFFFF; v[5] = a.z >> 16; v[6] = a.w & 0xFFFF; v[7] = a.w >> 16;
+    }
+}
+
+template <int KIND>
+__device__ __forceinline__ void store8(void* data, u64 i, const u32 v[8]) {
+    if (KIND == 2) {
+        uint4* p = (uint4*)((u32*)data + i);
+        p[0] = make_uint4(v[0], v[1], v[2], v[3]);
+        p[1] = make_uint4(v[4], v[5], v[6], v[7]);
+    } else {
+        *(uint4*)((u16*)data + i) =
+            make_uint4(v[0] | v[1] << 16, v[2] | v[3] << 16, v[4] | v[5] << 16, v[6] | v[7] << 16);
+    }
+}
+
+// Elements i..i+8 of n: whole and aligned, one vector load; else one by one, zeros past n
+// (zero is never marked).
+template <int KIND>
+__device__ __forceinline__ bool load_group(const void* data, u64 i, u64 n, bool aligned, u32 v[8]) {
+    if (aligned && i + 8 <= n) {
+        load8<KIND>(data, i, v);
+        return true;
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++) v[j] = i + j < n ? load_bits(data, KIND, i + j) : 0;
+    return false;
+}
+
 // Codes with these exponent fields (both signs) are counted in shared memory; the rest, which
 // real weights rarely have, with global atomics. f16 codes all fit.
 #define WINDOW_LOW 96u
 #define WINDOW_CODES 8192u
 
-extern "C" __global__ void histogram(const void* data, int kind, u64 n, u32* counts) {
+template <int KIND>
+__device__ __forceinline__ void histogram_span(const void* data, u64 n, bool aligned, u32* window, u32* counts) {
+    u64 groups = (n + 7) / 8;
+    for (u64 g = (u64)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += (u64)gridDim.x * blockDim.x) {
+        u32 v[8];
+        bool whole = load_group<KIND>(data, 8 * g, n, aligned, v);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            if (!whole && 8 * g + j >= n) break;
+            u32 code = v[j] >> code_shift(KIND);
+            u32 slot;
+            if (KIND == 1) {
+                slot = code;
+            } else {
+                // sign, then exponents WINDOW_LOW..WINDOW_LOW + 31, then the 7 mantissa bits
+                u32 offset = ((code >> 7) & 0xFF) - WINDOW_LOW;
+                slot = offset < 32 ? ((code >> 15) << 12) | (offset << 7) | (code & 0x7F) : WINDOW_CODES;
+            }
+            if (slot < WINDOW_CODES) atomicAdd(&window[slot], 1u);
+            else atomicAdd(&counts[code], 1u);
+        }
+    }
+}
+
+extern "C" __global__ void histogram(const void* data, int kind, u64 n, int aligned, u32* counts) {
     __shared__ u32 window[WINDOW_CODES];
     for (u32 i = threadIdx.x; i < WINDOW_CODES; i += blockDim.x) window[i] = 0;
     __syncthreads();
-    u32 shift = code_shift(kind);
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        u32 code = load_bits(data, kind, i) >> shift;
-        u32 slot;
-        if (kind == 1) {
-            slot = code;
-        } else {
-            // sign, then exponents WINDOW_LOW..WINDOW_LOW + 31, then the 7 mantissa bits
-            u32 offset = ((code >> 7) & 0xFF) - WINDOW_LOW;
-            slot = offset < 32 ? ((code >> 15) << 12) | (offset << 7) | (code & 0x7F) : WINDOW_CODES;
-        }
-        if (slot < WINDOW_CODES) atomicAdd(&window[slot], 1u);
-        else atomicAdd(&counts[code], 1u);
-    }
+    if (kind == 0) histogram_span<0>(data, n, aligned, window, counts);
+    else if (kind == 1) histogram_span<1>(data, n, aligned, window, counts);
+    else histogram_span<2>(data, n, aligned, window, counts);
     __syncthreads();
     for (u32 slot = threadIdx.x; slot < WINDOW_CODES; slot += blockDim.x) {
         u32 count = window[slot];
@@ -166,16 +220,81 @@ extern "C" __global__ void histogram(const void* data, int kind, u64 n, u32* cou
     }
 }
 
+// balance.rs's Acceptance::from_histogram: for each code and direction, min(256, round(256 *
+// count(target) / count(source))) with `pseudo` added to every count; at 2 * code + up.
+extern "C" __global__ void acceptance(const u32* histogram, int kind, u32 codes, u32 pseudo, u32* table) {
+    u32 slot = blockIdx.x * blockDim.x + threadIdx.x;
+    if (slot >= 2 * codes) return;
+    u32 code = slot >> 1, shift = code_shift(kind);
+    bool up = slot & 1, markable;
+    u32 bits = code << shift;
+    u32 moved = kind == 0 ? step_bf16(bits, up, &markable)
+              : (kind == 1 ? step_f16(bits, up, &markable) : step_f32(bits, up, &markable));
+    u32 target = (moved >> shift) & (codes - 1);
+    u64 source = (u64)histogram[code] + pseudo;
+    u64 ratio = (256 * ((u64)histogram[target] + pseudo) + source / 2) / source;
+    table[slot] = (u32)(ratio < 256 ? ratio : 256);
+}
+
 #define MARK_THREADS 256
 #define MARK_SPAN (MARK_THREADS * 64)  // elements per block: one coin block per thread
 #define MARK_BIT_BLOCKS (MARK_SPAN / 512)
 
+template <int KIND>
+__device__ __forceinline__ u32 step(u32 bits, bool up, bool* markable) {
+    if (KIND == 0) return step_bf16(bits, up, markable);
+    if (KIND == 1) return step_f16(bits, up, markable);
+    return step_f32(bits, up, markable);
+}
+
+// Phase two of `mark`: eight consecutive elements per thread and step.
+template <int KIND>
+__device__ __forceinline__ void mark_span(const void* src, void* dst, u64 base, u64 n, bool aligned, bool with_license,
+                                          const u32* table, u32 mask, const u32* coins, const u32* partition,
+                                          const u32* owner, const u32* license, u32* changed_a, u32* changed_b) {
+    for (u32 group = threadIdx.x; group < MARK_SPAN / 8; group += MARK_THREADS) {
+        u32 e = 8 * group;
+        u64 i = base + e;
+        if (i >= n) break;
+        u32 shift = e & 31;
+        u32 parts = partition[e >> 5] >> shift;
+        u32 owners = owner[e >> 5] >> shift;
+        u32 licenses = with_license ? license[e >> 5] >> shift : 0;
+        u32 coin_words[2] = {coins[e >> 2], coins[(e >> 2) + 1]};
+        u32 v[8];
+        bool whole = load_group<KIND>(src, i, n, aligned, v);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            bool part = (parts >> j) & 1;
+            bool up = part ? (owners >> j) & 1 : (licenses >> j) & 1;
+            u32 coin = (coin_words[j >> 2] >> (8 * (j & 3))) & 0xFF;
+            bool markable;
+            u32 moved = step<KIND>(v[j], up, &markable);
+            bool accepted = coin < table[(((v[j] >> code_shift(KIND)) & mask) << 1) | (up ? 1u : 0u)];
+            bool take = markable && accepted && (with_license || part);
+            *changed_a += take && part;
+            *changed_b += take && !part;
+            v[j] = take ? moved : v[j];
+        }
+        if (whole) {
+            store8<KIND>(dst, i, v);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                if (i + j >= n) break;
+                if (KIND == 2) ((u32*)dst)[i + j] = v[j];
+                else ((u16*)dst)[i + j] = (u16)v[j];
+            }
+        }
+    }
+}
+
 // Marks elements [0, n) of `src` into `dst` as mark.rs's mark_chunk does. keys: partition,
 // owner, license, coin (8 words each); table: acceptance at 2 * code + up; counts: changed
-// weights of half A and half B.
+// weights of half A and half B. `aligned`: both tensors start on 16 bytes.
 extern "C" __global__ void __launch_bounds__(MARK_THREADS)
-    mark(const void* src, void* dst, int kind, u64 n, const u32* keys, int with_license, const u32* table,
-         u32 mask, unsigned long long* counts) {
+    mark(const void* src, void* dst, int kind, u64 n, int aligned, const u32* keys, int with_license,
+         const u32* table, u32 mask, unsigned long long* counts) {
     __shared__ u32 coins[MARK_SPAN / 4];
     __shared__ u32 bits[3][MARK_BIT_BLOCKS * 16];
     u64 base = (u64)blockIdx.x * MARK_SPAN;
@@ -194,30 +313,13 @@ extern "C" __global__ void __launch_bounds__(MARK_THREADS)
         for (int i = 0; i < 16; i++) bits[stream][16 * block + i] = words[i];
     }
     __syncthreads();
-    u32 shift = code_shift(kind);
     u32 changed_a = 0, changed_b = 0;
-    for (u32 e = t; e < MARK_SPAN; e += MARK_THREADS) {
-        u64 i = base + e;
-        if (i >= n) break;
-        u32 bit = e & 31;
-        bool part = (bits[0][e >> 5] >> bit) & 1;
-        bool owner = (bits[1][e >> 5] >> bit) & 1;
-        bool license = with_license && ((bits[2][e >> 5] >> bit) & 1);
-        bool up = part ? owner : license;
-        bool selected = with_license || part;
-        u32 coin = (coins[e >> 2] >> (8 * (e & 3))) & 0xFF;
-        u32 value = load_bits(src, kind, i);
-        bool markable;
-        u32 moved = kind == 0 ? step_bf16(value, up, &markable)
-                  : (kind == 1 ? step_f16(value, up, &markable) : step_f32(value, up, &markable));
-        bool accepted = coin < table[(((value >> shift) & mask) << 1) | (up ? 1u : 0u)];
-        bool take = markable && accepted && selected;
-        changed_a += take && part;
-        changed_b += take && !part;
-        u32 out = take ? moved : value;
-        if (kind == 2) ((u32*)dst)[i] = out;
-        else ((u16*)dst)[i] = (u16)out;
-    }
+    if (kind == 0)
+        mark_span<0>(src, dst, base, n, aligned, with_license, table, mask, coins, bits[0], bits[1], bits[2], &changed_a, &changed_b);
+    else if (kind == 1)
+        mark_span<1>(src, dst, base, n, aligned, with_license, table, mask, coins, bits[0], bits[1], bits[2], &changed_a, &changed_b);
+    else
+        mark_span<2>(src, dst, base, n, aligned, with_license, table, mask, coins, bits[0], bits[1], bits[2], &changed_a, &changed_b);
     changed_a = __reduce_add_sync(0xFFFFFFFFu, changed_a);
     changed_b = __reduce_add_sync(0xFFFFFFFFu, changed_b);
     if ((t & 31) == 0) {

@@ -78,13 +78,16 @@ fn cuda_mark_is_the_cpu_mark() {
     let model = MasterKey::from_bytes([9; 32]).model_key(&[4; 32]);
     // not a whole number of the kernel's 16,384-element blocks
     let (rows, cols) = (1000, 777);
-    for (kind, dtype) in
-        [(FloatKind::Bf16, DType::BF16), (FloatKind::F16, DType::F16), (FloatKind::F32, DType::F32)]
-    {
+    let kinds = [(FloatKind::Bf16, DType::BF16), (FloatKind::F16, DType::F16), (FloatKind::F32, DType::F32)];
+    // offset 1: a view one row into its storage, which the kernels cannot read 16 bytes at a time
+    for ((kind, dtype), offset) in kinds.into_iter().flat_map(|k| [(k, 0), (k, 1)]) {
         for license in [None, Some(model.license(12))] {
-            let values = weights(kind, rows * cols, 5);
-            let original =
-                Candle::from_vec(values, (rows, cols), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let values = weights(kind, (rows + offset) * cols, 5);
+            let stored = Candle::from_vec(values, (rows + offset, cols), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let original = stored.narrow(0, offset, rows).unwrap();
             let mark = cuda::Mark::new(
                 &model,
                 license.as_ref(),
@@ -95,8 +98,9 @@ fn cuda_mark_is_the_cpu_mark() {
             .unwrap();
             let on_cpu = original.apply_op1_no_bwd(&mark).unwrap();
             let changed = mark.changed();
-            let on_gpu = original.to_device(&device).unwrap().apply_op1_no_bwd(&mark).unwrap();
-            let what = format!("{kind:?}, license {}", license.is_some());
+            let resident = stored.to_device(&device).unwrap().narrow(0, offset, rows).unwrap();
+            let on_gpu = resident.apply_op1_no_bwd(&mark).unwrap();
+            let what = format!("{kind:?}, license {}, offset {offset}", license.is_some());
             assert_eq!(mark.changed(), changed, "{what}: weights changed");
             assert!(changed.0 > 100_000, "{what}: {changed:?}");
             assert_eq!(changed.1 > 0, license.is_some(), "{what}: {changed:?}");
