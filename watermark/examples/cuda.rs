@@ -5,7 +5,7 @@
 //! - tracing 10,000 licenses over 1 B weights (files in the page cache), checked against the
 //!   CPU's trace of the first licenses, whose time is the CPU baseline.
 //!
-//! `watermark-cuda [--weights N] [--licenses L]`
+//! `watermark-cuda [--weights N] [--licenses L]` (`--licenses 0`: the embed only)
 
 use std::{error::Error, fs::File, io::Write, path::Path, time::Instant};
 
@@ -31,7 +31,9 @@ fn main() -> Result<()> {
     let device = cuda::device(0)?;
     println!("CUDA device 0, {} CPU threads", rayon::current_num_threads());
     resident_embed(&device)?;
-    trace_many(&device, weights, licenses)?;
+    if licenses > 0 {
+        trace_many(&device, weights, licenses)?;
+    }
     Ok(())
 }
 

@@ -317,7 +317,6 @@ impl Mark {
             Some(acceptance) => dev.clone_htod(acceptance.table().0)?,
             None => device_table(dev, self.kind, &device_counts::<T>(storage, self.kind, start, end)?)?,
         };
-        let mask = Acceptance::codes(self.kind) as u32 - 1;
         let license = self.keys.license.as_ref().map_or([0; 8], TensorStream::key_words);
         let keys: Vec<u32> = [
             self.keys.partition.key_words(),
@@ -346,10 +345,9 @@ impl Mark {
             .arg(&keys)
             .arg(&with_license)
             .arg(&table)
-            .arg(&mask)
             .arg(&changed);
         // SAFETY: the kernel reads and writes elements below n of `src` and `out`, reads 32 key
-        // words and the table at codes below its length (mask), and adds into the two counters.
+        // words and the table at codes of its kind (all inside it), and adds into the two counters.
         unsafe { launch.launch(grid(n.div_ceil(MARK_SPAN), 256)) }.w()?;
         let changed = dev.clone_dtoh(&changed)?;
         self.record((changed[0], changed[1]));

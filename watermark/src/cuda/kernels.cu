@@ -90,15 +90,16 @@ __device__ __forceinline__ float load_value(const void* data, int kind, u64 i) {
     return __uint_as_float(bits);
 }
 
-// mark.rs: step_bf16, step_f16, step_f32 (and bf16_ulp).
+// mark.rs: step_bf16, step_f16, step_f32 (and bf16_ulp). For values that are not markable the
+// moved pattern may differ from the CPU's; it is never used (neither marked nor, in the
+// acceptance table, the target of a markable code).
 __device__ __forceinline__ u32 step_bf16(u32 bits, bool up, bool* markable) {
     u32 magnitude = bits & 0x7FFFu;
-    u32 exponent = magnitude >> 7;
-    *markable = (exponent != 0) & (exponent != 0xFF);
+    *markable = magnitude - 0x80u < 0x7F00u;  // exponent field neither 0 nor 0xFF
     u32 grow = (up ? 1u : 0u) ^ (bits >> 15);
-    if (magnitude == 0x7F7Fu) grow = 0;
-    else if (magnitude == 0x0080u) grow = 1;
-    return (bits & 0x8000u) | ((magnitude + (grow << 1) - 1u) & 0xFFFFu);
+    grow = magnitude == 0x7F7Fu ? 0u : (magnitude == 0x0080u ? 1u : grow);
+    // a markable magnitude stays inside the normal range: the sign bit is untouched
+    return bits + 2 * grow - 1;
 }
 
 __device__ __forceinline__ float bf16_ulp(float value) {
@@ -250,7 +251,7 @@ __device__ __forceinline__ u32 step(u32 bits, bool up, bool* markable) {
 // Phase two of `mark`: eight consecutive elements per thread and step.
 template <int KIND>
 __device__ __forceinline__ void mark_span(const void* src, void* dst, u64 base, u64 n, bool aligned, bool with_license,
-                                          const u32* table, u32 mask, const u32* coins, const u32* partition,
+                                          const u32* table, const u32* coins, const u32* partition,
                                           const u32* owner, const u32* license, u32* changed_a, u32* changed_b) {
     for (u32 group = threadIdx.x; group < MARK_SPAN / 8; group += MARK_THREADS) {
         u32 e = 8 * group;
@@ -258,24 +259,29 @@ __device__ __forceinline__ void mark_span(const void* src, void* dst, u64 base, 
         if (i >= n) break;
         u32 shift = e & 31;
         u32 parts = partition[e >> 5] >> shift;
-        u32 owners = owner[e >> 5] >> shift;
         u32 licenses = with_license ? license[e >> 5] >> shift : 0;
+        // per weight: up in value (half A: the owner bit, half B: the license bit), and whether
+        // it is marked at all (half A only, without a license)
+        u32 ups = (parts & (owner[e >> 5] >> shift)) | (~parts & licenses);
+        u32 selected = with_license ? 0xFFu : parts;
         u32 coin_words[2] = {coins[e >> 2], coins[(e >> 2) + 1]};
         u32 v[8];
         bool whole = load_group<KIND>(src, i, n, aligned, v);
+        u32 taken = 0;
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            bool part = (parts >> j) & 1;
-            bool up = part ? (owners >> j) & 1 : (licenses >> j) & 1;
-            u32 coin = (coin_words[j >> 2] >> (8 * (j & 3))) & 0xFF;
+            u32 up = (ups >> j) & 1;
+            u32 coin = __byte_perm(coin_words[j >> 2], 0, 0x4440 | (j & 3));
             bool markable;
             u32 moved = step<KIND>(v[j], up, &markable);
-            bool accepted = coin < table[(((v[j] >> code_shift(KIND)) & mask) << 1) | (up ? 1u : 0u)];
-            bool take = markable && accepted && (with_license || part);
-            *changed_a += take && part;
-            *changed_b += take && !part;
-            v[j] = take ? moved : v[j];
+            // codes of every kind are below the table's length: no mask needed
+            u32 acceptance = table[(v[j] >> code_shift(KIND)) << 1 | up];
+            u32 take = (u32)markable & (u32)(coin < acceptance) & (selected >> j);
+            taken |= (take & 1) << j;
+            v[j] = take & 1 ? moved : v[j];
         }
+        *changed_a += __popc(taken & parts);
+        *changed_b += __popc(taken & ~parts);
         if (whole) {
             store8<KIND>(dst, i, v);
         } else {
@@ -294,7 +300,7 @@ __device__ __forceinline__ void mark_span(const void* src, void* dst, u64 base, 
 // weights of half A and half B. `aligned`: both tensors start on 16 bytes.
 extern "C" __global__ void __launch_bounds__(MARK_THREADS)
     mark(const void* src, void* dst, int kind, u64 n, int aligned, const u32* keys, int with_license,
-         const u32* table, u32 mask, unsigned long long* counts) {
+         const u32* table, unsigned long long* counts) {
     __shared__ u32 coins[MARK_SPAN / 4];
     __shared__ u32 bits[3][MARK_BIT_BLOCKS * 16];
     u64 base = (u64)blockIdx.x * MARK_SPAN;
@@ -315,11 +321,11 @@ extern "C" __global__ void __launch_bounds__(MARK_THREADS)
     __syncthreads();
     u32 changed_a = 0, changed_b = 0;
     if (kind == 0)
-        mark_span<0>(src, dst, base, n, aligned, with_license, table, mask, coins, bits[0], bits[1], bits[2], &changed_a, &changed_b);
+        mark_span<0>(src, dst, base, n, aligned, with_license, table, coins, bits[0], bits[1], bits[2], &changed_a, &changed_b);
     else if (kind == 1)
-        mark_span<1>(src, dst, base, n, aligned, with_license, table, mask, coins, bits[0], bits[1], bits[2], &changed_a, &changed_b);
+        mark_span<1>(src, dst, base, n, aligned, with_license, table, coins, bits[0], bits[1], bits[2], &changed_a, &changed_b);
     else
-        mark_span<2>(src, dst, base, n, aligned, with_license, table, mask, coins, bits[0], bits[1], bits[2], &changed_a, &changed_b);
+        mark_span<2>(src, dst, base, n, aligned, with_license, table, coins, bits[0], bits[1], bits[2], &changed_a, &changed_b);
     changed_a = __reduce_add_sync(0xFFFFFFFFu, changed_a);
     changed_b = __reduce_add_sync(0xFFFFFFFFu, changed_b);
     if ((t & 31) == 0) {
