@@ -93,7 +93,7 @@ fn resident_embed(device: &Device) -> Result<()> {
     // the same marks as the CPU's, bit for bit
     let on_gpu =
         weights.apply_op1_no_bwd(&mark)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<half::bf16>()?;
-    let gpu_changed = mark.changed();
+    let gpu_changed = mark.changed()?;
     let on_gpu_known =
         weights.apply_op1_no_bwd(&known)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<half::bf16>()?;
     let host = weights.to_device(&Device::Cpu)?;
@@ -108,10 +108,10 @@ fn resident_embed(device: &Device) -> Result<()> {
         cpu_seconds * 1e3,
         bytes / cpu_seconds / 1e9,
         on_cpu.len(),
-        mark.changed(),
+        mark.changed()?,
         gpu_changed
     );
-    if differing != 0 || mark.changed() != gpu_changed {
+    if differing != 0 || mark.changed()? != gpu_changed {
         return Err("the CUDA marks differ from the CPU's".into());
     }
     Ok(())

@@ -14,13 +14,13 @@
 use std::{
     fmt::Display,
     path::Path,
-    sync::{Mutex, OnceLock},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor,
     cuda_backend::{
-        CudaDType, WrapErr,
+        CudaDType, DeviceId, WrapErr,
         cudarc::{
             driver::{
                 CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, sys,
@@ -225,6 +225,20 @@ fn device_table(
     Ok(table)
 }
 
+/// The bf16 acceptance table packed with each code's step: one word per code.
+fn device_pack_bf16(dev: &CudaDevice, table: &CudaSlice<u32>) -> candle_core::Result<CudaSlice<u32>> {
+    const CODES: usize = 1 << 16;
+    // SAFETY: the kernel writes every one of the 65,536 words.
+    let packed = unsafe { dev.alloc::<u32>(CODES)? };
+    let func = function(dev, "pack_bf16")?;
+    let stream = dev.cuda_stream();
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(table).arg(&packed);
+    // SAFETY: the kernel reads the 2 × 65,536 entries of a bf16 table and writes 65,536 words.
+    unsafe { launch.launch(grid(CODES / 256, 256)) }.w()?;
+    Ok(packed)
+}
+
 /// The code histogram of a device tensor, left on the device.
 fn device_counts<T: CudaDType + DeviceRepr>(
     storage: &CudaStorage,
@@ -258,8 +272,24 @@ pub struct Mark {
     kind: FloatKind,
     keys: TensorKeys,
     acceptance: Option<Acceptance>,
-    changed: Mutex<(u64, u64)>,
+    /// The kernel's table from `acceptance`, on the device it was made for.
+    device_table: Mutex<Option<(DeviceId, Arc<CudaSlice<u32>>)>>,
+    /// The last run's counts of changed weights: on the host, or on the device until read.
+    changed: Mutex<Changed>,
 }
+
+enum Changed {
+    Host((u64, u64)),
+    Device(CudaDevice, CudaSlice<u64>),
+}
+
+/// A mark's four keys as the kernel takes them, by value.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MarkKeys([u32; 32]);
+
+// SAFETY: a plain array of u32, the kernel's `struct MarkKeys` exactly.
+unsafe impl DeviceRepr for MarkKeys {}
 
 impl Mark {
     pub fn new(
@@ -274,7 +304,8 @@ impl Mark {
             kind,
             keys: TensorKeys::named(model, license, name, kind, shape),
             acceptance: None,
-            changed: Mutex::new((0, 0)),
+            device_table: Mutex::new(None),
+            changed: Mutex::new(Changed::Host((0, 0))),
         })
     }
 
@@ -290,16 +321,36 @@ impl Mark {
             )));
         }
         self.acceptance = Some(Acceptance::from_histogram(self.kind, histogram));
+        self.device_table = Mutex::new(None);
         Ok(self)
     }
 
-    /// Weights changed by the last run, in half A and half B.
-    pub fn changed(&self) -> (u64, u64) {
-        *self.changed.lock().unwrap_or_else(|e| e.into_inner())
+    /// Weights changed by the last run, in half A and half B (after a device run, read from
+    /// the device, which waits for it).
+    pub fn changed(&self) -> Result<(u64, u64), WatermarkError> {
+        let mut changed = self.changed.lock().unwrap_or_else(|e| e.into_inner());
+        let counts = match &*changed {
+            Changed::Host(counts) => *counts,
+            Changed::Device(dev, counts) => {
+                let counts = dev.clone_dtoh(counts).map_err(device_error)?;
+                (counts[0], counts[1])
+            }
+        };
+        *changed = Changed::Host(counts);
+        Ok(counts)
     }
 
-    fn record(&self, changed: (u64, u64)) {
+    fn record(&self, changed: Changed) {
         *self.changed.lock().unwrap_or_else(|e| e.into_inner()) = changed;
+    }
+
+    /// The table as the mark kernel reads it: for bf16, one word per code with all the step
+    /// needs (kernels.cu, pack_bf16).
+    fn for_kernel(&self, dev: &CudaDevice, table: CudaSlice<u32>) -> candle_core::Result<CudaSlice<u32>> {
+        match self.kind {
+            FloatKind::Bf16 => device_pack_bf16(dev, &table),
+            FloatKind::F16 | FloatKind::F32 => Ok(table),
+        }
     }
 
     fn mark_on_device<T: CudaDType + DeviceRepr>(
@@ -314,18 +365,34 @@ impl Mark {
             return Err(op_error(format!("a tensor of {n} elements is beyond the keystream's 2^37")));
         }
         let table = match &self.acceptance {
-            Some(acceptance) => dev.clone_htod(acceptance.table().0)?,
-            None => device_table(dev, self.kind, &device_counts::<T>(storage, self.kind, start, end)?)?,
+            // a known histogram: the table is the same on every run, made once per device
+            Some(acceptance) => {
+                let mut cached = self.device_table.lock().unwrap_or_else(|e| e.into_inner());
+                match &*cached {
+                    Some((id, table)) if *id == dev.id() => table.clone(),
+                    _ => {
+                        let table = Arc::new(self.for_kernel(dev, dev.clone_htod(acceptance.table().0)?)?);
+                        *cached = Some((dev.id(), table.clone()));
+                        table
+                    }
+                }
+            }
+            None => Arc::new(self.for_kernel(
+                dev,
+                device_table(dev, self.kind, &device_counts::<T>(storage, self.kind, start, end)?)?,
+            )?),
         };
         let license = self.keys.license.as_ref().map_or([0; 8], TensorStream::key_words);
-        let keys: Vec<u32> = [
+        let mut keys = MarkKeys([0; 32]);
+        let streams = [
             self.keys.partition.key_words(),
             self.keys.owner.key_words(),
             license,
             self.keys.coin.key_words(),
-        ]
-        .concat();
-        let keys = dev.clone_htod(&keys)?;
+        ];
+        for (slot, key) in keys.0.chunks_exact_mut(8).zip(streams) {
+            slot.copy_from_slice(&key);
+        }
         let changed = dev.alloc_zeros::<u64>(2)?;
         let src = storage.as_cuda_slice::<T>()?.slice(start..end);
         // SAFETY: every element is written by the kernel below before the slice is read.
@@ -344,13 +411,12 @@ impl Mark {
             .arg(&aligned)
             .arg(&keys)
             .arg(&with_license)
-            .arg(&table)
+            .arg(table.as_ref())
             .arg(&changed);
         // SAFETY: the kernel reads and writes elements below n of `src` and `out`, reads 32 key
         // words and the table at codes of its kind (all inside it), and adds into the two counters.
         unsafe { launch.launch(grid(n.div_ceil(MARK_SPAN), 256)) }.w()?;
-        let changed = dev.clone_dtoh(&changed)?;
-        self.record((changed[0], changed[1]));
+        self.record(Changed::Device(dev.clone(), changed));
         Ok(out)
     }
 }
@@ -389,7 +455,7 @@ impl CustomOp1 for Mark {
                 &counted
             }
         };
-        self.record(mark_range(self.kind, &self.keys, acceptance, 0, &src, &mut out));
+        self.record(Changed::Host(mark_range(self.kind, &self.keys, acceptance, 0, &src, &mut out)));
         let two = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
         let storage = match self.kind {
             FloatKind::Bf16 => {

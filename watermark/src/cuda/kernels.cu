@@ -93,13 +93,22 @@ __device__ __forceinline__ float load_value(const void* data, int kind, u64 i) {
 // mark.rs: step_bf16, step_f16, step_f32 (and bf16_ulp). For values that are not markable the
 // moved pattern may differ from the CPU's; it is never used (neither marked nor, in the
 // acceptance table, the target of a markable code).
-__device__ __forceinline__ u32 step_bf16(u32 bits, bool up, bool* markable) {
+// Whether a bf16 step grows the magnitude: up in value for positives, down for negatives, and
+// never to infinity from the largest finite value nor to a subnormal from the smallest normal.
+__device__ __forceinline__ u32 bf16_grow(u32 bits, bool up) {
     u32 magnitude = bits & 0x7FFFu;
-    *markable = magnitude - 0x80u < 0x7F00u;  // exponent field neither 0 nor 0xFF
     u32 grow = (up ? 1u : 0u) ^ (bits >> 15);
-    grow = magnitude == 0x7F7Fu ? 0u : (magnitude == 0x0080u ? 1u : grow);
+    return magnitude == 0x7F7Fu ? 0u : (magnitude == 0x0080u ? 1u : grow);
+}
+
+__device__ __forceinline__ bool bf16_markable(u32 bits) {
+    return (bits & 0x7FFFu) - 0x80u < 0x7F00u;  // exponent field neither 0 nor 0xFF
+}
+
+__device__ __forceinline__ u32 step_bf16(u32 bits, bool up, bool* markable) {
+    *markable = bf16_markable(bits);
     // a markable magnitude stays inside the normal range: the sign bit is untouched
-    return bits + 2 * grow - 1;
+    return bits + 2 * bf16_grow(bits, up) - 1;
 }
 
 __device__ __forceinline__ float bf16_ulp(float value) {
@@ -237,9 +246,20 @@ extern "C" __global__ void acceptance(const u32* histogram, int kind, u32 codes,
     table[slot] = (u32)(ratio < 256 ? ratio : 256);
 }
 
+// For bf16, whose code is the whole bit pattern, everything a step needs in one word per code:
+// the acceptance down (bits 0-8) and up (9-17), markable (18), and the grow bit of a step down
+// (19) and up (20). One gather per weight then replaces the step's arithmetic.
+extern "C" __global__ void pack_bf16(const u32* table, u32* packed) {
+    u32 code = blockIdx.x * blockDim.x + threadIdx.x;
+    if (code >= 65536) return;
+    packed[code] = table[2 * code] | table[2 * code + 1] << 9 | (u32)bf16_markable(code) << 18
+                 | bf16_grow(code, false) << 19 | bf16_grow(code, true) << 20;
+}
+
 #define MARK_THREADS 256
 #define MARK_SPAN (MARK_THREADS * 64)  // elements per block: one coin block per thread
 #define MARK_BIT_BLOCKS (MARK_SPAN / 512)
+#define MARK_GROUP 8  // consecutive weights per thread and step: one 16-byte load of bf16
 
 template <int KIND>
 __device__ __forceinline__ u32 step(u32 bits, bool up, bool* markable) {
@@ -253,8 +273,8 @@ template <int KIND>
 __device__ __forceinline__ void mark_span(const void* src, void* dst, u64 base, u64 n, bool aligned, bool with_license,
                                           const u32* table, const u32* coins, const u32* partition,
                                           const u32* owner, const u32* license, u32* changed_a, u32* changed_b) {
-    for (u32 group = threadIdx.x; group < MARK_SPAN / 8; group += MARK_THREADS) {
-        u32 e = 8 * group;
+    for (u32 group = threadIdx.x; group < MARK_SPAN / MARK_GROUP; group += MARK_THREADS) {
+        u32 e = MARK_GROUP * group;
         u64 i = base + e;
         if (i >= n) break;
         u32 shift = e & 31;
@@ -265,20 +285,29 @@ __device__ __forceinline__ void mark_span(const void* src, void* dst, u64 base, 
         u32 ups = (parts & (owner[e >> 5] >> shift)) | (~parts & licenses);
         u32 selected = with_license ? 0xFFu : parts;
         u32 coin_words[2] = {coins[e >> 2], coins[(e >> 2) + 1]};
-        u32 v[8];
+        u32 v[MARK_GROUP];
         bool whole = load_group<KIND>(src, i, n, aligned, v);
         u32 taken = 0;
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
+        for (int j = 0; j < MARK_GROUP; j++) {
             u32 up = (ups >> j) & 1;
             u32 coin = __byte_perm(coin_words[j >> 2], 0, 0x4440 | (j & 3));
-            bool markable;
-            u32 moved = step<KIND>(v[j], up, &markable);
-            // codes of every kind are below the table's length: no mask needed
-            u32 acceptance = table[(v[j] >> code_shift(KIND)) << 1 | up];
-            u32 take = (u32)markable & (u32)(coin < acceptance) & (selected >> j);
-            taken |= (take & 1) << j;
-            v[j] = take & 1 ? moved : v[j];
+            if (KIND == 0) {
+                // `table` is pack_bf16's
+                u32 entry = table[v[j]];
+                u32 acceptance = (entry >> (9 * up)) & 0x1FF;
+                u32 take = (entry >> 18) & (u32)(coin < acceptance) & (selected >> j) & 1;
+                taken |= take << j;
+                v[j] = take ? v[j] + 2 * ((entry >> (19 + up)) & 1) - 1 : v[j];
+            } else {
+                bool markable;
+                u32 moved = step<KIND>(v[j], up, &markable);
+                // codes of every kind are below the table's length: no mask needed
+                u32 acceptance = table[(v[j] >> code_shift(KIND)) << 1 | up];
+                u32 take = (u32)markable & (u32)(coin < acceptance) & (selected >> j);
+                taken |= (take & 1) << j;
+                v[j] = take & 1 ? moved : v[j];
+            }
         }
         *changed_a += __popc(taken & parts);
         *changed_b += __popc(taken & ~parts);
@@ -286,7 +315,7 @@ __device__ __forceinline__ void mark_span(const void* src, void* dst, u64 base, 
             store8<KIND>(dst, i, v);
         } else {
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
+            for (int j = 0; j < MARK_GROUP; j++) {
                 if (i + j >= n) break;
                 if (KIND == 2) ((u32*)dst)[i + j] = v[j];
                 else ((u16*)dst)[i + j] = (u16)v[j];
@@ -295,25 +324,30 @@ __device__ __forceinline__ void mark_span(const void* src, void* dst, u64 base, 
     }
 }
 
+// The four keys of a mark, passed by value (no upload before each launch).
+struct MarkKeys {
+    u32 words[32];
+};
+
 // Marks elements [0, n) of `src` into `dst` as mark.rs's mark_chunk does. keys: partition,
 // owner, license, coin (8 words each); table: acceptance at 2 * code + up; counts: changed
 // weights of half A and half B. `aligned`: both tensors start on 16 bytes.
 extern "C" __global__ void __launch_bounds__(MARK_THREADS)
-    mark(const void* src, void* dst, int kind, u64 n, int aligned, const u32* keys, int with_license,
+    mark(const void* src, void* dst, int kind, u64 n, int aligned, MarkKeys keys, int with_license,
          const u32* table, unsigned long long* counts) {
     __shared__ u32 coins[MARK_SPAN / 4];
     __shared__ u32 bits[3][MARK_BIT_BLOCKS * 16];
     u64 base = (u64)blockIdx.x * MARK_SPAN;
     u32 t = threadIdx.x;
     u32 key[8], words[16];
-    load_key(keys + 24, key);
+    load_key(keys.words + 24, key);
     chacha8(key, (u32)(base / 64) + t, words);
 #pragma unroll
     for (int i = 0; i < 16; i++) coins[16 * t + i] = words[i];
     u32 streams = with_license ? 3 : 2;
     if (t < streams * MARK_BIT_BLOCKS) {
         u32 stream = t / MARK_BIT_BLOCKS, block = t % MARK_BIT_BLOCKS;
-        load_key(keys + 8 * stream, key);
+        load_key(keys.words + 8 * stream, key);
         chacha8(key, (u32)(base / 512) + block, words);
 #pragma unroll
         for (int i = 0; i < 16; i++) bits[stream][16 * block + i] = words[i];
