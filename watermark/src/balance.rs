@@ -99,10 +99,10 @@ impl Acceptance {
         }
     }
 
-    /// The table, at `2 * code + up`, and the mask that takes a shifted bit pattern to its code.
+    /// The table, at `2 * code + up`.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub fn table(&self) -> (&[u32], u32) {
-        (&self.table, self.mask)
+    pub fn table(&self) -> &[u32] {
+        &self.table
     }
 
     /// The acceptance (of 256) of stepping the element with bit pattern `bits` up or down.

@@ -371,7 +371,7 @@ impl Mark {
                 match &*cached {
                     Some((id, table)) if *id == dev.id() => table.clone(),
                     _ => {
-                        let table = Arc::new(self.for_kernel(dev, dev.clone_htod(acceptance.table().0)?)?);
+                        let table = Arc::new(self.for_kernel(dev, dev.clone_htod(acceptance.table())?)?);
                         *cached = Some((dev.id(), table.clone()));
                         table
                     }
