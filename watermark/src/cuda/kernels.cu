@@ -93,6 +93,7 @@ __device__ __forceinline__ float load_value(const void* data, int kind, u64 i) {
 // mark.rs: step_bf16, step_f16, step_f32 (and bf16_ulp). For values that are not markable the
 // moved pattern may differ from the CPU's; it is never used (neither marked nor, in the
 // acceptance table, the target of a markable code).
+
 // Whether a bf16 step grows the magnitude: up in value for positives, down for negatives, and
 // never to infinity from the largest finite value nor to a subnormal from the smallest normal.
 __device__ __forceinline__ u32 bf16_grow(u32 bits, bool up) {
@@ -259,7 +260,9 @@ extern "C" __global__ void pack_bf16(const u32* table, u32* packed) {
 #define MARK_THREADS 256
 #define MARK_SPAN (MARK_THREADS * 64)  // elements per block: one coin block per thread
 #define MARK_BIT_BLOCKS (MARK_SPAN / 512)
-#define MARK_GROUP 8  // consecutive weights per thread and step: one 16-byte load of bf16
+// Consecutive weights per thread and step: one load_group (16 bytes of bf16). The step loop's
+// bit masks and its two coin words are written for eight.
+#define MARK_GROUP 8
 
 template <int KIND>
 __device__ __forceinline__ u32 step(u32 bits, bool up, bool* markable) {
@@ -330,8 +333,8 @@ struct MarkKeys {
 };
 
 // Marks elements [0, n) of `src` into `dst` as mark.rs's mark_chunk does. keys: partition,
-// owner, license, coin (8 words each); table: acceptance at 2 * code + up; counts: changed
-// weights of half A and half B. `aligned`: both tensors start on 16 bytes.
+// owner, license, coin (8 words each); table: for bf16 pack_bf16's word per code, else the
+// acceptance at 2 * code + up; counts: changed weights of half A and half B. `aligned`: both tensors start on 16 bytes.
 extern "C" __global__ void __launch_bounds__(MARK_THREADS)
     mark(const void* src, void* dst, int kind, u64 n, int aligned, MarkKeys keys, int with_license,
          const u32* table, unsigned long long* counts) {
