@@ -189,21 +189,12 @@ pub fn histogram(tensor: &Tensor) -> Result<Vec<u32>, WatermarkError> {
     };
     let (start, end) =
         layout.contiguous_offsets().ok_or_else(|| device_error("the tensor is not contiguous"))?;
-    let run = || match kind {
-        FloatKind::Bf16 => device_histogram::<bf16>(storage, kind, start, end),
-        FloatKind::F16 => device_histogram::<f16>(storage, kind, start, end),
-        FloatKind::F32 => device_histogram::<f32>(storage, kind, start, end),
+    let counts = match kind {
+        FloatKind::Bf16 => device_counts::<bf16>(storage, kind, start, end),
+        FloatKind::F16 => device_counts::<f16>(storage, kind, start, end),
+        FloatKind::F32 => device_counts::<f32>(storage, kind, start, end),
     };
-    run().map_err(device_error)
-}
-
-fn device_histogram<T: CudaDType + DeviceRepr>(
-    storage: &CudaStorage,
-    kind: FloatKind,
-    start: usize,
-    end: usize,
-) -> candle_core::Result<Vec<u32>> {
-    storage.device.clone_dtoh(&device_counts::<T>(storage, kind, start, end)?)
+    counts.and_then(|counts| storage.device.clone_dtoh(&counts)).map_err(device_error)
 }
 
 /// The acceptance table (at `2 * code + up`) from a histogram on the device, made there.
@@ -510,11 +501,12 @@ fn scan(
     model: &ModelKey,
     keys: &[[u8; 32]],
 ) -> candle_core::Result<Scan> {
-    let present: Vec<&Pair<'_>> = pairs.iter().filter(|p| p.suspect.is_some()).collect();
+    let present: Vec<(&Pair<'_>, &Suspect<'_>)> =
+        pairs.iter().filter_map(|p| p.suspect.as_ref().map(|s| (p, s))).collect();
     // features: per tensor, whole 512-weight blocks of 16 records
     let mut record_base = Vec::with_capacity(present.len());
     let mut records_total = 0usize;
-    for pair in &present {
+    for (pair, _) in &present {
         record_base.push(records_total);
         records_total += pair.original.elements().div_ceil(512) * 16;
     }
@@ -526,10 +518,10 @@ fn scan(
     let partition = model.partition();
     let sms = multiprocessors(dev) as usize;
     let features = function(dev, "features")?;
-    for (pair, &base) in present.iter().zip(&record_base) {
+    for ((pair, suspect), &base) in present.iter().zip(&record_base) {
         let n = pair.original.elements();
         let original_bytes = dev.clone_htod(original.bytes(pair.original))?;
-        let (suspect_bytes, suspect_kind) = match pair.suspect.as_ref().expect("filtered above") {
+        let (suspect_bytes, suspect_kind) = match suspect {
             Suspect::Raw { kind, bytes } => (dev.clone_htod(*bytes)?, *kind),
             Suspect::Aligned(values) => {
                 let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -560,7 +552,7 @@ fn scan(
     }
     // tiles of up to 32 blocks, never across tensors
     let mut tiles: Vec<u32> = Vec::new();
-    for (t, (pair, &base)) in present.iter().zip(&record_base).enumerate() {
+    for (t, ((pair, _), &base)) in present.iter().zip(&record_base).enumerate() {
         let blocks = pair.original.elements().div_ceil(512);
         for first in (0..blocks).step_by(TILE_BLOCKS) {
             tiles.extend([
@@ -577,7 +569,7 @@ fn scan(
     let license_keys: Vec<u32> = keys
         .par_iter()
         .flat_map_iter(|key| {
-            present.iter().flat_map(move |p| {
+            present.iter().flat_map(move |(p, _)| {
                 TensorStream::new(key, &p.original.name, p.kind, &p.original.shape).key_words()
             })
         })

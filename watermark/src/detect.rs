@@ -171,7 +171,7 @@ pub(crate) enum Suspect<'a> {
 }
 
 impl Suspect<'_> {
-    pub(crate) fn read(&self, first: usize, out: &mut [f32]) {
+    fn read(&self, first: usize, out: &mut [f32]) {
         match self {
             Self::Raw { kind, bytes } => read_values(*kind, bytes, first, out),
             Self::Aligned(values) => out.copy_from_slice(&values[first..first + out.len()]),
@@ -242,7 +242,7 @@ fn pair_up<'a>(
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Half {
+enum Half {
     /// Partition bit set: the owner mark.
     A,
     /// Partition bit clear: the fingerprints.
@@ -250,7 +250,7 @@ pub(crate) enum Half {
 }
 
 /// Per-key sums of matching weights, and the key-independent totals.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default)]
 pub(crate) struct Totals {
     pub n: u64,
     pub erased: u64,
@@ -613,7 +613,7 @@ fn blind_chunk_body(kind: FloatKind, values: &[f32], partition: &[u64], owner: &
 }
 
 /// The f32 exponent field range of values the embedding marks in `kind`.
-pub(crate) fn markable_exponents(kind: FloatKind) -> (u32, u32) {
+fn markable_exponents(kind: FloatKind) -> (u32, u32) {
     match kind {
         FloatKind::Bf16 => (1, 254),
         FloatKind::F32 => (8, 253),

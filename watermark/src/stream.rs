@@ -41,7 +41,11 @@ impl TensorStream {
 
     /// The ChaCha8 key as eight little-endian words, for a device that makes the same stream.
     pub fn key_words(&self) -> [u32; 8] {
-        std::array::from_fn(|i| u32::from_le_bytes(self.key[4 * i..4 * i + 4].try_into().expect("4 bytes")))
+        let mut words = [0u32; 8];
+        for (word, bytes) in words.iter_mut().zip(self.key.chunks_exact(4)) {
+            *word = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        }
+        words
     }
 
     /// Fills `words` with the bits of elements `first..first + 64 * words.len()`;
