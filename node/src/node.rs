@@ -230,7 +230,7 @@ pub async fn run(
         watermark_key: watermark_key.clone(),
         delivery: delivery.clone(),
         trace_limiter: Default::default(),
-        usage_locks: Default::default(),
+        meter: crate::serve::metering::Meter::start(store.clone())?,
         serve: serve.clone(),
         data_dir: config.storage.data_dir.clone(),
         max_upload: config.registry.max_upload,

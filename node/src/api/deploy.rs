@@ -216,7 +216,12 @@ pub async fn predict(
     let registry = state.registry.clone();
     let index = state.index.borrow().clone();
     let (chain_id, market) = (state.deployment.chain_id, state.deployment.license_market);
-    let locks = state.usage_locks.clone();
+    let meter = state.meter.clone();
+    // the license's turn is taken before its voucher is checked and handed on with the write
+    let turn = match &voucher {
+        Some((license, ..)) => Some(meter.turn(*license).await),
+        None => None,
+    };
     let delivery = state.delivery.clone();
     let (answer, metered) = tokio::task::spawn_blocking(move || {
         let record = serve.record(id)?;
@@ -252,17 +257,15 @@ pub async fn predict(
             ApiError::new(StatusCode::FORBIDDEN, "forbidden", "the deployed version is not anchored on-chain, so no license opens it")
         })?;
         let cost = U256::from(record.unit_cost) * U256::from(rows);
-        if let (Some((license, cumulative, signature)), Some(price)) = (voucher, unit_price) {
-            let lock = locks.of(license);
-            let _serialised = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some((license, cumulative, signature)), Some(price), Some(turn)) = (voucher, unit_price, turn) {
             let accepted = metering::check(&store, caller, token, license, cumulative, &signature, cost, price, chain_id, market)
                 .map_err(meter_error)?;
             let answer = run(&record)?;
             let time_ms = crate::registry::now_ms();
             let signature = delivery.sign_message(&metering::receipt_bytes(license, cumulative, &request_hash, time_ms));
             let receipt = crate::store::tables::ReceiptRecord { request: request_hash, time_ms, signature: signature.to_vec() };
-            metering::commit(&store, &accepted, &receipt)?;
-            return Ok((answer, Some((license, cumulative, receipt))));
+            let written = meter.commit(accepted, receipt.clone(), turn);
+            return Ok((answer, Some((license, cumulative, receipt, written))));
         }
         let now = crate::market::MarketView::new(&store, index).chain_now()?;
         let mut usage = None;
@@ -294,6 +297,18 @@ pub async fn predict(
         }
     })
     .await??;
+    let metered = match metered {
+        Some((license, cumulative, receipt, written)) => {
+            written
+                .await
+                .map_err(|_| {
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the node is shutting down")
+                })?
+                .map_err(meter_error)?;
+            Some((license, cumulative, receipt))
+        }
+        None => None,
+    };
     let mut response = match answer {
         Answer::Outputs(outputs) => Json(outputs).into_response(),
         Answer::Passthrough(status, bytes) => {

@@ -62,8 +62,8 @@ pub struct AppState {
     pub delivery: crate::market::delivery::Delivery,
     /// Deployments.
     pub serve: crate::serve::Serve,
-    /// Serialises metered calls per license.
-    pub usage_locks: crate::serve::metering::Locks,
+    /// Serialises metered calls per license and writes their vouchers in synced groups.
+    pub meter: crate::serve::metering::Meter,
     /// Rate limit of `POST /api/v1/audit/trace`.
     pub trace_limiter: audit::TraceLimiter,
     /// For private temporary files (uploads being checked).

@@ -65,13 +65,90 @@ pub struct Accepted {
     record: UsageRecord,
 }
 
-/// Serialises calls per license.
-#[derive(Clone, Default)]
-pub struct Locks(Arc<Mutex<HashMap<U256, Arc<Mutex<()>>>>>);
+/// Serialises the calls on each license and makes their vouchers durable.
+///
+/// A call holds its license's turn from before its voucher is checked until the voucher is
+/// written; the turn travels with the write, so a caller that goes away mid-call cannot let the
+/// next voucher be checked against a count not yet stored. The writes go through one thread that
+/// puts every voucher waiting when the last write finished into one synced batch (group commit):
+/// calls on different licenses share each `fdatasync` instead of queueing for one each.
+#[derive(Clone)]
+pub struct Meter {
+    turns: Arc<Mutex<HashMap<U256, Arc<tokio::sync::Mutex<()>>>>>,
+    writes: std::sync::mpsc::Sender<Pending>,
+}
 
-impl Locks {
-    pub fn of(&self, license: U256) -> Arc<Mutex<()>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).entry(license).or_default().clone()
+/// A license's turn: held from the check until the voucher is stored.
+pub type Turn = tokio::sync::OwnedMutexGuard<()>;
+
+struct Pending {
+    accepted: Accepted,
+    receipt: ReceiptRecord,
+    _turn: Turn,
+    done: tokio::sync::oneshot::Sender<Result<(), MeterError>>,
+}
+
+impl Meter {
+    /// Starts the writer thread; it ends when the last clone of the meter is dropped.
+    pub fn start(store: Store) -> std::io::Result<Self> {
+        let (writes, queue) = std::sync::mpsc::channel::<Pending>();
+        std::thread::Builder::new().name("agora-meter".into()).spawn(move || {
+            while let Ok(first) = queue.recv() {
+                let group: Vec<Pending> = std::iter::once(first).chain(queue.try_iter()).collect();
+                write_group(&store, group);
+            }
+        })?;
+        Ok(Self { turns: Default::default(), writes })
+    }
+
+    /// Waits for `license`'s turn.
+    pub async fn turn(&self, license: U256) -> Turn {
+        let lock = self.turns.lock().unwrap_or_else(|p| p.into_inner()).entry(license).or_default().clone();
+        lock.lock_owned().await
+    }
+
+    /// Queues an accepted voucher and its receipt for the next synced batch; the answer comes
+    /// once they are durable (or could not be written). The turn is released then, not before.
+    pub fn commit(
+        &self,
+        accepted: Accepted,
+        receipt: ReceiptRecord,
+        turn: Turn,
+    ) -> tokio::sync::oneshot::Receiver<Result<(), MeterError>> {
+        let (done, written) = tokio::sync::oneshot::channel();
+        // should the writer thread be gone, the pending write is dropped and `written` says so
+        let _ = self.writes.send(Pending { accepted, receipt, _turn: turn, done });
+        written
+    }
+}
+
+fn put(
+    batch: &mut crate::store::Batch<'_>,
+    accepted: &Accepted,
+    receipt: &ReceiptRecord,
+) -> Result<(), StoreError> {
+    batch.put::<UsageRecords>(&accepted.license_id, &accepted.record)?;
+    batch.put::<UsageReceipts>(&(accepted.license_id, accepted.cumulative), receipt)
+}
+
+/// Writes a group in one synced batch; if that fails, each voucher alone, so each call gets its
+/// own outcome and one bad record cannot fail the others.
+fn write_group(store: &Store, group: Vec<Pending>) {
+    let mut batch = store.batch();
+    let together = group
+        .iter()
+        .try_for_each(|p| put(&mut batch, &p.accepted, &p.receipt))
+        .and_then(|()| store.write(batch));
+    if together.is_ok() {
+        for pending in group {
+            let _ = pending.done.send(Ok(()));
+        }
+        return;
+    }
+    for pending in group {
+        let mut batch = store.batch();
+        let alone = put(&mut batch, &pending.accepted, &pending.receipt).and_then(|()| store.write(batch));
+        let _ = pending.done.send(alone.map_err(MeterError::from));
     }
 }
 
@@ -117,7 +194,7 @@ pub fn last_accepted(store: &Store, license: U256) -> Result<U256, StoreError> {
 }
 
 /// Checks a voucher for a call of `cost` units by `caller` on a deployment of `token`.
-/// `unit_price` is the license's (from the chain). Call under the license's lock.
+/// `unit_price` is the license's (from the chain). Call in the license's turn ([`Meter::turn`]).
 #[allow(clippy::too_many_arguments)]
 pub fn check(
     store: &Store,
@@ -194,14 +271,6 @@ pub fn check(
             updated_ms: crate::registry::now_ms(),
         },
     })
-}
-
-/// Records an accepted voucher and its receipt in one synced batch, once the call succeeded.
-pub fn commit(store: &Store, accepted: &Accepted, receipt: &ReceiptRecord) -> Result<(), StoreError> {
-    let mut batch = store.batch();
-    batch.put::<UsageRecords>(&accepted.license_id, &accepted.record)?;
-    batch.put::<UsageReceipts>(&(accepted.license_id, accepted.cumulative), receipt)?;
-    store.write(batch)
 }
 
 /// The bytes of a usage receipt, after this domain tag: license id, cumulative units (32 bytes
