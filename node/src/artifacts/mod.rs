@@ -277,7 +277,7 @@ fn unix_now() -> u64 {
 }
 
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    alloy::hex::encode(bytes)
 }
 
 #[cfg(test)]
