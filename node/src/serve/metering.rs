@@ -285,3 +285,54 @@ pub fn receipt_bytes(license: U256, cumulative: U256, request: &[u8; 32], time_m
     message.extend_from_slice(&time_ms.to_be_bytes());
     message
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accepted(license: u64, cumulative: u64) -> (Accepted, ReceiptRecord) {
+        let (license_id, cumulative) = (U256::from(license), U256::from(cumulative));
+        let record =
+            UsageRecord { cumulative, signature: vec![7; 65], unit_price: U256::from(3), updated_ms: 1 };
+        let receipt =
+            ReceiptRecord { request: [license as u8; 32], time_ms: cumulative.to(), signature: vec![9; 64] };
+        (Accepted { license_id, cumulative, record }, receipt)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn vouchers_written_in_groups_are_all_durable_and_a_turn_waits_for_the_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let meter = Meter::start(store.clone()).unwrap();
+
+        // 20 licenses, 5 calls each, all at once: every call's turn, check and write in order
+        let calls = (1..=20u64).map(|license| {
+            let (meter, store) = (meter.clone(), store.clone());
+            tokio::spawn(async move {
+                for n in 1..=5u64 {
+                    let turn = meter.turn(U256::from(license)).await;
+                    // in its turn, a call sees every earlier call's voucher stored
+                    assert_eq!(last_accepted(&store, U256::from(license)).unwrap(), U256::from(n - 1));
+                    let (accepted, receipt) = accepted(license, n);
+                    meter.commit(accepted, receipt, turn).await.unwrap().unwrap();
+                }
+            })
+        });
+        for call in futures::future::join_all(calls).await {
+            call.unwrap();
+        }
+        for license in 1..=20u64 {
+            assert_eq!(last_accepted(&store, U256::from(license)).unwrap(), U256::from(5));
+            let receipts = store.scan::<UsageReceipts>(&U256::from(license).to_be_bytes::<32>(), None, false);
+            assert_eq!(receipts.count(), 5);
+        }
+
+        // a turn handed to a write is not given to the next call before the write is stored,
+        // even when the caller stops waiting for the answer
+        let turn = meter.turn(U256::from(99)).await;
+        let (first, receipt) = accepted(99, 1);
+        drop(meter.commit(first, receipt, turn));
+        let _next = meter.turn(U256::from(99)).await;
+        assert_eq!(last_accepted(&store, U256::from(99)).unwrap(), U256::from(1));
+    }
+}
