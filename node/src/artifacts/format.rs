@@ -27,7 +27,7 @@ const KEY_CONTEXT: &str = "agora artifacts v1 blob key";
 /// Model weights compress little; zstd's fastest level keeps most of what level 3 saves.
 const ZSTD_LEVEL: i32 = 1;
 /// Chunks sealed in parallel per batch: memory holds twice this many chunks.
-const BATCH: usize = 8;
+pub(crate) const BATCH: usize = 8;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Part {
@@ -295,11 +295,11 @@ impl<F: Read + Seek> BlobFile<F> {
         Ok(sealed)
     }
 
-    fn opener(&self) -> Opener<'_> {
+    fn opener(&self) -> Opener {
         Opener {
-            cipher: &self.cipher,
-            header: &self.header,
-            name: &self.name,
+            cipher: self.cipher.clone(),
+            header: self.header,
+            name: self.name.clone(),
             size: self.size,
             chunks: self.offsets.len(),
         }
@@ -308,31 +308,52 @@ impl<F: Read + Seek> BlobFile<F> {
     /// Chunks `first..last` (exclusive), read in order and opened in parallel.
     fn open_batch(&mut self, first: usize, last: usize) -> Result<Vec<Vec<u8>>, ArtifactError> {
         let sealed = (first..last).map(|i| self.sealed(i)).collect::<Result<Vec<_>, _>>()?;
+        self.opener().open_all(first, &sealed)
+    }
+
+    /// Reads chunks `first..last` now and opens them on the thread pool; the answer comes on
+    /// the channel.
+    fn open_batch_ahead(&mut self, first: usize, last: usize) -> Result<Ahead, ArtifactError> {
+        let sealed = (first..last).map(|i| self.sealed(i)).collect::<Result<Vec<_>, _>>()?;
         let opener = self.opener();
-        sealed.par_iter().enumerate().map(|(i, bytes)| opener.open(first + i, bytes)).collect()
+        let (done, opened) = std::sync::mpsc::sync_channel(1);
+        rayon::spawn(move || {
+            let _ = done.send(opener.open_all(first, &sealed));
+        });
+        Ok(Ahead { first, opened })
     }
 }
 
-/// What opening a chunk needs (no file: chunks open in parallel).
-struct Opener<'a> {
-    cipher: &'a XChaCha20Poly1305,
-    header: &'a [u8; HEADER_LEN],
-    name: &'a str,
+/// A batch of chunks being opened on the thread pool.
+struct Ahead {
+    first: usize,
+    opened: std::sync::mpsc::Receiver<Result<Vec<Vec<u8>>, ArtifactError>>,
+}
+
+/// What opening a chunk needs (no file: chunks open in parallel, and on another thread).
+struct Opener {
+    cipher: XChaCha20Poly1305,
+    header: [u8; HEADER_LEN],
+    name: String,
     size: u64,
     chunks: usize,
 }
 
-impl Opener<'_> {
+impl Opener {
+    fn open_all(&self, first: usize, sealed: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, ArtifactError> {
+        sealed.par_iter().enumerate().map(|(i, bytes)| self.open(first + i, bytes)).collect()
+    }
+
     /// Authenticates, decrypts and decompresses chunk `index`.
     fn open(&self, index: usize, sealed: &[u8]) -> Result<Vec<u8>, ArtifactError> {
-        let corrupt = |reason: String| ArtifactError::Corrupt { blob: self.name.to_owned(), reason };
+        let corrupt = |reason: String| ArtifactError::Corrupt { blob: self.name.clone(), reason };
         let compressed = self
             .cipher
             .decrypt(
                 &nonce(index as u64, Part::Chunk),
                 chacha20poly1305::aead::Payload {
                     msg: sealed,
-                    aad: &aad(self.header, index as u64, Part::Chunk),
+                    aad: &aad(&self.header, index as u64, Part::Chunk),
                 },
             )
             .map_err(|_| corrupt(format!("chunk {index} does not authenticate (altered or moved)")))?;
@@ -351,17 +372,19 @@ impl<F: Read + Seek> BlobFile<F> {
     /// A reader of plaintext bytes `start..end` (clamped to the blob), one chunk in memory.
     pub fn range(self, start: u64, end: u64) -> RangeReader<F> {
         let end = end.min(self.size);
-        RangeReader { blob: self, position: start.min(end), end, ready: std::collections::VecDeque::new() }
+        RangeReader { blob: self, position: start.min(end), end, ready: Default::default(), ahead: None }
     }
 }
 
 /// Plaintext of a byte range, decrypted as it is read: up to [`BATCH`] chunks at a time, opened
-/// in parallel (memory: one batch).
+/// in parallel, the next batch opened on the thread pool while this one is read (memory: two
+/// batches), so a reader that sends or hashes what it reads overlaps that with the decryption.
 pub struct RangeReader<F> {
     blob: BlobFile<F>,
     position: u64,
     end: u64,
     ready: std::collections::VecDeque<(usize, Vec<u8>)>,
+    ahead: Option<Ahead>,
 }
 
 impl<F: Read + Seek> Read for RangeReader<F> {
@@ -376,9 +399,22 @@ impl<F: Read + Seek> Read for RangeReader<F> {
         if self.ready.front().is_none_or(|(i, _)| *i != index) {
             self.ready.clear();
             let last_needed = ((self.end - 1) / CHUNK as u64) as usize + 1;
-            let last = (index + BATCH).min(last_needed);
-            let opened = self.blob.open_batch(index, last).map_err(io::Error::other)?;
+            let opened = match self.ahead.take() {
+                Some(ahead) if ahead.first == index => ahead
+                    .opened
+                    .recv()
+                    .map_err(|_| io::Error::other("a chunk opener stopped without an answer"))?,
+                _ => self.blob.open_batch(index, (index + BATCH).min(last_needed)),
+            }
+            .map_err(io::Error::other)?;
+            let last = index + opened.len();
             self.ready.extend((index..last).zip(opened));
+            // On a pool thread the batch is opened in place: waiting there for the pool could
+            // leave no thread to do the work. A batch that cannot be read ahead is read again
+            // when its turn comes, and its error reported then.
+            if last < last_needed && rayon::current_thread_index().is_none() {
+                self.ahead = self.blob.open_batch_ahead(last, (last + BATCH).min(last_needed)).ok();
+            }
         }
         let (_, chunk) = self.ready.front().expect("loaded above");
         let within = (self.position - (index * CHUNK) as u64) as usize;
