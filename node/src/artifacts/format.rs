@@ -307,14 +307,18 @@ impl<F: Read + Seek> BlobFile<F> {
 
     /// Chunks `first..last` (exclusive), read in order and opened in parallel.
     fn open_batch(&mut self, first: usize, last: usize) -> Result<Vec<Vec<u8>>, ArtifactError> {
-        let sealed = (first..last).map(|i| self.sealed(i)).collect::<Result<Vec<_>, _>>()?;
+        let sealed = self.sealed_batch(first, last)?;
         self.opener().open_all(first, &sealed)
+    }
+
+    fn sealed_batch(&mut self, first: usize, last: usize) -> Result<Vec<Vec<u8>>, ArtifactError> {
+        (first..last).map(|i| self.sealed(i)).collect()
     }
 
     /// Reads chunks `first..last` now and opens them on the thread pool; the answer comes on
     /// the channel.
     fn open_batch_ahead(&mut self, first: usize, last: usize) -> Result<Ahead, ArtifactError> {
-        let sealed = (first..last).map(|i| self.sealed(i)).collect::<Result<Vec<_>, _>>()?;
+        let sealed = self.sealed_batch(first, last)?;
         let opener = self.opener();
         let (done, opened) = std::sync::mpsc::sync_channel(1);
         rayon::spawn(move || {
@@ -369,7 +373,7 @@ impl Opener {
 }
 
 impl<F: Read + Seek> BlobFile<F> {
-    /// A reader of plaintext bytes `start..end` (clamped to the blob), one chunk in memory.
+    /// A reader of plaintext bytes `start..end` (clamped to the blob), two batches in memory.
     pub fn range(self, start: u64, end: u64) -> RangeReader<F> {
         let end = end.min(self.size);
         RangeReader { blob: self, position: start.min(end), end, ready: Default::default(), ahead: None }
