@@ -230,7 +230,10 @@ pub async fn run(
         watermark_key: watermark_key.clone(),
         delivery: delivery.clone(),
         trace_limiter: Default::default(),
-        meter: crate::serve::metering::Meter::start(store.clone())?,
+        meter: crate::serve::metering::Meter::start(
+            store.clone(),
+            crate::serve::metering::VoucherDomain::new(deployment.chain_id, deployment.license_market),
+        )?,
         serve: serve.clone(),
         data_dir: config.storage.data_dir.clone(),
         max_upload: config.registry.max_upload,

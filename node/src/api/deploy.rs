@@ -215,7 +215,6 @@ pub async fn predict(
     let store = state.store.clone();
     let registry = state.registry.clone();
     let index = state.index.borrow().clone();
-    let (chain_id, market) = (state.deployment.chain_id, state.deployment.license_market);
     let meter = state.meter.clone();
     // the license's turn is taken before its voucher is checked and handed on with the write
     let turn = match &voucher {
@@ -258,7 +257,7 @@ pub async fn predict(
         })?;
         let cost = U256::from(record.unit_cost) * U256::from(rows);
         if let (Some((license, cumulative, signature)), Some(price), Some(turn)) = (voucher, unit_price, turn) {
-            let accepted = metering::check(&store, caller, token, license, cumulative, &signature, cost, price, chain_id, market)
+            let accepted = metering::check(&store, caller, token, license, cumulative, &signature, cost, price, meter.domain())
                 .map_err(meter_error)?;
             let answer = run(&record)?;
             let time_ms = crate::registry::now_ms();
