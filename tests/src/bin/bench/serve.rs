@@ -1,7 +1,11 @@
 //! `agora-bench serve [--requests N] [--callers N]`: predict throughput and latency on loopback
 //! against the MLP deployment, N callers at once (default 8), each with its own license: (a) usage licenses paying
 //! with vouchers (pre-signed, so signing is not in the server's budget), (b) perpetual licenses
-//! with a sign-in token, (c) the operator, whose calls skip the license check — all one run.
+//! with a sign-in token, (c) the operator, whose calls skip the license check — all one run,
+//! in five rounds that take (c), (b) and (a) in turn, so the three share the machine's moods:
+//! the medians of the rounds are printed, and each share of (c) is the median of the rounds'
+//! shares (a round's (a) against the (c) measured just before it). Beside each, the node's own
+//! CPU time per call (user and system, all threads), which the machine's moods move less.
 //! Then, when MiniLM is present, sentence embeddings through the builtin runtime beside candle
 //! running the same model in this process.
 
@@ -17,9 +21,26 @@ const TOKEN: &str = "benchmark-operator-token-0123456789";
 struct Outcome {
     seconds: f64,
     latencies_ms: Vec<f64>,
+    /// CPU seconds the node spent meanwhile (user and system, all threads).
+    node_cpu: f64,
 }
 
-async fn load(clients: Vec<(NodeClient, Vec<Option<String>>)>, path: &str) -> anyhow::Result<Outcome> {
+/// CPU seconds `pid` has used so far, from `/proc/PID/stat` (in USER_HZ, 100 a second on
+/// Linux). Zero where it cannot be read.
+fn cpu_seconds(pid: nix::unistd::Pid) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+async fn load(
+    clients: Vec<(NodeClient, Vec<Option<String>>)>,
+    path: &str,
+    node: nix::unistd::Pid,
+) -> anyhow::Result<Outcome> {
+    let cpu = cpu_seconds(node);
     let started = Instant::now();
     let body = json!({"inputs": [[0.5, 1.0, -1.0, 2.0]]});
     let tasks: Vec<_> = clients
@@ -51,20 +72,61 @@ async fn load(clients: Vec<(NodeClient, Vec<Option<String>>)>, path: &str) -> an
     for task in tasks {
         latencies_ms.extend(task.await??);
     }
-    Ok(Outcome { seconds: started.elapsed().as_secs_f64(), latencies_ms })
+    Ok(Outcome { seconds: started.elapsed().as_secs_f64(), latencies_ms, node_cpu: cpu_seconds(node) - cpu })
 }
 
-fn row(name: &str, o: &mut Outcome, baseline: Option<f64>) -> f64 {
-    o.latencies_ms.sort_by(f64::total_cmp);
-    let at = |q: f64| o.latencies_ms[((o.latencies_ms.len() - 1) as f64 * q).round() as usize];
-    let rps = o.latencies_ms.len() as f64 / o.seconds;
-    let share = baseline.map(|b| format!("  ({:.0}% of (c))", 100.0 * rps / b)).unwrap_or_default();
-    println!("{name:<46} {rps:>9.0} {:>9.2} {:>9.2}{share}", at(0.5), at(0.99));
-    rps
+/// Rounds of the load: each caller's calls are split among them in order.
+const ROUNDS: usize = 5;
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// One class of calls over all rounds: median req/s (and the rounds' range), latency
+/// percentiles over every call, and the median of the rounds' shares of `baseline`.
+fn row(name: &str, rounds: &[Outcome], baseline: Option<&[Outcome]>) {
+    let rps: Vec<f64> = rounds.iter().map(|o| o.latencies_ms.len() as f64 / o.seconds).collect();
+    let mut latencies: Vec<f64> = rounds.iter().flat_map(|o| o.latencies_ms.iter().copied()).collect();
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    let (low, high) = rps.iter().fold((f64::MAX, 0f64), |(l, h), &r| (l.min(r), h.max(r)));
+    let share = baseline
+        .map(|b| {
+            let shares =
+                rps.iter().zip(b).map(|(r, o)| 100.0 * r / (o.latencies_ms.len() as f64 / o.seconds));
+            format!("  ({:.0}% of (c))", median(shares.collect()))
+        })
+        .unwrap_or_default();
+    let spread = format!("{low:.0}-{high:.0}");
+    let cpu_us = 1e6 * rounds.iter().map(|o| o.node_cpu).sum::<f64>() / latencies.len() as f64;
+    println!(
+        "{name:<46} {:>9.0} {spread:>13} {:>9.2} {:>9.2} {cpu_us:>9.0}{share}",
+        median(rps.clone()),
+        at(0.5),
+        at(0.99)
+    );
+}
+
+/// Each caller's calls for round `round` of [`ROUNDS`].
+fn round_of(
+    clients: &[(NodeClient, Vec<Option<String>>)],
+    round: usize,
+) -> Vec<(NodeClient, Vec<Option<String>>)> {
+    clients
+        .iter()
+        .map(|(client, calls)| {
+            let per = calls.len().div_ceil(ROUNDS);
+            let end = ((round + 1) * per).min(calls.len());
+            (client.clone(), calls[(round * per).min(end)..end].to_vec())
+        })
+        .collect()
 }
 
 pub async fn run(requests: usize, callers: usize) -> anyhow::Result<()> {
+    let requests = requests.max(ROUNDS);
     let (market, _data, node) = super::chain_and_node(TOKEN).await?;
+    let pid = node.process.pid();
     let mut seller = NodeClient::new(&node.url)?;
     seller.sign_in(&market.signer(1)).await?;
     let version = mlp::register(&seller, "bench", true).await;
@@ -112,18 +174,24 @@ pub async fn run(requests: usize, callers: usize) -> anyhow::Result<()> {
     let unchecked: Vec<_> = (0..callers).map(|_| (operator.clone(), vec![None; requests])).collect();
 
     // Warm the model cache and the connections.
-    load(vec![(operator.clone(), vec![None; 50])], &path).await?;
-    let mut c = load(unchecked, &path).await?;
-    let mut b = load(perpetual, &path).await?;
-    let mut a = load(usage, &path).await?;
+    load(vec![(operator.clone(), vec![None; 50])], &path, pid).await?;
+    let (mut c, mut b, mut a) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        c.push(load(round_of(&unchecked, round), &path, pid).await?);
+        b.push(load(round_of(&perpetual, round), &path, pid).await?);
+        // a usage caller's vouchers run on from the last round's count
+        a.push(load(round_of(&usage, round), &path, pid).await?);
+    }
 
-    println!("serve: {callers} callers x {requests} predict calls (one row, MLP 4-8-3), loopback, one run");
-    println!("{:<46} {:>9} {:>9} {:>9}", "", "req/s", "p50 ms", "p99 ms");
-    let baseline = row("(c) no license check (operator; baseline)", &mut c, None);
-    row("(b) perpetual license, sign-in token", &mut b, Some(baseline));
-    row("(a) usage license, a voucher per call", &mut a, Some(baseline));
+    println!(
+        "serve: {callers} callers x {requests} predict calls (one row, MLP 4-8-3), loopback, in {ROUNDS} rounds of (c), (b), (a)"
+    );
+    println!("{:<46} {:>9} {:>13} {:>9} {:>9} {:>9}", "", "req/s", "rounds", "p50 ms", "p99 ms", "node µs");
+    row("(c) no license check (operator; baseline)", &c, None);
+    row("(b) perpetual license, sign-in token", &b, Some(&c));
+    row("(a) usage license, a voucher per call", &a, Some(&c));
     if let Some(dir) = agora_e2e::minilm_dir() {
-        encoder(&seller, &dir, callers).await?;
+        encoder(&seller, &dir, callers, pid).await?;
     }
     Ok(())
 }
@@ -142,7 +210,12 @@ const SENTENCES: [&str; 8] = [
 /// MiniLM behind the builtin runtime: one sentence per call from `callers` callers at once
 /// (batched by the node), beside candle running the same model in this process on the same
 /// sentences, one per pass and all eight in one padded pass.
-async fn encoder(seller: &NodeClient, dir: &std::path::Path, callers: usize) -> anyhow::Result<()> {
+async fn encoder(
+    seller: &NodeClient,
+    dir: &std::path::Path,
+    callers: usize,
+    node: nix::unistd::Pid,
+) -> anyhow::Result<()> {
     use candle_core::{DType, Device, Tensor};
     use candle_transformers::models::bert::{BertModel, Config};
     let read = |name: &str| std::fs::read(dir.join(name));
@@ -179,11 +252,13 @@ async fn encoder(seller: &NodeClient, dir: &std::path::Path, callers: usize) -> 
     };
     run(0).await?;
     let started = Instant::now();
-    let mut served = Outcome { seconds: 0.0, latencies_ms: Vec::new() };
+    let cpu = cpu_seconds(node);
+    let mut served = Outcome { seconds: 0.0, latencies_ms: Vec::new(), node_cpu: 0.0 };
     for latencies in futures::future::join_all((0..callers).map(run)).await {
         served.latencies_ms.extend(latencies?);
     }
     served.seconds = started.elapsed().as_secs_f64();
+    served.node_cpu = cpu_seconds(node) - cpu;
 
     let config: Config = serde_json::from_slice(&read("config.json")?)?;
     let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
@@ -215,8 +290,8 @@ async fn encoder(seller: &NodeClient, dir: &std::path::Path, callers: usize) -> 
     }
     let batched = (rounds * SENTENCES.len()) as f64 / started.elapsed().as_secs_f64();
     println!("encoder: all-MiniLM-L6-v2, {callers} callers x {calls} one-sentence calls (the model's owner)");
-    println!("{:<46} {:>9} {:>9} {:>9}", "", "texts/s", "p50 ms", "p99 ms");
-    row("node, builtin runtime", &mut served, None);
+    println!("{:<46} {:>9} {:>13} {:>9} {:>9} {:>9}", "", "texts/s", "", "p50 ms", "p99 ms", "node µs");
+    row("node, builtin runtime", std::slice::from_ref(&served), None);
     println!("{:<46} {alone:>9.0}", "candle in-process, one text per pass");
     println!("{:<46} {batched:>9.0}", "candle in-process, 8 texts per pass");
     Ok(())
