@@ -25,6 +25,12 @@ struct Outcome {
     node_cpu: f64,
 }
 
+impl Outcome {
+    fn rps(&self) -> f64 {
+        self.latencies_ms.len() as f64 / self.seconds
+    }
+}
+
 /// CPU seconds `pid` has used so far, from `/proc/PID/stat` (in USER_HZ, 100 a second on
 /// Linux). Zero where it cannot be read.
 fn cpu_seconds(pid: nix::unistd::Pid) -> f64 {
@@ -86,15 +92,14 @@ fn median(mut values: Vec<f64>) -> f64 {
 /// One class of calls over all rounds: median req/s (and the rounds' range), latency
 /// percentiles over every call, and the median of the rounds' shares of `baseline`.
 fn row(name: &str, rounds: &[Outcome], baseline: Option<&[Outcome]>) {
-    let rps: Vec<f64> = rounds.iter().map(|o| o.latencies_ms.len() as f64 / o.seconds).collect();
+    let rps: Vec<f64> = rounds.iter().map(Outcome::rps).collect();
     let mut latencies: Vec<f64> = rounds.iter().flat_map(|o| o.latencies_ms.iter().copied()).collect();
     latencies.sort_by(f64::total_cmp);
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
     let (low, high) = rps.iter().fold((f64::MAX, 0f64), |(l, h), &r| (l.min(r), h.max(r)));
     let share = baseline
         .map(|b| {
-            let shares =
-                rps.iter().zip(b).map(|(r, o)| 100.0 * r / (o.latencies_ms.len() as f64 / o.seconds));
+            let shares = rps.iter().zip(b).map(|(r, o)| 100.0 * r / o.rps());
             format!("  ({:.0}% of (c))", median(shares.collect()))
         })
         .unwrap_or_default();
