@@ -202,12 +202,10 @@ pub fn serve_blob(
     tokio::task::spawn_blocking(move || {
         let mut reader = reader;
         loop {
-            let mut buf = vec![0u8; 256 << 10];
-            match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    buf.truncate(n);
-                    if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+            match reader.next_bytes() {
+                Ok(None) => break,
+                Ok(Some(run)) => {
+                    if tx.blocking_send(Ok(run)).is_err() {
                         break;
                     }
                 }

@@ -177,7 +177,7 @@ impl ArtifactStore {
         hash: &[u8; 32],
         start: u64,
         end: u64,
-    ) -> Result<impl Read + use<>, ArtifactError> {
+    ) -> Result<format::RangeReader<Box<dyn backend::ReadSeek>>, ArtifactError> {
         Ok(self.open_blob(hash)?.range(start, end))
     }
 
