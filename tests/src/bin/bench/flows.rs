@@ -1,6 +1,7 @@
 //! `agora-bench flows [--gib N]`: the fingerprinted download of an N GiB model (default 1)
 //! through a node — time to first byte and MB/s, cold (the first request makes the license's
-//! copy) and warm (cached) — beside a plain read of the original file in the same run.
+//! copy) and warm (cached) — beside a plain read of the original file in the same run, and the
+//! same file sent over one loopback TCP connection (the ceiling of any download here).
 
 use std::time::Instant;
 
@@ -68,6 +69,9 @@ pub async fn run(gib: f64) -> anyhow::Result<()> {
     let mut sink = std::io::sink();
     std::io::copy(&mut file, &mut sink)?;
     let plain = started.elapsed().as_secs_f64();
+    let original = tokio::io::BufReader::with_capacity(1 << 20, tokio::fs::File::open(&path).await?);
+    let (sent, tcp) = super::loopback_copy(original).await?;
+    anyhow::ensure!(sent == size, "the loopback copy moved {sent} of {size} bytes");
 
     let (market, _data, node) = super::chain_and_node(TOKEN).await?;
     let mut operator = agora_node::client::NodeClient::new(&node.url)?;
@@ -117,30 +121,39 @@ pub async fn run(gib: f64) -> anyhow::Result<()> {
     println!("{:<58} {:>10} {:>9.0}", "plain read of the original (baseline)", "-", mb(plain));
     println!(
         "{:<58} {:>10} {:>9.0}",
+        "the original over loopback TCP, no HTTP (ceiling; baseline)",
+        "-",
+        mb(tcp)
+    );
+    println!(
+        "{:<58} {:>10} {:>9.0}",
         "owner's download of the original (decrypt; baseline)",
         "-",
         mb(owner_all)
     );
     println!(
-        "{:<58} {:>8.0}ms {:>9.0}  ({:.0}% of the plain read)",
+        "{:<58} {:>8.0}ms {:>9.0}  ({:.0}% of the plain read, {:.0}% of TCP)",
         "first download right after the purchase (copy in the making)",
         cold_first * 1e3,
         mb(cold_all),
-        100.0 * plain / cold_all
+        100.0 * plain / cold_all,
+        100.0 * tcp / cold_all
     );
     println!(
-        "{:<58} {:>8.0}ms {:>9.0}  ({:.0}% of the plain read)",
+        "{:<58} {:>8.0}ms {:>9.0}  ({:.0}% of the plain read, {:.0}% of TCP)",
         "license download, cached copy",
         warm_first * 1e3,
         mb(warm_all),
-        100.0 * plain / warm_all
+        100.0 * plain / warm_all,
+        100.0 * tcp / warm_all
     );
     println!(
-        "{:<58} {:>8.0}ms {:>9.0}  ({:.0}% of the plain read)",
+        "{:<58} {:>8.0}ms {:>9.0}  ({:.0}% of the plain read, {:.0}% of TCP)",
         format!("first download once made ahead ({waited:.0} s after buying)"),
         later_first * 1e3,
         mb(later_all),
-        100.0 * plain / later_all
+        100.0 * plain / later_all,
+        100.0 * tcp / later_all
     );
     Ok(())
 }

@@ -211,6 +211,37 @@ async fn bench_index(target_events: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sends everything `source` holds over one loopback TCP connection to a reader in this process
+/// (no framing, no crypto): the ceiling of any transfer between two processes on this machine.
+/// (bytes received, seconds from connecting to the last byte).
+async fn loopback_copy<R>(mut source: R) -> anyhow::Result<(usize, f64)>
+where
+    R: tokio::io::AsyncBufRead + Unpin + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let sender = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await?;
+        tokio::io::copy_buf(&mut source, &mut socket).await?;
+        socket.shutdown().await
+    });
+    let started = Instant::now();
+    let mut socket = tokio::net::TcpStream::connect(address).await?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut received = 0usize;
+    loop {
+        let n = socket.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        received += n;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    sender.await??;
+    Ok((received, seconds))
+}
+
 fn secs(v: &[Duration]) -> Vec<f64> {
     v.iter().map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0).collect()
 }

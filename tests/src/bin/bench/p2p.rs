@@ -13,7 +13,6 @@ use agora_node::market::orders::OrderJson;
 use alloy::{signers::SignerSync, sol_types::SolStruct};
 use futures::future::join_all;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "benchmark-operator-token-0123456789";
 
@@ -167,29 +166,7 @@ pub async fn run(nodes: usize, orders: usize, mib: usize) -> anyhow::Result<()> 
     .await;
     let (quic_report, quic_secs) = fetch(&over_quic).await?;
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    let sender = tokio::spawn({
-        let data = data.clone();
-        async move {
-            let (mut socket, _) = listener.accept().await?;
-            socket.write_all(&data).await?;
-            socket.shutdown().await
-        }
-    });
-    let started = Instant::now();
-    let mut socket = tokio::net::TcpStream::connect(address).await?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut received = 0usize;
-    loop {
-        let n = socket.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        received += n;
-    }
-    let tcp_secs = started.elapsed().as_secs_f64();
-    sender.await??;
+    let (received, tcp_secs) = super::loopback_copy(std::io::Cursor::new(data.clone())).await?;
     anyhow::ensure!(received == size, "the plain copy moved {received} of {size} bytes");
 
     let mb = size as f64 / 1e6;
