@@ -20,12 +20,17 @@ use crate::{format::FloatKind, mark};
 
 pub(crate) const PSEUDO_COUNT: u64 = 48;
 
+/// Entries of the largest table (2 × 2¹⁶ codes). Every table is held at this size, so a lookup
+/// masked to it needs no bounds check and the step loop can use vector gathers.
+pub(crate) const TABLE: usize = 2 << 16;
+
 /// Acceptances out of 256 for each code and direction of one tensor.
 pub(crate) struct Acceptance {
     shift: u32,
     mask: u32,
-    /// At `2 * code + up`; 32-bit entries so the lookups can be vector gathers.
-    table: Vec<u32>,
+    /// At `2 * code + up`, zeros past `len`; 32-bit entries so the lookups can be vector gathers.
+    table: Box<[u32; TABLE]>,
+    len: usize,
 }
 
 impl Acceptance {
@@ -35,24 +40,29 @@ impl Acceptance {
         let shift = Self::code_shift(kind);
         let codes = Self::codes(kind);
         let size = kind.size();
-        let histogram = bytes
+        // Four interleaved counters per code: weights cluster in a few codes, and one counter
+        // would make each increment wait for the previous one to the same code.
+        let counters = bytes
             .par_chunks(size * (1 << 16))
             .fold(
-                || vec![0u32; codes],
+                || vec![0u32; 4 * codes],
                 |mut counts, chunk| {
-                    for element in chunk.chunks_exact(size) {
-                        counts[(read_bits(element) >> shift) as usize] += 1;
+                    match size {
+                        2 => count_codes::<2>(chunk, shift, codes, &mut counts),
+                        _ => count_codes::<4>(chunk, shift, codes, &mut counts),
                     }
                     counts
                 },
             )
             .reduce(
-                || vec![0u32; codes],
+                || vec![0u32; 4 * codes],
                 |mut a, b| {
                     a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
                     a
                 },
             );
+        let histogram: Vec<u32> =
+            (0..codes).map(|code| (0..4).map(|lane| counters[lane * codes + code]).sum()).collect();
         Self::from_histogram(kind, &histogram)
     }
 
@@ -81,14 +91,17 @@ impl Acceptance {
         // a pseudo-count keeps sampling noise in sparse codes from rejecting steps; dense codes,
         // the only ones whose counts an attacker could tell apart, keep their exact ratios
         let count = |code: u32| u64::from(histogram[code as usize]) + PSEUDO_COUNT;
-        let table = (0..codes as u32)
+        let mut table: Vec<u32> = (0..codes as u32)
             .flat_map(|code| {
                 let source = count(code);
                 [false, true]
                     .map(|up| ((256 * count(target(code, up)) + source / 2) / source).min(256) as u32)
             })
             .collect();
-        Self { shift, mask: codes as u32 - 1, table }
+        let len = table.len();
+        table.resize(TABLE, 0);
+        let table = table.into_boxed_slice().try_into().expect("TABLE entries");
+        Self { shift, mask: codes as u32 - 1, table, len }
     }
 
     /// Distinct codes of `kind`.
@@ -102,21 +115,47 @@ impl Acceptance {
     /// The table, at `2 * code + up`.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub fn table(&self) -> &[u32] {
-        &self.table
+        &self.table[..self.len]
+    }
+
+    /// The whole table when its index is `2 * bits + up` (bf16: every bit pattern is a code),
+    /// for the vector gathers of the bf16 step loop.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub fn bf16_table(&self) -> Option<&[u32; TABLE]> {
+        (self.shift == 0 && self.mask == 0xFFFF).then_some(&*self.table)
     }
 
     /// The acceptance (of 256) of stepping the element with bit pattern `bits` up or down.
     #[inline(always)]
     pub fn get(&self, bits: u32, up: bool) -> u32 {
-        self.table[((bits >> self.shift & self.mask) << 1 | u32::from(up)) as usize]
+        self.table[((bits >> self.shift & self.mask) << 1 | u32::from(up)) as usize & (TABLE - 1)]
     }
 }
 
-fn read_bits(element: &[u8]) -> u32 {
-    match *element {
-        [a, b] => u32::from(u16::from_le_bytes([a, b])),
-        [a, b, c, d] => u32::from_le_bytes([a, b, c, d]),
-        _ => 0,
+/// Adds the codes of `chunk` (elements of `SIZE` bytes) to four interleaved counter arrays of
+/// `codes` entries each: element i to array i mod 4.
+#[inline(always)]
+fn count_codes<const SIZE: usize>(chunk: &[u8], shift: u32, codes: usize, counts: &mut [u32]) {
+    let code = |element: &[u8]| -> usize {
+        let bits = match SIZE {
+            2 => u32::from(u16::from_le_bytes([element[0], element[1]])),
+            _ => u32::from_le_bytes([element[0], element[1], element[2], element[3]]),
+        };
+        (bits >> shift) as usize
+    };
+    let (a, rest) = counts.split_at_mut(codes);
+    let (b, rest) = rest.split_at_mut(codes);
+    let (c, d) = rest.split_at_mut(codes);
+    let groups = chunk.chunks_exact(4 * SIZE);
+    let tail = groups.remainder();
+    for group in groups {
+        a[code(&group[..SIZE])] += 1;
+        b[code(&group[SIZE..2 * SIZE])] += 1;
+        c[code(&group[2 * SIZE..3 * SIZE])] += 1;
+        d[code(&group[3 * SIZE..])] += 1;
+    }
+    for element in tail.chunks_exact(SIZE) {
+        a[code(element)] += 1;
     }
 }
 

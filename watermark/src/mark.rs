@@ -270,6 +270,10 @@ fn mark_chunk_body(
         }
         None => false,
     };
+    #[cfg(target_arch = "x86_64")]
+    let bf16_table = acceptance
+        .bf16_table()
+        .filter(|_| kind == FloatKind::Bf16 && std::arch::is_x86_feature_detected!("avx2"));
     let mut changed = (0u64, 0u64);
     for w in 0..words {
         let part = bits.partition[w];
@@ -281,6 +285,11 @@ fn mark_chunk_body(
         let coins = &bits.coin[w * 64..(w * 64 + 64).min(elements)];
         let lanes = Lanes { direction, selected, part, coins, acceptance };
         let (a, b) = match kind {
+            #[cfg(target_arch = "x86_64")]
+            FloatKind::Bf16 if bf16_table.is_some() && src.len() == 128 => {
+                // SAFETY: the CPU has AVX2 (checked above).
+                unsafe { step_word_bf16_avx2(src, dst, lanes, bf16_table.expect("checked")) }
+            }
             FloatKind::Bf16 => step_words(src, dst, lanes, step_bf16),
             FloatKind::F16 => step_words(src, dst, lanes, step_f16),
             FloatKind::F32 => step_words(src, dst, lanes, step_f32),
@@ -366,6 +375,81 @@ fn step_words<B: Bits + Into<u32>>(
     (a.into(), b.into())
 }
 
+/// [`step_words`] with [`step_bf16`] on a whole word of 64 bf16 elements, eight lanes at a time,
+/// the acceptances fetched with vector gathers: the same bits out, as a test checks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn step_word_bf16_avx2(
+    src: &[u8],
+    dst: &mut [u8],
+    lanes: Lanes<'_>,
+    table: &[u32; crate::balance::TABLE],
+) -> (u64, u64) {
+    use std::arch::x86_64::*;
+    assert!(src.len() == 128 && dst.len() == 128 && lanes.coins.len() == 64);
+    let powers = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    // the low 8 bits of `mask` as eight all-ones or all-zeros lanes
+    let spread = |mask: u64| {
+        let lanes = _mm256_and_si256(_mm256_set1_epi32((mask & 0xFF) as i32), powers);
+        _mm256_cmpeq_epi32(lanes, powers)
+    };
+    let one = _mm256_set1_epi32(1);
+    let (mut a, mut b) = (0u32, 0u32);
+    for g in 0..8 {
+        // SAFETY: `src` holds 128 bytes and `coins` 64; these 16 and 8 are inside.
+        let (raw, coins) = unsafe {
+            (
+                _mm_loadu_si128(src.as_ptr().add(16 * g).cast()),
+                _mm_loadl_epi64(lanes.coins.as_ptr().add(8 * g).cast()),
+            )
+        };
+        let bits = _mm256_cvtepu16_epi32(raw);
+        let coins = _mm256_cvtepu8_epi32(coins);
+        let up = _mm256_and_si256(spread(lanes.direction >> (8 * g)), one);
+        let selected = spread(lanes.selected >> (8 * g));
+        let in_a = spread(lanes.part >> (8 * g));
+        // step_bf16, lane-wise
+        let magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFF));
+        let exponent = _mm256_srli_epi32::<7>(magnitude);
+        let unmarkable = _mm256_or_si256(
+            _mm256_cmpeq_epi32(exponent, _mm256_setzero_si256()),
+            _mm256_cmpeq_epi32(exponent, _mm256_set1_epi32(0xFF)),
+        );
+        let grow = _mm256_xor_si256(up, _mm256_srli_epi32::<15>(bits));
+        let largest = _mm256_cmpeq_epi32(magnitude, _mm256_set1_epi32(0x7F7F));
+        let smallest = _mm256_cmpeq_epi32(magnitude, _mm256_set1_epi32(0x0080));
+        let grow = _mm256_or_si256(
+            _mm256_andnot_si256(_mm256_or_si256(largest, smallest), grow),
+            _mm256_and_si256(smallest, one),
+        );
+        let stepped = _mm256_sub_epi32(_mm256_add_epi32(magnitude, _mm256_slli_epi32::<1>(grow)), one);
+        let moved = _mm256_and_si256(
+            _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x8000)), stepped),
+            _mm256_set1_epi32(0xFFFF),
+        );
+        // SAFETY: the indices are 2 * bits + up < 2 * 2^16 = the table's length.
+        let acceptance = unsafe {
+            _mm256_i32gather_epi32::<4>(
+                table.as_ptr().cast(),
+                _mm256_or_si256(_mm256_slli_epi32::<1>(bits), up),
+            )
+        };
+        let take = _mm256_andnot_si256(
+            unmarkable,
+            _mm256_and_si256(_mm256_cmpgt_epi32(acceptance, coins), selected),
+        );
+        let out = _mm256_blendv_epi8(bits, moved, take);
+        let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(out, out));
+        // SAFETY: `dst` holds 128 bytes; these 16 are inside.
+        unsafe { _mm_storeu_si128(dst.as_mut_ptr().add(16 * g).cast(), _mm256_castsi256_si128(packed)) };
+        let take = _mm256_movemask_ps(_mm256_castsi256_ps(take)) as u32;
+        let in_a = _mm256_movemask_ps(_mm256_castsi256_ps(in_a)) as u32;
+        a += (take & in_a).count_ones();
+        b += (take & !in_a).count_ones();
+    }
+    (a.into(), b.into())
+}
+
 /// One element's step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Step<B> {
@@ -431,6 +515,57 @@ mod tests {
 
     fn bf16(v: f32) -> u16 {
         half::bf16::from_f32(v).to_bits()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_vector_bf16_step_matches_the_scalar_one_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        // weights around a few binades, plus every edge the step has
+        let edges = [
+            0x0000, 0x8000, 0x0001, 0x807F, 0x0080, 0x8080, 0x0081, 0x7F7F, 0xFF7F, 0x7F80, 0xFF80, 0x7FC0,
+            0xFFFF,
+        ];
+        let mut weights = Vec::new();
+        for i in 0..64 * 400 {
+            let r = next();
+            let w = if i % 7 == 0 {
+                edges[(r % edges.len() as u64) as usize]
+            } else {
+                bf16(((r % 2001) as f32 - 1000.0) / 997.0)
+            };
+            weights.push(w);
+        }
+        let bytes: Vec<u8> = weights.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let acceptance = Acceptance::of(FloatKind::Bf16, &bytes);
+        let table = acceptance.bf16_table().unwrap();
+        let coins: Vec<u8> = (0..weights.len()).map(|_| next() as u8).collect();
+        let mut taken = 0;
+        for (w, (src, coins)) in bytes.chunks(128).zip(coins.chunks(64)).enumerate() {
+            let lanes = Lanes {
+                direction: next(),
+                selected: if w % 3 == 0 { u64::MAX } else { next() },
+                part: next(),
+                coins,
+                acceptance: &acceptance,
+            };
+            let (mut scalar, mut vector) = ([0u8; 128], [0u8; 128]);
+            let expected = step_words(src, &mut scalar, lanes, step_bf16);
+            // SAFETY: the CPU has AVX2 (checked above).
+            let got = unsafe { step_word_bf16_avx2(src, &mut vector, lanes, table) };
+            assert_eq!((got, vector), (expected, scalar), "word {w}");
+            taken += expected.0 + expected.1;
+        }
+        assert!(taken > 64 * 400 / 4, "the test must step many weights, stepped {taken}");
     }
 
     #[test]
