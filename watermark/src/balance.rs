@@ -28,9 +28,9 @@ pub(crate) const TABLE: usize = 2 << 16;
 pub(crate) struct Acceptance {
     shift: u32,
     mask: u32,
-    /// At `2 * code + up`, zeros past `len`; 32-bit entries so the lookups can be vector gathers.
+    /// At `2 * code + up`, zeros past the last code; 32-bit entries so the lookups can be
+    /// vector gathers.
     table: Box<[u32; TABLE]>,
-    len: usize,
 }
 
 impl Acceptance {
@@ -98,10 +98,9 @@ impl Acceptance {
                     .map(|up| ((256 * count(target(code, up)) + source / 2) / source).min(256) as u32)
             })
             .collect();
-        let len = table.len();
         table.resize(TABLE, 0);
         let table = table.into_boxed_slice().try_into().expect("TABLE entries");
-        Self { shift, mask: codes as u32 - 1, table, len }
+        Self { shift, mask: codes as u32 - 1, table }
     }
 
     /// Distinct codes of `kind`.
@@ -115,7 +114,7 @@ impl Acceptance {
     /// The table, at `2 * code + up`.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub fn table(&self) -> &[u32] {
-        &self.table[..self.len]
+        &self.table[..2 * (self.mask as usize + 1)]
     }
 
     /// The whole table when its index is `2 * bits + up` (bf16: every bit pattern is a code),

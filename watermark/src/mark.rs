@@ -271,9 +271,7 @@ fn mark_chunk_body(
         None => false,
     };
     #[cfg(target_arch = "x86_64")]
-    let bf16_table = acceptance
-        .bf16_table()
-        .filter(|_| kind == FloatKind::Bf16 && std::arch::is_x86_feature_detected!("avx2"));
+    let bf16_table = acceptance.bf16_table().filter(|_| std::arch::is_x86_feature_detected!("avx2"));
     let mut changed = (0u64, 0u64);
     for w in 0..words {
         let part = bits.partition[w];

@@ -131,29 +131,17 @@ pub async fn run(gib: f64) -> anyhow::Result<()> {
         "-",
         mb(owner_all)
     );
-    println!(
-        "{:<58} {:>8.0}ms {:>9.0}  ({:.0}% of the plain read, {:.0}% of TCP)",
-        "first download right after the purchase (copy in the making)",
-        cold_first * 1e3,
-        mb(cold_all),
-        100.0 * plain / cold_all,
-        100.0 * tcp / cold_all
-    );
-    println!(
-        "{:<58} {:>8.0}ms {:>9.0}  ({:.0}% of the plain read, {:.0}% of TCP)",
-        "license download, cached copy",
-        warm_first * 1e3,
-        mb(warm_all),
-        100.0 * plain / warm_all,
-        100.0 * tcp / warm_all
-    );
-    println!(
-        "{:<58} {:>8.0}ms {:>9.0}  ({:.0}% of the plain read, {:.0}% of TCP)",
-        format!("first download once made ahead ({waited:.0} s after buying)"),
-        later_first * 1e3,
-        mb(later_all),
-        100.0 * plain / later_all,
-        100.0 * tcp / later_all
-    );
+    let download = |label: &str, first: f64, all: f64| {
+        println!(
+            "{label:<58} {:>8.0}ms {:>9.0}  ({:.0}% of the plain read, {:.0}% of TCP)",
+            first * 1e3,
+            mb(all),
+            100.0 * plain / all,
+            100.0 * tcp / all
+        )
+    };
+    download("first download right after the purchase (copy in the making)", cold_first, cold_all);
+    download("license download, cached copy", warm_first, warm_all);
+    download(&format!("first download once made ahead ({waited:.0} s after buying)"), later_first, later_all);
     Ok(())
 }
