@@ -102,6 +102,9 @@ pub struct RegistryConfig {
     pub max_upload: u64,
     /// Bytes of fingerprinted copies kept for license holders (least recently used go first).
     pub copy_cache: u64,
+    /// Make each perpetual or timed license's copy as soon as the index shows the purchase
+    /// (otherwise on the first download, which streams it while it is made).
+    pub copy_ahead: bool,
     /// Bytes of loaded models kept in memory by deployments (least recently used go first).
     pub model_cache: u64,
     /// The operator's bearer token; when unset the node creates one in
@@ -115,6 +118,7 @@ impl Default for RegistryConfig {
             private: false,
             max_upload: 20 << 30,
             copy_cache: 20 << 30,
+            copy_ahead: true,
             model_cache: 4 << 30,
             admin_token: None,
         }
@@ -272,6 +276,10 @@ pub struct ConfigArgs {
     /// Bytes of fingerprinted copies kept for license holders [default: 21474836480, 20 GiB].
     #[arg(long, env = "AGORA_COPY_CACHE", global = true, help_heading = "Registry")]
     pub copy_cache: Option<u64>,
+
+    /// Make a license's copy as soon as the purchase is indexed [default: true].
+    #[arg(long, env = "AGORA_COPY_AHEAD", global = true, help_heading = "Registry", value_parser = clap::builder::BoolishValueParser::new())]
+    pub copy_ahead: Option<bool>,
 
     /// Bytes of loaded models deployments keep in memory [default: 4294967296, 4 GiB].
     #[arg(long, env = "AGORA_MODEL_CACHE", global = true, help_heading = "Registry")]
@@ -464,6 +472,9 @@ impl Config {
         }
         if let Some(v) = args.copy_cache {
             self.registry.copy_cache = v;
+        }
+        if let Some(v) = args.copy_ahead {
+            self.registry.copy_ahead = v;
         }
         if let Some(v) = args.model_cache {
             self.registry.model_cache = v;

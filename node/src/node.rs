@@ -160,9 +160,13 @@ pub async fn run(
         }
         None => None,
     };
-    let copies_task = tokio::spawn(
-        delivery.clone().prepare_on_purchase(Duration::from_millis(config.chain.poll_ms), shutdown.clone()),
-    );
+    let copies_task = config.registry.copy_ahead.then(|| {
+        tokio::spawn(
+            delivery
+                .clone()
+                .prepare_on_purchase(Duration::from_millis(config.chain.poll_ms), shutdown.clone()),
+        )
+    });
 
     let (p2p, p2p_task) = if config.p2p.enabled {
         let p2p_config =
@@ -247,7 +251,9 @@ pub async fn run(
     api::serve(listener, router, shutdown).await.context("the HTTP server failed")?;
     let _ = monitor_task.await;
     let _ = indexer_task.await;
-    let _ = copies_task.await;
+    if let Some(task) = copies_task {
+        let _ = task.await;
+    }
     let _ = probe_task.await;
     let _ = provider_task.await;
     let _ = jobs_task.await;

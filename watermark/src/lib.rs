@@ -59,7 +59,7 @@ use std::path::{Path, PathBuf};
 pub use detect::{ALPHA, Evidence, Mode, Statistic, Subject, threshold, trace, verify_owner};
 pub use format::{FloatKind, MIN_TENSOR_ELEMENTS, ModelFile};
 pub use keys::{CoinKey, KeyError, LicenseKey, MasterKey, ModelKey, OwnerKey, PartitionKey, commitment};
-pub use mark::{EmbedReport, MIN_ELIGIBLE_WEIGHTS, embed, embed_tensor};
+pub use mark::{EmbedReport, MIN_ELIGIBLE_WEIGHTS, embed, embed_into, embed_tensor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatermarkError {
@@ -88,17 +88,24 @@ impl WatermarkError {
 /// Progress callback: bytes done, bytes in all.
 pub type Progress = Box<dyn Fn(u64, u64) + Send + Sync>;
 
+/// Waits until the original's bytes below the given offset are in place; for an original that
+/// is still being written (a file given its full length up front, filled in order). An error
+/// stops the embedding with it.
+pub type SourceReady = Box<dyn Fn(u64) -> std::io::Result<()> + Send + Sync>;
+
 /// How to run: worker threads (0 = rayon's global pool, one thread per core, or the pool the
-/// caller already runs in) and an optional progress callback.
+/// caller already runs in), an optional progress callback, and, for an original still being
+/// written, what to wait on before reading its tensors (its header must be in place at start).
 #[derive(Default)]
 pub struct Options {
     pub threads: usize,
     pub progress: Option<Progress>,
+    pub source_ready: Option<SourceReady>,
 }
 
 impl Options {
     pub fn threads(threads: usize) -> Self {
-        Self { threads, progress: None }
+        Self { threads, ..Self::default() }
     }
 
     /// Runs `work` on the requested threads.

@@ -110,17 +110,13 @@ pub fn embed(
     license: Option<&LicenseKey>,
     options: &Options,
 ) -> Result<EmbedReport, WatermarkError> {
-    let file = ModelFile::open(original)?;
-    let eligible = file.eligible_elements();
-    if eligible < MIN_ELIGIBLE_WEIGHTS {
-        return Err(WatermarkError::TooFewWeights {
-            path: original.to_owned(),
-            eligible,
-            needed: MIN_ELIGIBLE_WEIGHTS,
-        });
-    }
     let partial = partial_path(out);
-    let result = options.run(|| write_marked(&file, &partial, model, license, options)).and_then(|r| r);
+    let result =
+        File::create(&partial).map_err(|source| WatermarkError::io(&partial, source)).and_then(|mut file| {
+            let report = embed_to(original, &mut file, &partial, model, license, options)?;
+            file.sync_all().map_err(|source| WatermarkError::io(&partial, source))?;
+            Ok(report)
+        });
     match result {
         Ok(report) => {
             std::fs::rename(&partial, out).map_err(|source| WatermarkError::io(out, source))?;
@@ -131,6 +127,38 @@ pub fn embed(
             Err(error)
         }
     }
+}
+
+/// [`embed`] into any writer, in file order (header first), so the copy can be sent or stored
+/// while it is made. On error part of the copy may have been written: the caller discards it.
+pub fn embed_into(
+    original: &Path,
+    out: &mut (dyn Write + Send),
+    model: &ModelKey,
+    license: Option<&LicenseKey>,
+    options: &Options,
+) -> Result<EmbedReport, WatermarkError> {
+    embed_to(original, out, Path::new("the marked copy"), model, license, options)
+}
+
+fn embed_to(
+    original: &Path,
+    out: &mut (dyn Write + Send),
+    name: &Path,
+    model: &ModelKey,
+    license: Option<&LicenseKey>,
+    options: &Options,
+) -> Result<EmbedReport, WatermarkError> {
+    let file = ModelFile::open(original)?;
+    let eligible = file.eligible_elements();
+    if eligible < MIN_ELIGIBLE_WEIGHTS {
+        return Err(WatermarkError::TooFewWeights {
+            path: original.to_owned(),
+            eligible,
+            needed: MIN_ELIGIBLE_WEIGHTS,
+        });
+    }
+    options.run(|| write_marked(&file, original, out, name, model, license, options)).and_then(|r| r)
 }
 
 /// Marks one tensor held in memory, `src` into `dst` (same length), exactly as [`embed`] marks
@@ -176,12 +204,17 @@ fn partial_path(out: &Path) -> PathBuf {
 
 fn write_marked(
     file: &ModelFile,
+    original: &Path,
+    output: &mut (dyn Write + Send),
     path: &Path,
     model: &ModelKey,
     license: Option<&LicenseKey>,
     options: &Options,
 ) -> Result<EmbedReport, WatermarkError> {
-    let mut output = File::create(path).map_err(|source| WatermarkError::io(path, source))?;
+    let ready = |tensor: &TensorEntry| match &options.source_ready {
+        Some(wait) => wait(tensor.end as u64).map_err(|source| WatermarkError::io(original, source)),
+        None => Ok(()),
+    };
     let mut hasher = blake3::Hasher::new();
     let total = file.map.len() as u64;
     let mut done = 0u64;
@@ -209,6 +242,7 @@ fn write_marked(
     write(&file.map[..file.header_len], &mut hasher)?;
     let mut buffer = Vec::new();
     for tensor in &file.tensors {
+        ready(tensor)?;
         let source = file.bytes(tensor);
         let Some(kind) = tensor.kind else {
             for piece in source.chunks(BLOCK_CHUNKS * CHUNK * 4) {
@@ -230,7 +264,7 @@ fn write_marked(
             write(&buffer, &mut hasher)?;
         }
     }
-    output.sync_all().map_err(|source| WatermarkError::io(path, source))?;
+    output.flush().map_err(|source| WatermarkError::io(path, source))?;
     report.output_blake3 = hasher.finalize().to_hex().to_string();
     Ok(report)
 }

@@ -109,6 +109,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(audit::log))
         .routes(routes!(audit::trace))
         .routes(routes!(delivery::download))
+        .routes(routes!(delivery::receipt))
         .routes(routes!(deploy::create))
         .routes(routes!(deploy::list))
         .routes(routes!(deploy::get, deploy::delete))

@@ -171,6 +171,23 @@ fn range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, ()> {
     Ok(Some((start, end)))
 }
 
+/// A source of a response body's bytes, read on a blocking thread: `None` at the end.
+pub trait Chunks: Send + 'static {
+    fn next_bytes(&mut self) -> io::Result<Option<Bytes>>;
+}
+
+impl Chunks for crate::artifacts::format::RangeReader<Box<dyn crate::artifacts::backend::ReadSeek>> {
+    fn next_bytes(&mut self) -> io::Result<Option<Bytes>> {
+        crate::artifacts::format::RangeReader::next_bytes(self)
+    }
+}
+
+impl Chunks for crate::market::delivery::Follow {
+    fn next_bytes(&mut self) -> io::Result<Option<Bytes>> {
+        crate::market::delivery::Follow::next_bytes(self)
+    }
+}
+
 /// Streams a blob (or the range asked for) with its length, ETag (the blake3) and
 /// `Accept-Ranges`; 206 for a range, 416 for an unsatisfiable one.
 pub fn serve_blob(
@@ -180,8 +197,24 @@ pub fn serve_blob(
     headers: &HeaderMap,
     filename: Option<&str>,
 ) -> Result<Response, ApiError> {
-    let etag = format!("\"{}\"", hex(&hash));
-    let whole_ok = headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok()).is_some_and(|v| v != etag);
+    serve_ranged(size, Some(&hash), headers, filename, |start, end| {
+        Ok(artifacts.read_range(&hash, start, end)?)
+    })
+}
+
+/// Streams `size` bytes (or the range asked for) that `open` reads from `start` to `end`, with
+/// the length, `Accept-Ranges`, the blake3 as ETag when it is known; 206 for a range, 416 for
+/// an unsatisfiable one.
+pub fn serve_ranged<C: Chunks>(
+    size: u64,
+    hash: Option<&[u8; 32]>,
+    headers: &HeaderMap,
+    filename: Option<&str>,
+    open: impl FnOnce(u64, u64) -> Result<C, ApiError>,
+) -> Result<Response, ApiError> {
+    let etag = hash.map(|hash| format!("\"{}\"", hex(hash)));
+    let if_range = headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok());
+    let whole_ok = if_range.is_some_and(|v| etag.as_deref() != Some(v));
     let requested = if whole_ok { Ok(None) } else { range(headers, size) };
     let (status, start, end) = match requested {
         Ok(None) => (StatusCode::OK, 0, size),
@@ -197,10 +230,9 @@ pub fn serve_blob(
             return Ok(response);
         }
     };
-    let reader = artifacts.read_range(&hash, start, end)?;
+    let mut reader = open(start, end)?;
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
     tokio::task::spawn_blocking(move || {
-        let mut reader = reader;
         loop {
             match reader.next_bytes() {
                 Ok(None) => break,
@@ -210,7 +242,7 @@ pub fn serve_blob(
                     }
                 }
                 Err(e) => {
-                    tracing::error!(target: "agora::api", error = %e, "artifact read failed mid-stream");
+                    tracing::error!(target: "agora::api", error = %e, "read failed mid-stream");
                     let _ = tx.blocking_send(Err(e));
                     break;
                 }
@@ -224,7 +256,9 @@ pub fn serve_blob(
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     h.insert(header::CONTENT_LENGTH, value(&(end - start).to_string()));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(header::ETAG, value(&etag));
+    if let Some(etag) = etag {
+        h.insert(header::ETAG, value(&etag));
+    }
     if status == StatusCode::PARTIAL_CONTENT {
         h.insert(header::CONTENT_RANGE, value(&format!("bytes {start}-{}/{size}", end - 1)));
     }

@@ -656,10 +656,10 @@ async fn download(args: DownloadArgs, config: &Config) -> anyhow::Result<()> {
         return Err(crate::client::answer(response).await.unwrap_err());
     }
     let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let expected = header("agora-content-blake3");
-    let signature = header("agora-delivery-signature");
-    let node_key = header("agora-node-key");
-    let (token_id, version) = (header("agora-token-id"), header("agora-version"));
+    let mut expected = header("agora-content-blake3");
+    let mut signature = header("agora-delivery-signature");
+    let mut node_key = header("agora-node-key");
+    let (mut token_id, mut version) = (header("agora-token-id"), header("agora-version"));
     if status.is_success() {
         let append = status == reqwest::StatusCode::PARTIAL_CONTENT;
         let mut file = std::fs::OpenOptions::new()
@@ -690,6 +690,18 @@ async fn download(args: DownloadArgs, config: &Config) -> anyhow::Result<()> {
         }
         file.sync_all()?;
         bar.finish_and_clear();
+    }
+    if expected.is_none() {
+        // A copy streamed while it was made: its signed receipt is ready once it is whole.
+        let receipt = delivery_receipt(&c.node, args.license_id).await?;
+        let field = |name: &str| {
+            receipt[name]
+                .as_str()
+                .map(str::to_owned)
+                .or_else(|| receipt[name].as_u64().map(|n| n.to_string()))
+        };
+        (expected, signature, node_key) = (field("blake3"), field("signature"), field("node_key"));
+        (token_id, version) = (field("token_id"), field("version"));
     }
     let mut hasher = blake3::Hasher::new();
     hasher.update_mmap(&args.output)?;
@@ -733,6 +745,26 @@ async fn download(args: DownloadArgs, config: &Config) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The node's signed receipt for a license's copy, asking again while the copy is being made.
+async fn delivery_receipt(node: &NodeClient, license_id: U256) -> anyhow::Result<serde_json::Value> {
+    let path = format!("/api/v1/licenses/{license_id}/receipt");
+    loop {
+        let response = node
+            .authorize(node.http.get(node.endpoint(&path)))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the node at {}", node.url))?;
+        if response.status() != reqwest::StatusCode::CONFLICT {
+            return crate::client::answer(response).await;
+        }
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        if body["error"]["code"] != "copy_not_ready" {
+            let message = body["error"]["message"].as_str().unwrap_or("no message");
+            bail!("the node answered 409 Conflict: {message}");
+        }
+    }
 }
 
 async fn receipts(license_id: U256, pay: PayArgs, config: &Config) -> anyhow::Result<()> {

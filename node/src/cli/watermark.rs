@@ -88,6 +88,7 @@ impl WatermarkCommand {
                             bar.set_position(done);
                         }
                     })),
+                    source_ready: None,
                 };
                 let report = agora_watermark::embed(&input, &output, &model, license_key.as_ref(), &options)?;
                 bar.finish_and_clear();

@@ -378,6 +378,86 @@ fn markable(seed: u32) -> Vec<u8> {
     bytes
 }
 
+/// With copies made on demand, the first download streams the copy while it is made: the
+/// bytes it gets are the copy the node then stores, and the receipt signs their hash.
+#[tokio::test]
+async fn a_first_download_streams_the_copy_while_it_is_made() {
+    let (market, data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN), ("AGORA_COPY_AHEAD", "0")]).await;
+    let user = User { rpc: market.anvil.endpoint(), node: node.url.clone() };
+    let run = |line: String, key: &'static str| user.run(line, key);
+    let original = data.path().join("original.safetensors");
+    std::fs::write(&original, markable(4)).unwrap();
+    let (ok, published, err) =
+        run(format!("model publish {} --name streamed --json", original.display()), DEV_KEYS[1]).await;
+    assert!(ok, "{err}");
+    let token = published["token_id"].as_str().unwrap().to_owned();
+    let (ok, listed, err) = run(format!("market list {token} --perpetual 0.1eth --json"), DEV_KEYS[1]).await;
+    assert!(ok, "{err}");
+    let order = listed["order_hash"].as_str().unwrap().to_owned();
+    let (ok, bought, err) = run(format!("license buy {order} --term perpetual --json"), DEV_KEYS[5]).await;
+    assert!(ok, "{err}");
+    let license = bought["license_id"].as_str().unwrap().to_owned();
+    assert_eq!(node.process.output().matches("copy ready").count(), 0, "no copy is made ahead");
+
+    let mut buyer = agora_node::client::NodeClient::new(&node.url).unwrap();
+    buyer.sign_in(&market.signer(5)).await.unwrap();
+    let response = buyer
+        .authorize(buyer.http.get(buyer.endpoint(&format!("/api/v1/licenses/{license}/download"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let header = |name: &str| response.headers().get(name).map(|v| v.to_str().unwrap().to_owned());
+    let (making, served_hash) = (header("agora-delivery"), header("agora-content-blake3"));
+    // A copy whole before the answer was built carries its hash; otherwise the answer says so.
+    assert!(
+        making.as_deref() == Some("making") && served_hash.is_none()
+            || making.is_none() && served_hash.is_some(),
+        "{making:?} {served_hash:?}"
+    );
+    assert_eq!(response.content_length(), Some(markable(4).len() as u64));
+    let bytes = response.bytes().await.unwrap();
+    assert_eq!(bytes.len(), markable(4).len());
+    assert_ne!(&bytes[..], &markable(4)[..]);
+    let hash = blake3::hash(&bytes).to_hex().to_string();
+
+    let receipt = buyer.get_json(&format!("/api/v1/licenses/{license}/receipt")).await.unwrap();
+    assert_eq!(receipt["blake3"], hash.as_str(), "{receipt}");
+    assert_eq!(receipt["size"], bytes.len() as u64);
+    assert_eq!(receipt["token_id"], token.as_str());
+    // Someone else gets no receipt.
+    let mut other = agora_node::client::NodeClient::new(&node.url).unwrap();
+    other.sign_in(&market.signer(6)).await.unwrap();
+    assert!(
+        other
+            .get_json(&format!("/api/v1/licenses/{license}/receipt"))
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("403")
+    );
+
+    // The CLI's download now finds the stored copy: the same bytes, signature checked.
+    let copy = data.path().join("copy.safetensors");
+    let (ok, got, err) =
+        run(format!("license download {license} -o {} --json", copy.display()), DEV_KEYS[5]).await;
+    assert!(ok, "{err}");
+    assert_eq!(got["blake3"], hash.as_str());
+    assert_eq!(std::fs::read(&copy).unwrap(), bytes);
+    agora_e2e::eventually("the copy stored", std::time::Duration::from_secs(30), || async {
+        (node.process.output().matches("copy ready").count() == 1).then_some(())
+    })
+    .await;
+    // Both deliveries are in the audit log with the file's hash (the streamed one once whole).
+    agora_e2e::eventually("both deliveries logged", std::time::Duration::from_secs(30), || async {
+        let (_, log) = node.get("/api/v1/audit/log?limit=1000").await;
+        let action = format!("license.download {hash}");
+        let logged = log["entries"].as_array()?.iter().filter(|e| e["action"] == action.as_str()).count();
+        (logged == 2).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn licensed_downloads_are_fingerprinted_gated_resumable_and_traceable() {
     let (market, data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN)]).await;
