@@ -445,6 +445,11 @@ impl Delivery {
             tracing::info!(target: "agora::delivery", license = %key.0, blake3 = %blob.blake3, "copy ready");
             self.evict()
         });
+        // Removed before a refusal is answered: whoever was refused finds nothing left behind.
+        drop(writer);
+        if let Err(e) = marked.close() {
+            tracing::warn!(target: "agora::delivery", error = %e, "cannot remove a copy's temporary file");
+        }
         if let Err(error) = outcome {
             making.filling.fail(&error.to_string());
             match started {
