@@ -59,6 +59,18 @@ pub async fn run(
     })
     .await??;
     store.bind_deployment(&deployment_id(&deployment))?;
+    // The database's lock says no other node uses this data dir: whatever scratch a previous
+    // run left (it stopped mid-copy, mid-upload, mid-job) is nobody's now.
+    let scratch = config.storage.data_dir.join("tmp");
+    match sweep_scratch(&scratch) {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(target: "agora::node", removed = n, dir = %scratch.display(), "removed a previous run's scratch files")
+        }
+        Err(e) => {
+            tracing::warn!(target: "agora::node", error = %e, dir = %scratch.display(), "cannot clear the scratch dir")
+        }
+    }
     let key = artifacts::load_or_create_key(&config.master_key_path())?;
     let artifacts = artifacts::ArtifactStore::open_url(
         &config.artifacts_url(),
@@ -292,4 +304,51 @@ pub fn shutdown_on_signals() -> watch::Receiver<bool> {
         let _ = tx.send(true);
     });
     rx
+}
+
+/// Removes everything under the node's scratch dir but `p2p/`, where interrupted blob fetches
+/// resume from their checked part files. Scratch files are decrypted originals, copies being
+/// made, uploads and training work dirs, all named at random and never reopened by name, so
+/// a previous run's are of no use and some are plaintext the artifact store keeps encrypted.
+/// Returns how many entries were removed.
+fn sweep_scratch(dir: &std::path::Path) -> std::io::Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_name() == "p2p" {
+            continue;
+        }
+        if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(entry.path())?;
+        } else {
+            std::fs::remove_file(entry.path())?;
+        }
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_previous_runs_scratch_goes_and_resumable_fetches_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("tmp");
+        assert_eq!(super::sweep_scratch(&tmp).unwrap(), 0, "no scratch dir yet");
+        std::fs::create_dir_all(tmp.join("p2p")).unwrap();
+        std::fs::create_dir_all(tmp.join("job-1a2b/out")).unwrap();
+        for name in ["copy-x1", "original-y2", "p2p/abcd.part", "job-1a2b/out/weights.safetensors"] {
+            std::fs::write(tmp.join(name), b"left behind").unwrap();
+        }
+        assert_eq!(super::sweep_scratch(&tmp).unwrap(), 3);
+        let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, ["p2p"]);
+        assert_eq!(std::fs::read(tmp.join("p2p/abcd.part")).unwrap(), b"left behind");
+        assert_eq!(super::sweep_scratch(&tmp).unwrap(), 0, "twice is harmless");
+    }
 }
