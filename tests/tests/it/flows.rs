@@ -356,7 +356,11 @@ async fn listings_the_node_refuses() {
 
 /// A safetensors file the watermark can mark: one bf16 [1024, 512] matrix (524,288 weights).
 fn markable(seed: u32) -> Vec<u8> {
-    let (rows, cols) = (1024usize, 512usize);
+    markable_sized(seed, 1024, 512)
+}
+
+/// A bf16 matrix of `rows` × `cols` under an eligible name.
+fn markable_sized(seed: u32, rows: usize, cols: usize) -> Vec<u8> {
     let data = rows * cols * 2;
     let header = format!(
         r#"{{"encoder.layer.0.weight":{{"dtype":"BF16","shape":[{rows},{cols}],"data_offsets":[0,{data}]}}}}"#
@@ -378,25 +382,45 @@ fn markable(seed: u32) -> Vec<u8> {
     bytes
 }
 
+/// A node that makes copies only when asked, and a perpetual license to `model` bought by the
+/// fifth dev account from the second.
+struct OnDemand {
+    market: agora_e2e::market::Market,
+    data: tempfile::TempDir,
+    node: agora_e2e::Node,
+    user: User,
+    token: String,
+    license: String,
+}
+
+impl OnDemand {
+    async fn sold(model: Vec<u8>, name: &str) -> Self {
+        let (market, data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN), ("AGORA_COPY_AHEAD", "0")]).await;
+        let user = User { rpc: market.anvil.endpoint(), node: node.url.clone() };
+        let original = data.path().join("original.safetensors");
+        std::fs::write(&original, model).unwrap();
+        let (ok, published, err) =
+            user.run(format!("model publish {} --name {name} --json", original.display()), DEV_KEYS[1]).await;
+        assert!(ok, "{err}");
+        let token = published["token_id"].as_str().unwrap().to_owned();
+        let (ok, listed, err) =
+            user.run(format!("market list {token} --perpetual 0.1eth --json"), DEV_KEYS[1]).await;
+        assert!(ok, "{err}");
+        let order = listed["order_hash"].as_str().unwrap().to_owned();
+        let (ok, bought, err) =
+            user.run(format!("license buy {order} --term perpetual --json"), DEV_KEYS[5]).await;
+        assert!(ok, "{err}");
+        let license = bought["license_id"].as_str().unwrap().to_owned();
+        Self { market, data, node, user, token, license }
+    }
+}
+
 /// With copies made on demand, the first download streams the copy while it is made: the
 /// bytes it gets are the copy the node then stores, and the receipt signs their hash.
 #[tokio::test]
 async fn a_first_download_streams_the_copy_while_it_is_made() {
-    let (market, data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN), ("AGORA_COPY_AHEAD", "0")]).await;
-    let user = User { rpc: market.anvil.endpoint(), node: node.url.clone() };
+    let OnDemand { market, data, node, user, token, license } = OnDemand::sold(markable(4), "streamed").await;
     let run = |line: String, key: &'static str| user.run(line, key);
-    let original = data.path().join("original.safetensors");
-    std::fs::write(&original, markable(4)).unwrap();
-    let (ok, published, err) =
-        run(format!("model publish {} --name streamed --json", original.display()), DEV_KEYS[1]).await;
-    assert!(ok, "{err}");
-    let token = published["token_id"].as_str().unwrap().to_owned();
-    let (ok, listed, err) = run(format!("market list {token} --perpetual 0.1eth --json"), DEV_KEYS[1]).await;
-    assert!(ok, "{err}");
-    let order = listed["order_hash"].as_str().unwrap().to_owned();
-    let (ok, bought, err) = run(format!("license buy {order} --term perpetual --json"), DEV_KEYS[5]).await;
-    assert!(ok, "{err}");
-    let license = bought["license_id"].as_str().unwrap().to_owned();
     assert_eq!(node.process.output().matches("copy ready").count(), 0, "no copy is made ahead");
 
     let mut buyer = agora_node::client::NodeClient::new(&node.url).unwrap();
@@ -456,6 +480,32 @@ async fn a_first_download_streams_the_copy_while_it_is_made() {
         (logged == 2).then_some(())
     })
     .await;
+}
+
+/// The CLI's first download of a copy made on demand streams it while it is made (32 MiB: the
+/// node answers after the first 8 MiB block), then takes the signed hash from the receipt
+/// and checks both.
+#[tokio::test]
+async fn the_cli_checks_a_streamed_copy_against_its_receipt() {
+    let model = markable_sized(9, 4096, 4096);
+    let size = model.len();
+    let OnDemand { market, data, node, user, token, license } = OnDemand::sold(model, "streamed-cli").await;
+    let run = |line: String, key: &'static str| user.run(line, key);
+
+    let copy = data.path().join("copy.safetensors");
+    let (ok, got, err) =
+        run(format!("license download {license} -o {} --json", copy.display()), DEV_KEYS[5]).await;
+    assert!(ok, "{err}");
+    let bytes = std::fs::read(&copy).unwrap();
+    assert_eq!(bytes.len(), size);
+    assert_eq!(got["blake3"], blake3::hash(&bytes).to_hex().as_str(), "{got}");
+    assert_eq!(got["token_id"], token.as_str());
+    // What the CLI checked is what the node signs for the copy it stored.
+    let mut buyer = agora_node::client::NodeClient::new(&node.url).unwrap();
+    buyer.sign_in(&market.signer(5)).await.unwrap();
+    let receipt = buyer.get_json(&format!("/api/v1/licenses/{license}/receipt")).await.unwrap();
+    assert_eq!(receipt["blake3"], got["blake3"]);
+    assert_eq!(receipt["signature"], got["signature"]);
 }
 
 #[tokio::test]
