@@ -364,6 +364,21 @@ pub async fn fetch(
     if manifest.size == 0 {
         next = manifest.chunks();
     }
+    // Checked chunks go, in order, to a thread that appends them to the part file and hands
+    // them to the store, so the disk never holds up the loop that keeps requests in flight.
+    let (to_disk, from_fetch) = std::sync::mpsc::sync_channel::<Vec<u8>>(WINDOW);
+    let disk = std::thread::Builder::new().name("agora-fetch".into()).spawn(move || {
+        for data in from_fetch {
+            file.write_all(&data)?;
+            feed(&tx, data)?;
+        }
+        Ok::<_, FetchError>(())
+    })?;
+    let disk_stopped = |disk: std::thread::JoinHandle<Result<(), FetchError>>| match disk.join() {
+        Ok(Err(e)) => e,
+        _ => FetchError::Io(std::io::Error::other("the part file's writer stopped")),
+    };
+    let manifest = std::sync::Arc::new(manifest);
 
     while next < manifest.chunks() {
         let Some(peer) = candidates.iter().find(|p| !bad.contains(p)).copied() else {
@@ -377,19 +392,32 @@ pub async fn fetch(
             while inflight.len() < WINDOW && queued < manifest.chunks() {
                 let index = queued;
                 let request = BlobRequest::Range { hash, offset: index * CHUNK, len: CHUNK as u32 };
-                inflight.push_back(async move { (index, net.request_blob(peer, request).await) });
+                let manifest = manifest.clone();
+                // Each chunk is checked on the blocking pool as it lands, beside the others.
+                inflight.push_back(async move {
+                    let checked = match net.request_blob(peer, request).await {
+                        Ok(BlobResponse::Data(data)) => {
+                            let data = data.into_vec();
+                            match tokio::task::spawn_blocking(move || (manifest.verify(index, &data), data))
+                                .await
+                            {
+                                Ok((true, data)) => Ok(data),
+                                Ok((false, _)) => Err("a corrupted chunk".to_owned()),
+                                Err(e) => Err(format!("the check stopped: {e}")),
+                            }
+                        }
+                        Ok(BlobResponse::Refused(why)) => Err(format!("a refusal: {why}")),
+                        Ok(BlobResponse::Manifest { .. }) => Err("a manifest for a range".to_owned()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    (index, checked)
+                });
                 queued += 1;
             }
-            let Some((index, answer)) = inflight.next().await else { break };
-            let data = match answer {
-                Ok(BlobResponse::Data(data)) if manifest.verify(index, &data) => data.into_vec(),
-                other => {
-                    let why = match other {
-                        Ok(BlobResponse::Data(_)) => "a corrupted chunk".to_owned(),
-                        Ok(BlobResponse::Refused(why)) => format!("a refusal: {why}"),
-                        Ok(BlobResponse::Manifest { .. }) => "a manifest for a range".to_owned(),
-                        Err(e) => e.to_string(),
-                    };
+            let Some((index, checked)) = inflight.next().await else { break };
+            let data = match checked {
+                Ok(data) => data,
+                Err(why) => {
                     tracing::warn!(target: "agora::p2p", %peer, blob = %report.blake3, chunk = index, %why, "provider failed; trying another");
                     metrics::counter!("agora_p2p_blob_failures_total").increment(1);
                     bad.insert(peer);
@@ -397,8 +425,9 @@ pub async fn fetch(
                 }
             };
             metrics::counter!("agora_p2p_bytes_total", "direction" => "in").increment(data.len() as u64);
-            file.write_all(&data)?;
-            feed(&tx, data)?;
+            if to_disk.send(data).is_err() {
+                return Err(disk_stopped(disk));
+            }
             served = true;
             next = index + 1;
         }
@@ -406,10 +435,16 @@ pub async fn fetch(
             report.providers.push(peer.to_string());
         }
     }
+    drop(to_disk);
+    // Joined on the blocking pool: the part file's last writes may still be on their way.
+    let written = tokio::task::spawn_blocking(move || disk.join()).await;
+    match written {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => return Err(e),
+        _ => return Err(FetchError::Io(std::io::Error::other("the part file's writer stopped"))),
+    }
     report.transfer_secs = started.elapsed().as_secs_f64();
     let started = std::time::Instant::now();
-    drop(tx);
-    drop(file);
     let info = store.await.map_err(|e| FetchError::Io(std::io::Error::other(e)))??;
     if info.blake3 != report.blake3 {
         // Cannot happen with every chunk verified; never keep a mislabelled blob.
