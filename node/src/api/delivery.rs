@@ -85,11 +85,6 @@ pub async fn download(
     let delivery = state.delivery.clone();
     let store = state.store.clone();
     let index = state.index.borrow().clone();
-    let prepared = tokio::task::spawn_blocking(move || {
-        let now = MarketView::new(&store, index).chain_now()?;
-        delivery.prepare(license_id, caller, now)
-    })
-    .await??;
     let audit = crate::audit::Audit::new(state.store.clone());
     let record = move |hash: &[u8; 32]| {
         audit.record(
@@ -99,10 +94,18 @@ pub async fn download(
             ctx.request_id.as_deref(),
         )
     };
+    // A stored copy's delivery is logged here; one being made, once it is whole (below).
+    let (prepared, record) = tokio::task::spawn_blocking(move || {
+        let now = MarketView::new(&store, index).chain_now()?;
+        let prepared = delivery.prepare(license_id, caller, now)?;
+        if let Prepared::Ready(copy) = &prepared {
+            record(&copy.blake3)?;
+        }
+        Ok::<_, DeliveryError>((prepared, record))
+    })
+    .await??;
     let (mut response, signed) = match prepared {
         Prepared::Ready(copy) => {
-            let hash = copy.blake3;
-            tokio::task::spawn_blocking(move || record(&hash)).await??;
             let name = file_name(copy.token_id, copy.version, license_id);
             let response = transfer::serve_blob(
                 state.delivery.artifacts(),

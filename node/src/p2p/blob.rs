@@ -374,9 +374,9 @@ pub async fn fetch(
         }
         Ok::<_, FetchError>(())
     })?;
-    let disk_stopped = |disk: std::thread::JoinHandle<Result<(), FetchError>>| match disk.join() {
-        Ok(Err(e)) => e,
-        _ => FetchError::Io(std::io::Error::other("the part file's writer stopped")),
+    let stopped = || FetchError::Io(std::io::Error::other("the part file's writer stopped"));
+    let join = move |disk: std::thread::JoinHandle<Result<(), FetchError>>| {
+        disk.join().unwrap_or_else(|_| Err(stopped()))
     };
     let manifest = std::sync::Arc::new(manifest);
 
@@ -426,7 +426,8 @@ pub async fn fetch(
             };
             metrics::counter!("agora_p2p_bytes_total", "direction" => "in").increment(data.len() as u64);
             if to_disk.send(data).is_err() {
-                return Err(disk_stopped(disk));
+                // The writer only stops early on an error.
+                return Err(join(disk).err().unwrap_or_else(stopped));
             }
             served = true;
             next = index + 1;
@@ -437,12 +438,7 @@ pub async fn fetch(
     }
     drop(to_disk);
     // Joined on the blocking pool: the part file's last writes may still be on their way.
-    let written = tokio::task::spawn_blocking(move || disk.join()).await;
-    match written {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => return Err(e),
-        _ => return Err(FetchError::Io(std::io::Error::other("the part file's writer stopped"))),
-    }
+    tokio::task::spawn_blocking(move || join(disk)).await.map_err(|_| stopped())??;
     report.transfer_secs = started.elapsed().as_secs_f64();
     let started = std::time::Instant::now();
     let info = store.await.map_err(|e| FetchError::Io(std::io::Error::other(e)))??;
