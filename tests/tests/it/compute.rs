@@ -423,9 +423,14 @@ async fn a_triggered_training_runs_on_the_provider_and_settles_to_the_wei() {
         compute.withdrawable(market.address(5)).call().await.unwrap(),
         U256::from(reserved - hours) * price
     );
-    let (_, provider_job) = provider.get("/api/v1/training/scheduled").await;
-    assert_eq!(provider_job["jobs"][0]["role"], "provider", "{provider_job}");
-    assert_eq!(provider_job["jobs"][0]["settled"], true);
+    // The provider's own record turns settled when its indexer sees the claim, which may come
+    // after the buyer's view above.
+    eventually("the provider's job settled", WAIT, || async {
+        let (_, provider_job) = provider.get("/api/v1/training/scheduled").await;
+        assert_eq!(provider_job["jobs"][0]["role"], "provider", "{provider_job}");
+        (provider_job["jobs"][0]["settled"] == true).then_some(())
+    })
+    .await;
 
     // Settled early, the pool is offered again from now; a manual policy trains on it.
     eventually("the provider's pool offered again from now", WAIT, || async {
