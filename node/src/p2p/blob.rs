@@ -380,10 +380,16 @@ pub async fn fetch(
     };
     let manifest = std::sync::Arc::new(manifest);
 
+    let mut exhausted = None;
     while next < manifest.chunks() {
         let Some(peer) = candidates.iter().find(|p| !bad.contains(p)).copied() else {
             report.corrupt = bad.iter().map(|p| p.to_string()).collect();
-            return Err(FetchError::Exhausted { blob: report.blake3, chunk: next, tried: candidates.len() });
+            exhausted = Some(FetchError::Exhausted {
+                blob: report.blake3.clone(),
+                chunk: next,
+                tried: candidates.len(),
+            });
+            break;
         };
         let mut inflight = FuturesOrdered::new();
         let mut queued = next;
@@ -437,8 +443,12 @@ pub async fn fetch(
         }
     }
     drop(to_disk);
-    // Joined on the blocking pool: the part file's last writes may still be on their way.
+    // Joined on the blocking pool: the part file's last writes may still be on their way, and
+    // a fetch that ran out of providers leaves every checked chunk there for its resume.
     tokio::task::spawn_blocking(move || join(disk)).await.map_err(|_| stopped())??;
+    if let Some(exhausted) = exhausted {
+        return Err(exhausted);
+    }
     report.transfer_secs = started.elapsed().as_secs_f64();
     let started = std::time::Instant::now();
     let info = store.await.map_err(|e| FetchError::Io(std::io::Error::other(e)))??;
