@@ -231,7 +231,7 @@ pub async fn run(
 
     let listener = api::bind(config.http.addr).await?;
     let local = listener.local_addr()?;
-    let router = api::router(api::AppState {
+    let router = api::router(api::AppState::new(api::Shared {
         chain: chain_health,
         index: index_status,
         store: store.clone(),
@@ -255,7 +255,7 @@ pub async fn run(
         max_upload: config.registry.max_upload,
         p2p,
         compute,
-    });
+    }));
     tracing::info!(target: "agora::node", %local, chain_id = deployment.chain_id, registry = %deployment.model_registry, market = %deployment.license_market, "node started");
     // A plain line on stdout, for people and for scripts that start the node on port 0.
     println!("agora node: listening on http://{local}");

@@ -40,9 +40,27 @@ use crate::{
     store::Store,
 };
 
-/// What handlers share.
+/// What handlers share: one allocation behind an `Arc`, so the clone axum makes for every
+/// request is one reference count, not one per field (a few dozen atomics and a path).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The node's parts, as the handlers see them.
+pub struct Shared {
     pub chain: watch::Receiver<ChainHealth>,
     pub index: watch::Receiver<IndexStatus>,
     pub store: Store,
