@@ -6,7 +6,7 @@ use rustc_hash::FxHashMap;
 
 use alloy::primitives::B256;
 
-use super::root::StateRoot;
+use super::root::{LANES, StateRoot};
 use crate::store::{
     Store, StoreError, decode, encode,
     tables::{self, BlockRecord, Blocks, Cursor, Meta, MetaKey, MetaValue, Table, UndoEntry},
@@ -219,7 +219,14 @@ impl<'s> IndexWriter<'s> {
     /// cheap case of RocksDB's skip list.
     pub fn commit(self, cursor: Option<Cursor>, reorgs: Option<u64>) -> Result<StateRoot, StoreError> {
         let root = self.root();
-        let mut batch = self.store.batch();
+        // each entry costs its key and value and a few bytes of framing
+        let size: usize = self
+            .touched
+            .iter()
+            .flat_map(|touched| touched.iter())
+            .map(|(key, slot)| key.len() + slot.now.as_ref().map_or(0, Vec::len) + 16)
+            .sum();
+        let mut batch = self.store.batch_with_capacity(size + LANES * 2 + 256);
         for (table, touched) in tables::NAMES.iter().zip(&self.touched) {
             let mut writes: Vec<_> = touched.iter().filter(|(_, slot)| slot.before != slot.now).collect();
             writes.sort_unstable_by(|a, b| a.0.cmp(b.0));

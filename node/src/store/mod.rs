@@ -47,6 +47,9 @@ pub enum StoreError {
 pub struct Store {
     db: Arc<DB>,
     path: Arc<str>,
+    /// The options of every point read, made once (RocksDB's `get` otherwise builds and frees
+    /// a default set for each call).
+    read: Arc<rocksdb::ReadOptions>,
 }
 
 impl std::fmt::Debug for Store {
@@ -67,7 +70,7 @@ impl Store {
             tables::NAMES.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
         let db = DB::open_cf_descriptors(&options, path, descriptors)
             .map_err(|source| StoreError::Open { path: display.clone(), source })?;
-        let store = Self { db: Arc::new(db), path: display.into() };
+        let store = Self { db: Arc::new(db), path: display.into(), read: Default::default() };
 
         match store.get::<Meta>(&tables::MetaKey::SchemaVersion)? {
             None => store
@@ -118,7 +121,7 @@ impl Store {
         let display = path.display().to_string();
         let db = DB::open_cf_for_read_only(&Options::default(), path, tables::NAMES.iter().copied(), false)
             .map_err(|source| StoreError::Open { path: display.clone(), source })?;
-        Ok(Self { db: Arc::new(db), path: display.into() })
+        Ok(Self { db: Arc::new(db), path: display.into(), read: Default::default() })
     }
 
     /// Records `deployment` (an identifying string) on first use and refuses any other later.
@@ -148,7 +151,7 @@ impl Store {
 
     /// The stored bytes of `key` in the table named `table`.
     pub fn get_raw(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.db.get_pinned_cf(self.cf(table), key)?.map(|b| b.to_vec()))
+        Ok(self.db.get_pinned_cf_opt(self.cf(table), key, &self.read)?.map(|b| b.to_vec()))
     }
 
     /// Iterates the records of `T` whose key starts with `prefix`, in key order (or backwards),
@@ -187,7 +190,7 @@ impl Store {
     }
 
     pub fn get<T: Table>(&self, key: &T::Key) -> Result<Option<T::Value>, StoreError> {
-        let bytes = self.db.get_pinned_cf(self.cf(T::NAME), T::encode_key(key))?;
+        let bytes = self.db.get_pinned_cf_opt(self.cf(T::NAME), T::encode_key(key), &self.read)?;
         bytes.map(|b| decode::<T>(&b)).transpose()
     }
 
@@ -211,6 +214,12 @@ impl Store {
 
     pub fn batch(&self) -> Batch<'_> {
         Batch { store: self, inner: WriteBatch::default() }
+    }
+
+    /// A batch with room for about `bytes` of keys and values, so a large one is not copied
+    /// each time it grows.
+    pub fn batch_with_capacity(&self, bytes: usize) -> Batch<'_> {
+        Batch { store: self, inner: WriteBatch::with_capacity_bytes(bytes) }
     }
 
     /// Applies a batch atomically across tables, with the WAL synced.

@@ -53,6 +53,16 @@ macro_rules! tables {
     };
 }
 
+/// Serialises a `U256` field exactly as ruint does for binary formats (its 32 big-endian bytes),
+/// without the `Vec` ruint allocates for them: the indexer encodes records with several such
+/// fields on every write of a backfill.
+fn u256_bytes<S: serde::Serializer>(value: &U256, serializer: S) -> Result<S::Ok, S::Error> {
+    if serializer.is_human_readable() {
+        return serde::Serialize::serialize(value, serializer);
+    }
+    serializer.serialize_bytes(&value.to_be_bytes::<32>())
+}
+
 fn u256_key(v: &U256) -> Vec<u8> {
     v.to_be_bytes::<32>().to_vec()
 }
@@ -241,10 +251,12 @@ pub struct CopyRecord {
 /// The last voucher accepted for a usage license.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
+    #[serde(serialize_with = "u256_bytes")]
     pub cumulative: U256,
     /// The holder's EIP-712 signature of it (what settlement submits).
     pub signature: Vec<u8>,
     /// Wei per unit, from the chain's escrow.
+    #[serde(serialize_with = "u256_bytes")]
     pub unit_price: U256,
     pub updated_ms: u64,
 }
@@ -426,20 +438,26 @@ pub struct VersionRecord {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LicenseRecord {
+    #[serde(serialize_with = "u256_bytes")]
     pub token_id: U256,
     pub holder: Address,
     pub kind: u8,
     /// Paid for perpetual and timed licenses, extensions included.
+    #[serde(serialize_with = "u256_bytes")]
     pub paid: U256,
     /// Timed licenses: end of access (unix seconds); 0 otherwise.
     pub expires_at: u64,
     /// Usage licenses: escrow ever deposited.
+    #[serde(serialize_with = "u256_bytes")]
     pub deposited: U256,
+    #[serde(serialize_with = "u256_bytes")]
     pub settled_units: U256,
+    #[serde(serialize_with = "u256_bytes")]
     pub settled_amount: U256,
     /// Usage licenses: when the close may happen, once requested.
     pub closable_at: Option<u64>,
     pub closed: bool,
+    #[serde(serialize_with = "u256_bytes")]
     pub refund: U256,
     pub order_hash: B256,
     pub term_index: u8,
@@ -449,11 +467,15 @@ pub struct LicenseRecord {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BalanceRecord {
     /// From `Credited` (distributed royalties).
+    #[serde(serialize_with = "u256_bytes")]
     pub royalties: U256,
     /// Platform fees (the treasury only).
+    #[serde(serialize_with = "u256_bytes")]
     pub fees: U256,
     /// Unused escrow returned by `Closed`.
+    #[serde(serialize_with = "u256_bytes")]
     pub refunds: U256,
+    #[serde(serialize_with = "u256_bytes")]
     pub withdrawn: U256,
 }
 
@@ -469,7 +491,9 @@ impl BalanceRecord {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevenueRecord {
+    #[serde(serialize_with = "u256_bytes")]
     pub earned: U256,
+    #[serde(serialize_with = "u256_bytes")]
     pub distributed: U256,
 }
 
@@ -496,16 +520,20 @@ pub struct ReservationRecord {
     pub holder: Address,
     pub offer_hash: B256,
     pub gpu_hours: u64,
+    #[serde(serialize_with = "u256_bytes")]
     pub price_per_gpu_hour: U256,
     pub start_time: u64,
     pub end_time: u64,
+    #[serde(serialize_with = "u256_bytes")]
     pub escrow: U256,
     pub state: ReservationState,
     pub confirmed_at: Option<u64>,
     /// An unsigned report: hours and when it becomes final.
     pub reported: Option<(u64, u64)>,
     pub hours_used: Option<u64>,
+    #[serde(serialize_with = "u256_bytes")]
     pub paid: U256,
+    #[serde(serialize_with = "u256_bytes")]
     pub refund: U256,
     pub reserved: Origin,
     pub closed: Option<Origin>,
@@ -514,9 +542,12 @@ pub struct ReservationRecord {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ComputeBalance {
     /// Paid to a provider for hours used.
+    #[serde(serialize_with = "u256_bytes")]
     pub earned: U256,
     /// Unused escrow returned to holders.
+    #[serde(serialize_with = "u256_bytes")]
     pub refunds: U256,
+    #[serde(serialize_with = "u256_bytes")]
     pub withdrawn: U256,
 }
 
@@ -544,7 +575,33 @@ pub struct OfferRecord {
 pub struct OwnOffer {
     /// Index of the configured offer.
     pub spec: u32,
+    #[serde(serialize_with = "u256_bytes")]
     pub nonce: U256,
     pub available_from: u64,
     pub expiry: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct Field(#[serde(serialize_with = "u256_bytes")] U256);
+
+    /// The records' `U256` fields keep ruint's encoding, so stored records and the state root
+    /// are the same whichever way they were written.
+    #[test]
+    fn u256_fields_encode_as_ruint_does() {
+        for v in [U256::ZERO, U256::from(1u8), U256::from(0xdead_beef_u64) << 100, U256::MAX] {
+            assert_eq!(postcard::to_stdvec(&Field(v)).unwrap(), postcard::to_stdvec(&v).unwrap());
+            assert_eq!(serde_json::to_string(&Field(v)).unwrap(), serde_json::to_string(&v).unwrap());
+        }
+        let record =
+            BalanceRecord { royalties: U256::from(7u8), withdrawn: U256::MAX, ..BalanceRecord::default() };
+        let back: BalanceRecord = postcard::from_bytes(&postcard::to_stdvec(&record).unwrap()).unwrap();
+        assert_eq!(
+            (back.royalties, back.fees, back.withdrawn),
+            (record.royalties, U256::ZERO, record.withdrawn)
+        );
+    }
 }

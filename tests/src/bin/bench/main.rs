@@ -168,14 +168,30 @@ async fn bench_index(target_events: u64) -> anyhow::Result<()> {
         IndexerConfig { to_block: Some(head), confirmations: 0, max_range: 16, ..IndexerConfig::default() };
     let (mut serial, mut pipelined, mut backfills) = (Vec::new(), Vec::new(), Vec::new());
     let mut decoded = 0;
+    // CPU seconds of this process and of anvil over each kind of run, summed over the runs: the
+    // machine has two cores, so the three compete for the same CPU.
+    let me = nix::unistd::Pid::this();
+    let chain = nix::unistd::Pid::from_raw(market.anvil.pid().unwrap_or_default() as i32);
+    let mut cpu = [(0.0f64, 0.0f64); 3];
+    let mut charge = |kind: usize, before: (f64, f64)| {
+        cpu[kind].0 += cpu_seconds(me) - before.0;
+        cpu[kind].1 += cpu_seconds(chain) - before.1;
+    };
+    let now = || (cpu_seconds(me), cpu_seconds(chain));
     for _ in 0..5 {
+        let before = now();
         let (n, took) = fetch_and_decode(&market, &config, head, 1).await?;
+        charge(0, before);
         decoded = n;
         serial.push(took);
+        let before = now();
         let (n, took) = fetch_and_decode(&market, &config, head, 3).await?;
+        charge(1, before);
         anyhow::ensure!(n == decoded, "decoded {n} events with requests in flight, {decoded} without");
         pipelined.push(took);
+        let before = now();
         let (applied, took) = backfill(&market, &config, head).await?;
+        charge(2, before);
         anyhow::ensure!(applied == decoded, "applied {applied} events, the chain has {decoded}");
         backfills.push(took);
     }
@@ -207,6 +223,11 @@ async fn bench_index(target_events: u64) -> anyhow::Result<()> {
         secs(&serial),
         secs(&pipelined),
         secs(&backfills)
+    );
+    let [serial_cpu, pipelined_cpu, indexer_cpu] = cpu.map(|(me, chain)| (me / 5.0, chain / 5.0));
+    println!(
+        "CPU a run (s; this process + anvil): ceiling {:.2} + {:.2}, ceiling in flight {:.2} + {:.2}, indexer {:.2} + {:.2}",
+        serial_cpu.0, serial_cpu.1, pipelined_cpu.0, pipelined_cpu.1, indexer_cpu.0, indexer_cpu.1
     );
     Ok(())
 }
@@ -240,6 +261,16 @@ where
     let seconds = started.elapsed().as_secs_f64();
     sender.await??;
     Ok((received, seconds))
+}
+
+/// CPU seconds `pid` has used so far, from `/proc/PID/stat` (in USER_HZ, 100 a second on
+/// Linux). Zero where it cannot be read.
+fn cpu_seconds(pid: nix::unistd::Pid) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn secs(v: &[Duration]) -> Vec<f64> {

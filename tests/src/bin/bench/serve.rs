@@ -11,6 +11,7 @@
 
 use std::time::Instant;
 
+use super::cpu_seconds;
 use agora_e2e::mlp;
 use agora_node::{client::NodeClient, serve::metering};
 use alloy::{primitives::U256, signers::SignerSync};
@@ -29,16 +30,6 @@ impl Outcome {
     fn rps(&self) -> f64 {
         self.latencies_ms.len() as f64 / self.seconds
     }
-}
-
-/// CPU seconds `pid` has used so far, from `/proc/PID/stat` (in USER_HZ, 100 a second on
-/// Linux). Zero where it cannot be read.
-fn cpu_seconds(pid: nix::unistd::Pid) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 async fn load(
