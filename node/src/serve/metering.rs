@@ -74,13 +74,36 @@ pub struct Accepted {
 /// calls on different licenses share each `fdatasync` instead of queueing for one each.
 #[derive(Clone)]
 pub struct Meter {
-    turns: Arc<Mutex<HashMap<U256, Arc<tokio::sync::Mutex<()>>>>>,
+    turns: Arc<Mutex<Turns>>,
     writes: std::sync::mpsc::Sender<Pending>,
     domain: VoucherDomain,
 }
 
 /// A license's turn: held from the check until the voucher is stored.
 pub type Turn = tokio::sync::OwnedMutexGuard<()>;
+
+/// The licenses' turns. A turn nobody holds or waits for is only its map entry; those are
+/// dropped whenever the map has doubled since the last sweep, so a node that meters many
+/// licenses over months keeps only the busy ones.
+#[derive(Default)]
+struct Turns {
+    by_license: HashMap<U256, Arc<tokio::sync::Mutex<()>>>,
+    sweep_at: usize,
+}
+
+impl Turns {
+    const MIN_SWEEP: usize = 1024;
+
+    fn of(&mut self, license: U256) -> Arc<tokio::sync::Mutex<()>> {
+        if self.by_license.len() >= self.sweep_at.max(Self::MIN_SWEEP) {
+            // held or awaited turns have a clone outside the map; the entry of any other is
+            // all there is of it, and a later call makes a fresh one
+            self.by_license.retain(|_, turn| Arc::strong_count(turn) > 1);
+            self.sweep_at = 2 * self.by_license.len();
+        }
+        self.by_license.entry(license).or_default().clone()
+    }
+}
 
 struct Pending {
     accepted: Accepted,
@@ -110,7 +133,7 @@ impl Meter {
 
     /// Waits for `license`'s turn.
     pub async fn turn(&self, license: U256) -> Turn {
-        let lock = self.turns.lock().unwrap_or_else(|p| p.into_inner()).entry(license).or_default().clone();
+        let lock = self.turns.lock().unwrap_or_else(|p| p.into_inner()).of(license);
         lock.lock_owned().await
     }
 
@@ -380,5 +403,24 @@ mod tests {
         drop(meter.commit(first, receipt, turn));
         let _next = meter.turn(U256::from(99)).await;
         assert_eq!(last_accepted(&store, U256::from(99)).unwrap(), U256::from(1));
+    }
+
+    #[tokio::test]
+    async fn idle_turns_are_dropped_and_held_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let meter = Meter::start(store, VoucherDomain::new(31337, Address::repeat_byte(7))).unwrap();
+        let held = meter.turn(U256::from(1)).await;
+        for license in 2..10_000u64 {
+            drop(meter.turn(U256::from(license)).await);
+        }
+        let turns = meter.turns.lock().unwrap().by_license.len();
+        assert!(turns <= 2 * Turns::MIN_SWEEP, "{turns} turns kept for 10,000 licenses used once");
+        // the held turn survived every sweep: the same license waits for it
+        let waiting = meter.turn(U256::from(1));
+        tokio::pin!(waiting);
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        drop(held);
+        waiting.await;
     }
 }
