@@ -171,13 +171,13 @@ async fn bench_index(target_events: u64) -> anyhow::Result<()> {
     // CPU seconds of this process and of anvil over each kind of run, summed over the runs: the
     // machine has two cores, so the three compete for the same CPU.
     let me = nix::unistd::Pid::this();
-    let chain = nix::unistd::Pid::from_raw(market.anvil.pid().unwrap_or_default() as i32);
+    let anvil = nix::unistd::Pid::from_raw(market.anvil.pid().unwrap_or_default() as i32);
     let mut cpu = [(0.0f64, 0.0f64); 3];
     let mut charge = |kind: usize, before: (f64, f64)| {
         cpu[kind].0 += cpu_seconds(me) - before.0;
-        cpu[kind].1 += cpu_seconds(chain) - before.1;
+        cpu[kind].1 += cpu_seconds(anvil) - before.1;
     };
-    let now = || (cpu_seconds(me), cpu_seconds(chain));
+    let now = || (cpu_seconds(me), cpu_seconds(anvil));
     for _ in 0..5 {
         let before = now();
         let (n, took) = fetch_and_decode(&market, &config, head, 1).await?;
@@ -224,7 +224,7 @@ async fn bench_index(target_events: u64) -> anyhow::Result<()> {
         secs(&pipelined),
         secs(&backfills)
     );
-    let [serial_cpu, pipelined_cpu, indexer_cpu] = cpu.map(|(me, chain)| (me / 5.0, chain / 5.0));
+    let [serial_cpu, pipelined_cpu, indexer_cpu] = cpu.map(|(me, anvil)| (me / 5.0, anvil / 5.0));
     println!(
         "CPU a run (s; this process + anvil): ceiling {:.2} + {:.2}, ceiling in flight {:.2} + {:.2}, indexer {:.2} + {:.2}",
         serial_cpu.0, serial_cpu.1, pipelined_cpu.0, pipelined_cpu.1, indexer_cpu.0, indexer_cpu.1
