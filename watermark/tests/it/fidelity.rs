@@ -58,27 +58,42 @@ fn t2_marked_minilm_embeds_sentences_like_the_original() {
     let fp32 = dir.join("model.safetensors");
     let bf16 = work.path().join("bf16.safetensors");
     Model::load(&fp32).cast(FloatKind::Bf16).save(&bf16);
-    let key = model_key(&bf16, 1);
-    let marked = work.path().join("marked.safetensors");
-    embed(&bf16, &marked, &key, Some(&key.license(7)), &Options::default()).unwrap();
     let int8 = work.path().join("int8.safetensors");
     Model::load(&bf16).attack(|_, _, cols, w| crate::model::quantise_int(w, 8, cols)).save(&int8);
-
     let reference = embeddings(&fp32, &dir);
     let cast = embeddings(&bf16, &dir);
-    let mark = embeddings(&marked, &dir);
-    let quantised = embeddings(&int8, &dir);
     let cast_effect = mean_one_minus_cos(&reference, &cast);
-    let mark_effect = mean_one_minus_cos(&cast, &mark);
-    let int8_effect = mean_one_minus_cos(&cast, &quantised);
+    let int8_effect = mean_one_minus_cos(&cast, &embeddings(&int8, &dir));
     println!(
-        "T2 MiniLM sentence embeddings, mean 1-cos: mark {mark_effect:.2e}, fp32->bf16 cast {cast_effect:.2e}, \
-         int8 per-row {int8_effect:.2e} (mark / cast {:.2})",
-        mark_effect / cast_effect
+        "T2 MiniLM sentence embeddings, mean 1-cos: fp32->bf16 cast {cast_effect:.2e}, int8 per-row {int8_effect:.2e}"
     );
+
+    // Each master key is another realisation of the mark. Its effect is nearly the same shift for
+    // every sentence, and it varies a lot from key to key, so one key would say little.
+    let mut effects = Vec::new();
+    for master in 1..=4 {
+        let key = model_key(&bf16, master);
+        let marked = work.path().join("marked.safetensors");
+        embed(&bf16, &marked, &key, Some(&key.license(7)), &Options::default()).unwrap();
+        let mark = embeddings(&marked, &dir);
+        let effect = mean_one_minus_cos(&cast, &mark);
+        let spread = mark
+            .iter()
+            .zip(&cast)
+            .map(|(a, b)| mean_one_minus_cos(std::slice::from_ref(a), std::slice::from_ref(b)))
+            .fold((f64::INFINITY, 0f64), |(low, high), e| (low.min(e), high.max(e)));
+        println!(
+            "T2 key {master}: mark {effect:.2e} (mark / cast {:.2}; sentences {:.1e}-{:.1e})",
+            effect / cast_effect,
+            spread.0,
+            spread.1
+        );
+        effects.push(effect);
+    }
+    let mark_effect = effects.iter().copied().fold(0f64, f64::max);
     // The scheme's targets are 1.5e-4 and 5x the cast; a ±1 ULP step on (almost) every weight
-    // measures 4.9e-4 and 8.7x here (70% of it from the FFN up-projections), so this guards the
-    // measured level and the README records the gap.
+    // measures 2.5-4.9e-4 and 4.4-8.7x here over these keys, so this guards the measured level
+    // and the README records the gap (and what was measured on the way to closing it).
     assert!(mark_effect <= 1e-3, "the mark changes embeddings by {mark_effect}");
     assert!(mark_effect <= 15.0 * cast_effect, "mark {mark_effect} vs cast {cast_effect}");
     assert!(mark_effect < int8_effect / 4.0, "the mark is far below int8 quantisation");
