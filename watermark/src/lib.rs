@@ -51,6 +51,7 @@ pub mod cuda;
 pub mod detect;
 pub mod format;
 mod keys;
+pub mod lowrank;
 pub mod mark;
 pub mod stream;
 

@@ -290,6 +290,48 @@ fn t4_noise_and_t5_low_rank_fine_tuning() {
     }
 }
 
+/// Updates so large that the four residual statistics lose the owner mark: the residual without
+/// its low-rank part keeps it, and for wrong keys that statistic stays a standard score.
+#[test]
+fn t5_fine_tuning_beyond_the_four_statistics() {
+    let Some(fixture) = Fixture::minilm() else { return };
+    let marked = fixture.marked_model();
+    for (rank, ratio) in [(8, 4.0), (16, 4.0)] {
+        let mut rng = Rng::new(5);
+        let tuned = marked
+            .clone()
+            .attack(|_, rows, cols, w| model::low_rank_update(w, rows, cols, rank, ratio, &mut rng));
+        let path = fixture.path(&format!("tuned-{rank}.safetensors"));
+        tuned.save(&path);
+        let started = std::time::Instant::now();
+        let owner = fixture.owner(&path);
+        let took = started.elapsed();
+        let z = |name: &str| owner.statistics.iter().find(|s| s.name == name).map(|s| s.z);
+        let four = owner.statistics[..4].iter().map(|s| s.z).fold(f64::NEG_INFINITY, f64::max);
+        let low_rank = z("low_rank_removed").expect("computed when the four fall short");
+        println!(
+            "low-rank r{rank} |dW|/|W|={ratio}: the four statistics {four:.1}, low_rank_removed {low_rank:.1} \
+             (threshold {:.2}; verified in {took:.1?})",
+            owner.threshold
+        );
+        assert!(four < owner.threshold, "this update must defeat the four statistics ({four})");
+        assert!(owner.verdict && owner.t == low_rank, "{}", serde_json::to_string(&owner).unwrap());
+        if rank == 8 {
+            let wrong: Vec<f64> = (2..=9u8)
+                .map(|master| {
+                    let wrong = model_key(&fixture.original, master);
+                    let evidence =
+                        verify_owner(&path, Some(&fixture.original), &wrong, &Options::default()).unwrap();
+                    let z = evidence.statistics.iter().find(|s| s.name == "low_rank_removed").unwrap().z;
+                    assert!(!evidence.verdict && z.abs() < 5.0, "wrong key {master}: z {z}");
+                    z
+                })
+                .collect();
+            println!("  8 wrong keys: low_rank_removed z {wrong:.2?}");
+        }
+    }
+}
+
 #[test]
 fn t6_pruning() {
     let Some(fixture) = Fixture::minilm() else { return };
