@@ -10,10 +10,10 @@
 //!
 //! For a key independent of the file, the `s` are independent fair signs whatever the `x` are,
 //! so by Hoeffding `P(z ≥ t) ≤ exp(-t²/2)` for any weight distribution; the combined
-//! `T = max z` has `p ≤ k·exp(-T²/2)` for `k` statistics (Bonferroni). The owner claim needs
-//! `p ≤ 1e-9` with a fifth statistic, `low_rank_removed` (the residual without a fine-tune's
-//! low-rank update, [`crate::lowrank`]; computed only when the four fall short), so `T ≥ 6.68`;
-//! a license accusation among `L` licenses needs `p ≤ 1e-9 / L` on the four.
+//! `T = max z` has `p ≤ 5·exp(-T²/2)` (Bonferroni over the four and a fifth,
+//! `low_rank_removed`: `erasure_aware` on the residual without a fine-tune's low-rank update,
+//! [`crate::lowrank`], computed only when the four fall short). The owner claim needs
+//! `p ≤ 1e-9` (`T ≥ 6.68`); a license accusation among `L` licenses needs `p ≤ 1e-9 / L`.
 //!
 //! The `x` are small integers, kept as bit planes, so one key costs a few popcounts per 64
 //! weights and every sum is an exact integer: results never depend on the thread count.
@@ -35,9 +35,8 @@ use crate::{
 
 /// The false-positive rate of every verdict.
 pub const ALPHA: f64 = 1e-9;
-const NON_BLIND_STATISTICS: usize = 4;
-/// The owner claim adds `low_rank_removed` (see [`crate::lowrank`]).
-const OWNER_STATISTICS: usize = NON_BLIND_STATISTICS + 1;
+/// Four in one pass, and `low_rank_removed` (see [`crate::lowrank`]) when they fall short.
+const NON_BLIND_STATISTICS: usize = 5;
 const PLANES: usize = 7;
 
 /// Who a piece of evidence is about.
@@ -113,27 +112,19 @@ pub fn verify_owner(
         Some(original) => {
             let original_file = ModelFile::open(original)?;
             let pairs = pair_up(&original_file, &suspect_file)?;
-            let keys = [model.owner()];
-            let scan = scan(&original_file, &pairs, model, Half::A, &[*keys[0].expose()]);
-            let evidence = scan.evidence(0, Subject::Owner, 1, OWNER_STATISTICS, &pairs);
+            let keys = [*model.owner().expose()];
+            let first = scan(&original_file, &pairs, model, Half::A, &keys);
+            let evidence = first.evidence(0, Subject::Owner, 1, &pairs);
             if evidence.verdict {
                 return Ok(evidence);
             }
-            // The others fall short: try the residual without its low-rank part (a fine-tune's
-            // update). Costs a few passes over every tensor, so only when needed; the verdict is
-            // corrected for it either way.
-            let mut statistics = evidence.statistics;
-            statistics.push(low_rank_removed(&original_file, &pairs, model));
-            Ok(finish(
-                Subject::Owner,
-                Mode::NonBlind,
-                evidence.n,
-                evidence.erased,
-                statistics,
-                OWNER_STATISTICS,
-                1,
-                &pairs,
-            ))
+            // The four fall short: try the residual without its low-rank part (a fine-tune's
+            // update). It costs a few passes over every tensor, so only when needed; the verdict
+            // is corrected for it either way.
+            let second = without_low_rank(&original_file, &pairs, |original, pairs| {
+                Ok(scan(original, pairs, model, Half::A, &keys))
+            })?;
+            Ok(with_low_rank_removed(evidence, &second, 0, &pairs))
         }
         None => Ok(blind(&suspect_file, model)),
     })?
@@ -160,24 +151,34 @@ pub(crate) fn trace_with(
     model: &ModelKey,
     license_ids: &[u128],
     options: &Options,
-    scan: impl FnOnce(&ModelFile, &[Pair<'_>], &[[u8; 32]]) -> Result<Scan, WatermarkError> + Send,
+    scan: impl Fn(&ModelFile, &[Pair<'_>], &[[u8; 32]]) -> Result<Scan, WatermarkError> + Send,
 ) -> Result<Vec<Evidence>, WatermarkError> {
     if license_ids.is_empty() {
         return Ok(Vec::new());
     }
     let suspect_file = ModelFile::open(suspect)?;
     let original_file = ModelFile::open(original)?;
-    options.run(|| {
+    // `move`: the run owns `scan`, which it calls twice
+    options.run(move || {
         let pairs = pair_up(&original_file, &suspect_file)?;
         let keys: Vec<[u8; 32]> = license_ids.iter().map(|id| *model.license(*id).expose()).collect();
-        let scan = scan(&original_file, &pairs, &keys)?;
+        let first = scan(&original_file, &pairs, &keys)?;
         let hypotheses = license_ids.len() as u64;
-        Ok(license_ids
+        let evidence: Vec<Evidence> = license_ids
             .iter()
             .enumerate()
-            .map(|(i, id)| {
-                scan.evidence(i, Subject::License(id.to_string()), hypotheses, NON_BLIND_STATISTICS, &pairs)
-            })
+            .map(|(i, id)| first.evidence(i, Subject::License(id.to_string()), hypotheses, &pairs))
+            .collect();
+        if evidence.iter().any(|e| e.verdict) {
+            return Ok(evidence);
+        }
+        // nobody accused: a fine-tune may hide the leaker (see `verify_owner`)
+        let second =
+            without_low_rank(&original_file, &pairs, |original, pairs| scan(original, pairs, &keys))?;
+        Ok(evidence
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| with_low_rank_removed(e, &second, i, &pairs))
             .collect())
     })?
 }
@@ -307,17 +308,82 @@ pub(crate) struct Scan {
     pub matches: Vec<[u64; 4]>,
 }
 
+/// Scans each tensor again, its residual without the low-rank part ([`crate::lowrank`]): the
+/// suspect becomes `w0 + (r − projection)`, erased weights staying zero, and goes through the same
+/// `scan` (the CPU's or a device's) one tensor at a time, so memory holds one tensor in f32.
+fn without_low_rank(
+    original: &ModelFile,
+    pairs: &[Pair<'_>],
+    scan: impl Fn(&ModelFile, &[Pair<'_>]) -> Result<Scan, WatermarkError>,
+) -> Result<Scan, WatermarkError> {
+    let mut sum: Option<Scan> = None;
+    for pair in pairs {
+        let Some(suspect) = &pair.suspect else { continue };
+        let (rows, cols) = (pair.original.shape[0], pair.original.shape[1]);
+        let len = rows * cols;
+        let (low, high) = markable_exponents(pair.kind);
+        let mut w0 = vec![0f32; len];
+        read_values(pair.kind, original.bytes(pair.original), 0, &mut w0);
+        let mut values = vec![0f32; len];
+        suspect.read(0, &mut values);
+        let erased = |w1: f32| w1 == 0.0 || w1.is_nan();
+        let mut residual: Vec<f32> = values
+            .par_iter()
+            .zip(&w0)
+            .map(|(&w1, &w0)| {
+                let exponent = (w0.to_bits() >> 23) & 0xFF;
+                if erased(w1) || exponent.wrapping_sub(low) > high - low { 0.0 } else { w1 - w0 }
+            })
+            .collect();
+        crate::lowrank::remove(&mut residual, rows, cols, &pair.original.name);
+        values.par_iter_mut().zip(&w0).zip(&residual).for_each(|((w1, &w0), &r)| {
+            *w1 = if erased(*w1) { 0.0 } else { w0 + r };
+        });
+        drop(residual);
+        let adjusted =
+            Pair { original: pair.original, kind: pair.kind, suspect: Some(Suspect::Aligned(values)) };
+        let part = scan(original, std::slice::from_ref(&adjusted))?;
+        match &mut sum {
+            None => sum = Some(part),
+            Some(sum) => {
+                sum.totals.add(&part.totals);
+                for (a, b) in sum.matches.iter_mut().zip(&part.matches) {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                }
+            }
+        }
+    }
+    Ok(sum.unwrap_or(Scan { totals: Totals::default(), matches: Vec::new() }))
+}
+
+/// `evidence` with the fifth statistic from `second` (key `key`): the erasure-aware correlation
+/// of the residual without its low-rank part.
+fn with_low_rank_removed(evidence: Evidence, second: &Scan, key: usize, pairs: &[Pair<'_>]) -> Evidence {
+    let t = &second.totals;
+    let m = second.matches.get(key).copied().unwrap_or_default();
+    let z = if t.kept_sq == 0 {
+        0.0
+    } else {
+        (2.0 * m[1] as f64 - t.kept_abs as f64) / (t.kept_sq as f64).sqrt()
+    };
+    let mut statistics = evidence.statistics;
+    statistics.push(Statistic { name: "low_rank_removed", n: t.kept_n, z });
+    finish(
+        evidence.subject,
+        Mode::NonBlind,
+        evidence.n,
+        evidence.erased,
+        statistics,
+        NON_BLIND_STATISTICS,
+        evidence.hypotheses,
+        pairs,
+    )
+}
+
 impl Scan {
-    /// The evidence for key `key`, corrected for `k` statistics (these four and any the caller
-    /// may add) and `hypotheses` keys.
-    fn evidence(
-        &self,
-        key: usize,
-        subject: Subject,
-        hypotheses: u64,
-        k: usize,
-        pairs: &[Pair<'_>],
-    ) -> Evidence {
+    /// The evidence for key `key` from the four statistics, corrected for all five and for
+    /// `hypotheses` keys.
+    fn evidence(&self, key: usize, subject: Subject, hypotheses: u64, pairs: &[Pair<'_>]) -> Evidence {
         let t = &self.totals;
         let m = &self.matches[key];
         let z = |matched: u64, abs: u64, sq: u64| {
@@ -329,7 +395,7 @@ impl Scan {
             Statistic { name: "erasure_aware", n: t.kept_n, z: z(m[1], t.kept_abs, t.kept_sq) },
             Statistic { name: "sign_test", n: t.sign, z: z(m[3], t.sign, t.sign) },
         ];
-        finish(subject, Mode::NonBlind, t.n, t.erased, statistics, k, hypotheses, pairs)
+        finish(subject, Mode::NonBlind, t.n, t.erased, statistics, NON_BLIND_STATISTICS, hypotheses, pairs)
     }
 }
 
@@ -569,73 +635,6 @@ fn count_matches_body(words: &[Word], key: &[u64]) -> [u64; 4] {
 }
 
 /// Blind owner detection: `T = Σ s·w' / sqrt(Σ w'²)` over half A.
-/// `correlation` of the owner half after each tensor's residual lost its low-rank part
-/// ([`crate::lowrank`]); erased weights are left out. One tensor at a time, each in parallel
-/// inside, with exact integer sums.
-fn low_rank_removed(original: &ModelFile, pairs: &[Pair<'_>], model: &ModelKey) -> Statistic {
-    let (partition, owner) = (model.partition(), model.owner());
-    let (mut n, mut signed, mut squares) = (0u64, 0i64, 0u64);
-    for pair in pairs {
-        let Some(suspect) = &pair.suspect else { continue };
-        let (rows, cols) = (pair.original.shape[0], pair.original.shape[1]);
-        let len = rows * cols;
-        let (low, high) = markable_exponents(pair.kind);
-        let mut w0 = vec![0f32; len];
-        read_values(pair.kind, original.bytes(pair.original), 0, &mut w0);
-        let mut residual = vec![0f32; len];
-        suspect.read(0, &mut residual);
-        // weights the attacker zeroed (or made NaN) stay out, like `erasure_aware`; their
-        // residual, and that of weights the mark never steps, is zero before the removal
-        let erased: Vec<u64> = residual
-            .par_chunks(64)
-            .map(|w1| {
-                w1.iter().enumerate().fold(0u64, |m, (j, &v)| m | u64::from(v == 0.0 || v.is_nan()) << j)
-            })
-            .collect();
-        residual.par_iter_mut().zip(&w0).for_each(|(r, &w0)| {
-            let exponent = (w0.to_bits() >> 23) & 0xFF;
-            let usable = *r != 0.0 && !r.is_nan() && exponent.wrapping_sub(low) <= high - low;
-            *r = if usable { *r - w0 } else { 0.0 };
-        });
-        crate::lowrank::remove(&mut residual, rows, cols, &pair.original.name);
-        let stream =
-            |key: &[u8; 32]| TensorStream::new(key, &pair.original.name, pair.kind, &pair.original.shape);
-        let mut half = vec![0u64; len.div_ceil(64)];
-        let mut up = vec![0u64; len.div_ceil(64)];
-        stream(partition.expose()).fill(0, &mut half);
-        stream(owner.expose()).fill(0, &mut up);
-        let (tn, ts, tq) = residual
-            .par_chunks(64)
-            .zip(w0.par_chunks(64))
-            .enumerate()
-            .map(|(w, (r, w0))| {
-                let (mut n, mut signed, mut squares) = (0u64, 0i64, 0u64);
-                for (j, (&r, &w0)) in r.iter().zip(w0).enumerate() {
-                    let exponent = (w0.to_bits() >> 23) & 0xFF;
-                    let valid = (half[w] >> j & 1 == 1)
-                        & (erased[w] >> j & 1 == 0)
-                        & (exponent.wrapping_sub(low) <= high - low);
-                    if !valid {
-                        continue;
-                    }
-                    let scale = f32::from_bits(261u32.saturating_sub(exponent).clamp(1, 254) << 23);
-                    let x = ((r * scale).abs() * 4.0 + 0.5).floor().min(127.0) as i64;
-                    let agrees = (r > 0.0) == (up[w] >> j & 1 == 1);
-                    n += 1;
-                    signed += if agrees { x } else { -x };
-                    squares += (x * x) as u64;
-                }
-                (n, signed, squares)
-            })
-            .reduce(|| (0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
-        n += tn;
-        signed += ts;
-        squares += tq;
-    }
-    let z = if squares == 0 { 0.0 } else { signed as f64 / (squares as f64).sqrt() };
-    Statistic { name: "low_rank_removed", n, z }
-}
-
 fn blind(suspect: &ModelFile, model: &ModelKey) -> Evidence {
     // the streams of each tensor, derived once
     let tensors: Vec<(&TensorEntry, FloatKind, TensorKeys)> = suspect

@@ -8,7 +8,8 @@
 //! weight, is spread evenly over all of them. So the residual `R = W' − W0` of each tensor (in
 //! weight units, erased weights zero) loses its projection on the column space a randomised
 //! range finder sees (Halko, Martinsson, Tropp: [`DIRECTIONS`] probes, two power steps, probes
-//! drawn from the tensor's name alone), and what is left is correlated like `correlation`.
+//! drawn from the tensor's name alone), and what is left is scanned again like any residual
+//! (`low_rank_removed` in [`crate::detect`]).
 //!
 //! Nothing here depends on the key tested, so for a wrong key the signs are still independent
 //! fair coins given the values and the p-value bound of [`crate::detect`] holds. Every sum runs

@@ -159,11 +159,13 @@ fn t0_null_calibration_with_ten_thousand_wrong_keys() {
         let started = std::time::Instant::now();
         let evidence = fixture.licenses(path, &wrong);
         println!("T0 {what}: traced {} keys in {:.1?}", wrong.len(), started.elapsed());
-        for statistic in 0..4 {
+        // nobody is accused, so the fifth statistic (without the low-rank part) ran too
+        assert_eq!(evidence[0].statistics.len(), 5);
+        for statistic in 0..5 {
             let z: Vec<f64> = evidence.iter().map(|e| e.statistics[statistic].z).collect();
             let (mean, std) = mean_std(&z);
             println!(
-                "T0 {what:<9} {:<14} n {:>7}  mean {mean:+.4}  std {std:.4}  max {:.2}",
+                "T0 {what:<9} {:<16} n {:>7}  mean {mean:+.4}  std {std:.4}  max {:.2}",
                 evidence[0].statistics[statistic].name,
                 evidence[0].statistics[statistic].n,
                 z.iter().cloned().fold(f64::MIN, f64::max)
@@ -316,6 +318,18 @@ fn t5_fine_tuning_beyond_the_four_statistics() {
         );
         assert!(four < owner.threshold, "this update must defeat the four statistics ({four})");
         assert!(owner.verdict && owner.t == low_rank, "{}", serde_json::to_string(&owner).unwrap());
+        // the leaking license among 100, found the same way
+        let ids: Vec<u128> = (1..=100).collect();
+        let licenses = fixture.licenses(&path, &ids);
+        let accused: Vec<&Evidence> = licenses.iter().filter(|e| e.verdict).collect();
+        let license = &licenses[(LICENSE - 1) as usize];
+        let innocent = licenses.iter().filter(|e| !e.verdict).map(|e| e.t).fold(f64::NEG_INFINITY, f64::max);
+        println!(
+            "  license {LICENSE} among 100: T {:.1} (threshold {:.2}); largest innocent T {innocent:.2}",
+            license.t, license.threshold
+        );
+        assert_eq!(accused.len(), 1, "exactly the leaking license is accused");
+        assert!(license.verdict && license.statistics.len() == 5);
         if rank == 8 {
             let wrong: Vec<f64> = (2..=9u8)
                 .map(|master| {
