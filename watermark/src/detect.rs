@@ -326,7 +326,8 @@ fn without_low_rank(
         read_values(pair.kind, original.bytes(pair.original), 0, &mut w0);
         let mut values = vec![0f32; len];
         suspect.read(0, &mut values);
-        let erased = |w1: f32| w1 == 0.0 || w1.is_nan();
+        // zeroed, NaN or infinite: left out (one infinity would spread over the whole projection)
+        let erased = |w1: f32| w1 == 0.0 || !w1.is_finite();
         let mut residual: Vec<f32> = values
             .par_iter()
             .zip(&w0)

@@ -331,6 +331,12 @@ fn t5_fine_tuning_beyond_the_four_statistics() {
         assert_eq!(accused.len(), 1, "exactly the leaking license is accused");
         assert!(license.verdict && license.statistics.len() == 5);
         if rank == 8 {
+            // one infinite weight per tensor must not blind the projection
+            let poisoned = tuned.clone().attack(|_, _, _, w| w[0] = f32::INFINITY);
+            let poisoned_path = fixture.path("tuned-poisoned.safetensors");
+            poisoned.save(&poisoned_path);
+            let evidence = fixture.owner(&poisoned_path);
+            assert!(evidence.verdict && evidence.t > 0.9 * low_rank, "with infinities: T {}", evidence.t);
             let wrong: Vec<f64> = (2..=9u8)
                 .map(|master| {
                     let wrong = model_key(&fixture.original, master);
