@@ -121,7 +121,7 @@ pub fn verify_owner(
             // The four fall short: try the residual without its low-rank part (a fine-tune's
             // update). It costs a few passes over every tensor, so only when needed; the verdict
             // is corrected for it either way.
-            let second = without_low_rank(&original_file, &pairs, |original, pairs| {
+            let second = without_low_rank(&original_file, &pairs, keys.len(), |original, pairs| {
                 Ok(scan(original, pairs, model, Half::A, &keys))
             })?;
             Ok(with_low_rank_removed(evidence, &second, 0, &pairs))
@@ -173,8 +173,9 @@ pub(crate) fn trace_with(
             return Ok(evidence);
         }
         // nobody accused: a fine-tune may hide the leaker (see `verify_owner`)
-        let second =
-            without_low_rank(&original_file, &pairs, |original, pairs| scan(original, pairs, &keys))?;
+        let second = without_low_rank(&original_file, &pairs, keys.len(), |original, pairs| {
+            scan(original, pairs, &keys)
+        })?;
         Ok(evidence
             .into_iter()
             .enumerate()
@@ -314,9 +315,10 @@ pub(crate) struct Scan {
 fn without_low_rank(
     original: &ModelFile,
     pairs: &[Pair<'_>],
+    keys: usize,
     scan: impl Fn(&ModelFile, &[Pair<'_>]) -> Result<Scan, WatermarkError>,
 ) -> Result<Scan, WatermarkError> {
-    let mut sum: Option<Scan> = None;
+    let mut sum = Scan::empty(keys);
     for pair in pairs {
         let Some(suspect) = &pair.suspect else { continue };
         let (rows, cols) = (pair.original.shape[0], pair.original.shape[1]);
@@ -343,30 +345,16 @@ fn without_low_rank(
         drop(residual);
         let adjusted =
             Pair { original: pair.original, kind: pair.kind, suspect: Some(Suspect::Aligned(values)) };
-        let part = scan(original, std::slice::from_ref(&adjusted))?;
-        match &mut sum {
-            None => sum = Some(part),
-            Some(sum) => {
-                sum.totals.add(&part.totals);
-                for (a, b) in sum.matches.iter_mut().zip(&part.matches) {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                }
-            }
-        }
+        sum.add(&scan(original, std::slice::from_ref(&adjusted))?);
     }
-    Ok(sum.unwrap_or(Scan { totals: Totals::default(), matches: Vec::new() }))
+    Ok(sum)
 }
 
 /// `evidence` with the fifth statistic from `second` (key `key`): the erasure-aware correlation
 /// of the residual without its low-rank part.
 fn with_low_rank_removed(evidence: Evidence, second: &Scan, key: usize, pairs: &[Pair<'_>]) -> Evidence {
     let t = &second.totals;
-    let m = second.matches.get(key).copied().unwrap_or_default();
-    let z = if t.kept_sq == 0 {
-        0.0
-    } else {
-        (2.0 * m[1] as f64 - t.kept_abs as f64) / (t.kept_sq as f64).sqrt()
-    };
+    let z = z(second.matches[key][1], t.kept_abs, t.kept_sq);
     let mut statistics = evidence.statistics;
     statistics.push(Statistic { name: "low_rank_removed", n: t.kept_n, z });
     finish(
@@ -381,15 +369,28 @@ fn with_low_rank_removed(evidence: Evidence, second: &Scan, key: usize, pairs: &
     )
 }
 
+/// `Σ s·x / √Σ x²` from the sum of |x| where the key agrees, the sum of |x| and the sum of x².
+fn z(matched: u64, abs: u64, sq: u64) -> f64 {
+    if sq == 0 { 0.0 } else { (2.0 * matched as f64 - abs as f64) / (sq as f64).sqrt() }
+}
+
 impl Scan {
+    fn empty(keys: usize) -> Self {
+        Self { totals: Totals::default(), matches: vec![[0; 4]; keys] }
+    }
+
+    fn add(&mut self, other: &Self) {
+        self.totals.add(&other.totals);
+        for (a, b) in self.matches.iter_mut().zip(&other.matches) {
+            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        }
+    }
+
     /// The evidence for key `key` from the four statistics, corrected for all five and for
     /// `hypotheses` keys.
     fn evidence(&self, key: usize, subject: Subject, hypotheses: u64, pairs: &[Pair<'_>]) -> Evidence {
         let t = &self.totals;
         let m = &self.matches[key];
-        let z = |matched: u64, abs: u64, sq: u64| {
-            if sq == 0 { 0.0 } else { (2.0 * matched as f64 - abs as f64) / (sq as f64).sqrt() }
-        };
         let statistics = vec![
             Statistic { name: "correlation", n: t.n, z: z(m[0], t.corr_abs, t.corr_sq) },
             Statistic { name: "ulp_matched", n: t.ulp, z: z(m[2], t.ulp, t.ulp) },
@@ -469,12 +470,10 @@ fn scan(original: &ModelFile, pairs: &[Pair<'_>], model: &ModelKey, half: Half, 
         .filter(|(_, p)| p.suspect.is_some())
         .flat_map(|(i, p)| (0..p.original.elements().div_ceil(CHUNK)).map(move |c| (i, c)))
         .collect();
-    let identity = || (Totals::default(), vec![[0u64; 4]; keys.len()]);
-    let (totals, matches) = work
-        .par_iter()
+    work.par_iter()
         .fold(
-            || (identity(), Buffers::new()),
-            |((mut totals, mut matches), mut buffers), &(i, chunk)| {
+            || (Scan::empty(keys.len()), Buffers::new()),
+            |(mut sums, mut buffers), &(i, chunk)| {
                 let pair = &pairs[i];
                 let suspect = pair.suspect.as_ref().expect("filtered above");
                 let first = chunk * CHUNK;
@@ -484,28 +483,25 @@ fn scan(original: &ModelFile, pairs: &[Pair<'_>], model: &ModelKey, half: Half, 
                 suspect.read(first, &mut buffers.suspect[..len]);
                 streams[i].0.fill(first, &mut buffers.partition[..words]);
                 let chunk_totals = features(pair.kind, &mut buffers, len, half);
-                totals.add(&chunk_totals);
+                sums.totals.add(&chunk_totals);
                 for (k, stream) in streams[i].1.iter().enumerate() {
                     stream.fill(first, &mut buffers.key[..words]);
                     let counts = count_matches(&buffers.words[..words], &buffers.key[..words]);
-                    for (total, count) in matches[k].iter_mut().zip(counts) {
+                    for (total, count) in sums.matches[k].iter_mut().zip(counts) {
                         *total += count;
                     }
                 }
-                ((totals, matches), buffers)
+                (sums, buffers)
             },
         )
         .map(|(sums, _)| sums)
-        .reduce(identity, |(mut ta, mut ma), (tb, mb)| {
-            ta.add(&tb);
-            for (a, b) in ma.iter_mut().zip(mb) {
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x += y;
-                }
-            }
-            (ta, ma)
-        });
-    Scan { totals, matches }
+        .reduce(
+            || Scan::empty(keys.len()),
+            |mut a, b| {
+                a.add(&b);
+                a
+            },
+        )
 }
 
 struct Buffers {
