@@ -54,7 +54,7 @@ impl Topic {
 pub const ORDERS_PROTOCOL: StreamProtocol = StreamProtocol::new("/agora/orders/1");
 /// Training jobs between a buyer's node and a provider's: start, progress, result, statement.
 pub const JOBS_PROTOCOL: StreamProtocol = StreamProtocol::new("/agora/jobs/1");
-pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/agora/blob/1");
+pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/agora/blob/2");
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/agora/kad/1");
 const AGENT: &str = concat!("agora/", env!("CARGO_PKG_VERSION"));
 
@@ -77,7 +77,7 @@ struct Behaviour {
     gossipsub: gossipsub::Behaviour,
     orders: request_response::cbor::Behaviour<OrdersRequest, OrdersPage>,
     jobs: request_response::cbor::Behaviour<JobMessage, JobReply>,
-    blob: request_response::cbor::Behaviour<BlobRequest, BlobResponse>,
+    blob: request_response::Behaviour<super::wire::BlobCodec>,
     mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
@@ -358,7 +358,11 @@ pub fn start(
                 gossipsub,
                 orders: request_response::cbor::Behaviour::new(orders_protocols, orders_config),
                 jobs: request_response::cbor::Behaviour::new(jobs_protocols, jobs_config),
-                blob: request_response::cbor::Behaviour::new(blob_protocols, blob_config),
+                blob: request_response::Behaviour::with_codec(
+                    super::wire::BlobCodec,
+                    blob_protocols,
+                    blob_config,
+                ),
                 mdns: Toggle::from(mdns),
             })
         })

@@ -139,7 +139,7 @@ tables! {
     ArtifactFiles = "artifact_files", root: false, key: String, value: FileRecord, encode: |k| k.as_bytes().to_vec();
     /// Where `http` deployments send their calls.
     DeploymentUpstreams = "deployment_upstreams", root: false, key: u64, value: UpstreamRecord, encode: |k| k.to_be_bytes().to_vec();
-    /// Blobs this node serves to peers (`/agora/blob/1`), with their chunk manifests.
+    /// Blobs this node serves to peers (`/agora/blob/2`), with their chunk manifests.
     SharedBlobs = "shared_blobs", root: false, key: [u8; 32], value: SharedBlob, encode: |k| k.to_vec();
     /// Compute reservations (compute futures) by id.
     Reservations = "reservations", root: true, key: U256, value: ReservationRecord, encode: |k| u256_key(k);
@@ -302,6 +302,9 @@ pub struct UpstreamRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SharedBlob {
     pub size: u64,
+    /// As bytes, not a sequence of `u8`: the same postcard encoding, read in one copy instead
+    /// of byte by byte (a provider reads it for every chunk it serves).
+    #[serde(with = "serde_bytes")]
     pub chaining_values: Vec<u8>,
     pub shared_ms: u64,
 }
@@ -603,5 +606,17 @@ mod tests {
             (back.royalties, back.fees, back.withdrawn),
             (record.royalties, U256::ZERO, record.withdrawn)
         );
+    }
+
+    /// Shared blobs stored before `chaining_values` was read as bytes still read, and new ones
+    /// are written the same way.
+    #[test]
+    fn shared_blobs_keep_their_encoding() {
+        let chaining_values: Vec<u8> = (0..=255).cycle().take(32 * 300).collect();
+        let before =
+            postcard::to_stdvec(&(5u64 << 30, chaining_values.clone(), 1_700_000_000_000u64)).unwrap();
+        let blob = SharedBlob { size: 5 << 30, chaining_values, shared_ms: 1_700_000_000_000 };
+        assert_eq!(postcard::to_stdvec(&blob).unwrap(), before);
+        assert_eq!(postcard::from_bytes::<SharedBlob>(&before).unwrap(), blob);
     }
 }
