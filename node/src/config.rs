@@ -100,7 +100,8 @@ pub struct RegistryConfig {
     pub private: bool,
     /// Largest upload, in bytes.
     pub max_upload: u64,
-    /// Bytes of fingerprinted copies kept for license holders (least recently used go first).
+    /// Bytes of fingerprinted copies kept for license holders (least recently used go first);
+    /// copies are stored uncompressed, so this is about the disk they take.
     pub copy_cache: u64,
     /// Make each perpetual or timed license's copy as soon as the index shows the purchase
     /// (otherwise on the first download, which streams it while it is made).
@@ -273,7 +274,8 @@ pub struct ConfigArgs {
     #[arg(long, env = "AGORA_MAX_UPLOAD", global = true, help_heading = "Registry")]
     pub max_upload: Option<u64>,
 
-    /// Bytes of fingerprinted copies kept for license holders [default: 21474836480, 20 GiB].
+    /// Bytes of fingerprinted copies kept for license holders, stored uncompressed [default:
+    /// 21474836480, 20 GiB].
     #[arg(long, env = "AGORA_COPY_CACHE", global = true, help_heading = "Registry")]
     pub copy_cache: Option<u64>,
 

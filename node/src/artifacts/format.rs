@@ -52,6 +52,18 @@ const TAG_LEN: usize = 16;
 /// Chunks sealed in parallel per batch: memory holds twice this many chunks.
 pub(crate) const BATCH: usize = 8;
 
+/// Whether [`write_blob`] compresses chunks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compression {
+    /// Byte planes and zstd, chunk by chunk where it pays (uploads and model files).
+    #[default]
+    Planes,
+    /// Every chunk stored as it is, only sealed: for blobs read far more often than written
+    /// and made again at will (license copies), whose reads would otherwise be bound by
+    /// decompression.
+    None,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Part {
     Chunk = 0,
@@ -168,7 +180,13 @@ fn aad(header: &[u8; HEADER_LEN], index: u64, part: Part) -> Vec<u8> {
 }
 
 /// A chunk encoded for sealing: its bytes, then the encoding byte, with room for the tag.
-fn encode(plain: &[u8]) -> io::Result<Vec<u8>> {
+fn encode(plain: &[u8], compression: Compression) -> io::Result<Vec<u8>> {
+    if compression == Compression::None {
+        let mut out = Vec::with_capacity(plain.len() + 1 + TAG_LEN);
+        out.extend_from_slice(plain);
+        out.push(STORED);
+        return Ok(out);
+    }
     let mut compressor = zstd::bulk::Compressor::new(ZSTD_LEVEL)?;
     let stride = best_stride(plain, &mut compressor)?;
     let planes;
@@ -329,6 +347,7 @@ pub fn write_blob(
     input: impl Read + Send,
     mut out: impl Write,
     limit: u64,
+    compression: Compression,
 ) -> Result<Written, ArtifactError> {
     let mut salt = [0u8; 16];
     getrandom::fill(&mut salt).map_err(|e| ArtifactError::Io(io::Error::other(e.to_string())))?;
@@ -350,7 +369,9 @@ pub fn write_blob(
                 batch
                     .par_iter()
                     .enumerate()
-                    .map(|(i, plain)| seal(&cipher, &header, first + i as u64, Part::Chunk, encode(plain)?))
+                    .map(|(i, plain)| {
+                        seal(&cipher, &header, first + i as u64, Part::Chunk, encode(plain, compression)?)
+                    })
                     .collect::<Result<Vec<Vec<u8>>, _>>()
             },
             || reading.next_batch(false),
@@ -736,28 +757,28 @@ mod tests {
     #[test]
     fn each_chunk_gets_the_encoding_that_pays() {
         let weights = bf16(CHUNK);
-        let frame = encode(&weights).unwrap();
+        let frame = encode(&weights, Compression::Planes).unwrap();
         assert_eq!(frame.last(), Some(&2), "bf16 weights compress best as two byte planes");
         assert!(frame.len() < weights.len() * 3 / 4);
         assert_eq!(decode(frame, CHUNK).unwrap(), weights);
 
         let weights = f32s(CHUNK);
-        let frame = encode(&weights).unwrap();
+        let frame = encode(&weights, Compression::Planes).unwrap();
         assert_eq!(frame.last(), Some(&4), "f32 weights compress best as four byte planes");
         assert_eq!(decode(frame, CHUNK).unwrap(), weights);
 
         let random = noise(CHUNK, 3);
-        let frame = encode(&random).unwrap();
+        let frame = encode(&random, Compression::Planes).unwrap();
         assert_eq!(frame.last(), Some(&STORED), "noise is stored as it is");
         assert_eq!(frame.len(), CHUNK + 1);
         assert_eq!(decode(frame, CHUNK).unwrap(), random);
 
         let text: Vec<u8> = (0..CHUNK).map(|i| b"safetensors header "[i % 19]).collect();
-        let frame = encode(&text).unwrap();
+        let frame = encode(&text, Compression::Planes).unwrap();
         assert_eq!(frame.last(), Some(&1));
         assert_eq!(decode(frame, CHUNK).unwrap(), text);
 
-        assert_eq!(decode(encode(&[]).unwrap(), 0).unwrap(), Vec::<u8>::new());
+        assert_eq!(decode(encode(&[], Compression::Planes).unwrap(), 0).unwrap(), Vec::<u8>::new());
         assert!(decode(vec![1, 2, 3, 9], 3).unwrap_err().contains("unknown encoding 9"));
         assert!(decode(vec![1, 2, 3, STORED], 4).unwrap_err().contains("holds 3 bytes, expected 4"));
         assert!(decode(Vec::new(), 0).unwrap_err().contains("empty"));
@@ -789,7 +810,7 @@ mod tests {
         let mut data = bf16(2 * CHUNK);
         data.extend(noise(CHUNK / 2, 5));
         let mut stored = Vec::new();
-        let written = write_blob(&key, &data[..], &mut stored, u64::MAX).unwrap();
+        let written = write_blob(&key, &data[..], &mut stored, u64::MAX, Compression::Planes).unwrap();
         assert_eq!(&stored[..8], MAGIC);
         assert_eq!((written.size, written.hash), (data.len() as u64, *blake3::hash(&data).as_bytes()));
         assert!(written.stored < data.len() as u64 * 9 / 10, "stored {} of {}", written.stored, data.len());

@@ -26,7 +26,7 @@ use std::{
 };
 
 pub use backend::{Backend, LocalBackend, S3Backend};
-pub use format::MasterKey;
+pub use format::{Compression, MasterKey};
 
 use crate::store::{
     Store, StoreError,
@@ -112,14 +112,25 @@ impl ArtifactStore {
         Ok(Self { partial, backend, key: Arc::new(key), store, partial_grace: Duration::from_secs(3600) })
     }
 
-    /// Streams `input` into the store (at most `limit` bytes) and adds one reference to its
-    /// content. Nothing is recorded when it fails.
+    /// Streams `input` into the store (at most `limit` bytes), compressed where it pays, and
+    /// adds one reference to its content. Nothing is recorded when it fails.
     pub fn put(&self, input: impl Read + Send, limit: u64) -> Result<BlobInfo, ArtifactError> {
+        self.put_with(input, limit, Compression::Planes)
+    }
+
+    /// [`Self::put`], choosing whether chunks are compressed. Content already stored is kept
+    /// as it was stored.
+    pub fn put_with(
+        &self,
+        input: impl Read + Send,
+        limit: u64,
+        compression: Compression,
+    ) -> Result<BlobInfo, ArtifactError> {
         let partial = self.partial.join(format!("{}-{}.partial", std::process::id(), random_suffix()?));
         let written = (|| {
             let file = File::create(&partial)?;
             let mut out = BufWriter::with_capacity(1 << 20, file);
-            let written = format::write_blob(&self.key, input, &mut out, limit)?;
+            let written = format::write_blob(&self.key, input, &mut out, limit, compression)?;
             out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             Ok::<_, ArtifactError>(written)
         })();

@@ -55,6 +55,7 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     round_trips_and_reads_any_range,
+    uncompressed_blobs_are_sealed_as_they_are,
     duplicates_are_stored_once_and_collected_when_released,
     tampering_and_truncation_are_detected_and_reported,
     failed_and_crashed_writes_leave_nothing_visible
@@ -116,6 +117,24 @@ fn round_trips_and_reads_any_range(f: Fixture) {
     let exact = content(2 * CHUNK, 2);
     f.artifacts.put(&exact[..], u64::MAX).unwrap();
     assert_eq!(read_all(&f.artifacts, &hash_of(&exact), 0, u64::MAX), exact);
+}
+
+fn uncompressed_blobs_are_sealed_as_they_are(f: Fixture) {
+    let data = content(3 * CHUNK + 777, 4);
+    let hash = hash_of(&data);
+    let info = f.artifacts.put_with(&data[..], u64::MAX, Compression::None).unwrap();
+    assert_eq!((info.blake3.as_str(), info.size), (hex(&hash).as_str(), data.len() as u64));
+    // each chunk: its length, its bytes, the encoding byte, the tag; plus header and footer
+    let framing = format::HEADER_LEN as u64 + 4 * (4 + 1 + 16) + (16 + 8 * 4 + 16 + 8);
+    assert_eq!(info.stored, data.len() as u64 + framing, "nothing compressed, nothing lost");
+    assert_eq!(read_all(&f.artifacts, &hash, 0, u64::MAX), data);
+    let c = CHUNK as u64;
+    assert_eq!(read_all(&f.artifacts, &hash, c - 5, 2 * c + 5), &data[CHUNK - 5..2 * CHUNK + 5]);
+    let stored = f.stored(&hash);
+    assert!(!stored.windows(64).any(|w| w == &data[..64]), "the blob is still encrypted");
+    // the same content put compressed is a second reference to the blob as first stored
+    let again = f.artifacts.put(&data[..], u64::MAX).unwrap();
+    assert_eq!((again.refs, again.stored), (2, info.stored));
 }
 
 fn duplicates_are_stored_once_and_collected_when_released(f: Fixture) {
@@ -250,7 +269,7 @@ fn the_master_key_is_created_once_private_and_checked() {
     let again = load_or_create_key(&path).unwrap();
     let data = content(1000, 6);
     let mut blob = Vec::new();
-    format::write_blob(&key, &data[..], &mut blob, u64::MAX).unwrap();
+    format::write_blob(&key, &data[..], &mut blob, u64::MAX, format::Compression::Planes).unwrap();
     let opened = format::BlobFile::open(&again, io::Cursor::new(&blob), "x").unwrap();
     let mut out = Vec::new();
     opened.range(0, u64::MAX).read_to_end(&mut out).unwrap();

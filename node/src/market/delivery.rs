@@ -21,7 +21,7 @@ use alloy::primitives::{Address, B256, U256};
 use ed25519_dalek::Signer;
 
 use crate::{
-    artifacts::{ArtifactError, ArtifactStore},
+    artifacts::{ArtifactError, ArtifactStore, Compression},
     registry::now_ms,
     store::{
         Store, StoreError,
@@ -431,7 +431,9 @@ impl Delivery {
         let started = writer.started.take();
         let outcome = made.and_then(|hash| {
             making.filling.finish(hash);
-            let blob = self.artifacts.put(marked.reopen()?, u64::MAX)?;
+            // Copies are read far more often than made, and made again at will: sealed but
+            // not compressed, so serving one is not bound by decompression.
+            let blob = self.artifacts.put_with(marked.reopen()?, u64::MAX, Compression::None)?;
             if blob.blake3 != crate::artifacts::hex(&hash) {
                 return Err(DeliveryError::Unavailable(format!(
                     "the stored copy hashes to {}, the marked one to {}",
