@@ -230,8 +230,7 @@ fn least_stored_share(path: &std::path::Path) -> anyhow::Result<f64> {
         if n == 0 {
             break;
         }
-        // Blocks are whole multiples of 4 but for the last, and reads of a file in the page
-        // cache fill the buffer, so the plane of a byte is its offset in the file modulo 4.
+        // a byte's lane is its offset in the file modulo 4, however the reads fall
         let phase = (total % 4) as usize;
         for (i, &b) in block[..n].iter().enumerate() {
             counts[(phase + i) % 4][b as usize] += 1;

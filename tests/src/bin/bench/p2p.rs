@@ -169,12 +169,12 @@ pub async fn run(nodes: usize, orders: usize, mib: usize) -> anyhow::Result<()> 
 
     // The plain copy, four times: its rate from the four together, and the CPU it takes (this
     // process holds both ends, so the kernel's work for the sockets is counted here too).
-    let shared: std::sync::Arc<[u8]> = data.as_slice().into();
-    let me = nix::unistd::getpid();
+    let data: std::sync::Arc<[u8]> = data.into();
+    let me = nix::unistd::Pid::this();
     let cpu_before = super::cpu_seconds(me);
     let mut tcp_secs = 0.0;
     for _ in 0..COPIES {
-        let (received, secs) = super::loopback_copy(std::io::Cursor::new(shared.clone())).await?;
+        let (received, secs) = super::loopback_copy(std::io::Cursor::new(data.clone())).await?;
         anyhow::ensure!(received == size, "the plain copy moved {received} of {size} bytes");
         tcp_secs += secs;
     }
