@@ -79,7 +79,17 @@ pub struct Sessions {
     domain: Option<String>,
     ttl: Duration,
     contract_check: Option<ContractCheck>,
+    /// Tokens already checked, by their blake3: the address and expiry (unix seconds). A
+    /// signed-in client sends the same token with every call, and checking it again (base64,
+    /// HMAC, two JSON documents, the address's checksum) cost a few µs a call.
+    verified: Arc<Mutex<Verified>>,
 }
+
+/// Checked tokens by their blake3: (address, expiry in unix seconds).
+type Verified = rustc_hash::FxHashMap<[u8; 32], (Address, u64)>;
+
+/// Checked tokens kept at most; past this the expired ones go, and if none had, all.
+const MAX_VERIFIED: usize = 65_536;
 
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -94,6 +104,7 @@ impl Sessions {
             domain,
             ttl,
             contract_check: None,
+            verified: Arc::default(),
         }
     }
 
@@ -183,6 +194,28 @@ impl Sessions {
 
     /// The address a session token belongs to.
     pub fn verify(&self, token: &str) -> Result<Address, AuthError> {
+        let id = *blake3::hash(token.as_bytes()).as_bytes();
+        let now = unix(SystemTime::now());
+        let known = self.verified.lock().unwrap_or_else(|p| p.into_inner()).get(&id).copied();
+        if let Some((address, expires)) = known {
+            // the token's own check, with no leeway: valid up to and including its `exp`
+            if expires >= now {
+                return Ok(address);
+            }
+        }
+        let (address, expires) = self.check_token(token)?;
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if verified.len() >= MAX_VERIFIED {
+            verified.retain(|_, (_, expires)| *expires >= now);
+            if verified.len() >= MAX_VERIFIED {
+                verified.clear();
+            }
+        }
+        verified.insert(id, (address, expires));
+        Ok(address)
+    }
+
+    fn check_token(&self, token: &str) -> Result<(Address, u64), AuthError> {
         let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
         validation.set_audience(&[AUDIENCE]);
         validation.leeway = 0;
@@ -190,7 +223,8 @@ impl Sessions {
             .map_err(|e| AuthError::Token(e.to_string()))?;
         let data = jsonwebtoken::decode::<Claims>(token, &key, &validation)
             .map_err(|e| AuthError::Token(e.to_string()))?;
-        data.claims.sub.parse::<Address>().map_err(|e| AuthError::Token(e.to_string()))
+        let address = data.claims.sub.parse::<Address>().map_err(|e| AuthError::Token(e.to_string()))?;
+        Ok((address, data.claims.exp))
     }
 }
 
@@ -280,10 +314,34 @@ mod tests {
         let signer = PrivateKeySigner::random();
         let (text, sig) = signed(&s, &signer, 31337, Duration::from_secs(600));
         let token = s.login(&text, &sig, "127.0.0.1:8080").await.unwrap().token;
+        // the genuine token, checked (and so remembered) first, vouches for no other
+        assert_eq!(s.verify(&token).unwrap(), signer.address());
         let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
         parts[1] = parts[1].chars().rev().collect();
         assert!(matches!(s.verify(&parts.join(".")), Err(AuthError::Token(_))));
         let other = Sessions::new([8; 32], 31337, None, Duration::from_secs(3600));
         assert!(matches!(other.verify(&token), Err(AuthError::Token(_))));
+    }
+
+    /// A remembered token still expires at its `exp`, as an unremembered one does.
+    #[test]
+    fn a_checked_token_expires_on_time() {
+        let s = sessions();
+        let address = PrivateKeySigner::random().address();
+        let token = |exp: u64| {
+            let claims = Claims { sub: address.to_checksum(None), aud: AUDIENCE.into(), iat: exp - 60, exp };
+            let key = jsonwebtoken::EncodingKey::from_secret(&[7; 32]).unwrap();
+            jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &claims, &key)
+                .unwrap()
+        };
+        let now = unix(SystemTime::now());
+        assert!(matches!(s.verify(&token(now - 1)), Err(AuthError::Token(_))), "expired");
+        let soon = token(now + 1);
+        assert_eq!(s.verify(&soon).unwrap(), address);
+        assert_eq!(s.verify(&soon).unwrap(), address, "remembered");
+        while unix(SystemTime::now()) <= now + 1 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(matches!(s.verify(&soon), Err(AuthError::Token(_))), "expired once its second passed");
     }
 }
