@@ -24,6 +24,8 @@ struct Outcome {
     latencies_ms: Vec<f64>,
     /// CPU seconds the node spent meanwhile (user and system, all threads).
     node_cpu: f64,
+    /// CPU seconds this process (the load generator) spent meanwhile.
+    own_cpu: f64,
 }
 
 impl Outcome {
@@ -37,7 +39,7 @@ async fn load(
     path: &str,
     node: nix::unistd::Pid,
 ) -> anyhow::Result<Outcome> {
-    let cpu = cpu_seconds(node);
+    let (cpu, own) = (cpu_seconds(node), cpu_seconds(nix::unistd::Pid::this()));
     let started = Instant::now();
     let body = json!({"inputs": [[0.5, 1.0, -1.0, 2.0]]});
     let tasks: Vec<_> = clients
@@ -69,7 +71,12 @@ async fn load(
     for task in tasks {
         latencies_ms.extend(task.await??);
     }
-    Ok(Outcome { seconds: started.elapsed().as_secs_f64(), latencies_ms, node_cpu: cpu_seconds(node) - cpu })
+    Ok(Outcome {
+        seconds: started.elapsed().as_secs_f64(),
+        latencies_ms,
+        node_cpu: cpu_seconds(node) - cpu,
+        own_cpu: cpu_seconds(nix::unistd::Pid::this()) - own,
+    })
 }
 
 /// Rounds of the load: each caller's calls are split among them in order.
@@ -186,10 +193,78 @@ pub async fn run(requests: usize, callers: usize) -> anyhow::Result<()> {
     row("(c) no license check (operator; baseline)", &c, None);
     row("(b) perpetual license, sign-in token", &b, Some(&c));
     row("(a) usage license, a voucher per call", &a, Some(&c));
+    floor(&c, chain, lm);
     if let Some(dir) = agora_e2e::minilm_dir() {
         encoder(&seller, &dir, callers, pid).await?;
     }
     Ok(())
+}
+
+/// The most (a) could reach here. A usage call does all an unchecked one does, plus two
+/// signature operations the issue asks for on every call: recovering the voucher's signer (as
+/// `metering::check` does: the EIP-712 digest, then libsecp256k1's recovery) and the receipt's
+/// ed25519 signature. Each is timed here on one core (best of five runs of 2,000). Over both
+/// cores, with (c)'s CPU per call (node and load generator) measured in the same round and
+/// nothing else added, not even the voucher's durable write, (a) can reach at most
+/// cores / ((c)'s CPU per call + recovery + signature) calls a second.
+fn floor(c: &[Outcome], chain: u64, market: alloy::primitives::Address) {
+    use alloy::primitives::Signature;
+    use ed25519_dalek::Signer;
+    let domain = metering::VoucherDomain::new(chain, market);
+    let wallet = alloy::signers::local::PrivateKeySigner::from_bytes(&[7u8; 32].into()).expect("a key");
+    let calls = 2_000u64;
+    let signatures: Vec<Vec<u8>> = (1..=calls)
+        .map(|n| {
+            let hash = domain.hash(U256::from(9), U256::from(n));
+            wallet.sign_hash_sync(&hash).expect("signing works").as_bytes().to_vec()
+        })
+        .collect();
+    let best = |work: &dyn Fn() -> bool| {
+        (0..5)
+            .map(|_| {
+                let started = Instant::now();
+                assert!(work(), "the floor's operations failed");
+                started.elapsed().as_secs_f64() * 1e6 / calls as f64
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let recover_us = best(&|| {
+        signatures.iter().zip(1u64..).all(|(bytes, n)| {
+            let signer = Signature::try_from(bytes.as_slice()).ok().and_then(|s| {
+                s.recover_address_from_prehash(&domain.hash(U256::from(9), U256::from(n))).ok()
+            });
+            signer == Some(wallet.address())
+        })
+    });
+    let key = ed25519_dalek::SigningKey::from_bytes(&[3u8; 32]);
+    let request = *blake3::hash(b"{\"inputs\": [[0.5, 1.0, -1.0, 2.0]]}").as_bytes();
+    let sign_us = best(&|| {
+        for n in 1..=calls {
+            let message =
+                metering::receipt_bytes(U256::from(9), U256::from(n), &request, 1_700_000_000_000 + n);
+            std::hint::black_box(key.sign(&message));
+        }
+        true
+    });
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let shares: Vec<(f64, f64, f64)> = c
+        .iter()
+        .map(|o| {
+            let calls = o.latencies_ms.len() as f64;
+            let (node, generator) = (1e6 * o.node_cpu / calls, 1e6 * o.own_cpu / calls);
+            let most = cores * 1e6 / (node + generator + recover_us + sign_us);
+            (100.0 * most / o.rps(), node, generator)
+        })
+        .collect();
+    let (low, high) = shares.iter().fold((f64::MAX, 0f64), |(l, h), s| (l.min(s.0), h.max(s.0)));
+    println!(
+        "floor of (a): recovering a voucher's signer {recover_us:.1} µs, signing a receipt {sign_us:.1} µs (one core); \
+         (c) costs {:.0} µs of node CPU and {:.0} µs of load generator a call; so over {cores:.0} cores (a) \
+         reaches at most {:.0}% of (c) (rounds {low:.0}-{high:.0}%), before its voucher is stored",
+        median(shares.iter().map(|s| s.1).collect()),
+        median(shares.iter().map(|s| s.2).collect()),
+        median(shares.iter().map(|s| s.0).collect()),
+    );
 }
 
 const SENTENCES: [&str; 8] = [
@@ -249,7 +324,7 @@ async fn encoder(
     run(0).await?;
     let started = Instant::now();
     let cpu = cpu_seconds(node);
-    let mut served = Outcome { seconds: 0.0, latencies_ms: Vec::new(), node_cpu: 0.0 };
+    let mut served = Outcome { seconds: 0.0, latencies_ms: Vec::new(), node_cpu: 0.0, own_cpu: 0.0 };
     for latencies in futures::future::join_all((0..callers).map(run)).await {
         served.latencies_ms.extend(latencies?);
     }
