@@ -32,6 +32,7 @@ use tokio::sync::watch;
 
 use super::{
     apply::{apply_log, describe},
+    root::StateRoot,
     writer::{IndexWriter, load_cursor, load_reorgs, load_root},
 };
 use crate::store::{
@@ -152,10 +153,82 @@ async fn with_timeout<T, E: std::fmt::Display, F: std::future::IntoFuture<Output
 
 /// A block header, as much of it as the indexer needs.
 #[derive(Clone, Copy, Debug)]
-struct Header {
-    hash: B256,
-    parent_hash: B256,
-    timestamp: u64,
+pub struct Header {
+    pub hash: B256,
+    pub parent_hash: B256,
+    pub timestamp: u64,
+}
+
+/// What applying a range did.
+pub struct Applied {
+    pub events: u64,
+    pub decode_failures: u64,
+    pub root: StateRoot,
+}
+
+/// Applies a fetched range's logs (already checked against `headers`) to the index in one
+/// atomic batch with the new cursor: effects, block hashes and undo records for the blocks at
+/// or after `window_start`, the state root. `headers` must hold the range's last block.
+pub fn apply_range(
+    store: &Store,
+    deployment: &Deployment,
+    logs: &[Log],
+    headers: &BTreeMap<u64, Header>,
+    range: std::ops::RangeInclusive<u64>,
+    window_start: u64,
+    window: u64,
+) -> Result<Applied, IndexError> {
+    let (next, to) = (*range.start(), *range.end());
+    let mut by_block: BTreeMap<u64, Vec<&Log>> = BTreeMap::new();
+    for log in logs {
+        let block = log.block_number.unwrap_or_default();
+        if range.contains(&block) {
+            by_block.entry(block).or_default().push(log);
+        }
+    }
+    for block_logs in by_block.values_mut() {
+        block_logs.sort_by_key(|l| l.log_index);
+        block_logs.dedup_by_key(|l| l.log_index);
+    }
+    let mut blocks: Vec<u64> = by_block.keys().copied().collect();
+    blocks.extend(headers.keys().copied().filter(|n| *n >= window_start && *n >= next));
+    blocks.sort_unstable();
+    blocks.dedup();
+
+    let mut w = IndexWriter::new(store)?;
+    let mut decode_failures = 0u64;
+    for number in blocks {
+        let keep = number >= window_start;
+        w.begin_block(keep);
+        for log in by_block.get(&number).map(Vec::as_slice).unwrap_or_default() {
+            if let Err(e) = apply_log(&mut w, deployment, log) {
+                if e.is_skippable() {
+                    decode_failures += 1;
+                    metrics::counter!("agora_index_decode_failures_total").increment(1);
+                    tracing::warn!(target: "agora::indexer", log = %describe(log), error = %e, "skipping a log that does not decode");
+                } else {
+                    return Err(match e {
+                        super::apply::ApplyError::Store(e) => IndexError::Store(e),
+                        other => IndexError::Inconsistent(other.to_string()),
+                    });
+                }
+            }
+        }
+        match headers.get(&number) {
+            Some(h) => w.end_block(number, h.hash, h.parent_hash, h.timestamp, keep)?,
+            None => w.end_block(number, B256::ZERO, B256::ZERO, 0, false)?,
+        }
+    }
+    if to > window {
+        w.prune_blocks_through(to - window - 1)?;
+    }
+    let events = w.events();
+    let last = headers
+        .get(&to)
+        .ok_or_else(|| IndexError::Inconsistent(format!("no header of block {to}, the range's last")))?;
+    let new_cursor = Cursor { number: to, hash: last.hash, timestamp: last.timestamp };
+    let root = w.commit(Some(new_cursor), None)?;
+    Ok(Applied { events, decode_failures, root })
 }
 
 /// A range's logs with the headers they are checked against, fetched together.
@@ -481,53 +554,9 @@ impl Indexer {
         }
         self.check_consistency(cursor, next, to, &headers, &logs)?;
 
-        let mut by_block: BTreeMap<u64, Vec<&Log>> = BTreeMap::new();
-        for log in &logs {
-            let block = log.block_number.unwrap_or_default();
-            if (next..=to).contains(&block) {
-                by_block.entry(block).or_default().push(log);
-            }
-        }
-        for block_logs in by_block.values_mut() {
-            block_logs.sort_by_key(|l| l.log_index);
-            block_logs.dedup_by_key(|l| l.log_index);
-        }
-        let mut blocks: Vec<u64> = by_block.keys().copied().collect();
-        blocks.extend(headers.keys().copied().filter(|n| *n >= window_start && *n >= next));
-        blocks.sort_unstable();
-        blocks.dedup();
-
-        let mut w = IndexWriter::new(&self.store)?;
-        let mut decode_failures = 0u64;
-        for number in blocks {
-            let keep = number >= window_start;
-            w.begin_block(keep);
-            for log in by_block.get(&number).map(Vec::as_slice).unwrap_or_default() {
-                if let Err(e) = apply_log(&mut w, &self.deployment, log) {
-                    if e.is_skippable() {
-                        decode_failures += 1;
-                        metrics::counter!("agora_index_decode_failures_total").increment(1);
-                        tracing::warn!(target: "agora::indexer", log = %describe(log), error = %e, "skipping a log that does not decode");
-                    } else {
-                        return Err(match e {
-                            super::apply::ApplyError::Store(e) => IndexError::Store(e),
-                            other => IndexError::Inconsistent(other.to_string()),
-                        });
-                    }
-                }
-            }
-            match headers.get(&number) {
-                Some(h) => w.end_block(number, h.hash, h.parent_hash, h.timestamp, keep)?,
-                None => w.end_block(number, B256::ZERO, B256::ZERO, 0, false)?,
-            }
-        }
-        if to > window {
-            w.prune_blocks_through(to - window - 1)?;
-        }
-        let events = w.events();
+        let Applied { events, decode_failures, root } =
+            apply_range(&self.store, &self.deployment, &logs, &headers, next..=to, window_start, window)?;
         let last = headers[&to];
-        let new_cursor = Cursor { number: to, hash: last.hash, timestamp: last.timestamp };
-        let root = w.commit(Some(new_cursor), None)?;
 
         self.range = (self.range * 2).min(self.config.max_range.max(1));
         metrics::counter!("agora_index_events_applied_total").increment(events);

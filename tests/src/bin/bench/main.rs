@@ -8,7 +8,8 @@
 //! `agora-bench index [--events N]`: makes N marketplace events on a local anvil (purchases,
 //! distributions with their credits), then times a cold backfill into an empty data dir, beside
 //! the ceiling of fetching the same logs with `eth_getLogs` and decoding them without storing
-//! (one range at a time, and three in flight; the faster counts).
+//! (one range at a time, and three in flight; the faster counts), and the indexer's store side
+//! alone (the same logs applied from memory).
 
 mod artifacts;
 mod compute;
@@ -17,14 +18,19 @@ mod p2p;
 mod serve;
 mod watermark;
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
 
 use agora_contracts::{LicenseMarket, ModelRegistry};
 use agora_e2e::market::Market;
 use agora_node::{
     chain::{
         self,
-        indexer::{Indexer, IndexerConfig},
+        indexer::{Header, Indexer, IndexerConfig, apply_range},
     },
     node::deployment_id,
     store::Store,
@@ -166,7 +172,9 @@ async fn bench_index(target_events: u64) -> anyhow::Result<()> {
     // vary by ±25 %.
     let config =
         IndexerConfig { to_block: Some(head), confirmations: 0, max_range: 16, ..IndexerConfig::default() };
-    let (mut serial, mut pipelined, mut backfills) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut serial, mut pipelined, mut backfills, mut alone) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let fetched = fetch_ranges(&market, &config, head).await?;
     let mut decoded = 0;
     // CPU seconds of this process and of anvil over each kind of run, summed over the runs: the
     // machine has two cores, so the three compete for the same CPU.
@@ -194,13 +202,16 @@ async fn bench_index(target_events: u64) -> anyhow::Result<()> {
         charge(2, before);
         anyhow::ensure!(applied == decoded, "applied {applied} events, the chain has {decoded}");
         backfills.push(took);
+        let (applied, took) = store_side_alone(&market, &config, &fetched, head)?;
+        anyhow::ensure!(applied == decoded, "applied {applied} events from memory, the chain has {decoded}");
+        alone.push(took);
     }
     let median = |v: &mut Vec<Duration>| {
         v.sort();
         v[v.len() / 2]
     };
-    let (serial_took, pipelined_took, took) =
-        (median(&mut serial), median(&mut pipelined), median(&mut backfills));
+    let (serial_took, pipelined_took, took, alone_took) =
+        (median(&mut serial), median(&mut pipelined), median(&mut backfills), median(&mut alone));
     let ceiling = serial_took.min(pipelined_took);
     let rate = |d: Duration| decoded as f64 / d.as_secs_f64();
     println!();
@@ -215,14 +226,20 @@ async fn bench_index(target_events: u64) -> anyhow::Result<()> {
     }
     println!("| agora indexer, cold, into RocksDB | {:.0} | {:.2} s |", rate(took), took.as_secs_f64());
     println!(
+        "| its store side alone: the same logs applied from memory, one thread, no RPC | {:.0} | {:.2} s |",
+        rate(alone_took),
+        alone_took.as_secs_f64()
+    );
+    println!(
         "| ratio | {:.0} % of the faster ceiling (target ≥ 80 %), target ≥ 20 000 events/s | |",
         100.0 * rate(took) / rate(ceiling)
     );
     println!(
-        "runs (s): ceiling {:?}, ceiling in flight {:?}, indexer {:?}",
+        "runs (s): ceiling {:?}, ceiling in flight {:?}, indexer {:?}, store side alone {:?}",
         secs(&serial),
         secs(&pipelined),
-        secs(&backfills)
+        secs(&backfills),
+        secs(&alone)
     );
     let [serial_cpu, pipelined_cpu, indexer_cpu] = cpu.map(|(me, anvil)| (me / 5.0, anvil / 5.0));
     println!(
@@ -308,6 +325,64 @@ async fn fetch_and_decode(
         }
     }
     Ok((decoded, started.elapsed()))
+}
+
+/// The chain's logs by the indexer's ranges (from, to, logs), with every block's header: what a
+/// backfill fetches, held in memory.
+struct Fetched {
+    ranges: Vec<(u64, u64, Vec<alloy::rpc::types::Log>)>,
+    headers: BTreeMap<u64, Header>,
+}
+
+async fn fetch_ranges(market: &Market, config: &IndexerConfig, head: u64) -> anyhow::Result<Fetched> {
+    let mut ranges = Vec::new();
+    for from in (market.deployment.deployment_block..=head).step_by(config.max_range as usize) {
+        let to = (from + config.max_range - 1).min(head);
+        let filter = Filter::new()
+            .address(vec![market.deployment.model_registry, market.deployment.license_market])
+            .from_block(from)
+            .to_block(to);
+        ranges.push((from, to, market.provider.get_logs(&filter).await?));
+    }
+    let mut headers = BTreeMap::new();
+    for n in market.deployment.deployment_block..=head {
+        let block = market.provider.get_block_by_number(n.into()).await?.context("a block below the head")?;
+        let header = Header {
+            hash: block.header.hash,
+            parent_hash: block.header.parent_hash,
+            timestamp: block.header.timestamp,
+        };
+        headers.insert(n, header);
+    }
+    Ok(Fetched { ranges, headers })
+}
+
+/// The indexer's store side alone: the fetched ranges applied from memory into an empty data
+/// dir, range by range as a backfill applies them (effects, undo records in the reorg window,
+/// root, one synced batch each), on this thread while nothing else runs: (events, time).
+fn store_side_alone(
+    market: &Market,
+    config: &IndexerConfig,
+    Fetched { ranges, headers }: &Fetched,
+    head: u64,
+) -> anyhow::Result<(u64, Duration)> {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(&dir.path().join("db"))?;
+    let window = config.window();
+    let window_start = head.saturating_sub(window);
+    let started = Instant::now();
+    let mut events = 0;
+    for (from, to, logs) in ranges {
+        // the headers a step holds: the range's ends and its blocks inside the window
+        let held: BTreeMap<u64, Header> = headers
+            .range(from..=to)
+            .filter(|(n, _)| **n == *from || *n == to || **n >= window_start)
+            .map(|(n, h)| (*n, *h))
+            .collect();
+        events +=
+            apply_range(&store, &market.deployment, logs, &held, *from..=*to, window_start, window)?.events;
+    }
+    Ok((events, started.elapsed()))
 }
 
 /// A cold backfill into an empty data dir: (events applied, time).
