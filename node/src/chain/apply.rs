@@ -79,7 +79,7 @@ pub fn apply_log(w: &mut IndexWriter<'_>, deployment: &Deployment, log: &Log) ->
     Ok(())
 }
 
-fn model(w: &IndexWriter<'_>, token_id: U256) -> Result<ModelRecord, StoreError> {
+fn model(w: &mut IndexWriter<'_>, token_id: U256) -> Result<ModelRecord, StoreError> {
     Ok(w.get::<Models>(&token_id)?.unwrap_or_default())
 }
 
@@ -131,11 +131,11 @@ fn apply_registry(
     Ok(())
 }
 
-fn license(w: &IndexWriter<'_>, id: U256) -> Result<Option<LicenseRecord>, StoreError> {
+fn license(w: &mut IndexWriter<'_>, id: U256) -> Result<Option<LicenseRecord>, StoreError> {
     w.get::<Licenses>(&id)
 }
 
-fn balance(w: &IndexWriter<'_>, account: Address) -> Result<BalanceRecord, StoreError> {
+fn balance(w: &mut IndexWriter<'_>, account: Address) -> Result<BalanceRecord, StoreError> {
     Ok(w.get::<Balances>(&account)?.unwrap_or_default())
 }
 
@@ -269,7 +269,7 @@ fn apply_market(
     Ok(())
 }
 
-fn compute_balance(w: &IndexWriter<'_>, account: Address) -> Result<ComputeBalance, StoreError> {
+fn compute_balance(w: &mut IndexWriter<'_>, account: Address) -> Result<ComputeBalance, StoreError> {
     Ok(w.get::<ComputeBalances>(&account)?.unwrap_or_default())
 }
 

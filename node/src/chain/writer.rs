@@ -82,15 +82,21 @@ impl<'s> IndexWriter<'s> {
         })
     }
 
-    pub fn get<T: Table>(&self, key: &T::Key) -> Result<Option<T::Value>, StoreError> {
-        self.get_raw(T::NAME, &T::encode_key(key))?.map(|bytes| decode::<T>(&bytes)).transpose()
+    /// A record as the batch has it. A record read from the store is kept with the batch, so
+    /// that the write that usually follows (read, change, write back) does not read it again.
+    pub fn get<T: Table>(&mut self, key: &T::Key) -> Result<Option<T::Value>, StoreError> {
+        let slot = self.slot(T::NAME, &T::encode_key(key))?;
+        slot.now.as_deref().map(decode::<T>).transpose()
     }
 
-    fn get_raw(&self, table: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.touched[table_index(table)].get(key) {
-            Some(slot) => Ok(slot.now.clone()),
-            None => self.store.get_raw(table, key),
+    /// The batch's slot of a record, read from the store on first touch.
+    fn slot(&mut self, table: &'static str, key: &[u8]) -> Result<&mut Slot, StoreError> {
+        let touched = &mut self.touched[table_index(table)];
+        if !touched.contains_key(key) {
+            let before = self.store.get_raw(table, key)?;
+            touched.insert(key.to_vec(), Slot { now: before.clone(), before, undo_block: 0 });
         }
+        Ok(touched.get_mut(key).expect("the slot is made above"))
     }
 
     pub fn put<T: Table>(&mut self, key: &T::Key, value: &T::Value) -> Result<(), StoreError> {
@@ -108,26 +114,21 @@ impl<'s> IndexWriter<'s> {
         new: Option<Vec<u8>>,
         record_undo: bool,
     ) -> Result<(), StoreError> {
-        let touched = &mut self.touched[table_index(table)];
-        let slot = match touched.get_mut(&key) {
-            Some(slot) => slot,
-            None => {
-                let before = self.store.get_raw(table, &key)?;
-                let now = before.clone();
-                touched.entry(key.clone()).or_insert(Slot { before, now, undo_block: 0 })
-            }
-        };
+        let blocks = self.blocks;
+        let keep_undo = record_undo && self.undo.is_some();
+        let slot = self.slot(table, &key)?;
         if slot.now == new {
             return Ok(());
         }
-        if record_undo
-            && let Some(undo) = self.undo.as_mut()
-            && slot.undo_block != self.blocks
-        {
-            slot.undo_block = self.blocks;
-            undo.push(UndoEntry { table: table.to_owned(), key, previous: slot.now.clone() });
-        }
+        // the block's undo record holds the record's value before the block, once
+        let entry = (keep_undo && slot.undo_block != blocks).then(|| {
+            slot.undo_block = blocks;
+            UndoEntry { table: table.into(), key, previous: slot.now.clone() }
+        });
         slot.now = new;
+        if let (Some(entry), Some(undo)) = (entry, self.undo.as_mut()) {
+            undo.push(entry);
+        }
         Ok(())
     }
 

@@ -378,7 +378,7 @@ pub enum MetaValue {
     Version(u32),
     Text(String),
     Cursor(Cursor),
-    Bytes(Vec<u8>),
+    Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
     Count(u64),
 }
 
@@ -393,8 +393,13 @@ pub struct Cursor {
 /// One table write to reverse when the block is unwound: the key's previous value.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UndoEntry {
-    pub table: String,
+    /// The table's name: borrowed from the schema when written, owned when read back.
+    pub table: std::borrow::Cow<'static, str>,
+    // As bytes, not sequences of `u8`: postcard writes both as a length and the bytes, so the
+    // stored form is the same, but a sequence goes through serde one byte at a time.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub previous: Option<Vec<u8>>,
 }
 
@@ -618,5 +623,41 @@ mod tests {
         let blob = SharedBlob { size: 5 << 30, chaining_values, shared_ms: 1_700_000_000_000 };
         assert_eq!(postcard::to_stdvec(&blob).unwrap(), before);
         assert_eq!(postcard::from_bytes::<SharedBlob>(&before).unwrap(), blob);
+    }
+
+    /// Block records and the root's bytes written before their byte fields were read as bytes
+    /// still read, and new ones are written the same way.
+    #[test]
+    fn undo_records_and_meta_bytes_keep_their_encoding() {
+        let key: Vec<u8> = (0..=255).collect();
+        let hash = B256::repeat_byte(7);
+        let entries = [("licenses", key.clone(), Some(vec![1, 2, 3])), ("balances", vec![9; 20], None)];
+        let before = postcard::to_stdvec(&(hash, B256::ZERO, 12u64, entries.to_vec())).unwrap();
+        let record = BlockRecord {
+            hash,
+            parent_hash: B256::ZERO,
+            timestamp: 12,
+            undo: entries
+                .iter()
+                .map(|(table, key, previous)| UndoEntry {
+                    table: (*table).into(),
+                    key: key.clone(),
+                    previous: previous.clone(),
+                })
+                .collect(),
+        };
+        assert_eq!(postcard::to_stdvec(&record).unwrap(), before);
+        assert_eq!(postcard::from_bytes::<BlockRecord>(&before).unwrap(), record);
+
+        #[derive(Serialize)]
+        enum Old {
+            _Version(u32),
+            _Text(String),
+            _Cursor(Cursor),
+            Bytes(Vec<u8>),
+        }
+        let before = postcard::to_stdvec(&Old::Bytes(key.clone())).unwrap();
+        assert_eq!(postcard::to_stdvec(&MetaValue::Bytes(key.clone())).unwrap(), before);
+        assert_eq!(postcard::from_bytes::<MetaValue>(&before).unwrap(), MetaValue::Bytes(key));
     }
 }
