@@ -159,11 +159,19 @@ pub struct Header {
     pub timestamp: u64,
 }
 
+impl Header {
+    pub fn of(header: &alloy::rpc::types::Header) -> Self {
+        Self { hash: header.hash, parent_hash: header.parent_hash, timestamp: header.timestamp }
+    }
+}
+
 /// What applying a range did.
 pub struct Applied {
     pub events: u64,
     pub decode_failures: u64,
     pub root: StateRoot,
+    /// The index's new position: the range's last block.
+    pub cursor: Cursor,
 }
 
 /// Applies a fetched range's logs (already checked against `headers`) to the index in one
@@ -226,9 +234,9 @@ pub fn apply_range(
     let last = headers
         .get(&to)
         .ok_or_else(|| IndexError::Inconsistent(format!("no header of block {to}, the range's last")))?;
-    let new_cursor = Cursor { number: to, hash: last.hash, timestamp: last.timestamp };
-    let root = w.commit(Some(new_cursor), None)?;
-    Ok(Applied { events, decode_failures, root })
+    let cursor = Cursor { number: to, hash: last.hash, timestamp: last.timestamp };
+    let root = w.commit(Some(cursor), None)?;
+    Ok(Applied { events, decode_failures, root, cursor })
 }
 
 /// A range's logs with the headers they are checked against, fetched together.
@@ -250,11 +258,7 @@ async fn fetch_header(
         provider.get_block_by_number(BlockNumberOrTag::Number(number))
     })
     .await?;
-    Ok(block.map(|b| Header {
-        hash: b.header.hash,
-        parent_hash: b.header.parent_hash,
-        timestamp: b.header.timestamp,
-    }))
+    Ok(block.map(|b| Header::of(&b.header)))
 }
 
 pub struct Indexer {
@@ -554,9 +558,8 @@ impl Indexer {
         }
         self.check_consistency(cursor, next, to, &headers, &logs)?;
 
-        let Applied { events, decode_failures, root } =
+        let Applied { events, decode_failures, root, cursor: last } =
             apply_range(&self.store, &self.deployment, &logs, &headers, next..=to, window_start, window)?;
-        let last = headers[&to];
 
         self.range = (self.range * 2).min(self.config.max_range.max(1));
         metrics::counter!("agora_index_events_applied_total").increment(events);

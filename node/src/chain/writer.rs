@@ -2,6 +2,8 @@
 //! value in the block's undo record and updates the state root, and all of a range's writes,
 //! undo records, block hashes, root and cursor go to RocksDB in one atomic batch.
 
+use std::collections::hash_map::Entry;
+
 use rustc_hash::FxHashMap;
 
 use alloy::primitives::B256;
@@ -47,6 +49,7 @@ struct Slot {
 /// One table's touched records, by encoded key. (Fx hashing: these maps see every write of a
 /// backfill, and SipHash's DoS resistance buys nothing for keys the node derives itself.)
 type Touched = FxHashMap<Vec<u8>, Slot>;
+type SlotEntry<'a> = std::collections::hash_map::OccupiedEntry<'a, Vec<u8>, Slot>;
 
 fn table_index(table: &str) -> usize {
     tables::NAMES.iter().position(|name| *name == table).expect("a table of the schema")
@@ -85,18 +88,19 @@ impl<'s> IndexWriter<'s> {
     /// A record as the batch has it. A record read from the store is kept with the batch, so
     /// that the write that usually follows (read, change, write back) does not read it again.
     pub fn get<T: Table>(&mut self, key: &T::Key) -> Result<Option<T::Value>, StoreError> {
-        let slot = self.slot(T::NAME, &T::encode_key(key))?;
-        slot.now.as_deref().map(decode::<T>).transpose()
+        let slot = self.slot(T::NAME, T::encode_key(key))?;
+        slot.get().now.as_deref().map(decode::<T>).transpose()
     }
 
-    /// The batch's slot of a record, read from the store on first touch.
-    fn slot(&mut self, table: &'static str, key: &[u8]) -> Result<&mut Slot, StoreError> {
-        let touched = &mut self.touched[table_index(table)];
-        if !touched.contains_key(key) {
-            let before = self.store.get_raw(table, key)?;
-            touched.insert(key.to_vec(), Slot { now: before.clone(), before, undo_block: 0 });
-        }
-        Ok(touched.get_mut(key).expect("the slot is made above"))
+    /// The batch's slot of a record (one map lookup), read from the store on first touch.
+    fn slot(&mut self, table: &'static str, key: Vec<u8>) -> Result<SlotEntry<'_>, StoreError> {
+        Ok(match self.touched[table_index(table)].entry(key) {
+            Entry::Occupied(slot) => slot,
+            Entry::Vacant(vacant) => {
+                let before = self.store.get_raw(table, vacant.key())?;
+                vacant.insert_entry(Slot { now: before.clone(), before, undo_block: 0 })
+            }
+        })
     }
 
     pub fn put<T: Table>(&mut self, key: &T::Key, value: &T::Value) -> Result<(), StoreError> {
@@ -116,18 +120,23 @@ impl<'s> IndexWriter<'s> {
     ) -> Result<(), StoreError> {
         let blocks = self.blocks;
         let keep_undo = record_undo && self.undo.is_some();
-        let slot = self.slot(table, &key)?;
-        if slot.now == new {
+        let mut entry = self.slot(table, key)?;
+        if entry.get().now == new {
             return Ok(());
         }
         // the block's undo record holds the record's value before the block, once
-        let entry = (keep_undo && slot.undo_block != blocks).then(|| {
-            slot.undo_block = blocks;
-            UndoEntry { table: table.into(), key, previous: slot.now.clone() }
+        let undo_entry = (keep_undo && entry.get().undo_block != blocks).then(|| UndoEntry {
+            table: table.into(),
+            key: entry.key().clone(),
+            previous: entry.get().now.clone(),
         });
+        let slot = entry.get_mut();
+        if undo_entry.is_some() {
+            slot.undo_block = blocks;
+        }
         slot.now = new;
-        if let (Some(entry), Some(undo)) = (entry, self.undo.as_mut()) {
-            undo.push(entry);
+        if let (Some(undo_entry), Some(undo)) = (undo_entry, self.undo.as_mut()) {
+            undo.push(undo_entry);
         }
         Ok(())
     }

@@ -294,6 +294,19 @@ fn secs(v: &[Duration]) -> Vec<f64> {
     v.iter().map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0).collect()
 }
 
+/// The last block of the range that starts at `from`, as the indexer's ranges fall here.
+fn range_end(config: &IndexerConfig, from: u64, head: u64) -> u64 {
+    (from + config.max_range - 1).min(head)
+}
+
+/// The marketplace's logs of blocks `from..=to`.
+fn range_filter(market: &Market, from: u64, to: u64) -> Filter {
+    Filter::new()
+        .address(vec![market.deployment.model_registry, market.deployment.license_market])
+        .from_block(from)
+        .to_block(to)
+}
+
 /// The ceiling: eth_getLogs over the indexer's ranges, `in_flight` requests at a time, and
 /// decoding in block order; nothing stored.
 async fn fetch_and_decode(
@@ -307,10 +320,7 @@ async fn fetch_and_decode(
     let starts = (market.deployment.deployment_block..=head).step_by(config.max_range as usize);
     let mut fetches = futures::stream::iter(starts)
         .map(|from| {
-            let filter = Filter::new()
-                .address(vec![market.deployment.model_registry, market.deployment.license_market])
-                .from_block(from)
-                .to_block((from + config.max_range - 1).min(head));
+            let filter = range_filter(market, from, range_end(config, from, head));
             async move { market.provider.get_logs(&filter).await }
         })
         .buffered(in_flight);
@@ -337,22 +347,13 @@ struct Fetched {
 async fn fetch_ranges(market: &Market, config: &IndexerConfig, head: u64) -> anyhow::Result<Fetched> {
     let mut ranges = Vec::new();
     for from in (market.deployment.deployment_block..=head).step_by(config.max_range as usize) {
-        let to = (from + config.max_range - 1).min(head);
-        let filter = Filter::new()
-            .address(vec![market.deployment.model_registry, market.deployment.license_market])
-            .from_block(from)
-            .to_block(to);
-        ranges.push((from, to, market.provider.get_logs(&filter).await?));
+        let to = range_end(config, from, head);
+        ranges.push((from, to, market.provider.get_logs(&range_filter(market, from, to)).await?));
     }
     let mut headers = BTreeMap::new();
     for n in market.deployment.deployment_block..=head {
         let block = market.provider.get_block_by_number(n.into()).await?.context("a block below the head")?;
-        let header = Header {
-            hash: block.header.hash,
-            parent_hash: block.header.parent_hash,
-            timestamp: block.header.timestamp,
-        };
-        headers.insert(n, header);
+        headers.insert(n, Header::of(&block.header));
     }
     Ok(Fetched { ranges, headers })
 }
