@@ -15,10 +15,10 @@ use super::writer::IndexWriter;
 use crate::store::{
     StoreError,
     tables::{
-        BalanceRecord, Balances, CancelRecord, Cancelled, ClosedOffers, ComputeBalance, ComputeBalances,
-        ContentVersions, Earnings, HolderLicenses, LicenseRecord, Licenses, ModelRecord, Models, Nonces,
-        OfferNonces, Origin, RecipientModels, ReservationRecord, ReservationState, Reservations, Revenue,
-        RevenueRecord, Split, TokenLicenses, VersionRecord, Versions,
+        Balances, CancelRecord, Cancelled, ClosedOffers, ComputeBalance, ComputeBalances, ContentVersions,
+        Earnings, HolderLicenses, LicenseRecord, Licenses, ModelRecord, Models, Nonces, OfferNonces, Origin,
+        RecipientModels, ReservationRecord, ReservationState, Reservations, Revenue, Split, TokenLicenses,
+        VersionRecord, Versions,
     },
 };
 
@@ -131,14 +131,6 @@ fn apply_registry(
     Ok(())
 }
 
-fn license(w: &mut IndexWriter<'_>, id: U256) -> Result<Option<LicenseRecord>, StoreError> {
-    w.get::<Licenses>(&id)
-}
-
-fn balance(w: &mut IndexWriter<'_>, account: Address) -> Result<BalanceRecord, StoreError> {
-    Ok(w.get::<Balances>(&account)?.unwrap_or_default())
-}
-
 /// Adds to what `account` was credited for `token_id`.
 fn add_earnings(
     w: &mut IndexWriter<'_>,
@@ -146,9 +138,7 @@ fn add_earnings(
     token_id: U256,
     amount: U256,
 ) -> Result<(), StoreError> {
-    let key = (account, token_id);
-    let earned = w.get::<Earnings>(&key)?.unwrap_or_default();
-    w.put::<Earnings>(&key, &(earned + amount))
+    w.upsert::<Earnings>(&(account, token_id), |earned| *earned += amount)
 }
 
 /// Books a payment as the contract does: the fee to the treasury, the rest as model revenue.
@@ -162,13 +152,9 @@ fn book(
         return Ok(());
     }
     let fee = amount * U256::from(deployment.fee_bps) / U256::from(10_000u64);
-    let mut revenue = w.get::<Revenue>(&token_id)?.unwrap_or_default();
-    revenue.earned += amount - fee;
-    w.put::<Revenue>(&token_id, &revenue)?;
+    w.upsert::<Revenue>(&token_id, |revenue| revenue.earned += amount - fee)?;
     if !fee.is_zero() {
-        let mut treasury = balance(w, deployment.treasury)?;
-        treasury.fees += fee;
-        w.put::<Balances>(&deployment.treasury, &treasury)?;
+        w.upsert::<Balances>(&deployment.treasury, |treasury| treasury.fees += fee)?;
         add_earnings(w, deployment.treasury, token_id, fee)?;
     }
     Ok(())
@@ -205,64 +191,59 @@ fn apply_market(
                 term_index: e.termIndex,
                 purchased: at,
             };
-            w.put::<Licenses>(&e.licenseId, &record)?;
-            w.put::<HolderLicenses>(&(e.holder, e.licenseId), &())?;
-            w.put::<TokenLicenses>(&(e.tokenId, e.licenseId), &())?;
+            // the lookups are written with the license and only then: a license the index did
+            // not have cannot have them either, so they cost no read
+            if w.create::<Licenses>(&e.licenseId, &record)? {
+                w.put_absent::<HolderLicenses>(&(e.holder, e.licenseId), &())?;
+                w.put_absent::<TokenLicenses>(&(e.tokenId, e.licenseId), &())?;
+            } else {
+                w.put::<HolderLicenses>(&(e.holder, e.licenseId), &())?;
+                w.put::<TokenLicenses>(&(e.tokenId, e.licenseId), &())?;
+            }
             book(w, deployment, e.tokenId, e.price)?;
         }
         E::LicenseExtended(e) => {
-            if let Some(mut l) = license(w, e.licenseId)? {
+            let token = w.update::<Licenses, _>(&e.licenseId, |l| {
                 l.expires_at = e.expiresAt;
                 l.paid += e.price;
-                w.put::<Licenses>(&e.licenseId, &l)?;
-                book(w, deployment, l.token_id, e.price)?;
+                l.token_id
+            })?;
+            if let Some(token) = token {
+                book(w, deployment, token, e.price)?;
             }
         }
         E::UsageSettled(e) => {
-            if let Some(mut l) = license(w, e.licenseId)? {
+            let token = w.update::<Licenses, _>(&e.licenseId, |l| {
                 l.settled_units = e.cumulativeUnits;
                 l.settled_amount += e.amount;
-                w.put::<Licenses>(&e.licenseId, &l)?;
-                book(w, deployment, l.token_id, e.amount)?;
+                l.token_id
+            })?;
+            if let Some(token) = token {
+                book(w, deployment, token, e.amount)?;
             }
         }
         E::EscrowToppedUp(e) => {
-            if let Some(mut l) = license(w, e.licenseId)? {
-                l.deposited = e.deposited;
-                w.put::<Licenses>(&e.licenseId, &l)?;
-            }
+            w.update::<Licenses, _>(&e.licenseId, |l| l.deposited = e.deposited)?;
         }
         E::CloseRequested(e) => {
-            if let Some(mut l) = license(w, e.licenseId)? {
-                l.closable_at = Some(e.closableAt);
-                w.put::<Licenses>(&e.licenseId, &l)?;
-            }
+            w.update::<Licenses, _>(&e.licenseId, |l| l.closable_at = Some(e.closableAt))?;
         }
         E::Closed(e) => {
-            if let Some(mut l) = license(w, e.licenseId)? {
+            w.update::<Licenses, _>(&e.licenseId, |l| {
                 l.closed = true;
                 l.refund = e.refund;
-                w.put::<Licenses>(&e.licenseId, &l)?;
-            }
-            let mut b = balance(w, e.holder)?;
-            b.refunds += e.refund;
-            w.put::<Balances>(&e.holder, &b)?;
+            })?;
+            w.upsert::<Balances>(&e.holder, |b| b.refunds += e.refund)?;
         }
         E::Distributed(e) => {
-            let mut revenue: RevenueRecord = w.get::<Revenue>(&e.tokenId)?.unwrap_or_default();
-            revenue.distributed += e.amount;
-            w.put::<Revenue>(&e.tokenId, &revenue)?;
+            w.upsert::<Revenue>(&e.tokenId, |revenue| revenue.distributed += e.amount)?;
         }
         E::Credited(e) => {
-            let mut b = balance(w, e.recipient)?;
-            b.royalties += e.amount;
-            w.put::<Balances>(&e.recipient, &b)?;
+            w.upsert::<Balances>(&e.recipient, |b| b.royalties += e.amount)?;
             add_earnings(w, e.recipient, e.tokenId, e.amount)?;
         }
         E::Withdrawn(e) => {
-            let mut b = balance(w, e.account)?;
-            b.withdrawn += e.amount;
-            w.put::<Balances>(&e.account, &b)?;
+            w.upsert::<Balances>(&e.account, |b| b.withdrawn += e.amount)?;
         }
         E::EIP712DomainChanged(_) => {}
     }

@@ -40,10 +40,23 @@ pub fn load_reorgs(store: &Store) -> Result<u64, StoreError> {
 struct Slot {
     /// Its value before the batch.
     before: Option<Vec<u8>>,
-    /// Its value now.
-    now: Option<Vec<u8>>,
+    /// Its value now, once the batch has written it (`None`: as before).
+    written: Option<Option<Vec<u8>>>,
     /// The last block (by the writer's count) whose undo record holds the record.
     undo_block: u64,
+}
+
+impl Slot {
+    fn now(&self) -> Option<&[u8]> {
+        match &self.written {
+            Some(now) => now.as_deref(),
+            None => self.before.as_deref(),
+        }
+    }
+
+    fn changed(&self) -> bool {
+        self.written.as_ref().is_some_and(|now| *now != self.before)
+    }
 }
 
 /// One table's touched records, by encoded key. (Fx hashing: these maps see every write of a
@@ -51,8 +64,34 @@ struct Slot {
 type Touched = FxHashMap<Vec<u8>, Slot>;
 type SlotEntry<'a> = std::collections::hash_map::OccupiedEntry<'a, Vec<u8>, Slot>;
 
-fn table_index(table: &str) -> usize {
-    tables::NAMES.iter().position(|name| *name == table).expect("a table of the schema")
+/// Whether a record's slot may be filled without reading the store.
+#[derive(Clone, Copy, PartialEq)]
+enum Stored {
+    /// The store may hold the record: read it on first touch.
+    Maybe,
+    /// The store cannot hold it (the caller knows why): no read.
+    Absent,
+}
+
+/// The batch's slot of a record (one map lookup), read from the store on first touch unless
+/// the caller knows it is absent there.
+fn slot<'t>(
+    store: &Store,
+    touched: &'t mut [Touched],
+    table: usize,
+    key: Vec<u8>,
+    stored: Stored,
+) -> Result<SlotEntry<'t>, StoreError> {
+    Ok(match touched[table].entry(key) {
+        Entry::Occupied(slot) => slot,
+        Entry::Vacant(vacant) => {
+            let before = match stored {
+                Stored::Maybe => store.get_raw(tables::NAMES[table], vacant.key())?,
+                Stored::Absent => None,
+            };
+            vacant.insert_entry(Slot { before, written: None, undo_block: 0 })
+        }
+    })
 }
 
 /// A batch of index writes in progress.
@@ -88,56 +127,101 @@ impl<'s> IndexWriter<'s> {
     /// A record as the batch has it. A record read from the store is kept with the batch, so
     /// that the write that usually follows (read, change, write back) does not read it again.
     pub fn get<T: Table>(&mut self, key: &T::Key) -> Result<Option<T::Value>, StoreError> {
-        let slot = self.slot(T::NAME, T::encode_key(key))?;
-        slot.get().now.as_deref().map(decode::<T>).transpose()
-    }
-
-    /// The batch's slot of a record (one map lookup), read from the store on first touch.
-    fn slot(&mut self, table: &'static str, key: Vec<u8>) -> Result<SlotEntry<'_>, StoreError> {
-        Ok(match self.touched[table_index(table)].entry(key) {
-            Entry::Occupied(slot) => slot,
-            Entry::Vacant(vacant) => {
-                let before = self.store.get_raw(table, vacant.key())?;
-                vacant.insert_entry(Slot { now: before.clone(), before, undo_block: 0 })
-            }
-        })
+        let slot = slot(self.store, &mut self.touched, T::INDEX, T::encode_key(key), Stored::Maybe)?;
+        slot.get().now().map(decode::<T>).transpose()
     }
 
     pub fn put<T: Table>(&mut self, key: &T::Key, value: &T::Value) -> Result<(), StoreError> {
-        self.write_raw(T::NAME, T::encode_key(key), Some(encode::<T>(value)?), true)
+        self.write_raw(T::INDEX, T::encode_key(key), Some(encode::<T>(value)?), true)
+    }
+
+    /// Writes a record and says whether there was none before: an event that creates a record
+    /// learns whether the index already had it with the same lookup.
+    pub fn create<T: Table>(&mut self, key: &T::Key, value: &T::Value) -> Result<bool, StoreError> {
+        let new = Some(encode::<T>(value)?);
+        let entry = slot(self.store, &mut self.touched, T::INDEX, T::encode_key(key), Stored::Maybe)?;
+        let absent = entry.get().now().is_none();
+        Self::set(entry, T::NAME, new, self.undo.as_mut(), self.blocks);
+        Ok(absent)
+    }
+
+    /// Writes a record the store cannot hold yet, without looking for it there: a lookup entry
+    /// derived from a record that [`create`](Self::create) found absent (both are written, and
+    /// unwound, together).
+    pub fn put_absent<T: Table>(&mut self, key: &T::Key, value: &T::Value) -> Result<(), StoreError> {
+        let new = Some(encode::<T>(value)?);
+        let entry = slot(self.store, &mut self.touched, T::INDEX, T::encode_key(key), Stored::Absent)?;
+        Self::set(entry, T::NAME, new, self.undo.as_mut(), self.blocks);
+        Ok(())
+    }
+
+    /// Changes a record that exists, in one lookup: `f`'s answer, or `None` when there is no
+    /// record (nothing is written then).
+    pub fn update<T: Table, R>(
+        &mut self,
+        key: &T::Key,
+        f: impl FnOnce(&mut T::Value) -> R,
+    ) -> Result<Option<R>, StoreError> {
+        let entry = slot(self.store, &mut self.touched, T::INDEX, T::encode_key(key), Stored::Maybe)?;
+        let Some(mut value) = entry.get().now().map(decode::<T>).transpose()? else {
+            return Ok(None);
+        };
+        let answer = f(&mut value);
+        Self::set(entry, T::NAME, Some(encode::<T>(&value)?), self.undo.as_mut(), self.blocks);
+        Ok(Some(answer))
+    }
+
+    /// Changes a record, starting from its default when there is none, in one lookup.
+    pub fn upsert<T: Table>(&mut self, key: &T::Key, f: impl FnOnce(&mut T::Value)) -> Result<(), StoreError>
+    where
+        T::Value: Default,
+    {
+        let entry = slot(self.store, &mut self.touched, T::INDEX, T::encode_key(key), Stored::Maybe)?;
+        let mut value = entry.get().now().map(decode::<T>).transpose()?.unwrap_or_default();
+        f(&mut value);
+        Self::set(entry, T::NAME, Some(encode::<T>(&value)?), self.undo.as_mut(), self.blocks);
+        Ok(())
     }
 
     pub fn delete<T: Table>(&mut self, key: &T::Key) -> Result<(), StoreError> {
-        self.write_raw(T::NAME, T::encode_key(key), None, true)
+        self.write_raw(T::INDEX, T::encode_key(key), None, true)
+    }
+
+    /// Sets a slot's record to `new`; the first change in a block puts the record's value
+    /// before the block in the block's undo record (`undo`, when the block keeps one).
+    fn set(
+        mut entry: SlotEntry<'_>,
+        table: &'static str,
+        new: Option<Vec<u8>>,
+        undo: Option<&mut Vec<UndoEntry>>,
+        block: u64,
+    ) {
+        if entry.get().now() == new.as_deref() {
+            return;
+        }
+        if let Some(undo) = undo
+            && entry.get().undo_block != block
+        {
+            undo.push(UndoEntry {
+                table: table.into(),
+                key: entry.key().clone(),
+                previous: entry.get().now().map(<[u8]>::to_vec),
+            });
+            entry.get_mut().undo_block = block;
+        }
+        entry.get_mut().written = Some(new);
     }
 
     fn write_raw(
         &mut self,
-        table: &'static str,
+        table: usize,
         key: Vec<u8>,
         new: Option<Vec<u8>>,
         record_undo: bool,
     ) -> Result<(), StoreError> {
-        let blocks = self.blocks;
-        let keep_undo = record_undo && self.undo.is_some();
-        let mut entry = self.slot(table, key)?;
-        if entry.get().now == new {
-            return Ok(());
-        }
-        // the block's undo record holds the record's value before the block, once
-        let undo_entry = (keep_undo && entry.get().undo_block != blocks).then(|| UndoEntry {
-            table: table.into(),
-            key: entry.key().clone(),
-            previous: entry.get().now.clone(),
-        });
-        let slot = entry.get_mut();
-        if undo_entry.is_some() {
-            slot.undo_block = blocks;
-        }
-        slot.now = new;
-        if let (Some(undo_entry), Some(undo)) = (undo_entry, self.undo.as_mut()) {
-            undo.push(undo_entry);
-        }
+        let entry = slot(self.store, &mut self.touched, table, key, Stored::Maybe)?;
+        let undo = if record_undo { self.undo.as_mut() } else { None };
+        Self::set(entry, tables::NAMES[table], new, undo, self.blocks);
         Ok(())
     }
 
@@ -160,7 +244,7 @@ impl<'s> IndexWriter<'s> {
         if keep {
             let record = BlockRecord { hash, parent_hash, timestamp, undo };
             self.write_raw(
-                Blocks::NAME,
+                Blocks::INDEX,
                 Blocks::encode_key(&number),
                 Some(encode::<Blocks>(&record)?),
                 false,
@@ -180,12 +264,12 @@ impl<'s> IndexWriter<'s> {
     /// Reverses a block's writes, newest first.
     pub fn unwind_block(&mut self, number: u64, record: &BlockRecord) -> Result<(), StoreError> {
         for entry in record.undo.iter().rev() {
-            let Some(table) = tables::NAMES.iter().copied().find(|name| *name == entry.table) else {
+            let Some(table) = tables::NAMES.iter().position(|name| *name == entry.table) else {
                 continue;
             };
             self.write_raw(table, entry.key.clone(), entry.previous.clone(), false)?;
         }
-        self.write_raw(Blocks::NAME, Blocks::encode_key(&number), None, false)
+        self.write_raw(Blocks::INDEX, Blocks::encode_key(&number), None, false)
     }
 
     /// Forgets block records at or below `number` (beyond the reorg window).
@@ -198,7 +282,7 @@ impl<'s> IndexWriter<'s> {
             .take_while(|key| key.as_slice() <= number.to_be_bytes().as_slice())
             .collect();
         for key in doomed {
-            self.write_raw(Blocks::NAME, key, None, false)?;
+            self.write_raw(Blocks::INDEX, key, None, false)?;
         }
         Ok(())
     }
@@ -210,11 +294,11 @@ impl<'s> IndexWriter<'s> {
             if !tables::in_root(table) {
                 continue;
             }
-            for (key, slot) in touched.iter().filter(|(_, slot)| slot.before != slot.now) {
+            for (key, slot) in touched.iter().filter(|(_, slot)| slot.changed()) {
                 if let Some(before) = &slot.before {
                     root.remove(table, key, before);
                 }
-                if let Some(now) = &slot.now {
+                if let Some(now) = slot.now() {
                     root.add(table, key, now);
                 }
             }
@@ -234,14 +318,14 @@ impl<'s> IndexWriter<'s> {
             .touched
             .iter()
             .flat_map(|touched| touched.iter())
-            .map(|(key, slot)| key.len() + slot.now.as_ref().map_or(0, Vec::len) + 16)
+            .map(|(key, slot)| key.len() + slot.now().map_or(0, <[u8]>::len) + 16)
             .sum();
         let mut batch = self.store.batch_with_capacity(size + LANES * 2 + 256);
         for (table, touched) in tables::NAMES.iter().zip(&self.touched) {
-            let mut writes: Vec<_> = touched.iter().filter(|(_, slot)| slot.before != slot.now).collect();
+            let mut writes: Vec<_> = touched.iter().filter(|(_, slot)| slot.changed()).collect();
             writes.sort_unstable_by(|a, b| a.0.cmp(b.0));
             for (key, slot) in writes {
-                match &slot.now {
+                match slot.now() {
                     Some(bytes) => batch.put_raw(table, key, bytes),
                     None => batch.delete_raw(table, key),
                 }
@@ -257,5 +341,98 @@ impl<'s> IndexWriter<'s> {
         }
         self.store.write(batch)?;
         Ok(root)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use alloy::primitives::{Address, U256};
+
+    use super::*;
+    use crate::store::tables::{BalanceRecord, Balances, HolderLicenses, ModelRecord, Models};
+
+    fn cursor(number: u64) -> Cursor {
+        Cursor { number, hash: B256::with_last_byte(number as u8), timestamp: number }
+    }
+
+    /// Writes one block: a balance credited twice, a model made and changed, a lookup entry.
+    /// `one_lookup` says whether through `upsert`/`create`/`update`/`put_absent` or through
+    /// plain reads and writes.
+    fn block(w: &mut IndexWriter<'_>, one_lookup: bool, number: u64) {
+        let (account, token) = (Address::repeat_byte(3), U256::from(number));
+        w.begin_block(true);
+        for amount in [5u64, 7] {
+            if one_lookup {
+                w.upsert::<Balances>(&account, |b| b.royalties += U256::from(amount)).unwrap();
+            } else {
+                let mut b = w.get::<Balances>(&account).unwrap().unwrap_or_default();
+                b.royalties += U256::from(amount);
+                w.put::<Balances>(&account, &b).unwrap();
+            }
+        }
+        let record = ModelRecord { owner: account, version_count: 1, ..ModelRecord::default() };
+        if one_lookup {
+            assert!(w.create::<Models>(&token, &record).unwrap(), "model {token} is new");
+            w.put_absent::<HolderLicenses>(&(account, token), &()).unwrap();
+            let owner = w.update::<Models, _>(&token, |m| {
+                m.version_count = 2;
+                m.owner
+            });
+            assert_eq!(owner.unwrap(), Some(account));
+            let missing = w.update::<Models, _>(&(token + U256::from(1000)), |m| m.version_count = 2);
+            assert_eq!(missing.unwrap(), None, "no record, nothing written");
+        } else {
+            w.put::<Models>(&token, &record).unwrap();
+            w.put::<HolderLicenses>(&(account, token), &()).unwrap();
+            let mut m = w.get::<Models>(&token).unwrap().unwrap();
+            m.version_count = 2;
+            w.put::<Models>(&token, &m).unwrap();
+        }
+        w.end_block(number, cursor(number).hash, cursor(number - 1).hash, number, true).unwrap();
+    }
+
+    /// The one-lookup writes store the same records, root and undo records as a read followed
+    /// by a write, and unwind the same way.
+    #[test]
+    fn one_lookup_writes_match_reads_then_writes() {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let stores = dirs.each_ref().map(|d| Store::open(d.path()).unwrap());
+        for (store, one_lookup) in stores.iter().zip([false, true]) {
+            for number in 1..=2 {
+                let mut w = IndexWriter::new(store).unwrap();
+                block(&mut w, one_lookup, number);
+                w.commit(Some(cursor(number)), None).unwrap();
+            }
+        }
+        let [plain, one] = &stores;
+        assert_eq!(load_root(plain).unwrap(), load_root(one).unwrap());
+        let balance = |s: &Store| s.get::<Balances>(&Address::repeat_byte(3)).unwrap().unwrap();
+        let BalanceRecord { royalties, .. } = balance(one);
+        assert_eq!(royalties, U256::from(24), "two blocks of 5 + 7");
+        assert_eq!(balance(plain).royalties, royalties);
+        for store in &stores {
+            assert_eq!(store.get::<Models>(&U256::from(2)).unwrap().unwrap().version_count, 2);
+            assert!(store.get::<Models>(&U256::from(1002)).unwrap().is_none());
+            assert_eq!(
+                postcard::to_stdvec(&store.get::<Blocks>(&2).unwrap().unwrap().undo).unwrap(),
+                postcard::to_stdvec(&plain.get::<Blocks>(&2).unwrap().unwrap().undo).unwrap(),
+                "the same undo record"
+            );
+        }
+
+        // unwinding block 2 takes both back to where block 1 left them
+        let mut after_one = None;
+        for store in &stores {
+            let record = store.get::<Blocks>(&2).unwrap().unwrap();
+            let mut w = IndexWriter::new(store).unwrap();
+            w.unwind_block(2, &record).unwrap();
+            let root = w.commit(Some(cursor(1)), None).unwrap();
+            assert_eq!(*after_one.get_or_insert(root.clone()), root);
+            assert_eq!(balance(store).royalties, U256::from(12));
+            assert!(store.get::<Models>(&U256::from(2)).unwrap().is_none());
+            assert!(
+                store.get::<HolderLicenses>(&(Address::repeat_byte(3), U256::from(2))).unwrap().is_none()
+            );
+        }
     }
 }

@@ -310,7 +310,15 @@ fn increment(bytes: &mut Vec<u8>) -> bool {
 }
 
 pub fn encode<T: Table>(value: &T::Value) -> Result<Vec<u8>, StoreError> {
-    postcard::to_stdvec(value).map_err(|source| StoreError::Encode { table: T::NAME, source })
+    // Most records fit the stack buffer and then cost one exact allocation, where growing a
+    // vector from empty would reallocate it several times; larger ones are encoded into a vector.
+    let mut buffer = [0u8; 512];
+    match postcard::to_slice(value, &mut buffer) {
+        Ok(bytes) => Ok(bytes.to_vec()),
+        Err(postcard::Error::SerializeBufferFull) => postcard::to_stdvec(value),
+        Err(e) => Err(e),
+    }
+    .map_err(|source| StoreError::Encode { table: T::NAME, source })
 }
 
 pub fn decode<T: Table>(bytes: &[u8]) -> Result<T::Value, StoreError> {
@@ -321,6 +329,17 @@ pub fn decode<T: Table>(bytes: &[u8]) -> Result<T::Value, StoreError> {
 mod tests {
     use super::*;
     use tables::{MetaKey, MetaValue};
+
+    /// Records of any size encode as postcard does, through the stack buffer or past it.
+    #[test]
+    fn records_small_and_large_encode_as_postcard_does() {
+        for len in [0, 10, 500, 511, 512, 513, 5_000] {
+            let record = tables::ModelRecord { metadata_uri: "x".repeat(len), ..Default::default() };
+            let bytes = encode::<tables::Models>(&record).unwrap();
+            assert_eq!(bytes, postcard::to_stdvec(&record).unwrap(), "a {len}-byte URI");
+            assert_eq!(decode::<tables::Models>(&bytes).unwrap(), record);
+        }
+    }
 
     #[test]
     fn reopen_keeps_data_and_checks_schema() {

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 /// A typed column family.
 pub trait Table {
     const NAME: &'static str;
+    /// Its position in [`NAMES`].
+    const INDEX: usize = index_of(Self::NAME);
     /// Whether records of this table count in the index's state root.
     const IN_ROOT: bool;
     type Key;
@@ -42,6 +44,25 @@ macro_rules! tables {
 
         /// Column families, in creation order.
         pub const NAMES: &[&str] = &[$($cf),*];
+
+        /// The position of the table named `name` in [`NAMES`] (a build error for no table).
+        const fn index_of(name: &str) -> usize {
+            let mut i = 0;
+            while i < NAMES.len() {
+                let (a, b) = (NAMES[i].as_bytes(), name.as_bytes());
+                let mut same = a.len() == b.len();
+                let mut j = 0;
+                while same && j < a.len() {
+                    same = a[j] == b[j];
+                    j += 1;
+                }
+                if same {
+                    return i;
+                }
+                i += 1;
+            }
+            panic!("not a table of the schema")
+        }
 
         /// Whether the table named `name` counts in the state root.
         pub fn in_root(name: &str) -> bool {
