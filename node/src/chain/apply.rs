@@ -15,10 +15,10 @@ use super::writer::IndexWriter;
 use crate::store::{
     StoreError,
     tables::{
-        Balances, CancelRecord, Cancelled, ClosedOffers, ComputeBalance, ComputeBalances, ContentVersions,
-        Earnings, HolderLicenses, LicenseRecord, Licenses, ModelRecord, Models, Nonces, OfferNonces, Origin,
-        RecipientModels, ReservationRecord, ReservationState, Reservations, Revenue, Split, TokenLicenses,
-        VersionRecord, Versions,
+        Balances, CancelRecord, Cancelled, ClosedOffers, ComputeBalances, ContentVersions, Earnings,
+        HolderLicenses, LicenseRecord, Licenses, Models, Nonces, OfferNonces, Origin, RecipientModels,
+        ReservationRecord, ReservationState, Reservations, Revenue, Split, TokenLicenses, VersionRecord,
+        Versions,
     },
 };
 
@@ -79,10 +79,6 @@ pub fn apply_log(w: &mut IndexWriter<'_>, deployment: &Deployment, log: &Log) ->
     Ok(())
 }
 
-fn model(w: &mut IndexWriter<'_>, token_id: U256) -> Result<ModelRecord, StoreError> {
-    Ok(w.get::<Models>(&token_id)?.unwrap_or_default())
-}
-
 fn apply_registry(
     w: &mut IndexWriter<'_>,
     event: ModelRegistry::ModelRegistryEvents,
@@ -90,17 +86,13 @@ fn apply_registry(
 ) -> Result<(), ApplyError> {
     use ModelRegistry::ModelRegistryEvents as E;
     match event {
-        E::ModelRegistered(e) => {
-            let mut m = model(w, e.tokenId)?;
+        E::ModelRegistered(e) => w.upsert::<Models>(&e.tokenId, |m| {
             m.owner = e.owner;
             m.metadata_uri = e.metadataURI;
             m.registered = at;
-            w.put::<Models>(&e.tokenId, &m)?;
-        }
+        })?,
         E::VersionAnchored(e) => {
-            let mut m = model(w, e.tokenId)?;
-            m.version_count = m.version_count.max(e.version);
-            w.put::<Models>(&e.tokenId, &m)?;
+            w.upsert::<Models>(&e.tokenId, |m| m.version_count = m.version_count.max(e.version))?;
             w.put::<Versions>(
                 &(e.tokenId, e.version),
                 &VersionRecord { content_hash: e.contentHash, anchored: at },
@@ -110,7 +102,7 @@ fn apply_registry(
             }
         }
         E::SplitsSet(e) => {
-            let mut m = model(w, e.tokenId)?;
+            let mut m = w.get::<Models>(&e.tokenId)?.unwrap_or_default();
             for old in &m.splits {
                 w.delete::<RecipientModels>(&(old.recipient, e.tokenId))?;
             }
@@ -120,12 +112,10 @@ fn apply_registry(
             }
             w.put::<Models>(&e.tokenId, &m)?;
         }
-        E::Transfer(e) => {
-            let mut m = model(w, e.tokenId)?;
+        E::Transfer(e) => w.upsert::<Models>(&e.tokenId, |m| {
             m.owner = e.to;
             m.transferred = at;
-            w.put::<Models>(&e.tokenId, &m)?;
-        }
+        })?,
         E::Approval(_) | E::ApprovalForAll(_) | E::MarketBound(_) => {}
     }
     Ok(())
@@ -250,10 +240,6 @@ fn apply_market(
     Ok(())
 }
 
-fn compute_balance(w: &mut IndexWriter<'_>, account: Address) -> Result<ComputeBalance, StoreError> {
-    Ok(w.get::<ComputeBalances>(&account)?.unwrap_or_default())
-}
-
 /// Credits ComputeMarket's pull balances as `_settle` and `reclaim` do.
 fn credit_compute(
     w: &mut IndexWriter<'_>,
@@ -264,10 +250,10 @@ fn credit_compute(
     if earned.is_zero() && refund.is_zero() {
         return Ok(());
     }
-    let mut b = compute_balance(w, account)?;
-    b.earned += earned;
-    b.refunds += refund;
-    w.put::<ComputeBalances>(&account, &b)
+    w.upsert::<ComputeBalances>(&account, |b| {
+        b.earned += earned;
+        b.refunds += refund;
+    })
 }
 
 fn apply_compute(
@@ -277,11 +263,7 @@ fn apply_compute(
 ) -> Result<(), ApplyError> {
     use ComputeMarket::ComputeMarketEvents as E;
     let update = |w: &mut IndexWriter<'_>, id: U256, f: &dyn Fn(&mut ReservationRecord)| {
-        if let Some(mut r) = w.get::<Reservations>(&id)? {
-            f(&mut r);
-            w.put::<Reservations>(&id, &r)?;
-        }
-        Ok::<(), StoreError>(())
+        w.update::<Reservations, _>(&id, f).map(drop)
     };
     match event {
         E::Reserved(e) => {
@@ -312,16 +294,17 @@ fn apply_compute(
         })?,
         E::Reported(e) => update(w, e.reservationId, &|r| r.reported = Some((e.hoursUsed, e.finalAt)))?,
         E::Settled(e) => {
-            let Some(provider) = w.get::<Reservations>(&e.reservationId)?.map(|r| r.provider) else {
-                return Ok(());
-            };
-            update(w, e.reservationId, &|r| {
+            let settled = w.update::<Reservations, _>(&e.reservationId, |r| {
                 r.state = ReservationState::Settled;
                 r.hours_used = Some(e.hoursUsed);
                 r.paid = e.paid;
                 r.refund = e.refund;
                 r.closed = Some(at);
+                r.provider
             })?;
+            let Some(provider) = settled else {
+                return Ok(());
+            };
             credit_compute(w, provider, e.paid, U256::ZERO)?;
             credit_compute(w, e.holder, U256::ZERO, e.refund)?;
         }
@@ -340,11 +323,7 @@ fn apply_compute(
         }
         E::OfferCancelled(e) => w.put::<ClosedOffers>(&e.offerHash, &at)?,
         E::NonceBumped(e) => w.put::<OfferNonces>(&e.provider, &e.nonce)?,
-        E::Withdrawn(e) => {
-            let mut b = compute_balance(w, e.account)?;
-            b.withdrawn += e.amount;
-            w.put::<ComputeBalances>(&e.account, &b)?;
-        }
+        E::Withdrawn(e) => w.upsert::<ComputeBalances>(&e.account, |b| b.withdrawn += e.amount)?,
         E::Approval(_) | E::ApprovalForAll(_) | E::EIP712DomainChanged(_) => {}
     }
     Ok(())
