@@ -65,7 +65,6 @@ type Touched = FxHashMap<Vec<u8>, Slot>;
 type SlotEntry<'a> = std::collections::hash_map::OccupiedEntry<'a, Vec<u8>, Slot>;
 
 /// Whether a record's slot may be filled without reading the store.
-#[derive(Clone, Copy, PartialEq)]
 enum Stored {
     /// The store may hold the record: read it on first touch.
     Maybe,
@@ -132,17 +131,15 @@ impl<'s> IndexWriter<'s> {
     }
 
     pub fn put<T: Table>(&mut self, key: &T::Key, value: &T::Value) -> Result<(), StoreError> {
-        self.write_raw(T::INDEX, T::encode_key(key), Some(encode::<T>(value)?), true)
+        let new = Some(encode::<T>(value)?);
+        self.write_raw(T::INDEX, T::encode_key(key), new, Stored::Maybe, true).map(drop)
     }
 
     /// Writes a record and says whether there was none before: an event that creates a record
     /// learns whether the index already had it with the same lookup.
     pub fn create<T: Table>(&mut self, key: &T::Key, value: &T::Value) -> Result<bool, StoreError> {
         let new = Some(encode::<T>(value)?);
-        let entry = slot(self.store, &mut self.touched, T::INDEX, T::encode_key(key), Stored::Maybe)?;
-        let absent = entry.get().now().is_none();
-        Self::set(entry, T::NAME, new, self.undo.as_mut(), self.blocks);
-        Ok(absent)
+        self.write_raw(T::INDEX, T::encode_key(key), new, Stored::Maybe, true)
     }
 
     /// Writes a record the store cannot hold yet, without looking for it there: a lookup entry
@@ -150,9 +147,7 @@ impl<'s> IndexWriter<'s> {
     /// unwound, together).
     pub fn put_absent<T: Table>(&mut self, key: &T::Key, value: &T::Value) -> Result<(), StoreError> {
         let new = Some(encode::<T>(value)?);
-        let entry = slot(self.store, &mut self.touched, T::INDEX, T::encode_key(key), Stored::Absent)?;
-        Self::set(entry, T::NAME, new, self.undo.as_mut(), self.blocks);
-        Ok(())
+        self.write_raw(T::INDEX, T::encode_key(key), new, Stored::Absent, true).map(drop)
     }
 
     /// Changes a record that exists, in one lookup: `f`'s answer, or `None` when there is no
@@ -162,13 +157,12 @@ impl<'s> IndexWriter<'s> {
         key: &T::Key,
         f: impl FnOnce(&mut T::Value) -> R,
     ) -> Result<Option<R>, StoreError> {
-        let entry = slot(self.store, &mut self.touched, T::INDEX, T::encode_key(key), Stored::Maybe)?;
-        let Some(mut value) = entry.get().now().map(decode::<T>).transpose()? else {
-            return Ok(None);
-        };
-        let answer = f(&mut value);
-        Self::set(entry, T::NAME, Some(encode::<T>(&value)?), self.undo.as_mut(), self.blocks);
-        Ok(Some(answer))
+        self.modify::<T, R>(key, |value| {
+            value.map(|mut value| {
+                let answer = f(&mut value);
+                (value, answer)
+            })
+        })
     }
 
     /// Changes a record, starting from its default when there is none, in one lookup.
@@ -176,15 +170,31 @@ impl<'s> IndexWriter<'s> {
     where
         T::Value: Default,
     {
-        let entry = slot(self.store, &mut self.touched, T::INDEX, T::encode_key(key), Stored::Maybe)?;
-        let mut value = entry.get().now().map(decode::<T>).transpose()?.unwrap_or_default();
-        f(&mut value);
-        Self::set(entry, T::NAME, Some(encode::<T>(&value)?), self.undo.as_mut(), self.blocks);
-        Ok(())
+        let changed = self.modify::<T, ()>(key, |value| {
+            let mut value = value.unwrap_or_default();
+            f(&mut value);
+            Some((value, ()))
+        });
+        changed.map(drop)
     }
 
     pub fn delete<T: Table>(&mut self, key: &T::Key) -> Result<(), StoreError> {
-        self.write_raw(T::INDEX, T::encode_key(key), None, true)
+        self.write_raw(T::INDEX, T::encode_key(key), None, Stored::Maybe, true).map(drop)
+    }
+
+    /// Reads a record and writes what `f` makes of it (nothing when `f` says `None`), in one
+    /// lookup.
+    fn modify<T: Table, R>(
+        &mut self,
+        key: &T::Key,
+        f: impl FnOnce(Option<T::Value>) -> Option<(T::Value, R)>,
+    ) -> Result<Option<R>, StoreError> {
+        let entry = slot(self.store, &mut self.touched, T::INDEX, T::encode_key(key), Stored::Maybe)?;
+        let Some((value, answer)) = f(entry.get().now().map(decode::<T>).transpose()?) else {
+            return Ok(None);
+        };
+        Self::set(entry, T::NAME, Some(encode::<T>(&value)?), self.undo.as_mut(), self.blocks);
+        Ok(Some(answer))
     }
 
     /// Sets a slot's record to `new`; the first change in a block puts the record's value
@@ -212,17 +222,20 @@ impl<'s> IndexWriter<'s> {
         entry.get_mut().written = Some(new);
     }
 
+    /// Writes `new` (`None`: deletes) under `key`, and says whether there was no record before.
     fn write_raw(
         &mut self,
         table: usize,
         key: Vec<u8>,
         new: Option<Vec<u8>>,
+        stored: Stored,
         record_undo: bool,
-    ) -> Result<(), StoreError> {
-        let entry = slot(self.store, &mut self.touched, table, key, Stored::Maybe)?;
+    ) -> Result<bool, StoreError> {
+        let entry = slot(self.store, &mut self.touched, table, key, stored)?;
+        let absent = entry.get().now().is_none();
         let undo = if record_undo { self.undo.as_mut() } else { None };
         Self::set(entry, tables::NAMES[table], new, undo, self.blocks);
-        Ok(())
+        Ok(absent)
     }
 
     /// Starts a block; its writes are recorded for undo when `keep_undo`.
@@ -247,6 +260,7 @@ impl<'s> IndexWriter<'s> {
                 Blocks::INDEX,
                 Blocks::encode_key(&number),
                 Some(encode::<Blocks>(&record)?),
+                Stored::Maybe,
                 false,
             )?;
         }
@@ -267,9 +281,9 @@ impl<'s> IndexWriter<'s> {
             let Some(table) = tables::NAMES.iter().position(|name| *name == entry.table) else {
                 continue;
             };
-            self.write_raw(table, entry.key.clone(), entry.previous.clone(), false)?;
+            self.write_raw(table, entry.key.clone(), entry.previous.clone(), Stored::Maybe, false)?;
         }
-        self.write_raw(Blocks::INDEX, Blocks::encode_key(&number), None, false)
+        self.write_raw(Blocks::INDEX, Blocks::encode_key(&number), None, Stored::Maybe, false).map(drop)
     }
 
     /// Forgets block records at or below `number` (beyond the reorg window).
@@ -282,7 +296,7 @@ impl<'s> IndexWriter<'s> {
             .take_while(|key| key.as_slice() <= number.to_be_bytes().as_slice())
             .collect();
         for key in doomed {
-            self.write_raw(Blocks::INDEX, key, None, false)?;
+            self.write_raw(Blocks::INDEX, key, None, Stored::Maybe, false)?;
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 pub trait Table {
     const NAME: &'static str;
     /// Its position in [`NAMES`].
-    const INDEX: usize = index_of(Self::NAME);
+    const INDEX: usize;
     /// Whether records of this table count in the index's state root.
     const IN_ROOT: bool;
     type Key;
@@ -26,12 +26,18 @@ pub trait Table {
 
 macro_rules! tables {
     ($($(#[$doc:meta])* $name:ident = $cf:literal, root: $root:literal, key: $key:ty, value: $value:ty, encode: |$k:ident| $encode:expr;)*) => {
+        /// The tables in [`NAMES`] order: a variant's discriminant is the table's position.
+        enum Position {
+            $($name),*
+        }
+
         $(
             $(#[$doc])*
             pub struct $name;
 
             impl Table for $name {
                 const NAME: &'static str = $cf;
+                const INDEX: usize = Position::$name as usize;
                 const IN_ROOT: bool = $root;
                 type Key = $key;
                 type Value = $value;
@@ -44,25 +50,6 @@ macro_rules! tables {
 
         /// Column families, in creation order.
         pub const NAMES: &[&str] = &[$($cf),*];
-
-        /// The position of the table named `name` in [`NAMES`] (a build error for no table).
-        const fn index_of(name: &str) -> usize {
-            let mut i = 0;
-            while i < NAMES.len() {
-                let (a, b) = (NAMES[i].as_bytes(), name.as_bytes());
-                let mut same = a.len() == b.len();
-                let mut j = 0;
-                while same && j < a.len() {
-                    same = a[j] == b[j];
-                    j += 1;
-                }
-                if same {
-                    return i;
-                }
-                i += 1;
-            }
-            panic!("not a table of the schema")
-        }
 
         /// Whether the table named `name` counts in the state root.
         pub fn in_root(name: &str) -> bool {

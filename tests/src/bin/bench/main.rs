@@ -337,25 +337,31 @@ async fn fetch_and_decode(
     Ok((decoded, started.elapsed()))
 }
 
-/// The chain's logs by the indexer's ranges (from, to, logs), with every block's header: what a
-/// backfill fetches, held in memory.
+/// A range of the indexer's as a backfill's step holds it: its blocks, its logs, and the
+/// headers it is checked against (its ends and its blocks inside the reorg window).
 struct Fetched {
-    ranges: Vec<(u64, u64, Vec<alloy::rpc::types::Log>)>,
+    from: u64,
+    to: u64,
+    logs: Vec<alloy::rpc::types::Log>,
     headers: BTreeMap<u64, Header>,
 }
 
-async fn fetch_ranges(market: &Market, config: &IndexerConfig, head: u64) -> anyhow::Result<Fetched> {
+/// What a backfill fetches, range by range, held in memory.
+async fn fetch_ranges(market: &Market, config: &IndexerConfig, head: u64) -> anyhow::Result<Vec<Fetched>> {
+    let window_start = head.saturating_sub(config.window());
     let mut ranges = Vec::new();
     for from in (market.deployment.deployment_block..=head).step_by(config.max_range as usize) {
         let to = range_end(config, from, head);
-        ranges.push((from, to, market.provider.get_logs(&range_filter(market, from, to)).await?));
+        let logs = market.provider.get_logs(&range_filter(market, from, to)).await?;
+        let mut headers = BTreeMap::new();
+        for n in (from..=to).filter(|n| *n == from || *n == to || *n >= window_start) {
+            let block =
+                market.provider.get_block_by_number(n.into()).await?.context("a block below the head")?;
+            headers.insert(n, Header::of(&block.header));
+        }
+        ranges.push(Fetched { from, to, logs, headers });
     }
-    let mut headers = BTreeMap::new();
-    for n in market.deployment.deployment_block..=head {
-        let block = market.provider.get_block_by_number(n.into()).await?.context("a block below the head")?;
-        headers.insert(n, Header::of(&block.header));
-    }
-    Ok(Fetched { ranges, headers })
+    Ok(ranges)
 }
 
 /// The indexer's store side alone: the fetched ranges applied from memory into an empty data
@@ -364,7 +370,7 @@ async fn fetch_ranges(market: &Market, config: &IndexerConfig, head: u64) -> any
 fn store_side_alone(
     market: &Market,
     config: &IndexerConfig,
-    Fetched { ranges, headers }: &Fetched,
+    ranges: &[Fetched],
     head: u64,
 ) -> anyhow::Result<(u64, Duration)> {
     let dir = tempfile::tempdir()?;
@@ -373,15 +379,9 @@ fn store_side_alone(
     let window_start = head.saturating_sub(window);
     let started = Instant::now();
     let mut events = 0;
-    for (from, to, logs) in ranges {
-        // the headers a step holds: the range's ends and its blocks inside the window
-        let held: BTreeMap<u64, Header> = headers
-            .range(from..=to)
-            .filter(|(n, _)| **n == *from || *n == to || **n >= window_start)
-            .map(|(n, h)| (*n, *h))
-            .collect();
+    for Fetched { from, to, logs, headers } in ranges {
         events +=
-            apply_range(&store, &market.deployment, logs, &held, *from..=*to, window_start, window)?.events;
+            apply_range(&store, &market.deployment, logs, headers, *from..=*to, window_start, window)?.events;
     }
     Ok((events, started.elapsed()))
 }
