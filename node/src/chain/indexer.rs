@@ -32,7 +32,7 @@ use tokio::sync::watch;
 
 use super::{
     apply::{apply_log, describe},
-    root::StateRoot,
+    root::{LaneCache, StateRoot},
     writer::{IndexWriter, load_cursor, load_reorgs, load_root},
 };
 use crate::store::{
@@ -176,9 +176,12 @@ pub struct Applied {
 
 /// Applies a fetched range's logs (already checked against `headers`) to the index in one
 /// atomic batch with the new cursor: effects, block hashes and undo records for the blocks at
-/// or after `window_start`, the state root. `headers` must hold the range's last block.
+/// or after `window_start`, the state root (with `lanes` of rewritten records kept from one
+/// range to the next). `headers` must hold the range's last block.
+#[allow(clippy::too_many_arguments)]
 pub fn apply_range(
     store: &Store,
+    lanes: &mut LaneCache,
     deployment: &Deployment,
     logs: &[Log],
     headers: &BTreeMap<u64, Header>,
@@ -203,7 +206,7 @@ pub fn apply_range(
     blocks.sort_unstable();
     blocks.dedup();
 
-    let mut w = IndexWriter::new(store)?;
+    let mut w = IndexWriter::new(store)?.with_lanes(lanes);
     let mut decode_failures = 0u64;
     for number in blocks {
         let keep = number >= window_start;
@@ -274,6 +277,8 @@ pub struct Indexer {
     known_head: Option<(u64, std::time::Instant)>,
     status: watch::Sender<IndexStatus>,
     subscribe: bool,
+    /// Lanes of rewritten records for the state root, kept from one range to the next.
+    lanes: LaneCache,
 }
 
 impl Indexer {
@@ -306,6 +311,7 @@ impl Indexer {
                 known_head: None,
                 status: tx,
                 subscribe,
+                lanes: LaneCache::new(),
             },
             rx,
         ))
@@ -558,8 +564,16 @@ impl Indexer {
         }
         self.check_consistency(cursor, next, to, &headers, &logs)?;
 
-        let Applied { events, decode_failures, root, cursor: last } =
-            apply_range(&self.store, &self.deployment, &logs, &headers, next..=to, window_start, window)?;
+        let Applied { events, decode_failures, root, cursor: last } = apply_range(
+            &self.store,
+            &mut self.lanes,
+            &self.deployment,
+            &logs,
+            &headers,
+            next..=to,
+            window_start,
+            window,
+        )?;
 
         self.range = (self.range * 2).min(self.config.max_range.max(1));
         metrics::counter!("agora_index_events_applied_total").increment(events);
@@ -671,7 +685,7 @@ impl Indexer {
         }
 
         let bottom = ancestor.map_or(start, |a| a.number + 1);
-        let mut w = IndexWriter::new(&self.store)?;
+        let mut w = IndexWriter::new(&self.store)?.with_lanes(&mut self.lanes);
         for number in (bottom..=cursor.number).rev() {
             match self.store.get::<Blocks>(&number)? {
                 Some(record) => w.unwind_block(number, &record)?,

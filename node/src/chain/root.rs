@@ -9,6 +9,7 @@
 //! keeps collisions out of reach. The published root is the blake3 of the accumulator.
 
 use alloy::primitives::B256;
+use rustc_hash::FxHashMap;
 
 pub const LANES: usize = 1024;
 
@@ -46,16 +47,22 @@ impl StateRoot {
     }
 
     pub fn add(&mut self, table: &str, key: &[u8], value: &[u8]) {
-        let record = record_bytes(table, key, value);
-        for (lane, r) in self.lanes.iter_mut().zip(record.as_chunks::<2>().0) {
-            *lane = lane.wrapping_add(u16::from_le_bytes(*r));
-        }
+        self.add_lanes(&Lanes::of(table, key, value));
     }
 
     pub fn remove(&mut self, table: &str, key: &[u8], value: &[u8]) {
-        let record = record_bytes(table, key, value);
-        for (lane, r) in self.lanes.iter_mut().zip(record.as_chunks::<2>().0) {
-            *lane = lane.wrapping_sub(u16::from_le_bytes(*r));
+        self.remove_lanes(&Lanes::of(table, key, value));
+    }
+
+    pub fn add_lanes(&mut self, record: &Lanes) {
+        for (lane, r) in self.lanes.iter_mut().zip(record.0.iter()) {
+            *lane = lane.wrapping_add(*r);
+        }
+    }
+
+    pub fn remove_lanes(&mut self, record: &Lanes) {
+        for (lane, r) in self.lanes.iter_mut().zip(record.0.iter()) {
+            *lane = lane.wrapping_sub(*r);
         }
     }
 
@@ -65,20 +72,91 @@ impl StateRoot {
     }
 }
 
-/// A record's lanes, as the little-endian bytes the XOF gives (added in one pass, no copy).
-fn record_bytes(table: &str, key: &[u8], value: &[u8]) -> [u8; LANES * 2] {
-    // the context's key is derived once, not once per record
-    static RECORD: std::sync::LazyLock<blake3::Hasher> =
-        std::sync::LazyLock::new(|| blake3::Hasher::new_derive_key("agora index state root v1 record"));
-    let mut hasher = RECORD.clone();
-    hasher.update(&(table.len() as u32).to_le_bytes());
-    hasher.update(table.as_bytes());
-    hasher.update(&(key.len() as u32).to_le_bytes());
-    hasher.update(key);
-    hasher.update(value);
-    let mut bytes = [0u8; LANES * 2];
-    hasher.finalize_xof().fill(&mut bytes);
-    bytes
+/// A record's lanes: its XOF's output read as little-endian sixteen-bit lanes.
+pub struct Lanes([u16; LANES]);
+
+impl Lanes {
+    pub fn of(table: &str, key: &[u8], value: &[u8]) -> Box<Self> {
+        let mut lanes = Box::new(Self([0; LANES]));
+        lanes.fill(table, key, value);
+        lanes
+    }
+
+    /// Overwrites these lanes with the record's (a cached box reused for a new value).
+    pub fn fill(&mut self, table: &str, key: &[u8], value: &[u8]) {
+        // the context's key is derived once, not once per record
+        static RECORD: std::sync::LazyLock<blake3::Hasher> =
+            std::sync::LazyLock::new(|| blake3::Hasher::new_derive_key("agora index state root v1 record"));
+        let mut hasher = RECORD.clone();
+        hasher.update(&(table.len() as u32).to_le_bytes());
+        hasher.update(table.as_bytes());
+        hasher.update(&(key.len() as u32).to_le_bytes());
+        hasher.update(key);
+        hasher.update(value);
+        let mut bytes = [0u8; LANES * 2];
+        hasher.finalize_xof().fill(&mut bytes);
+        for (lane, b) in self.0.iter_mut().zip(bytes.as_chunks::<2>().0) {
+            *lane = u16::from_le_bytes(*b);
+        }
+    }
+}
+
+/// Lanes of records that were rewritten, kept by table and key with the value they are the
+/// lanes of. A record rewritten batch after batch (the treasury's balance, a busy model's
+/// revenue and its recipients' earnings) is removed from the root with the value the previous
+/// batch added: taking that value's lanes from here halves what the root costs it. Only the
+/// lanes of records that replaced a value are kept (records written once, such as licenses,
+/// would crowd the rewritten ones out), in two generations of at most [`LaneCache::GENERATION`]
+/// entries each (about 2 KiB an entry): when the newer one fills, the older one is dropped.
+pub struct LaneCache {
+    newer: Vec<FxHashMap<Vec<u8>, Cached>>,
+    older: Vec<FxHashMap<Vec<u8>, Cached>>,
+    newer_len: usize,
+}
+
+struct Cached {
+    value: Vec<u8>,
+    lanes: Box<Lanes>,
+}
+
+impl Default for LaneCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LaneCache {
+    pub const GENERATION: usize = 2048;
+
+    pub fn new() -> Self {
+        let maps = || crate::store::tables::NAMES.iter().map(|_| FxHashMap::default()).collect();
+        Self { newer: maps(), older: maps(), newer_len: 0 }
+    }
+
+    /// The lanes of `value` under the `table`-th table's `key`, when kept (and no longer kept:
+    /// the caller is replacing the value).
+    pub fn take(&mut self, table: usize, key: &[u8], value: &[u8]) -> Option<Box<Lanes>> {
+        let cached = match self.newer[table].remove(key) {
+            Some(cached) => {
+                self.newer_len -= 1;
+                cached
+            }
+            None => self.older[table].remove(key)?,
+        };
+        (cached.value == value).then_some(cached.lanes)
+    }
+
+    pub fn keep(&mut self, table: usize, key: &[u8], value: &[u8], lanes: Box<Lanes>) {
+        if self.newer_len >= Self::GENERATION {
+            self.older = std::mem::replace(&mut self.newer, Self::new().older);
+            self.newer_len = 0;
+        }
+        let cached = Cached { value: value.to_vec(), lanes };
+        if self.newer[table].insert(key.to_vec(), cached).is_none() {
+            self.newer_len += 1;
+        }
+        self.older[table].remove(key);
+    }
 }
 
 #[cfg(test)]

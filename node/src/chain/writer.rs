@@ -8,7 +8,7 @@ use rustc_hash::FxHashMap;
 
 use alloy::primitives::B256;
 
-use super::root::{LANES, StateRoot};
+use super::root::{LANES, LaneCache, Lanes, StateRoot};
 use crate::store::{
     Store, StoreError, decode, encode,
     tables::{self, BlockRecord, Blocks, Cursor, Meta, MetaKey, MetaValue, Table, UndoEntry},
@@ -109,6 +109,8 @@ pub struct IndexWriter<'s> {
     /// Blocks begun so far, the current one's number in [`Slot::undo_block`].
     blocks: u64,
     events: u64,
+    /// Lanes of rewritten records, kept across batches by the writer's owner.
+    lanes: Option<&'s mut LaneCache>,
 }
 
 impl<'s> IndexWriter<'s> {
@@ -120,7 +122,15 @@ impl<'s> IndexWriter<'s> {
             undo: None,
             blocks: 0,
             events: 0,
+            lanes: None,
         })
+    }
+
+    /// Takes the lanes of rewritten records from `lanes`, and leaves this batch's there, for
+    /// the root (see [`LaneCache`]).
+    pub fn with_lanes(mut self, lanes: &'s mut LaneCache) -> Self {
+        self.lanes = Some(lanes);
+        self
     }
 
     /// A record as the batch has it. A record read from the store is kept with the batch, so
@@ -303,17 +313,42 @@ impl<'s> IndexWriter<'s> {
 
     /// The state root with this batch's writes.
     pub fn root(&self) -> StateRoot {
+        self.root_with(None)
+    }
+
+    /// The state root with this batch's writes, the lanes of rewritten records taken from and
+    /// kept in `cache`: the same root as without one.
+    fn root_with(&self, mut cache: Option<&mut LaneCache>) -> StateRoot {
         let mut root = self.root.clone();
-        for (table, touched) in tables::NAMES.iter().zip(&self.touched) {
+        for (index, (table, touched)) in tables::NAMES.iter().zip(&self.touched).enumerate() {
             if !tables::in_root(table) {
                 continue;
             }
             for (key, slot) in touched.iter().filter(|(_, slot)| slot.changed()) {
+                // one box of lanes per record: the value's before the batch, reused for its now
+                let mut lanes = None;
                 if let Some(before) = &slot.before {
-                    root.remove(table, key, before);
+                    let old = match cache.as_deref_mut().and_then(|c| c.take(index, key, before)) {
+                        Some(cached) => cached,
+                        None => Lanes::of(table, key, before),
+                    };
+                    root.remove_lanes(&old);
+                    lanes = Some(old);
                 }
                 if let Some(now) = slot.now() {
-                    root.add(table, key, now);
+                    let lanes = match lanes {
+                        Some(mut reused) => {
+                            reused.fill(table, key, now);
+                            reused
+                        }
+                        None => Lanes::of(table, key, now),
+                    };
+                    root.add_lanes(&lanes);
+                    if let Some(cache) = cache.as_deref_mut()
+                        && slot.before.is_some()
+                    {
+                        cache.keep(index, key, now, lanes);
+                    }
                 }
             }
         }
@@ -325,8 +360,9 @@ impl<'s> IndexWriter<'s> {
     /// The batch holds each touched key once, with its final value, in key order: a hot record
     /// rewritten by every event of a range costs one memtable entry, and sorted inserts are the
     /// cheap case of RocksDB's skip list.
-    pub fn commit(self, cursor: Option<Cursor>, reorgs: Option<u64>) -> Result<StateRoot, StoreError> {
-        let root = self.root();
+    pub fn commit(mut self, cursor: Option<Cursor>, reorgs: Option<u64>) -> Result<StateRoot, StoreError> {
+        let cache = self.lanes.take();
+        let root = self.root_with(cache);
         // each entry costs its key and value and a few bytes of framing
         let size: usize = self
             .touched
@@ -363,7 +399,7 @@ mod tests {
     use alloy::primitives::{Address, U256};
 
     use super::*;
-    use crate::store::tables::{BalanceRecord, Balances, HolderLicenses, ModelRecord, Models};
+    use crate::store::tables::{BalanceRecord, Balances, Earnings, HolderLicenses, ModelRecord, Models};
 
     fn cursor(number: u64) -> Cursor {
         Cursor { number, hash: B256::with_last_byte(number as u8), timestamp: number }
@@ -403,6 +439,63 @@ mod tests {
             w.put::<Models>(&token, &m).unwrap();
         }
         w.end_block(number, cursor(number).hash, cursor(number - 1).hash, number, true).unwrap();
+    }
+
+    /// Lanes kept across batches give the root that computing every record's lanes gives: for
+    /// records rewritten, deleted and written again, for a record another writer changed in
+    /// between (its kept lanes are of a value it no longer has), across generations, and when
+    /// unwinding.
+    #[test]
+    fn kept_lanes_give_the_same_root() {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let stores = dirs.each_ref().map(|d| Store::open(d.path()).unwrap());
+        let mut cache = LaneCache::new();
+        let hot = Address::repeat_byte(1);
+        let other = Address::repeat_byte(2);
+        for number in 1..=8u64 {
+            for (store, cached) in stores.iter().zip([false, true]) {
+                let w = IndexWriter::new(store).unwrap();
+                let mut w = if cached { w.with_lanes(&mut cache) } else { w };
+                w.begin_block(true);
+                w.upsert::<Balances>(&hot, |b| b.royalties += U256::from(number)).unwrap();
+                match number % 3 {
+                    0 => w.delete::<Balances>(&other).unwrap(),
+                    _ => w.upsert::<Balances>(&other, |b| b.refunds += U256::from(number)).unwrap(),
+                }
+                // more rewritten records than a generation holds, every other batch
+                if number % 2 == 0 {
+                    for i in 0..LaneCache::GENERATION as u64 + 10 {
+                        w.upsert::<Earnings>(&(hot, U256::from(i)), |e| *e += U256::from(number)).unwrap();
+                    }
+                }
+                w.end_block(number, cursor(number).hash, cursor(number - 1).hash, number, true).unwrap();
+                w.commit(Some(cursor(number)), None).unwrap();
+            }
+            // a change the cache did not see
+            if number == 5 {
+                let mut w = IndexWriter::new(&stores[1]).unwrap();
+                w.upsert::<Balances>(&hot, |b| b.withdrawn += U256::from(1)).unwrap();
+                w.commit(Some(cursor(number)), None).unwrap();
+                let mut w = IndexWriter::new(&stores[0]).unwrap();
+                w.upsert::<Balances>(&hot, |b| b.withdrawn += U256::from(1)).unwrap();
+                w.commit(Some(cursor(number)), None).unwrap();
+            }
+            assert_eq!(
+                load_root(&stores[0]).unwrap(),
+                load_root(&stores[1]).unwrap(),
+                "after block {number}"
+            );
+        }
+        for number in (6..=8).rev() {
+            for (store, cached) in stores.iter().zip([false, true]) {
+                let record = store.get::<Blocks>(&number).unwrap().unwrap();
+                let w = IndexWriter::new(store).unwrap();
+                let mut w = if cached { w.with_lanes(&mut cache) } else { w };
+                w.unwind_block(number, &record).unwrap();
+                w.commit(Some(cursor(number - 1)), None).unwrap();
+            }
+            assert_eq!(load_root(&stores[0]).unwrap(), load_root(&stores[1]).unwrap(), "unwound {number}");
+        }
     }
 
     /// The one-lookup writes store the same records, root and undo records as a read followed

@@ -9,7 +9,8 @@
 //! distributions with their credits), then times a cold backfill into an empty data dir, beside
 //! the ceiling of fetching the same logs with `eth_getLogs` and decoding them without storing
 //! (one range at a time, and three in flight; the faster counts), and the indexer's store side
-//! alone (the same logs applied from memory).
+//! alone (the same logs applied from memory). `--store-side-only N` runs only the store side, N
+//! times (for profiles).
 
 mod artifacts;
 mod compute;
@@ -31,6 +32,7 @@ use agora_node::{
     chain::{
         self,
         indexer::{Header, Indexer, IndexerConfig, apply_range},
+        root::LaneCache,
     },
     node::deployment_id,
     store::Store,
@@ -61,7 +63,12 @@ async fn main() -> anyhow::Result<()> {
                 Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(50_000),
                 None => 50_000,
             };
-            bench_index(events).await
+            let store_side_only = args
+                .iter()
+                .position(|a| a == "--store-side-only")
+                .and_then(|i| args.get(i + 1))
+                .and_then(|v| v.parse().ok());
+            bench_index(events, store_side_only).await
         }
         Some("watermark") => {
             let gib = match args.iter().position(|a| a == "--gib") {
@@ -115,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn bench_index(target_events: u64) -> anyhow::Result<()> {
+async fn bench_index(target_events: u64, store_side_only: Option<usize>) -> anyhow::Result<()> {
     println!("index: making {target_events} marketplace events on a local anvil …");
     let market =
         Market::start_with(agora_contracts::anvil::Anvil::builder().arg("--gas-limit").arg("100000000"))
@@ -175,6 +182,15 @@ async fn bench_index(target_events: u64) -> anyhow::Result<()> {
     let (mut serial, mut pipelined, mut backfills, mut alone) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let fetched = fetch_ranges(&market, &config, head).await?;
+    if let Some(runs) = store_side_only {
+        // for profiling the store side: nothing else runs in this process meanwhile
+        let mut took = Vec::new();
+        for _ in 0..runs {
+            took.push(store_side_alone(&market, &config, &fetched, head)?.1);
+        }
+        println!("store side alone, {runs} runs (s): {:?}", secs(&took));
+        return Ok(());
+    }
     let mut decoded = 0;
     // CPU seconds of this process and of anvil over each kind of run, summed over the runs: the
     // machine has two cores, so the three compete for the same CPU.
@@ -379,9 +395,12 @@ fn store_side_alone(
     let window_start = head.saturating_sub(window);
     let started = Instant::now();
     let mut events = 0;
+    let mut lanes = LaneCache::new();
     for Fetched { from, to, logs, headers } in ranges {
+        let range = *from..=*to;
         events +=
-            apply_range(&store, &market.deployment, logs, headers, *from..=*to, window_start, window)?.events;
+            apply_range(&store, &mut lanes, &market.deployment, logs, headers, range, window_start, window)?
+                .events;
     }
     Ok((events, started.elapsed()))
 }
