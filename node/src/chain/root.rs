@@ -129,8 +129,12 @@ impl LaneCache {
     pub const GENERATION: usize = 2048;
 
     pub fn new() -> Self {
-        let maps = || crate::store::tables::NAMES.iter().map(|_| FxHashMap::default()).collect();
-        Self { newer: maps(), older: maps(), newer_len: 0 }
+        Self { newer: Self::generation(), older: Self::generation(), newer_len: 0 }
+    }
+
+    /// An empty generation: one map per table.
+    fn generation() -> Vec<FxHashMap<Vec<u8>, Cached>> {
+        crate::store::tables::NAMES.iter().map(|_| FxHashMap::default()).collect()
     }
 
     /// The lanes of `value` under the `table`-th table's `key`, when kept (and no longer kept:
@@ -148,7 +152,7 @@ impl LaneCache {
 
     pub fn keep(&mut self, table: usize, key: &[u8], value: &[u8], lanes: Box<Lanes>) {
         if self.newer_len >= Self::GENERATION {
-            self.older = std::mem::replace(&mut self.newer, Self::new().older);
+            self.older = std::mem::replace(&mut self.newer, Self::generation());
             self.newer_len = 0;
         }
         let cached = Cached { value: value.to_vec(), lanes };

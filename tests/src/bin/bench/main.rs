@@ -57,69 +57,39 @@ async fn chain_and_node(token: &str) -> anyhow::Result<(Market, tempfile::TempDi
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let gib = || option(&args, "--gib").unwrap_or(1.0);
+    let count = |name: &str, default: usize| option(&args, name).unwrap_or(default);
     match args.first().map(String::as_str) {
         Some("index") => {
-            let events = match args.iter().position(|a| a == "--events") {
-                Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(50_000),
-                None => 50_000,
-            };
-            let store_side_only = args
-                .iter()
-                .position(|a| a == "--store-side-only")
-                .and_then(|i| args.get(i + 1))
-                .and_then(|v| v.parse().ok());
-            bench_index(events, store_side_only).await
+            bench_index(option(&args, "--events").unwrap_or(50_000), option(&args, "--store-side-only")).await
         }
         Some("watermark") => {
-            let gib = match args.iter().position(|a| a == "--gib") {
-                Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(1.0),
-                None => 1.0,
-            };
+            let gib = gib();
             tokio::task::spawn_blocking(move || watermark::run(gib)).await?
         }
-        Some("serve") => {
-            let value = |name: &str, default: usize| match args.iter().position(|a| a == name) {
-                Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(default),
-                None => default,
-            };
-            serve::run(value("--requests", 2_000).max(1), value("--callers", 8).max(1)).await
-        }
-        Some("flows") => {
-            let gib = match args.iter().position(|a| a == "--gib") {
-                Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(1.0),
-                None => 1.0,
-            };
-            flows::run(gib).await
-        }
+        Some("serve") => serve::run(count("--requests", 2_000).max(1), count("--callers", 8).max(1)).await,
+        Some("flows") => flows::run(gib()).await,
         Some("p2p") => {
-            let value = |name: &str, default: usize| match args.iter().position(|a| a == name) {
-                Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(default),
-                None => default,
-            };
-            p2p::run(value("--nodes", 10).max(2), value("--orders", 100).max(1), value("--mib", 256).max(1))
+            p2p::run(count("--nodes", 10).max(2), count("--orders", 100).max(1), count("--mib", 256).max(1))
                 .await
         }
         Some("compute") => {
-            let value = |name: &str, default: usize| match args.iter().position(|a| a == name) {
-                Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(default),
-                None => default,
-            };
-            let (offers, rows) = (value("--offers", 10_000).max(1), value("--rows", 16_384).max(256));
+            let (offers, rows) = (count("--offers", 10_000).max(1), count("--rows", 16_384).max(256));
             tokio::task::spawn_blocking(move || compute::run(offers, rows)).await?
         }
-        Some("artifacts") => {
-            let gib = match args.iter().position(|a| a == "--gib") {
-                Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(1.0),
-                None => 1.0,
-            };
-            artifacts::run(gib).await
-        }
+        Some("artifacts") => artifacts::run(gib()).await,
         _ => {
             anyhow::bail!(
-                "usage: agora-bench index [--events N] | watermark [--gib N] | artifacts [--gib N] | flows [--gib N] | serve [--requests N] [--callers N] | p2p [--nodes N] [--orders N] [--mib N] | compute [--offers N] [--rows N]"
+                "usage: agora-bench index [--events N] [--store-side-only N] | watermark [--gib N] | artifacts [--gib N] | flows [--gib N] | serve [--requests N] [--callers N] | p2p [--nodes N] [--orders N] [--mib N] | compute [--offers N] [--rows N]"
             )
         }
     }
+}
+
+/// The value after `name` in `args`, when there is one and it parses.
+fn option<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1)?.parse().ok()
 }
 
 async fn bench_index(target_events: u64, store_side_only: Option<usize>) -> anyhow::Result<()> {
