@@ -24,6 +24,14 @@ pub struct Market {
 
 pub const UNIT_PRICE: u64 = 1_000_000_000;
 
+/// The same signer's other valid ECDSA signature of the same hash: `s` mirrored to the other
+/// half of secp256k1's group order, the parity flipped. The contracts refuse it (malleable).
+pub fn mirrored(signature: &alloy::primitives::Signature) -> alloy::primitives::Signature {
+    const ORDER: U256 =
+        alloy::primitives::uint!(0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141_U256);
+    alloy::primitives::Signature::new(signature.r(), ORDER - signature.s(), !signature.v())
+}
+
 /// Waits (boundedly) for a sent transaction's receipt and checks that it succeeded.
 ///
 /// Polls `eth_getTransactionReceipt` rather than alloy's block watcher: after a snapshot revert

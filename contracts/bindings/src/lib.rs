@@ -5,7 +5,8 @@
 //!   `scripts/build-contracts`), so the Rust code always matches the deployed bytecode.
 //! - [`deploy`]: deploys the three contracts, binds the market to the registry and returns a
 //!   [`Deployment`], the JSON file (`data/deployment.json`) every node and CLI reads.
-//! - [`order_domain`]: the EIP-712 domain sellers sign orders and buyers sign vouchers under.
+//! - [`order_domain`]: the EIP-712 domain sellers sign orders and buyers sign vouchers under;
+//!   [`recover_signer`]: who signed, with the signature in the one form the contracts take.
 //! - [`anvil`]: a harness that runs the pinned anvil binary on a free loopback port and kills
 //!   it on drop; every test that needs a chain uses it.
 
@@ -15,7 +16,7 @@ mod deploy;
 pub use deploy::{DeployError, DeployParams, Deployment, deploy, missing_code};
 
 use alloy::{
-    primitives::{Address, U256},
+    primitives::{Address, B256, Signature, SignatureError, U256},
     sol,
     sol_types::Eip712Domain,
 };
@@ -94,4 +95,17 @@ pub fn order_domain(chain_id: u64, market: Address) -> Eip712Domain {
         Some(market),
         None,
     )
+}
+
+/// Who signed `prehash` with a 65-byte `signature`, and that signature in the one form the
+/// contracts' `SignatureChecker` takes. A signer's signature may come with `v` as 0/1, 27/28 or
+/// EIP-155's, and with `s` in either half of the curve order: each form recovers the same
+/// signer, but OpenZeppelin's ECDSA refuses an `s` in the upper half (as malleable) and any `v`
+/// but 27 or 28. Whatever a node accepts in order to submit it later (orders, offers, usage
+/// vouchers) it keeps, and submits, in the form returned here.
+pub fn recover_signer(signature: &[u8], prehash: &B256) -> Result<(Address, [u8; 65]), SignatureError> {
+    let signature = Signature::try_from(signature)?;
+    // recovered first: it refuses an `s` of zero or past the order, which `normalized_s` assumes
+    let signer = signature.recover_address_from_prehash(prehash)?;
+    Ok((signer, signature.normalized_s().as_bytes()))
 }

@@ -11,7 +11,7 @@
 
 use agora_contracts::{ComputeMarket, Deployment, compute_domain};
 use alloy::{
-    primitives::{Address, B256, Signature, U256},
+    primitives::{Address, B256, U256},
     signers::{SignerSync, local::PrivateKeySigner},
     sol_types::{SolStruct, SolValue},
 };
@@ -230,8 +230,9 @@ pub fn accept(
     }
     let offer = ComputeMarket::Offer::abi_decode(encoded).map_err(|e| OfferError::Decode(e.to_string()))?;
     let hash = offer_hash(&offer, deployment.chain_id, deployment.compute_market);
-    let sig = Signature::try_from(signature).map_err(|e| OfferError::Signature(e.to_string()))?;
-    let signer = sig.recover_address_from_prehash(&hash).map_err(|e| OfferError::Signature(e.to_string()))?;
+    // kept in the form `reserve` takes, whatever form it came in
+    let (signer, signature) = agora_contracts::recover_signer(signature, &hash)
+        .map_err(|e| OfferError::Signature(e.to_string()))?;
     if signer != offer.provider {
         return Err(OfferError::Signature(format!(
             "it was signed by {signer}, the offer names {}",
@@ -259,7 +260,7 @@ pub fn accept(
     }
     let record = OfferRecord {
         offer: encoded.to_vec(),
-        signature: sig.as_bytes().to_vec(),
+        signature: signature.to_vec(),
         source: source.to_owned(),
         peer_id,
         received_ms: crate::registry::now_ms(),

@@ -7,7 +7,7 @@
 
 use agora_contracts::{LicenseMarket, TermKind, order_domain};
 use alloy::{
-    primitives::{Address, B256, Signature, U256},
+    primitives::{Address, B256, U256},
     sol_types::{SolStruct, SolValue},
 };
 use serde::{Deserialize, Serialize};
@@ -203,9 +203,9 @@ pub fn accept(
     source: &str,
 ) -> Result<(B256, bool), OrderError> {
     let hash = order_hash(order, chain_id, market);
-    let signature = Signature::try_from(signature).map_err(|e| OrderError::Signature(e.to_string()))?;
-    let signer =
-        signature.recover_address_from_prehash(&hash).map_err(|e| OrderError::Signature(e.to_string()))?;
+    // kept in the form `purchase` takes, whatever form it came in
+    let (signer, signature) = agora_contracts::recover_signer(signature, &hash)
+        .map_err(|e| OrderError::Signature(e.to_string()))?;
     if signer != order.seller {
         return Err(OrderError::Signature(format!(
             "it was signed by {signer}, the order names {}",
@@ -221,7 +221,7 @@ pub fn accept(
     }
     let record = OrderRecord {
         order: order.abi_encode(),
-        signature: signature.as_bytes().to_vec(),
+        signature: signature.to_vec(),
         received_ms: crate::registry::now_ms(),
         source: source.to_owned(),
     };

@@ -12,9 +12,9 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use agora_contracts::{TermKind, order_domain};
+use agora_contracts::{TermKind, order_domain, recover_signer};
 use alloy::{
-    primitives::{Address, B256, Signature, U256, keccak256},
+    primitives::{Address, B256, U256, keccak256},
     sol_types::SolStruct,
 };
 use serde::{Deserialize, Serialize};
@@ -297,15 +297,16 @@ pub fn check(
             required: Some(required),
         });
     }
-    let signer = Signature::try_from(signature)
-        .ok()
-        .and_then(|s| s.recover_address_from_prehash(&domain.hash(license_id, cumulative)).ok());
-    if signer != Some(license.holder) {
-        return Err(MeterError::Unpaid {
-            reason: format!("the voucher is not signed by license {license_id}'s holder"),
-            required: Some(required),
-        });
-    }
+    // kept in the form `settleUsage` takes: a voucher the chain refused would never be paid
+    let signature = match recover_signer(signature, &domain.hash(license_id, cumulative)) {
+        Ok((signer, canonical)) if signer == license.holder => canonical,
+        _ => {
+            return Err(MeterError::Unpaid {
+                reason: format!("the voucher is not signed by license {license_id}'s holder"),
+                required: Some(required),
+            });
+        }
+    };
     let owed = cumulative.saturating_mul(unit_price);
     if owed > license.deposited {
         let top_up = owed - license.deposited;

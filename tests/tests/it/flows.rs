@@ -224,10 +224,11 @@ async fn listings_the_node_refuses() {
     let token_id = market.register("refusals").await;
     let http = reqwest::Client::new();
     let domain = order_domain(market.deployment.chain_id, market.deployment.license_market);
-    let post = |order: LicenseMarket::Order, signer: usize| {
-        let hash = order.eip712_signing_hash(&domain);
-        let signature = market.signer(signer).sign_hash_sync(&hash).unwrap();
-        let body = json!({"order": agora_node::market::orders::OrderJson::from_order(&order), "signature": signature.to_string()});
+    let signed = |order: &LicenseMarket::Order, signer: usize| {
+        market.signer(signer).sign_hash_sync(&order.eip712_signing_hash(&domain)).unwrap()
+    };
+    let post_with = |order: LicenseMarket::Order, signature: String| {
+        let body = json!({"order": agora_node::market::orders::OrderJson::from_order(&order), "signature": signature});
         let http = http.clone();
         let url = format!("{}/api/v1/marketplace/list", node.url);
         async move {
@@ -235,10 +236,20 @@ async fn listings_the_node_refuses() {
             (r.status(), r.json::<Value>().await.unwrap())
         }
     };
+    let post = |order: LicenseMarket::Order, signer: usize| {
+        let signature = signed(&order, signer).to_string();
+        post_with(order, signature)
+    };
     until_indexed_model(&node, token_id).await;
     let (good, _) = market.order(token_id, U256::ZERO);
-    let (status, first) = post(good.clone(), 1).await;
+    // Signed with `s` in the upper half and `v` as 0/1, a form the market's `purchase` refuses
+    // as it is: the node keeps the form it takes (the relayed purchase below uses it).
+    let mirrored = agora_e2e::market::mirrored(&signed(&good, 1)).as_rsy();
+    let (status, first) = post_with(good.clone(), alloy::primitives::hex::encode_prefixed(mirrored)).await;
     assert_eq!(status, StatusCode::CREATED, "{first}");
+    let (_, kept) =
+        node.get(&format!("/api/v1/marketplace/orders/{}", first["order_hash"].as_str().unwrap())).await;
+    assert_eq!(kept["signature"], signed(&good, 1).to_string(), "{kept}");
     let (status, again) = post(good.clone(), 1).await;
     assert_eq!((status, &again["order_hash"]), (StatusCode::OK, &first["order_hash"]));
 

@@ -262,9 +262,19 @@ async fn accepted_vouchers_are_settled_on_chain_even_after_a_crash() {
     for cumulative in 1..=5u64 {
         let hash = metering::voucher_hash(license, U256::from(cumulative), chain, lm);
         let signature = market.signer(7).sign_hash_sync(&hash).unwrap();
+        // Vouchers in every form a wallet may sign them, among them two the market refuses as
+        // they are (`s` in the upper half, `v` as 0/1) and the one settled (the last): the node
+        // keeps each in the form `settleUsage` takes.
+        let mirrored = agora_e2e::market::mirrored(&signature);
+        let sent = match cumulative {
+            2 => signature.as_rsy(),
+            3 => mirrored.as_bytes(),
+            5 => mirrored.as_rsy(),
+            _ => signature.as_bytes(),
+        };
         let r = buyer
             .authorize(buyer.http.post(buyer.endpoint(&format!("/api/v1/deployments/{id}/predict"))))
-            .header("agora-voucher", metering::header(license, U256::from(cumulative), &signature.as_bytes()))
+            .header("agora-voucher", metering::header(license, U256::from(cumulative), &sent))
             .json(&json!({"inputs": [[1.0, 2.0, 3.0, 4.0]]}))
             .send()
             .await

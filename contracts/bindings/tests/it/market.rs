@@ -1,9 +1,9 @@
 use agora_contracts::{
-    DeployParams, LicenseMarket, ModelRegistry, TermKind, anvil::Anvil, deploy, order_domain,
+    DeployParams, LicenseMarket, ModelRegistry, TermKind, anvil::Anvil, deploy, order_domain, recover_signer,
 };
 use alloy::{
     network::EthereumWallet,
-    primitives::{Address, B256, Bytes, U256, keccak256},
+    primitives::{Address, B256, Bytes, Signature, U256, keccak256},
     providers::{Provider, ProviderBuilder},
     rpc::types::TransactionReceipt,
     signers::{SignerSync, local::PrivateKeySigner},
@@ -11,6 +11,10 @@ use alloy::{
 };
 
 const FEE_BPS: u16 = 250;
+
+/// The order of secp256k1's group: a signature's `s` and `n - s` are both valid ECDSA.
+const SECP256K1N_ORDER: U256 =
+    alloy::primitives::uint!(0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141_U256);
 
 fn eth(milli: u64) -> U256 {
     U256::from(milli) * U256::from(10u64).pow(U256::from(15))
@@ -163,6 +167,28 @@ async fn register_list_buy_each_kind_split_and_withdraw() -> anyhow::Result<()> 
     // a voucher signed by someone else is refused
     let forged = sign(&anvil.signer(6), market.voucherDigest(usage_id, U256::from(500u64)).call().await?);
     assert!(market.settleUsage(usage_id, U256::from(500u64), forged).from(treasury).call().await.is_err());
+
+    // The buyer's own voucher in the forms the contract refuses (`s` in the upper half, `v` as
+    // 0/1, both): `recover_signer` finds the buyer in each and gives back the one form it takes.
+    let units = U256::from(450u64);
+    let digest = market.voucherDigest(usage_id, units).call().await?;
+    let signed = buyer.sign_hash_sync(&digest)?;
+    let flipped = Signature::new(signed.r(), SECP256K1N_ORDER - signed.s(), !signed.v());
+    for (form, raw) in [
+        ("upper s", flipped.as_bytes()),
+        ("v as parity", signed.as_rsy()),
+        ("upper s, v as parity", flipped.as_rsy()),
+    ] {
+        let refused =
+            market.settleUsage(usage_id, units, Bytes::from(raw.to_vec())).from(treasury).call().await;
+        assert!(refused.is_err(), "the contract took a voucher with {form}");
+        let (signer, canonical) = recover_signer(&raw, &digest)?;
+        assert_eq!(signer, buyer.address(), "{form}");
+        assert_eq!(canonical, signed.as_bytes(), "{form}");
+        let taken =
+            market.settleUsage(usage_id, units, Bytes::from(canonical.to_vec())).from(treasury).call().await;
+        assert!(taken.is_ok(), "{form}: {taken:?}");
+    }
 
     // the split, to the wei
     let receipt = market.distribute(token_id).from(treasury).send().await?.get_receipt().await?;
