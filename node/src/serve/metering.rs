@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::{
     Store, StoreError,
-    tables::{Licenses, ReceiptRecord, UsageReceipts, UsageRecord, UsageRecords},
+    tables::{Licenses, ReceiptRecord, UsageReceipts, UsageRecord, UsageRecords, UsageVouchers},
 };
 
 alloy::sol! {
@@ -157,8 +157,10 @@ fn put(
     accepted: &Accepted,
     receipt: &ReceiptRecord,
 ) -> Result<(), StoreError> {
+    let key = (accepted.license_id, accepted.cumulative);
     batch.put::<UsageRecords>(&accepted.license_id, &accepted.record)?;
-    batch.put::<UsageReceipts>(&(accepted.license_id, accepted.cumulative), receipt)
+    batch.put::<UsageVouchers>(&key, &accepted.record.signature)?;
+    batch.put::<UsageReceipts>(&key, receipt)
 }
 
 /// Writes a group in one synced batch; if that fails, each voucher alone, so each call gets its
@@ -395,6 +397,8 @@ mod tests {
             assert_eq!(last_accepted(&store, U256::from(license)).unwrap(), U256::from(5));
             let receipts = store.scan::<UsageReceipts>(&U256::from(license).to_be_bytes::<32>(), None, false);
             assert_eq!(receipts.count(), 5);
+            let vouchers = store.scan::<UsageVouchers>(&U256::from(license).to_be_bytes::<32>(), None, false);
+            assert_eq!(vouchers.map(|v| v.unwrap().1).collect::<Vec<_>>(), vec![vec![7; 65]; 5]);
         }
 
         // a turn handed to a write is not given to the next call before the write is stored,

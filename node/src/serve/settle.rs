@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::store::{
     Store,
-    tables::{Licenses, UsageRecords},
+    tables::{Licenses, Table, UsageRecords, UsageVouchers},
 };
 
 #[derive(Clone, Debug)]
@@ -42,6 +42,9 @@ struct Pending {
     closing: bool,
 }
 
+/// The licenses with accepted units to settle, each with the last voucher its escrow (as the
+/// index has it) covers: the last accepted one, unless the escrow shrank under it (a top-up a
+/// reorg undid), and then the last one kept that still fits, which the chain would take.
 fn pending(store: &Store) -> Result<Vec<Pending>, crate::store::StoreError> {
     let mut out = Vec::new();
     for item in store.iter::<UsageRecords>() {
@@ -51,11 +54,25 @@ fn pending(store: &Store) -> Result<Vec<Pending>, crate::store::StoreError> {
         if indexed.closed || record.cumulative <= indexed.settled_units {
             continue;
         }
+        let covered = indexed.deposited.checked_div(record.unit_price).unwrap_or_default();
+        let (cumulative, signature) = if record.cumulative <= covered {
+            (record.cumulative, record.signature)
+        } else {
+            let start = (license, covered);
+            let mut kept = store.scan::<UsageVouchers>(&key, Some(&UsageVouchers::encode_key(&start)), true);
+            match kept.next().transpose()? {
+                Some((k, signature)) => (U256::from_be_slice(&k[32..]), signature),
+                None => continue,
+            }
+        };
+        if cumulative <= indexed.settled_units {
+            continue;
+        }
         out.push(Pending {
             license,
-            cumulative: record.cumulative,
-            signature: record.signature,
-            value: (record.cumulative - indexed.settled_units).saturating_mul(record.unit_price),
+            cumulative,
+            signature,
+            value: (cumulative - indexed.settled_units).saturating_mul(record.unit_price),
             closing: indexed.closable_at.is_some(),
         });
     }
@@ -130,5 +147,74 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use agora_contracts::TermKind;
+    use alloy::primitives::B256;
+
+    use super::*;
+    use crate::store::tables::{LicenseRecord, UsageRecord};
+
+    /// License 1, with an escrow of `units` at a price of 3 wei, `settled` of them settled, and
+    /// accepted vouchers for 4, 8 and 12 units (signatures 4, 8 and 12), the last one latest.
+    fn store_with(dir: &std::path::Path, units: u64, settled: u64) -> Store {
+        let store = Store::open(&dir.join("db")).unwrap();
+        let license = U256::from(1);
+        let indexed = LicenseRecord {
+            token_id: U256::from(9),
+            holder: Address::repeat_byte(7),
+            kind: TermKind::Usage as u8,
+            paid: U256::ZERO,
+            expires_at: 0,
+            deposited: U256::from(3 * units),
+            settled_units: U256::from(settled),
+            settled_amount: U256::from(3 * settled),
+            closable_at: None,
+            closed: false,
+            refund: U256::ZERO,
+            order_hash: B256::ZERO,
+            term_index: 2,
+            purchased: Default::default(),
+        };
+        let mut batch = store.batch();
+        batch.put::<Licenses>(&license, &indexed).unwrap();
+        for cumulative in [4u8, 8, 12] {
+            let signature = vec![cumulative; 65];
+            batch.put::<UsageVouchers>(&(license, U256::from(cumulative)), &signature).unwrap();
+            let record = UsageRecord {
+                cumulative: U256::from(cumulative),
+                signature,
+                unit_price: U256::from(3),
+                updated_ms: 1,
+            };
+            batch.put::<UsageRecords>(&license, &record).unwrap();
+        }
+        store.write(batch).unwrap();
+        store
+    }
+
+    fn due(units: u64, settled: u64) -> Option<(u64, u8, u64)> {
+        let dir = tempfile::tempdir().unwrap();
+        let list = pending(&store_with(dir.path(), units, settled)).unwrap();
+        assert!(list.len() <= 1);
+        list.first().map(|p| (p.cumulative.to(), p.signature[0], p.value.to()))
+    }
+
+    #[test]
+    fn the_last_voucher_the_escrow_covers_is_settled() {
+        // the escrow covers the last voucher: it goes, for the units since the last settlement
+        assert_eq!(due(12, 0), Some((12, 12, 36)));
+        assert_eq!(due(1_000, 4), Some((12, 12, 24)));
+        // a shrunk escrow (a top-up a reorg undid): the last voucher within it
+        assert_eq!(due(11, 0), Some((8, 8, 24)));
+        assert_eq!(due(8, 4), Some((8, 8, 12)));
+        assert_eq!(due(7, 0), Some((4, 4, 12)));
+        // nothing the chain would take: no voucher within the escrow, or none past what is settled
+        assert_eq!(due(3, 0), None);
+        assert_eq!(due(11, 8), None);
+        assert_eq!(due(12, 12), None);
     }
 }

@@ -138,6 +138,11 @@ tables! {
         encode: |k| concat(&[&k.0.to_be_bytes::<32>(), k.1.as_slice()]);
     /// Usage licenses: the last accepted voucher.
     UsageRecords = "usage_records", root: false, key: U256, value: UsageRecord, encode: |k| u256_key(k);
+    /// Every accepted voucher's signature by (license id, cumulative units): when a license's
+    /// escrow shrinks under its last voucher (a top-up undone by a reorg), the last voucher the
+    /// escrow still covers is settled instead.
+    UsageVouchers = "usage_vouchers", root: false, key: (U256, U256), value: Vec<u8>,
+        encode: |k| concat(&[&k.0.to_be_bytes::<32>(), &k.1.to_be_bytes::<32>()]);
     /// Usage receipts by (license id, cumulative units).
     UsageReceipts = "usage_receipts", root: false, key: (U256, U256), value: ReceiptRecord,
         encode: |k| concat(&[&k.0.to_be_bytes::<32>(), &k.1.to_be_bytes::<32>()]);

@@ -282,6 +282,33 @@ async fn accepted_vouchers_are_settled_on_chain_even_after_a_crash() {
         assert_eq!(r.status(), StatusCode::OK);
     }
 
+    // A top-up, a call its escrow pays for (998 units, past the 1,000 bought), then a reorg
+    // that undoes the top-up: that voucher is beyond what the chain holds, so the node settles
+    // the last one the escrow covers (5 units) instead of none.
+    let snapshot = market.snapshot().await;
+    let top_up = U256::from(1000u64) * U256::from(agora_e2e::market::UNIT_PRICE);
+    use agora_e2e::market::Mined;
+    market.market.topUp(license).value(top_up).from(market.address(7)).send().await.unwrap().mined().await;
+    let (head, head_hash) = market.head().await;
+    node.wait_indexed(head, head_hash).await;
+    let hash = metering::voucher_hash(license, U256::from(1003u64), chain, lm);
+    let signature = market.signer(7).sign_hash_sync(&hash).unwrap();
+    let r = buyer
+        .authorize(buyer.http.post(buyer.endpoint(&format!("/api/v1/deployments/{id}/predict"))))
+        .header("agora-voucher", metering::header(license, U256::from(1003u64), &signature.as_bytes()))
+        .json(&json!({"inputs": vec![[1.0, 2.0, 3.0, 4.0]; 998]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    market.revert(snapshot).await;
+    market.mine(3).await;
+    let (head, head_hash) = market.head().await;
+    node.wait_indexed(head, head_hash).await;
+    let (_, l) = node.get(&format!("/api/v1/licenses/{license}")).await;
+    let bought = U256::from(1000u64) * U256::from(agora_e2e::market::UNIT_PRICE);
+    assert_eq!(l["license"]["escrow"]["deposited"], bought.to_string(), "the top-up is undone: {l}");
+
     // Killed before settling; restarted with an operator key, it settles what it accepted.
     let mut node = node;
     nix::sys::signal::kill(node.process.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
