@@ -6,6 +6,7 @@ import {LicenseMarket} from "../src/LicenseMarket.sol";
 import {ModelRegistry} from "../src/ModelRegistry.sol";
 import {IERC721Errors} from "@openzeppelin/contracts/interfaces/draft-IERC6093.sol";
 import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
+import {SmartWallet} from "./fixtures/SmartWallet.sol";
 
 contract LicenseMarketTest is Base {
     uint256 internal tokenId;
@@ -451,6 +452,46 @@ contract LicenseMarketTest is Base {
         vm.prank(address(refuser));
         vm.expectRevert(LicenseMarket.TransferFailed.selector);
         market.withdraw();
+    }
+
+    // ------------------------------------------------------------ contract wallets (ERC-1271)
+
+    /// The wallet's signature of `digest`: its owner's of the wallet's replay-safe hash.
+    function signAs(SmartWallet wallet, uint256 ownerKey, bytes32 digest) internal view returns (bytes memory) {
+        return sign(ownerKey, wallet.replaySafeHash(digest));
+    }
+
+    function test_contractWallet_sellsAndPaysForUsage() public {
+        SmartWallet sellerWallet = new SmartWallet(seller);
+        SmartWallet buyerWallet = new SmartWallet(buyer);
+        vm.prank(seller);
+        registry.transferFrom(seller, address(sellerWallet), tokenId);
+        LicenseMarket.Order memory o = orderFor(tokenId);
+        o.seller = address(sellerWallet);
+        o.nonce = market.nonces(address(sellerWallet));
+
+        // The owner's own signature of the order is not the wallet's.
+        bytes memory byKey = signOrder(SELLER_KEY, o);
+        vm.prank(buyer);
+        vm.expectRevert(LicenseMarket.BadSignature.selector);
+        market.purchase{value: 1000 gwei}(o, byKey, 2);
+
+        // The wallet's signature sells; the wallet buys through its owner.
+        bytes memory sig = signAs(sellerWallet, SELLER_KEY, market.orderHash(o));
+        vm.prank(buyer);
+        bytes memory result = buyerWallet.execute{value: 1000 gwei}(
+            address(market), 1000 gwei, abi.encodeCall(market.purchase, (o, sig, 2))
+        );
+        uint256 id = abi.decode(result, (uint256));
+        assertEq(market.licenses(id).holder, address(buyerWallet), "the wallet holds the license");
+
+        // Its vouchers settle; its owner's plain signature of one does not.
+        bytes32 digest = market.voucherDigest(id, 100);
+        bytes memory plain = sign(BUYER_KEY, digest);
+        vm.expectRevert(LicenseMarket.BadSignature.selector);
+        market.settleUsage(id, 100, plain);
+        market.settleUsage(id, 100, signAs(buyerWallet, BUYER_KEY, digest));
+        assertEq(market.escrowOf(id).settledUnits, 100, "settled");
     }
 
     function test_views() public {

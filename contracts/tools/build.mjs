@@ -1,5 +1,6 @@
-// Compiles contracts/src with the pinned solcjs and writes one artifact per deployable
-// contract to the given directory: {contractName, abi, bytecode, deployedBytecode, compiler}.
+// Compiles contracts/src (and the test fixtures the Rust tests deploy) with the pinned solcjs
+// and writes one artifact per contract to the given directory: {contractName, abi, bytecode,
+// deployedBytecode, compiler}; the fixtures' go under test/.
 // Settings match foundry.toml (optimizer 20000 runs, cancun, no metadata hash) so the
 // committed artifacts are reproducible byte for byte.
 import fs from "node:fs";
@@ -10,12 +11,21 @@ const require = createRequire(import.meta.url);
 const solc = require("solc");
 const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..");
 const outDir = path.resolve(process.argv[2] ?? path.join(root, "artifacts"));
-const deployable = ["ModelRegistry", "LicenseMarket", "ComputeMarket"];
+// [source directory, contract, artifact path]: the deployable contracts, then the contracts the
+// Rust tests deploy beside them (a contract wallet), kept apart under test/.
+const artifacts = [
+  ["src", "ModelRegistry", "ModelRegistry.json"],
+  ["src", "LicenseMarket", "LicenseMarket.json"],
+  ["src", "ComputeMarket", "ComputeMarket.json"],
+  ["test/fixtures", "SmartWallet", "test/SmartWallet.json"],
+];
 
 const sources = {};
-for (const file of fs.readdirSync(path.join(root, "src")).sort()) {
-  if (file.endsWith(".sol")) {
-    sources[`src/${file}`] = { content: fs.readFileSync(path.join(root, "src", file), "utf8") };
+for (const dir of ["src", "test/fixtures"]) {
+  for (const file of fs.readdirSync(path.join(root, dir)).sort()) {
+    if (file.endsWith(".sol")) {
+      sources[`${dir}/${file}`] = { content: fs.readFileSync(path.join(root, dir, file), "utf8") };
+    }
   }
 }
 
@@ -43,9 +53,8 @@ const errors = (output.errors ?? []).filter((e) => e.severity === "error");
 for (const e of output.errors ?? []) process.stderr.write(e.formattedMessage + "\n");
 if (errors.length > 0) process.exit(1);
 
-fs.mkdirSync(outDir, { recursive: true });
-for (const name of deployable) {
-  const contract = output.contracts[`src/${name}.sol`]?.[name];
+for (const [dir, name, file] of artifacts) {
+  const contract = output.contracts[`${dir}/${name}.sol`]?.[name];
   if (!contract) throw new Error(`${name} missing from the compiler output`);
   const artifact = {
     contractName: name,
@@ -54,6 +63,7 @@ for (const name of deployable) {
     bytecode: `0x${contract.evm.bytecode.object}`,
     deployedBytecode: `0x${contract.evm.deployedBytecode.object}`,
   };
-  fs.writeFileSync(path.join(outDir, `${name}.json`), JSON.stringify(artifact, null, 2) + "\n");
+  fs.mkdirSync(path.dirname(path.join(outDir, file)), { recursive: true });
+  fs.writeFileSync(path.join(outDir, file), JSON.stringify(artifact, null, 2) + "\n");
   console.log(`${name}: ${contract.evm.deployedBytecode.object.length / 2} bytes deployed`);
 }

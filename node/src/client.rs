@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use alloy::signers::{Signer, local::PrivateKeySigner};
+use alloy::signers::{SignerSync, local::PrivateKeySigner};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
@@ -28,16 +28,29 @@ impl NodeClient {
 
     /// Signs in with `signer` (EIP-4361) and keeps the session token.
     pub async fn sign_in(&mut self, signer: &PrivateKeySigner) -> anyhow::Result<&str> {
+        self.sign_in_as(signer.address(), |message| {
+            Ok(signer.sign_message_sync(message.as_bytes())?.as_bytes().to_vec())
+        })
+        .await
+    }
+
+    /// Signs in as `address`, with `sign` making the signature of the EIP-4361 message: a
+    /// contract wallet's, say (ERC-1271), which only the wallet's own scheme makes.
+    pub async fn sign_in_as(
+        &mut self,
+        address: alloy::primitives::Address,
+        sign: impl FnOnce(&str) -> anyhow::Result<Vec<u8>>,
+    ) -> anyhow::Result<&str> {
         let nonce: Value = self.post_json("/api/v1/auth/nonce", &json!({})).await?;
         let (Some(nonce_text), Some(chain_id)) = (nonce["nonce"].as_str(), nonce["chain_id"].as_u64()) else {
             bail!("the node's nonce answer is not what this client understands: {nonce}");
         };
         let message =
-            crate::auth::message(&self.url, signer.address(), chain_id, nonce_text, Duration::from_secs(600))
+            crate::auth::message(&self.url, address, chain_id, nonce_text, Duration::from_secs(600))
                 .map_err(anyhow::Error::msg)?;
-        let signature = signer.sign_message(message.as_bytes()).await?;
+        let signature = alloy::primitives::hex::encode_prefixed(sign(&message)?);
         let session: Value = self
-            .post_json("/api/v1/auth/login", &json!({"message": message, "signature": signature.to_string()}))
+            .post_json("/api/v1/auth/login", &json!({"message": message, "signature": signature}))
             .await?;
         let token = session["token"].as_str().context("the login answer has no token")?.to_owned();
         Ok(self.token.insert(token))

@@ -14,6 +14,7 @@
 //! | [`audit`] | the hash-chained audit log of every mutating operation |
 //! | [`registry`] | registered models, versions, stages, aliases, metrics; the artifact tree |
 //! | [`serve`] | deployments: models served in-process, behind the license gate |
+//! | [`signers`] | who signed a hash: keys, and contract wallets through ERC-1271 |
 //! | [`api`] | axum routers, error mapping, OpenAPI |
 //! | [`cli`] | `clap` commands |
 //! | [`node`] | wiring the services together, shutdown |
@@ -33,5 +34,6 @@ pub mod p2p;
 pub mod registry;
 pub mod secrets;
 pub mod serve;
+pub mod signers;
 pub mod store;
 pub mod telemetry;

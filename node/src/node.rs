@@ -14,29 +14,6 @@ use tokio::sync::watch;
 
 use crate::{api, artifacts, audit::Audit, auth, chain, config::Config, registry::Registry, store::Store};
 
-alloy::sol! {
-    #[sol(rpc)]
-    interface IERC1271 {
-        function isValidSignature(bytes32 hash, bytes signature) external view returns (bytes4);
-    }
-}
-
-/// Contract wallets sign in by answering ERC-1271's magic value for the message hash.
-fn erc1271(provider: alloy::providers::DynProvider) -> auth::ContractCheck {
-    std::sync::Arc::new(move |address, hash, signature| {
-        let provider = provider.clone();
-        Box::pin(async move {
-            use alloy::providers::Provider;
-            let has_code = provider.get_code_at(address).await.is_ok_and(|code| !code.is_empty());
-            if !has_code {
-                return false;
-            }
-            let wallet = IERC1271::new(address, provider);
-            matches!(wallet.isValidSignature(hash, signature).call().await, Ok(magic) if magic.0 == [0x16, 0x26, 0xba, 0x7e])
-        })
-    })
-}
-
 /// Runs the node until `shutdown` flips to true.
 pub async fn run(
     config: Config,
@@ -106,7 +83,12 @@ pub async fn run(
         config.auth.domain.clone(),
         Duration::from_secs(config.auth.session_secs),
     )
-    .with_contract_check(erc1271(provider.clone()));
+    .with_contract_check(crate::signers::erc1271(provider.clone()));
+    // contract wallets sign orders and vouchers as they sign in
+    let signers = crate::signers::Signers::with_contracts(
+        crate::signers::erc1271(provider.clone()),
+        tokio::runtime::Handle::current(),
+    );
     let provider_for_api = provider.clone();
     let watermark_key = std::sync::Arc::new(watermark_key);
     let node_key = crate::secrets::load_or_create_key(&config.node_key_path()).with_context(|| {
@@ -250,6 +232,7 @@ pub async fn run(
             store.clone(),
             crate::serve::metering::VoucherDomain::new(deployment.chain_id, deployment.license_market),
         )?,
+        signers,
         serve: serve.clone(),
         data_dir: config.storage.data_dir.clone(),
         max_upload: config.registry.max_upload,

@@ -24,6 +24,12 @@ pub struct Market {
 
 pub const UNIT_PRICE: u64 = 1_000_000_000;
 
+alloy::sol!(
+    #[sol(rpc)]
+    SmartWallet,
+    "../contracts/artifacts/test/SmartWallet.json"
+);
+
 /// The same signer's other valid ECDSA signature of the same hash: `s` mirrored to the other
 /// half of secp256k1's group order, the parity flipped. The contracts refuse it (malleable).
 pub fn mirrored(signature: &alloy::primitives::Signature) -> alloy::primitives::Signature {
@@ -113,6 +119,44 @@ impl Market {
 
     pub fn signer(&self, i: usize) -> PrivateKeySigner {
         self.anvil.signer(i)
+    }
+
+    /// A contract wallet (`contracts/test/fixtures/SmartWallet.sol`) owned by account `owner`.
+    pub async fn smart_wallet(&self, owner: usize) -> SmartWallet::SmartWalletInstance<DynProvider> {
+        let address = SmartWallet::deploy_builder(self.provider.clone(), self.address(owner))
+            .from(self.address(owner))
+            .deploy()
+            .await
+            .expect("the wallet deploys");
+        SmartWallet::new(address, self.provider.clone())
+    }
+
+    /// A contract wallet's signature of `hash` (ERC-1271): its owner's of the wallet's
+    /// replay-safe hash, which the owner's key alone does not make.
+    pub fn wallet_signature(&self, wallet: Address, owner: usize, hash: B256) -> Bytes {
+        use alloy::sol_types::SolValue;
+        let safe = keccak256((U256::from(self.deployment.chain_id), wallet, hash).abi_encode());
+        Bytes::from(self.signer(owner).sign_hash_sync(&safe).unwrap().as_bytes().to_vec())
+    }
+
+    /// Sends `data` with `value` wei to `target` through `wallet`, as its owner `owner`.
+    pub async fn through_wallet(
+        &self,
+        wallet: &SmartWallet::SmartWalletInstance<DynProvider>,
+        owner: usize,
+        target: Address,
+        value: U256,
+        data: Bytes,
+    ) -> alloy::rpc::types::TransactionReceipt {
+        wallet
+            .execute(target, value, data)
+            .value(value)
+            .from(self.address(owner))
+            .send()
+            .await
+            .unwrap()
+            .mined()
+            .await
     }
 
     pub async fn head(&self) -> (u64, B256) {

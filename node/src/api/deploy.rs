@@ -216,6 +216,7 @@ pub async fn predict(
     let registry = state.registry.clone();
     let index = state.index.borrow().clone();
     let meter = state.meter.clone();
+    let signers = state.signers.clone();
     // the license's turn is taken before its voucher is checked and handed on with the write
     let turn = match &voucher {
         Some((license, ..)) => Some(meter.turn(*license).await),
@@ -257,7 +258,7 @@ pub async fn predict(
         })?;
         let cost = U256::from(record.unit_cost) * U256::from(rows);
         if let (Some((license, cumulative, signature)), Some(price), Some(turn)) = (voucher, unit_price, turn) {
-            let accepted = metering::check(&store, caller, token, license, cumulative, &signature, cost, price, meter.domain())
+            let accepted = metering::check(&store, caller, token, license, cumulative, &signature, cost, price, meter.domain(), &signers)
                 .map_err(meter_error)?;
             let answer = run(&record)?;
             let time_ms = crate::registry::now_ms();
@@ -352,6 +353,7 @@ fn meter_error(e: metering::MeterError) -> ApiError {
         M::Stale { .. } => ApiError::new(StatusCode::CONFLICT, "stale_voucher", e.to_string()),
         M::Forbidden(_) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
         M::Invalid(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_voucher", e.to_string()),
+        M::Unavailable(why) => ApiError::chain_unavailable(why),
         M::Store(s) => s.into(),
     }
 }

@@ -82,6 +82,8 @@ pub struct Shared {
     pub serve: crate::serve::Serve,
     /// Serialises metered calls per license and writes their vouchers in synced groups.
     pub meter: crate::serve::metering::Meter,
+    /// Checks signed orders and vouchers: keys, and contract wallets (ERC-1271).
+    pub signers: crate::signers::Signers,
     /// Rate limit of `POST /api/v1/audit/trace`.
     pub trace_limiter: audit::TraceLimiter,
     /// For private temporary files (uploads being checked).

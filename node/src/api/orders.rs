@@ -29,6 +29,7 @@ impl From<OrderError> for ApiError {
             OrderError::Signature(_) => StatusCode::UNAUTHORIZED,
             OrderError::NotOwner(_) => StatusCode::FORBIDDEN,
             OrderError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            OrderError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::UNPROCESSABLE_ENTITY,
         };
         let code = match &e {
@@ -39,6 +40,7 @@ impl From<OrderError> for ApiError {
             OrderError::StaleNonce { .. } => "stale_nonce",
             OrderError::Cancelled => "cancelled",
             OrderError::Store(_) => "storage_error",
+            OrderError::Unavailable(_) => "chain_unavailable",
         };
         ApiError::new(status, code, e.to_string())
     }
@@ -88,11 +90,12 @@ pub async fn list(
     })?;
     let store = state.store.clone();
     let deployment = state.deployment.clone();
+    let signers = state.signers.clone();
     let index = state.index.borrow().clone();
     let audit = crate::audit::Audit::new(state.store.clone());
     let gossip = (order.abi_encode(), signature.clone());
     let (hash, new) = tokio::task::spawn_blocking(move || {
-        let accepted = orders::accept_now(&store, index, &deployment, &order, &signature, "local")?;
+        let accepted = orders::accept_now(&store, &signers, index, &deployment, &order, &signature, "local")?;
         if accepted.1 {
             audit.record(
                 &ctx.actor.id(),

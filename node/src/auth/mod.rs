@@ -65,10 +65,7 @@ pub struct Session {
     pub expires_at: u64,
 }
 
-/// Asks a contract wallet whether it signed `hash` (ERC-1271); `None` when the address has no
-/// code or the call fails.
-pub type ContractCheck =
-    Arc<dyn Fn(Address, B256, Bytes) -> futures::future::BoxFuture<'static, bool> + Send + Sync>;
+pub use crate::signers::ContractCheck;
 
 #[derive(Clone)]
 pub struct Sessions {
@@ -170,10 +167,16 @@ impl Sessions {
             let hash = parsed.eip191_hash().map_err(|e| AuthError::Message(e.to_string()))?;
             let by_contract = match &self.contract_check {
                 Some(check) => check(address, B256::from(hash), Bytes::copy_from_slice(signature)).await,
-                None => false,
+                None => Ok(false),
             };
-            if !by_contract {
-                return Err(AuthError::Signature(why));
+            match by_contract {
+                Ok(true) => {}
+                Ok(false) => return Err(AuthError::Signature(why)),
+                Err(e) => {
+                    return Err(AuthError::Signature(format!(
+                        "{why}; {address} may be a contract wallet, and it cannot be asked now: {e}"
+                    )));
+                }
             }
         }
         let now = SystemTime::now();

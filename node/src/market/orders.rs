@@ -12,6 +12,7 @@ use alloy::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::signers::{SignerError, Signers};
 use crate::store::{
     Store, StoreError, View,
     tables::{Cancelled, Models, Nonces, OrderRecord, Orders, TokenOrders},
@@ -34,6 +35,9 @@ pub enum OrderError {
     StaleNonce { order: U256, current: U256 },
     #[error("the order was cancelled on-chain")]
     Cancelled,
+    /// The seller may be a contract wallet, and the chain cannot be asked now.
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -193,8 +197,10 @@ pub fn dead_reason(
 
 /// Checks a signed order against the index and keeps it. Returns its hash and whether it was
 /// new (a duplicate changes nothing).
+#[allow(clippy::too_many_arguments)]
 pub fn accept(
     store: &Store,
+    signers: &Signers,
     order: &LicenseMarket::Order,
     signature: &[u8],
     chain_id: u64,
@@ -204,14 +210,10 @@ pub fn accept(
 ) -> Result<(B256, bool), OrderError> {
     let hash = order_hash(order, chain_id, market);
     // kept in the form `purchase` takes, whatever form it came in
-    let (signer, signature) = agora_contracts::recover_signer(signature, &hash)
-        .map_err(|e| OrderError::Signature(e.to_string()))?;
-    if signer != order.seller {
-        return Err(OrderError::Signature(format!(
-            "it was signed by {signer}, the order names {}",
-            order.seller
-        )));
-    }
+    let signature = signers.signed_by(order.seller, &hash, signature).map_err(|e| match e {
+        SignerError::NotSigner(why) => OrderError::Signature(why),
+        SignerError::Unavailable(why) => OrderError::Unavailable(why),
+    })?;
     check_terms(order)?;
     if let Some(reason) = dead_reason(&store.view(), order, hash, now)? {
         return Err(reason);
@@ -221,7 +223,7 @@ pub fn accept(
     }
     let record = OrderRecord {
         order: order.abi_encode(),
-        signature: signature.to_vec(),
+        signature,
         received_ms: crate::registry::now_ms(),
         source: source.to_owned(),
     };
@@ -235,6 +237,7 @@ pub fn accept(
 /// [`accept`] at the index's chain time, for the deployment's market.
 pub fn accept_now(
     store: &Store,
+    signers: &Signers,
     status: crate::chain::indexer::IndexStatus,
     deployment: &agora_contracts::Deployment,
     order: &LicenseMarket::Order,
@@ -242,7 +245,7 @@ pub fn accept_now(
     source: &str,
 ) -> Result<(B256, bool), OrderError> {
     let now = super::MarketView::new(store, status).chain_now()?;
-    accept(store, order, signature, deployment.chain_id, deployment.license_market, now, source)
+    accept(store, signers, order, signature, deployment.chain_id, deployment.license_market, now, source)
 }
 
 /// A kept order, decoded.

@@ -113,6 +113,8 @@ pub struct P2p {
     artifacts: ArtifactStore,
     deployment: Deployment,
     provider: DynProvider,
+    /// Checks gossiped orders' signatures: keys, and contract wallets (ERC-1271).
+    signers: crate::signers::Signers,
     index: watch::Receiver<IndexStatus>,
     part_dir: PathBuf,
     shared: Arc<Mutex<Shared>>,
@@ -145,6 +147,10 @@ impl P2p {
             store,
             artifacts,
             deployment,
+            signers: crate::signers::Signers::with_contracts(
+                crate::signers::erc1271(provider.clone()),
+                tokio::runtime::Handle::current(),
+            ),
             provider,
             index,
             part_dir: data_dir.join("tmp").join("p2p"),
@@ -408,11 +414,11 @@ impl P2p {
         signed: &SignedOrder,
         peer: PeerId,
     ) -> Result<bool, OrderError> {
-        let (store, index, deployment) =
-            (self.store.clone(), self.index.borrow().clone(), self.deployment.clone());
+        let (store, index, deployment, signers) =
+            (self.store.clone(), self.index.borrow().clone(), self.deployment.clone(), self.signers.clone());
         let (order, signature, source) = (order.clone(), signed.signature.to_vec(), format!("peer:{peer}"));
         let (_, new) = tokio::task::spawn_blocking(move || {
-            orders::accept_now(&store, index, &deployment, &order, &signature, &source)
+            orders::accept_now(&store, &signers, index, &deployment, &order, &signature, &source)
         })
         .await
         .map_err(|e| OrderError::Terms(format!("the check did not finish: {e}")))??;

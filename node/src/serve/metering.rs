@@ -12,7 +12,9 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use agora_contracts::{TermKind, order_domain, recover_signer};
+use agora_contracts::{TermKind, order_domain};
+
+use crate::signers::SignerError;
 use alloy::{
     primitives::{Address, B256, U256, keccak256},
     sol_types::SolStruct,
@@ -54,6 +56,9 @@ pub enum MeterError {
     Forbidden(String),
     #[error("{0}")]
     Invalid(String),
+    /// 503: the holder may be a contract wallet, and the chain cannot be asked now.
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -197,8 +202,18 @@ pub fn parse_header(value: &str) -> Result<(U256, U256, Vec<u8>), MeterError> {
         crate::api::parse_u256(&json.cumulative_units).map_err(|e| bad(format!("cumulative_units: {e}")))?;
     let signature = alloy::primitives::hex::decode(json.signature.trim())
         .map_err(|e| bad(format!("signature is not hex ({e})")))?;
+    if signature.len() > MAX_SIGNATURE {
+        return Err(bad(format!(
+            "signature is {} bytes; at most {MAX_SIGNATURE} are kept with a voucher",
+            signature.len()
+        )));
+    }
     Ok((license, cumulative, signature))
 }
+
+/// The longest voucher signature taken: a key's is 65 bytes; a contract wallet's (ERC-1271) is
+/// its own format, and each is kept with its voucher.
+pub const MAX_SIGNATURE: usize = 2048;
 
 /// The header value for a voucher (what clients send).
 pub fn header(license: U256, cumulative: U256, signature: &[u8]) -> String {
@@ -265,6 +280,7 @@ pub fn check(
     cost: U256,
     unit_price: U256,
     domain: &VoucherDomain,
+    signers: &crate::signers::Signers,
 ) -> Result<Accepted, MeterError> {
     let license = store
         .get::<Licenses>(&license_id)?
@@ -300,15 +316,15 @@ pub fn check(
         });
     }
     // kept in the form `settleUsage` takes: a voucher the chain refused would never be paid
-    let signature = match recover_signer(signature, &domain.hash(license_id, cumulative)) {
-        Ok((signer, canonical)) if signer == license.holder => canonical,
-        _ => {
-            return Err(MeterError::Unpaid {
-                reason: format!("the voucher is not signed by license {license_id}'s holder"),
+    let signature = signers
+        .signed_by(license.holder, &domain.hash(license_id, cumulative), signature)
+        .map_err(|e| match e {
+            SignerError::NotSigner(why) => MeterError::Unpaid {
+                reason: format!("the voucher is not signed by license {license_id}'s holder: {why}"),
                 required: Some(required),
-            });
-        }
-    };
+            },
+            SignerError::Unavailable(why) => MeterError::Unavailable(why),
+        })?;
     let owed = cumulative.saturating_mul(unit_price);
     if owed > license.deposited {
         let top_up = owed - license.deposited;
@@ -323,12 +339,7 @@ pub fn check(
     Ok(Accepted {
         license_id,
         cumulative,
-        record: UsageRecord {
-            cumulative,
-            signature: signature.to_vec(),
-            unit_price,
-            updated_ms: crate::registry::now_ms(),
-        },
+        record: UsageRecord { cumulative, signature, unit_price, updated_ms: crate::registry::now_ms() },
     })
 }
 
@@ -356,6 +367,18 @@ mod tests {
         let receipt =
             ReceiptRecord { request: [license as u8; 32], time_ms: cumulative.to(), signature: vec![9; 64] };
         (Accepted { license_id, cumulative, record }, receipt)
+    }
+
+    #[test]
+    fn voucher_headers_round_trip_and_bad_ones_are_named() {
+        let (license, cumulative) = (U256::MAX, U256::from(7));
+        for signature in [vec![1u8; 65], vec![2u8; MAX_SIGNATURE]] {
+            let parsed = parse_header(&header(license, cumulative, &signature)).unwrap();
+            assert_eq!(parsed, (license, cumulative, signature));
+        }
+        let long = parse_header(&header(license, cumulative, &[3u8; MAX_SIGNATURE + 1])).unwrap_err();
+        assert!(long.to_string().contains("2049 bytes"), "{long}");
+        assert!(parse_header("not base64!").unwrap_err().to_string().contains("not base64"));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 mod artifacts;
 mod compute;
+mod contract_wallets;
 mod dev;
 mod flows;
 mod indexer;
