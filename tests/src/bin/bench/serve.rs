@@ -2,10 +2,12 @@
 //! against the MLP deployment, N callers at once (default 8), each with its own license: (a) usage licenses paying
 //! with vouchers (pre-signed, so signing is not in the server's budget), (b) perpetual licenses
 //! with a sign-in token, (c) the operator, whose calls skip the license check — all one run,
-//! in five rounds that take (c), (b) and (a) in turn, so the three share the machine's moods:
+//! in five rounds that take (c), (b), (a) and (d) in turn, so they share the machine's moods:
 //! the medians of the rounds are printed, and each share of (c) is the median of the rounds'
 //! shares (a round's (a) against the (c) measured just before it). Beside each, the node's own
 //! CPU time per call (user and system, all threads), which the machine's moods move less.
+//! (d) is (a) with each usage license held by a contract wallet (ERC-1271), whose every voucher
+//! the node asks the wallet about on-chain: what such a holder's calls cost.
 //! Then, when MiniLM is present, sentence embeddings through the builtin runtime beside candle
 //! running the same model in this process.
 
@@ -26,6 +28,8 @@ struct Outcome {
     node_cpu: f64,
     /// CPU seconds this process (the load generator) spent meanwhile.
     own_cpu: f64,
+    /// CPU seconds the chain (anvil) spent meanwhile.
+    chain_cpu: f64,
 }
 
 impl Outcome {
@@ -37,9 +41,10 @@ impl Outcome {
 async fn load(
     clients: Vec<(NodeClient, Vec<Option<String>>)>,
     path: &str,
-    node: nix::unistd::Pid,
+    (node, chain): (nix::unistd::Pid, nix::unistd::Pid),
 ) -> anyhow::Result<Outcome> {
-    let (cpu, own) = (cpu_seconds(node), cpu_seconds(nix::unistd::Pid::this()));
+    let (cpu, own, chain_before) =
+        (cpu_seconds(node), cpu_seconds(nix::unistd::Pid::this()), cpu_seconds(chain));
     let started = Instant::now();
     let body = json!({"inputs": [[0.5, 1.0, -1.0, 2.0]]});
     let tasks: Vec<_> = clients
@@ -76,6 +81,7 @@ async fn load(
         latencies_ms,
         node_cpu: cpu_seconds(node) - cpu,
         own_cpu: cpu_seconds(nix::unistd::Pid::this()) - own,
+        chain_cpu: cpu_seconds(chain) - chain_before,
     })
 }
 
@@ -129,7 +135,8 @@ fn round_of(
 pub async fn run(requests: usize, callers: usize) -> anyhow::Result<()> {
     let requests = requests.max(ROUNDS);
     let (market, _data, node) = super::chain_and_node(TOKEN).await?;
-    let pid = node.process.pid();
+    let anvil = market.anvil.pid().ok_or_else(|| anyhow::anyhow!("anvil has no process id"))?;
+    let pid = (node.process.pid(), nix::unistd::Pid::from_raw(anvil as i32));
     let mut seller = NodeClient::new(&node.url)?;
     seller.sign_in(&market.signer(1)).await?;
     let version = mlp::register(&seller, "bench", true).await;
@@ -170,6 +177,36 @@ pub async fn run(requests: usize, callers: usize) -> anyhow::Result<()> {
         usage.push((client.clone(), vouchers));
         perpetual.push((client, vec![None; requests]));
     }
+    // (d): each caller's account owns a contract wallet holding a usage license for the run.
+    let mut wallets = Vec::new();
+    for caller in 0..callers {
+        let account = 2 + caller % 8;
+        let wallet = market.smart_wallet(account).await;
+        let address = *wallet.address();
+        let (order, signature) = market.order(token, market.seller_nonce().await);
+        let escrow = U256::from(requests as u64) * U256::from(agora_e2e::market::UNIT_PRICE);
+        let purchase = market.market.purchase(order, signature, 2).calldata().clone();
+        let receipt = market.through_wallet(&wallet, account, lm, escrow, purchase).await;
+        let license = receipt
+            .decoded_log::<agora_contracts::LicenseMarket::LicensePurchased>()
+            .ok_or_else(|| anyhow::anyhow!("the wallet's purchase logged no license"))?
+            .licenseId;
+        let mut client = NodeClient::new(&node.url)?;
+        client
+            .sign_in_as(address, |message| {
+                let hash = alloy::primitives::eip191_hash_message(message.as_bytes());
+                Ok(market.wallet_signature(address, account, hash).to_vec())
+            })
+            .await?;
+        let vouchers: Vec<Option<String>> = (1..=requests as u64)
+            .map(|n| {
+                let hash = metering::voucher_hash(license, U256::from(n), chain, lm);
+                let signature = market.wallet_signature(address, account, hash);
+                Some(metering::header(license, U256::from(n), &signature))
+            })
+            .collect();
+        wallets.push((client, vouchers));
+    }
     let (head, head_hash) = market.head().await;
     node.wait_indexed(head, head_hash).await;
     let mut operator = NodeClient::new(&node.url)?;
@@ -178,24 +215,35 @@ pub async fn run(requests: usize, callers: usize) -> anyhow::Result<()> {
 
     // Warm the model cache and the connections.
     load(vec![(operator.clone(), vec![None; 50])], &path, pid).await?;
-    let (mut c, mut b, mut a) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut c, mut b, mut a, mut d) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         c.push(load(round_of(&unchecked, round), &path, pid).await?);
         b.push(load(round_of(&perpetual, round), &path, pid).await?);
         // a usage caller's vouchers run on from the last round's count
         a.push(load(round_of(&usage, round), &path, pid).await?);
+        d.push(load(round_of(&wallets, round), &path, pid).await?);
     }
 
     println!(
-        "serve: {callers} callers x {requests} predict calls (one row, MLP 4-8-3), loopback, in {ROUNDS} rounds of (c), (b), (a)"
+        "serve: {callers} callers x {requests} predict calls (one row, MLP 4-8-3), loopback, in {ROUNDS} rounds of (c), (b), (a), (d)"
     );
     println!("{:<46} {:>9} {:>13} {:>9} {:>9} {:>9}", "", "req/s", "rounds", "p50 ms", "p99 ms", "node µs");
     row("(c) no license check (operator; baseline)", &c, None);
     row("(b) perpetual license, sign-in token", &b, Some(&c));
     row("(a) usage license, a voucher per call", &a, Some(&c));
+    row("(d) as (a), held by a contract wallet", &d, Some(&c));
+    let chain_us = |rounds: &[Outcome]| {
+        let calls: usize = rounds.iter().map(|o| o.latencies_ms.len()).sum();
+        1e6 * rounds.iter().map(|o| o.chain_cpu).sum::<f64>() / calls as f64
+    };
+    println!(
+        "(d) asks the wallet on-chain (eth_call) for every voucher: the chain (anvil) spent {:.0} µs of CPU a call in (d), {:.0} in (a)",
+        chain_us(&d),
+        chain_us(&a)
+    );
     floor(&c, chain, lm);
     if let Some(dir) = agora_e2e::minilm_dir() {
-        encoder(&seller, &dir, callers, pid).await?;
+        encoder(&seller, &dir, callers, pid.0).await?;
     }
     Ok(())
 }
@@ -324,7 +372,8 @@ async fn encoder(
     run(0).await?;
     let started = Instant::now();
     let cpu = cpu_seconds(node);
-    let mut served = Outcome { seconds: 0.0, latencies_ms: Vec::new(), node_cpu: 0.0, own_cpu: 0.0 };
+    let mut served =
+        Outcome { seconds: 0.0, latencies_ms: Vec::new(), node_cpu: 0.0, own_cpu: 0.0, chain_cpu: 0.0 };
     for latencies in futures::future::join_all((0..callers).map(run)).await {
         served.latencies_ms.extend(latencies?);
     }
