@@ -176,20 +176,39 @@ impl Market {
 
     /// Registers a model with the given content hash, as [`Self::register`] does.
     pub async fn register_content(&self, content_hash: B256, metadata_uri: &str) -> U256 {
-        let splits = vec![
-            ModelRegistry::Split { recipient: self.address(2), bps: 5000 },
-            ModelRegistry::Split { recipient: self.address(3), bps: 3000 },
-            ModelRegistry::Split { recipient: self.address(4), bps: 2000 },
-        ];
         let receipt = self
             .registry
-            .register(content_hash, metadata_uri.to_owned(), splits)
+            .register(content_hash, metadata_uri.to_owned(), self.splits())
             .from(self.address(1))
             .send()
             .await
             .unwrap()
             .mined()
             .await;
+        receipt.decoded_log::<ModelRegistry::ModelRegistered>().expect("registered").tokenId
+    }
+
+    /// The 50/30/20 split to accounts 2..=4.
+    pub fn splits(&self) -> Vec<ModelRegistry::Split> {
+        vec![
+            ModelRegistry::Split { recipient: self.address(2), bps: 5000 },
+            ModelRegistry::Split { recipient: self.address(3), bps: 3000 },
+            ModelRegistry::Split { recipient: self.address(4), bps: 2000 },
+        ]
+    }
+
+    /// Registers a model with the given content hash as `wallet` (which then owns the token),
+    /// sent by its owner `owner`, with [`Self::splits`].
+    pub async fn register_through(
+        &self,
+        wallet: &SmartWallet::SmartWalletInstance<DynProvider>,
+        owner: usize,
+        content_hash: B256,
+        metadata_uri: &str,
+    ) -> U256 {
+        let data =
+            self.registry.register(content_hash, metadata_uri.to_owned(), self.splits()).calldata().clone();
+        let receipt = self.through_wallet(wallet, owner, *self.registry.address(), U256::ZERO, data).await;
         receipt.decoded_log::<ModelRegistry::ModelRegistered>().expect("registered").tokenId
     }
 

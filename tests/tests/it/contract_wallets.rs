@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use agora_contracts::{LicenseMarket, ModelRegistry, anvil::DEV_KEYS, order_domain};
+use agora_contracts::{LicenseMarket, anvil::DEV_KEYS, order_domain};
 use agora_e2e::market::UNIT_PRICE;
 use agora_e2e::mlp::register;
 use agora_node::{client::NodeClient, serve::metering};
@@ -34,13 +34,7 @@ async fn contract_wallets_sign_in_sell_and_pay_per_call() {
     let content: B256 = format!("0x{}", version["file"]["blake3"].as_str().unwrap()).parse().unwrap();
     let seller = market.smart_wallet(1).await;
     let buyer = market.smart_wallet(5).await;
-    let splits = (2..=4)
-        .zip([5000u16, 3000, 2000])
-        .map(|(i, bps)| ModelRegistry::Split { recipient: market.address(i), bps })
-        .collect();
-    let anchor = market.registry.register(content, "iris".into(), splits).calldata().clone();
-    let receipt = market.through_wallet(&seller, 1, *market.registry.address(), U256::ZERO, anchor).await;
-    let token = receipt.decoded_log::<ModelRegistry::ModelRegistered>().expect("registered").tokenId;
+    let token = market.register_through(&seller, 1, content, "iris").await;
     agora_e2e::eventually("the anchor indexed", Duration::from_secs(30), || async {
         let (_, v) = node.get("/api/v1/models/iris").await;
         (v["token_id"] == token.to_string()).then_some(())

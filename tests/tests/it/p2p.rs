@@ -51,7 +51,16 @@ async fn list(node: &Node, market: &Market, token: U256, nonce: U256) -> String 
     let (head, hash) = market.head().await;
     node.wait_indexed(head, hash).await;
     let (order, signature) = market.order(token, nonce);
-    let body = json!({ "order": OrderJson::from_order(&order), "signature": signature.to_string() });
+    list_signed(node, &order, &signature).await
+}
+
+/// Lists a signed order at `node` (which has indexed the seller's token); its hash.
+async fn list_signed(
+    node: &Node,
+    order: &agora_contracts::LicenseMarket::Order,
+    signature: &alloy::primitives::Bytes,
+) -> String {
+    let body = json!({ "order": OrderJson::from_order(order), "signature": signature.to_string() });
     let response = reqwest::Client::new()
         .post(format!("{}/api/v1/marketplace/list", node.url))
         .json(&body)
@@ -143,6 +152,40 @@ async fn orders_spread_to_every_node_and_late_or_restarted_nodes_catch_up() {
     until_status(&d, &third, "active").await;
     until_status(&d, &second, "active").await;
     until_status(&d, &first, "cancelled").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_wallets_order_spreads_as_it_was_signed() {
+    let market = Market::start().await;
+    let wallet = market.smart_wallet(1).await;
+    let content = alloy::primitives::keccak256("p2p-wallet-model");
+    let token = market.register_through(&wallet, 1, content, "ipfs://p2p-wallet-model").await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(&market, da.path(), &[]);
+    let (_, a_addr) = address(&a).await;
+    let b = start(&market, db.path(), std::slice::from_ref(&a_addr));
+    eventually("B connected", WAIT, || async { (connected(&b).await >= 1).then_some(()) }).await;
+    let (head, hash) = market.head().await;
+    b.wait_indexed(head, hash).await;
+
+    // Signed by the wallet (ERC-1271): B asks the wallet on-chain, keeps the order, signature
+    // as it came, which `purchase` then takes.
+    let (mut order, _) = market.order(token, U256::ZERO);
+    order.seller = *wallet.address();
+    let domain = agora_contracts::order_domain(market.deployment.chain_id, market.deployment.license_market);
+    let signature = market.wallet_signature(*wallet.address(), 1, order.eip712_signing_hash(&domain));
+    a.wait_indexed(head, hash).await;
+    let listed = list_signed(&a, &order, &signature).await;
+    let kept = until_status(&b, &listed, "active").await;
+    assert_eq!(
+        (&kept["source"], &kept["signature"]),
+        (&json!("peer"), &json!(signature.to_string())),
+        "{kept}"
+    );
+    // what B kept buys
+    let (price, call) = (order.terms[0].price, market.market.purchase(order, signature, 0));
+    use agora_e2e::market::Mined;
+    call.value(price).from(market.address(6)).send().await.unwrap().mined().await;
 }
 
 /// A bare swarm in this process: a peer the test controls completely.
