@@ -41,11 +41,14 @@ pub fn erc1271(provider: DynProvider) -> ContractCheck {
             match tokio::time::timeout(CONTRACT_TIMEOUT, call.call()).await {
                 Err(_) => Err(format!("{address} did not answer within {} s", CONTRACT_TIMEOUT.as_secs())),
                 Ok(Ok(magic)) => Ok(magic.0 == MAGIC),
-                // an answer that is not the chain's (the node is cut off from it)
-                Ok(Err(alloy::contract::Error::TransportError(e))) if !e.is_error_resp() => {
-                    Err(format!("cannot ask {address}: {e}"))
-                }
-                // a revert, no code (no data back), or an answer that is not a bytes4
+                // the wallet reverted: it does not vouch for the signature; any other error
+                // (the node cut off from the chain, rate-limited, a node's internal error) says
+                // nothing about the wallet
+                Ok(Err(alloy::contract::Error::TransportError(e))) => match e.as_error_resp() {
+                    Some(answer) if answer.message.contains("revert") => Ok(false),
+                    _ => Err(format!("cannot ask {address}: {e}")),
+                },
+                // no code (no data back), or an answer that is not a bytes4
                 Ok(Err(_)) => Ok(false),
             }
         })

@@ -18,6 +18,40 @@ use serde_json::{Value, json};
 
 use super::registry::{TOKEN, start};
 
+/// The node's ERC-1271 check against a real chain: a yes only from the wallet for its own
+/// signature, a no from a wallet, a key's address or a contract that reverts, and an error —
+/// not a no — from a chain it cannot ask.
+#[tokio::test]
+async fn the_wallet_check_tells_a_refusal_from_a_chain_it_cannot_ask() {
+    use agora_e2e::proxy::{FaultProxy, Faults};
+    use agora_node::signers::erc1271;
+    use alloy::providers::{Provider, ProviderBuilder};
+    let market = agora_e2e::market::Market::start().await;
+    let wallet = *market.smart_wallet(1).await.address();
+    let hash = B256::repeat_byte(7);
+    let signed = market.wallet_signature(wallet, 1, hash);
+    let plain =
+        alloy::primitives::Bytes::from(market.signer(1).sign_hash_sync(&hash).unwrap().as_bytes().to_vec());
+    let check = erc1271(market.provider.clone());
+    assert_eq!(check(wallet, hash, signed.clone()).await, Ok(true));
+    assert_eq!(check(wallet, hash, plain).await, Ok(false), "the owner's own signature");
+    assert_eq!(check(market.address(2), hash, signed.clone()).await, Ok(false), "no code");
+    let market_contract = market.deployment.license_market;
+    assert_eq!(check(market_contract, hash, signed.clone()).await, Ok(false), "no such function: reverts");
+
+    let proxy = FaultProxy::start(market.anvil.endpoint(), 7).await;
+    let through_proxy = erc1271(ProviderBuilder::new().connect_http(proxy.url().parse().unwrap()).erased());
+    assert_eq!(through_proxy(wallet, hash, signed.clone()).await, Ok(true));
+    for faults in [
+        Faults { rpc_error_rate: 1.0, ..Faults::default() },
+        Faults { http_error_rate: 1.0, ..Faults::default() },
+    ] {
+        proxy.set(faults.clone());
+        let answer = through_proxy(wallet, hash, signed.clone()).await;
+        assert!(answer.is_err(), "{faults:?}: {answer:?}");
+    }
+}
+
 #[tokio::test]
 async fn contract_wallets_sign_in_sell_and_pay_per_call() {
     let (market, _data, node) = start(&[
