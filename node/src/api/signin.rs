@@ -42,7 +42,7 @@ pub struct LoginRequest {
     path = "/api/v1/auth/login",
     tag = "auth",
     request_body = LoginRequest,
-    responses((status = 200, body = Session), (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody))
+    responses((status = 200, body = Session), (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody), (status = 503, body = super::error::ErrorBody))
 )]
 pub async fn login(
     State(state): State<AppState>,
@@ -54,11 +54,10 @@ pub async fn login(
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("`signature` is not hex: {e}"))
     })?;
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-    let session = state
-        .sessions
-        .login(&request.message, &signature, host)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()))?;
+    let session = state.sessions.login(&request.message, &signature, host).await.map_err(|e| match e {
+        crate::auth::AuthError::Unavailable(why) => ApiError::chain_unavailable(why),
+        e => ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()),
+    })?;
     tracing::info!(target: "agora::auth", address = %session.address, "signed in");
     Ok(Json(session))
 }

@@ -42,6 +42,9 @@ pub enum AuthError {
     Time,
     #[error("the signature is not the address's: {0}")]
     Signature(String),
+    /// The address may be a contract wallet, and the chain cannot be asked now.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("the session token is not valid: {0}")]
     Token(String),
 }
@@ -173,8 +176,8 @@ impl Sessions {
                 Ok(true) => {}
                 Ok(false) => return Err(AuthError::Signature(why)),
                 Err(e) => {
-                    return Err(AuthError::Signature(format!(
-                        "{why}; {address} may be a contract wallet, and it cannot be asked now: {e}"
+                    return Err(AuthError::Unavailable(format!(
+                        "the signature is not {address}'s key's ({why}); it may be a contract wallet's, and the wallet cannot be asked now: {e}"
                     )));
                 }
             }
@@ -316,6 +319,22 @@ mod tests {
         let other =
             PrivateKeySigner::random().sign_message_sync(text.as_bytes()).unwrap().as_bytes().to_vec();
         assert!(matches!(s.login(&text, &other, "127.0.0.1:8080").await, Err(AuthError::Signature(_))));
+        // a contract wallet's signature: the wallet says yes, says no, or cannot be asked
+        let answers = [Ok(true), Ok(false), Err("connection refused".to_owned())];
+        for answer in answers {
+            let asked = answer.clone();
+            let s = sessions().with_contract_check(Arc::new(move |_, _, _| {
+                let answer = asked.clone();
+                Box::pin(async move { answer })
+            }));
+            let (text, _) = signed(&s, &signer, 31337, Duration::from_secs(600));
+            match (s.login(&text, &other, "127.0.0.1:8080").await, &answer) {
+                (Ok(session), Ok(true)) => assert_eq!(session.address, signer.address()),
+                (Err(AuthError::Signature(_)), Ok(false)) => {}
+                (Err(AuthError::Unavailable(m)), Err(_)) => assert!(m.contains("connection refused"), "{m}"),
+                (got, _) => panic!("{answer:?} gave {got:?}"),
+            }
+        }
         let (text, sig) = signed(&s, &signer, 31337, Duration::ZERO);
         assert_eq!(s.login(&text, &sig, "127.0.0.1:8080").await.unwrap_err(), AuthError::Time);
         assert!(matches!(s.login("hello", &sig, "127.0.0.1:8080").await, Err(AuthError::Message(_))));
