@@ -77,18 +77,16 @@ pub async fn run(
     let session_key = crate::secrets::load_or_create_key(&config.session_key_path()).with_context(|| {
         format!("cannot read or create the session key {}", config.session_key_path().display())
     })?;
+    // contract wallets sign orders and vouchers (API and gossip) as they sign in
+    let wallets = crate::signers::erc1271(provider.clone());
+    let signers = crate::signers::Signers::with_contracts(wallets.clone(), tokio::runtime::Handle::current());
     let sessions = auth::Sessions::new(
         session_key,
         deployment.chain_id,
         config.auth.domain.clone(),
         Duration::from_secs(config.auth.session_secs),
     )
-    .with_contract_check(crate::signers::erc1271(provider.clone()));
-    // contract wallets sign orders and vouchers as they sign in
-    let signers = crate::signers::Signers::with_contracts(
-        crate::signers::erc1271(provider.clone()),
-        tokio::runtime::Handle::current(),
-    );
+    .with_contract_check(wallets);
     let provider_for_api = provider.clone();
     let watermark_key = std::sync::Arc::new(watermark_key);
     let node_key = crate::secrets::load_or_create_key(&config.node_key_path()).with_context(|| {
@@ -172,6 +170,7 @@ pub async fn run(
             artifacts.clone(),
             deployment.clone(),
             provider_for_api.clone(),
+            signers.clone(),
             index_status.clone(),
             &config.storage.data_dir,
             shutdown.clone(),

@@ -230,15 +230,11 @@ pub fn accept(
     }
     let offer = ComputeMarket::Offer::abi_decode(encoded).map_err(|e| OfferError::Decode(e.to_string()))?;
     let hash = offer_hash(&offer, deployment.chain_id, deployment.compute_market);
-    // kept in the form `reserve` takes, whatever form it came in
-    let (signer, signature) = agora_contracts::recover_signer(signature, &hash)
+    // kept in the form `reserve` takes, whatever form it came in; providers sign with keys
+    // (node operator wallets), so no chain is asked
+    let signature = crate::signers::Signers::keys_only()
+        .signed_by(offer.provider, &hash, signature)
         .map_err(|e| OfferError::Signature(e.to_string()))?;
-    if signer != offer.provider {
-        return Err(OfferError::Signature(format!(
-            "it was signed by {signer}, the offer names {}",
-            offer.provider
-        )));
-    }
     check_fields(&offer)?;
     if let Some(reason) = dead_reason(store, &offer, hash, now)? {
         return Err(reason);
@@ -260,7 +256,7 @@ pub fn accept(
     }
     let record = OfferRecord {
         offer: encoded.to_vec(),
-        signature: signature.to_vec(),
+        signature,
         source: source.to_owned(),
         peer_id,
         received_ms: crate::registry::now_ms(),

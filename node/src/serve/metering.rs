@@ -13,14 +13,13 @@ use std::{
 };
 
 use agora_contracts::{TermKind, order_domain};
-
-use crate::signers::SignerError;
 use alloy::{
     primitives::{Address, B256, U256, keccak256},
     sol_types::SolStruct,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::signers::{SignerError, Signers};
 use crate::store::{
     Store, StoreError,
     tables::{Licenses, ReceiptRecord, UsageReceipts, UsageRecord, UsageRecords, UsageVouchers},
@@ -280,7 +279,7 @@ pub fn check(
     cost: U256,
     unit_price: U256,
     domain: &VoucherDomain,
-    signers: &crate::signers::Signers,
+    signers: &Signers,
 ) -> Result<Accepted, MeterError> {
     let license = store
         .get::<Licenses>(&license_id)?
