@@ -27,6 +27,8 @@ pub struct Faults {
     pub lag_blocks: u64,
     /// Answer eth_getLogs with every log twice.
     pub duplicate_logs: bool,
+    /// Refuse JSON-RPC batches as some public RPC services do (one error for the whole batch).
+    pub refuse_batches: bool,
 }
 
 #[derive(Default)]
@@ -53,6 +55,7 @@ enum Action {
     RpcError,
     Drop,
     Hang(Duration),
+    RefuseBatch,
 }
 
 pub struct FaultProxy {
@@ -146,7 +149,9 @@ async fn serve(mut stream: TcpStream, upstream: String, client: reqwest::Client,
             let mut s = shared.lock().unwrap();
             s.requests += 1;
             let f = s.faults.clone();
-            let action = if s.roll() < f.drop_rate {
+            let action = if f.refuse_batches && body.first() == Some(&b'[') {
+                Action::RefuseBatch
+            } else if s.roll() < f.drop_rate {
                 Action::Drop
             } else if s.roll() < f.http_error_rate {
                 Action::HttpError
@@ -170,14 +175,23 @@ async fn serve(mut stream: TcpStream, upstream: String, client: reqwest::Client,
                 respond(&mut stream, "500 Internal Server Error", b"upstream exploded").await
             }
             Action::RpcError => {
-                let answer = json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32005, "message": "query returned more than 10000 results"}});
+                let error = |id: Value| json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32005, "message": "query returned more than 10000 results"}});
+                let answer = match request.as_array() {
+                    // a batch: every call in it fails
+                    Some(calls) => Value::Array(calls.iter().map(|c| error(c["id"].clone())).collect()),
+                    None => error(id),
+                };
+                respond(&mut stream, "200 OK", answer.to_string().as_bytes()).await
+            }
+            Action::RefuseBatch => {
+                let answer = json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32600, "message": "batch requests are not supported"}});
                 respond(&mut stream, "200 OK", answer.to_string().as_bytes()).await
             }
             Action::Hang(duration) => {
                 tokio::time::sleep(duration).await;
                 return;
             }
-            Action::Forward => match forward(&client, &upstream, request, &faults).await {
+            Action::Forward => match forward_packet(&client, &upstream, request, &faults).await {
                 Some(answer) => respond(&mut stream, "200 OK", answer.to_string().as_bytes()).await,
                 None => respond(&mut stream, "502 Bad Gateway", b"no upstream").await,
             },
@@ -190,6 +204,26 @@ async fn serve(mut stream: TcpStream, upstream: String, client: reqwest::Client,
 
 async fn call(client: &reqwest::Client, upstream: &str, request: &Value) -> Option<Value> {
     client.post(upstream).json(request).send().await.ok()?.json().await.ok()
+}
+
+/// A single call, or a JSON-RPC batch forwarded call by call so that every fault applies to
+/// each call in it as it would alone.
+async fn forward_packet(
+    client: &reqwest::Client,
+    upstream: &str,
+    request: Value,
+    faults: &Faults,
+) -> Option<Value> {
+    match request {
+        Value::Array(calls) => {
+            let answers = futures::future::join_all(
+                calls.into_iter().map(|call| forward(client, upstream, call, faults)),
+            )
+            .await;
+            answers.into_iter().collect::<Option<Vec<_>>>().map(Value::Array)
+        }
+        single => forward(client, upstream, single, faults).await,
+    }
 }
 
 async fn forward(

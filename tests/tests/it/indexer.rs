@@ -169,6 +169,7 @@ async fn rpc_faults_never_skip_a_range() {
         hang: Duration::from_secs(3),
         lag_blocks: 0,
         duplicate_logs: true,
+        refuse_batches: false,
     });
     let data = tempfile::tempdir().unwrap();
     let node = Node::start(
@@ -185,6 +186,25 @@ async fn rpc_faults_never_skip_a_range() {
     assert!(faulted > 5, "the proxy misbehaved ({faulted} of {requests} requests)");
     let metrics = reqwest::get(format!("{}/metrics", node.url)).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("agora_index_rpc_errors_total"), "RPC errors are counted");
+}
+
+/// Block headers go out in JSON-RPC batches; an RPC that refuses batches is asked one call
+/// at a time and the index comes out the same.
+#[tokio::test]
+async fn an_rpc_that_refuses_batches_is_asked_call_by_call() {
+    let market = Market::start().await;
+    let token = market.register("no batches").await;
+    for seed in 0..4 {
+        activity(&market, token, seed).await;
+    }
+    let proxy = FaultProxy::start(market.anvil.endpoint(), 3).await;
+    proxy.set(Faults { refuse_batches: true, ..Faults::default() });
+    let data = tempfile::tempdir().unwrap();
+    let node = Node::start(&proxy.url(), &market.deployment_path(), data.path(), &[]);
+    activity(&market, token, 4).await;
+    assert_matches_rebuild(&market, &node).await;
+    let (_, refused) = proxy.counts();
+    assert!(refused > 0, "the node sent no batch to refuse");
 }
 
 #[tokio::test]
