@@ -303,20 +303,7 @@ async fn pair(
     pool: (&str, u32, u64, &str, &str),
     extra: &str,
 ) -> (Node, Node) {
-    // Two retraining policies: one nightly, one run on demand.
-    let config = dirs[0].path().join("agora.toml");
-    std::fs::write(
-        &config,
-        "[[compute.policies]]\nname = \"nightly\"\nschedule = \"0 0 3 * * *\"\nmodel = \"trainable\"\ndataset = \"datasets/train.csv\"\n\n\
-         [[compute.policies]]\nname = \"on-demand\"\nmodel = \"trainable\"\ndataset = \"datasets/train.csv\"\nhyperparameters = { epochs = 5 }\n",
-    )
-    .unwrap();
-    let config = config.display().to_string();
-    let buyer = start(
-        market,
-        dirs[0].path(),
-        &[("AGORA_OPERATOR_KEY", DEV_KEYS[5]), ("AGORA_JOB_TIMEOUT", "5"), ("AGORA_CONFIG", &config)],
-    );
+    let buyer = buyer(market, dirs[0].path());
     let bootstrap = p2p_address(&buyer).await;
     let provider = provider_with(market, dirs[1].path(), 3, &bootstrap, pool, extra);
     eventually("the provider's offer at the buyer's node", WAIT, || async {
@@ -324,6 +311,24 @@ async fn pair(
     })
     .await;
     (buyer, provider)
+}
+
+/// A buyer's node: operator wallet dev account 5, two retraining policies of `trainable`.
+fn buyer(market: &Market, data: &std::path::Path) -> Node {
+    // Two retraining policies: one nightly, one run on demand.
+    let config = data.join("agora.toml");
+    std::fs::write(
+        &config,
+        "[[compute.policies]]\nname = \"nightly\"\nschedule = \"0 0 3 * * *\"\nmodel = \"trainable\"\ndataset = \"datasets/train.csv\"\n\n\
+         [[compute.policies]]\nname = \"on-demand\"\nmodel = \"trainable\"\ndataset = \"datasets/train.csv\"\nhyperparameters = { epochs = 5 }\n",
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    start(
+        market,
+        data,
+        &[("AGORA_OPERATOR_KEY", DEV_KEYS[5]), ("AGORA_JOB_TIMEOUT", "5"), ("AGORA_CONFIG", &config)],
+    )
 }
 
 /// Registers the MLP fixture and uploads a CSV dataset for it: 4 features, 3 targets that are
@@ -360,6 +365,17 @@ async fn job(buyer: &Node, id: &Value) -> Value {
     buyer.get(&format!("/api/v1/training/jobs/{id}")).await.1
 }
 
+/// Waits for the buyer's job `id` to succeed with a new version; fails at once, with the
+/// provider's output, if it fails.
+async fn succeeded(buyer: &Node, id: &Value, provider: &Node) -> Value {
+    eventually("the training job to succeed", WAIT, || async {
+        let j = job(buyer, id).await;
+        assert_ne!(j["status"], "failed", "{j}\nprovider:\n{}", provider.process.output());
+        (j["status"] == "succeeded" && j["new_version"].is_u64()).then_some(j)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_triggered_training_runs_on_the_provider_and_settles_to_the_wei() {
     let market = Market::start().await;
@@ -383,12 +399,7 @@ async fn a_triggered_training_runs_on_the_provider_and_settles_to_the_wei() {
     .await;
     assert_eq!(scheduled["role"], "buyer");
     assert_eq!(scheduled["gpu"], "H100-80GB");
-    let done = eventually("the training job to succeed", WAIT, || async {
-        let j = job(&buyer, &scheduled["id"]).await;
-        assert_ne!(j["status"], "failed", "{j}\nprovider:\n{}", provider.process.output());
-        (j["status"] == "succeeded" && j["new_version"].is_u64()).then_some(j)
-    })
-    .await;
+    let done = succeeded(&buyer, &scheduled["id"], &provider).await;
     let losses: Vec<f64> = done["losses"].as_array().unwrap().iter().map(|l| l.as_f64().unwrap()).collect();
     assert_eq!(losses.len(), 40, "{done}");
     assert!(losses[39] < losses[0] / 2.0, "the loss decreases: {losses:?}");
@@ -447,16 +458,60 @@ async fn a_triggered_training_runs_on_the_provider_and_settles_to_the_wei() {
     let (status, second) = post(&buyer, "/api/v1/retraining/policies/on-demand/run", &json!({})).await;
     assert_eq!(status, 201, "{second}");
     assert_eq!(second["policy"], "on-demand");
-    let second = eventually("the policy's job to succeed", WAIT, || async {
-        let j = job(&buyer, &second["id"]).await;
-        assert_ne!(j["status"], "failed", "{j}");
-        (j["status"] == "succeeded" && j["new_version"].is_u64()).then_some(j)
-    })
-    .await;
+    let second = succeeded(&buyer, &second["id"], &provider).await;
     assert_eq!(second["losses"].as_array().unwrap().len(), 5);
     assert_eq!(second["new_version"].as_u64(), Some(version + 1));
     let (_, policies) = buyer.get("/api/v1/retraining/policies").await;
     assert_eq!(policies["policies"][1]["last_job"], second["id"], "{policies}");
+}
+
+/// The buyer's node never dialled the provider: the provider bootstrapped from a third node,
+/// its offer came by gossip through that node, and the job (with the dataset it fetches and
+/// the weights it sends back) reaches it at an address found in the DHT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_known_only_through_another_node_trains_for_the_buyer() {
+    let market = Market::start().await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let buyer = buyer(&market, dirs[0].path());
+    let relay = start(&market, dirs[1].path(), &[("AGORA_BOOTSTRAP", &p2p_address(&buyer).await)]);
+    let provider = provider(
+        &market,
+        dirs[2].path(),
+        3,
+        &p2p_address(&relay).await,
+        ("A100-80GB", 1, 900, "owned", "eu-west"),
+    );
+    let (_, status) = provider.get("/api/v1/p2p/status").await;
+    let provider_id = status["peer_id"].as_str().unwrap().to_owned();
+    eventually("the provider's offer at the buyer's node, through the relay", WAIT, || async {
+        (offers(&buyer).await.len() == 1).then_some(())
+    })
+    .await;
+    let connected_to_provider = |peers: Value| {
+        peers["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["peer_id"] == provider_id.as_str() && p["connected"] == true)
+    };
+    assert!(!connected_to_provider(buyer.get("/api/v1/p2p/peers").await.1), "the buyer dialled the provider");
+    trainable(&buyer).await;
+
+    let scheduled = trigger(
+        &buyer,
+        json!({"model": "trainable", "dataset": "datasets/train.csv", "hyperparameters": {"epochs": 5}, "gpu_hours": 1}),
+    )
+    .await;
+    assert_eq!(scheduled["gpu"], "A100-80GB");
+    let done = succeeded(&buyer, &scheduled["id"], &provider).await;
+    assert_eq!(done["losses"].as_array().map(Vec::len), Some(5), "{done}");
+    assert!(connected_to_provider(buyer.get("/api/v1/p2p/peers").await.1));
+    let id = done["reservation"].as_str().unwrap().to_owned();
+    eventually("the reservation settled", WAIT, || async {
+        let (_, list) = buyer.get("/api/v1/compute/reservations").await;
+        list["reservations"].as_array()?.iter().find(|r| r["id"] == id && r["state"] == "settled").map(|_| ())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
