@@ -119,24 +119,14 @@ pub async fn run(
     )?;
     let indexer_task = tokio::spawn(indexer.run(shutdown.clone()));
     let operator = match &config.settle.operator_key {
-        Some(key) => {
-            use alloy::providers::Provider as _;
-            let signer: alloy::signers::local::PrivateKeySigner =
-                key.trim().parse().context("AGORA_OPERATOR_KEY")?;
-            let provider = alloy::providers::ProviderBuilder::new()
-                .wallet(alloy::network::EthereumWallet::from(signer.clone()))
-                .connect(&config.chain.rpc_url)
-                .await
-                .context("cannot connect the operator wallet to the chain")?
-                .erased();
-            Some(crate::compute::Operator { signer, provider })
-        }
+        Some(key) => Some(chain::operator::Operator::connect(key, &config.chain.rpc_url).await?),
         None => None,
     };
+    let settle_failures = crate::serve::settle::Failures::default();
     let settle_task = match &operator {
         Some(op) => {
             tracing::info!(target: "agora::node", operator = %op.signer.address(), "settling usage vouchers");
-            let operator = op.provider.clone();
+            let operator = op.clone();
             let settle = crate::serve::settle::SettleConfig {
                 min_wei: config.settle.min_wei.parse().unwrap_or_default(),
                 interval: Duration::from_secs(config.settle.interval_secs),
@@ -147,6 +137,7 @@ pub async fn run(
                 operator,
                 deployment.license_market,
                 settle,
+                settle_failures.clone(),
                 shutdown.clone(),
             )))
         }
@@ -232,6 +223,7 @@ pub async fn run(
             crate::serve::metering::VoucherDomain::new(deployment.chain_id, deployment.license_market),
         )?,
         signers,
+        settle_failures,
         serve: serve.clone(),
         data_dir: config.storage.data_dir.clone(),
         max_upload: config.registry.max_upload,

@@ -378,23 +378,34 @@ pub struct UsageAnswer {
     pub cumulative_units: String,
     /// Wei per unit, when known.
     pub unit_price: Option<String>,
+    /// Units the chain has settled, as the index has it.
+    pub settled_units: String,
+    /// Units this node accepted that the chain has not settled yet.
+    pub pending_units: String,
+    /// While this node's settlement of the license keeps failing: how, and when it tries again.
+    pub settlement_failure: Option<crate::serve::settle::Failure>,
 }
 
-/// The last accepted voucher count of a usage license (for clients that lost count).
+/// The last accepted voucher count of a usage license (for clients that lost count), what
+/// of it is settled, and why its settlement fails when it does.
 #[utoipa::path(get, path = "/api/v1/licenses/{license_id}/usage", tag = "licenses", params(("license_id" = String, Path)), responses((status = 200, body = UsageAnswer), (status = 404, body = super::error::ErrorBody)))]
 pub async fn usage(
     State(state): State<AppState>,
     Path(raw): Path<String>,
 ) -> Result<Json<UsageAnswer>, ApiError> {
     let license = super::params::path_id("license id", &raw)?;
-    if state.store.get::<Licenses>(&license)?.is_none() {
+    let Some(indexed) = state.store.get::<Licenses>(&license)? else {
         return Err(ApiError::not_found(format!("no license {license}")));
-    }
+    };
     let record = state.store.get::<crate::store::tables::UsageRecords>(&license)?;
+    let accepted = metering::last_accepted(&state.store, license)?;
     Ok(Json(UsageAnswer {
         license_id: license.to_string(),
-        cumulative_units: metering::last_accepted(&state.store, license)?.to_string(),
+        cumulative_units: accepted.to_string(),
         unit_price: record.map(|r| r.unit_price.to_string()),
+        settled_units: indexed.settled_units.to_string(),
+        pending_units: accepted.saturating_sub(indexed.settled_units).to_string(),
+        settlement_failure: state.settle_failures.get(license),
     }))
 }
 

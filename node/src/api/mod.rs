@@ -84,6 +84,8 @@ pub struct Shared {
     pub meter: crate::serve::metering::Meter,
     /// Checks signed orders and vouchers: keys, and contract wallets (ERC-1271).
     pub signers: crate::signers::Signers,
+    /// Usage licenses whose settlement keeps failing (empty when the node does not settle).
+    pub settle_failures: crate::serve::settle::Failures,
     /// Rate limit of `POST /api/v1/audit/trace`.
     pub trace_limiter: audit::TraceLimiter,
     /// For private temporary files (uploads being checked).

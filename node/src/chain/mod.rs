@@ -3,6 +3,7 @@
 //! - [`connect`]: the RPC provider (http(s) or ws(s)).
 //! - [`ChainMonitor`]: keeps checking that the chain answers, is the deployment's chain and has
 //!   code at the contract addresses; publishes a [`ChainHealth`] for `/readyz`.
+//! - [`operator::Operator`]: the node's own wallet, which sends its transactions.
 //! - [`indexer::Indexer`]: builds the node's view of models, licenses and money from the
 //!   contracts' events alone ([`apply`]), with reorg rollback ([`writer`]'s undo records) and a
 //!   state root ([`root`]) that two indexes at the same block can compare.
@@ -11,6 +12,7 @@
 
 pub mod apply;
 pub mod indexer;
+pub mod operator;
 pub mod root;
 pub mod writer;
 

@@ -336,10 +336,11 @@ impl Compute {
         let now = self.chain_now()?;
         let start = if chosen.earliest_start > now + 30 { chosen.earliest_start } else { 0 };
         let compute = ComputeMarket::new(self.deployment.compute_market, operator.provider.clone());
-        let receipt = compute
+        let reserve = compute
             .reserve(offer.offer.clone(), offer.signature.clone().into(), chosen.gpu_hours, start)
-            .value(chosen.cost)
-            .send()
+            .value(chosen.cost);
+        let receipt = operator
+            .send(reserve)
             .await
             .map_err(|e| invalid(format!("the reservation was refused: {e}")))?
             .get_receipt()
@@ -765,7 +766,7 @@ impl Compute {
         let gpu_count = self.reserved_gpus(&job);
         let compute = ComputeMarket::new(self.deployment.compute_market, operator.provider.clone());
         let confirmed = async {
-            let receipt = compute.confirmStart(job.reservation).send().await?.get_receipt().await?;
+            let receipt = operator.send(compute.confirmStart(job.reservation)).await?.get_receipt().await?;
             anyhow::ensure!(receipt.status(), "confirmStart reverted");
             Ok::<_, anyhow::Error>(())
         };
@@ -1105,8 +1106,11 @@ impl Compute {
         }
         let compute = ComputeMarket::new(self.deployment.compute_market, operator.provider.clone());
         let sent = async {
-            let receipt =
-                compute.claim(job.reservation, hours, signature.into()).send().await?.get_receipt().await?;
+            let receipt = operator
+                .send(compute.claim(job.reservation, hours, signature.into()))
+                .await?
+                .get_receipt()
+                .await?;
             anyhow::ensure!(receipt.status(), "claim reverted");
             Ok::<_, anyhow::Error>(receipt.transaction_hash)
         };
@@ -1273,7 +1277,8 @@ impl Compute {
                         _ => false,
                     };
                     if job.status == JobStatus::Failed && !job.settled && reclaimable {
-                        let receipt = compute.reclaim(job.reservation).send().await?.get_receipt().await?;
+                        let receipt =
+                            operator.send(compute.reclaim(job.reservation)).await?.get_receipt().await?;
                         anyhow::ensure!(receipt.status(), "reclaim reverted");
                         let _ = self.update_job(job.id, |j| j.settled = true);
                         tracing::info!(target: "agora::compute", job = job.id, reservation = %job.reservation, "reclaimed the escrow of a failed job");
@@ -1289,14 +1294,17 @@ impl Compute {
                             && now <= r.end_time + grace =>
                         {
                             let hours = job.hours_used.unwrap_or(1);
-                            let receipt =
-                                compute.report(job.reservation, hours).send().await?.get_receipt().await?;
+                            let receipt = operator
+                                .send(compute.report(job.reservation, hours))
+                                .await?
+                                .get_receipt()
+                                .await?;
                             anyhow::ensure!(receipt.status(), "report reverted");
                             tracing::info!(target: "agora::compute", job = job.id, hours, "no statement from the holder: hours reported");
                         }
                         Some((_, final_at)) if now >= final_at => {
                             let receipt =
-                                compute.finalize(job.reservation).send().await?.get_receipt().await?;
+                                operator.send(compute.finalize(job.reservation)).await?.get_receipt().await?;
                             anyhow::ensure!(receipt.status(), "finalize reverted");
                             let _ = self.update_job(job.id, |j| j.settled = true);
                         }

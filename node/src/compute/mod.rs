@@ -18,12 +18,12 @@ use std::{collections::HashMap, time::Duration};
 use agora_contracts::{ComputeMarket, Deployment};
 use alloy::{
     primitives::{Address, B256, U256},
-    providers::DynProvider,
-    signers::local::PrivateKeySigner,
     sol_types::SolValue,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+
+pub use crate::chain::operator::Operator;
 
 use self::{
     estimate::{Candidate, Constraints, Family, Infeasible, Requirements, Selection, Throughput},
@@ -141,13 +141,6 @@ impl ComputeConfig {
 pub fn next_block_time(store: &Store, index: &IndexStatus) -> Result<u64, StoreError> {
     let head = MarketView::new(store, index.clone()).chain_now()?;
     Ok(head.max(crate::registry::now_ms() / 1000))
-}
-
-/// The operator wallet, connected to the chain.
-#[derive(Clone)]
-pub struct Operator {
-    pub signer: PrivateKeySigner,
-    pub provider: DynProvider,
 }
 
 /// The compute service; cheap to clone.
@@ -569,7 +562,7 @@ impl Compute {
         }
         if taken_at_current_nonce {
             let compute = ComputeMarket::new(self.deployment.compute_market, operator.provider.clone());
-            let receipt = compute.bumpNonce().send().await?.get_receipt().await?;
+            let receipt = operator.send(compute.bumpNonce()).await?.get_receipt().await?;
             anyhow::ensure!(receipt.status(), "bumpNonce {} reverted", receipt.transaction_hash);
             *bumped = Some(nonce + U256::from(1));
             tracing::info!(target: "agora::compute", tx = %receipt.transaction_hash, "capacity taken: withdrew the offers signed so far");

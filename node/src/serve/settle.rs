@@ -8,19 +8,20 @@
 
 use std::{
     collections::HashMap,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use agora_contracts::LicenseMarket;
-use alloy::{
-    primitives::{Address, U256},
-    providers::DynProvider,
-};
+use alloy::primitives::{Address, U256};
 use tokio::sync::watch;
 
-use crate::store::{
-    Store,
-    tables::{Licenses, Table, UsageRecords, UsageVouchers},
+use crate::{
+    chain::operator::Operator,
+    store::{
+        Store,
+        tables::{Licenses, Table, UsageRecords, UsageVouchers},
+    },
 };
 
 #[derive(Clone, Debug)]
@@ -31,6 +32,61 @@ pub struct SettleConfig {
     pub interval: Duration,
     /// How often pending vouchers are looked at.
     pub poll: Duration,
+}
+
+/// How a license's settlement keeps failing: what the API shows until it succeeds.
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Failure {
+    /// Failed attempts in a row.
+    pub attempts: u32,
+    /// The last attempt's error, as the chain or the RPC gave it.
+    pub error: String,
+    /// When the last attempt failed (ms since the epoch).
+    pub failed_ms: u64,
+    /// When the next attempt may go (ms since the epoch).
+    pub retry_ms: u64,
+}
+
+/// The settler's failing licenses, shared with the API (empty on a node that does not settle).
+#[derive(Clone, Default)]
+pub struct Failures(Arc<Mutex<HashMap<U256, Failure>>>);
+
+impl Failures {
+    pub fn get(&self, license: U256) -> Option<Failure> {
+        self.0.lock().ok()?.get(&license).cloned()
+    }
+
+    /// Records a failed attempt and says how long to wait before the next.
+    fn record(&self, license: U256, error: String) -> Duration {
+        let now = crate::registry::now_ms();
+        let Ok(mut map) = self.0.lock() else { return backoff(1) };
+        let attempts = map.get(&license).map_or(0, |f| f.attempts) + 1;
+        let wait = backoff(attempts);
+        let retry_ms = now.saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+        map.insert(license, Failure { attempts, error, failed_ms: now, retry_ms });
+        wait
+    }
+
+    fn clear(&self, license: U256) {
+        if let Ok(mut map) = self.0.lock() {
+            map.remove(&license);
+        }
+    }
+
+    /// Keeps only the licenses still pending.
+    fn retain(&self, pending: &[Pending]) {
+        if let Ok(mut map) = self.0.lock() {
+            map.retain(|license, _| pending.iter().any(|p| p.license == *license));
+        }
+    }
+}
+
+/// How long a settlement the chain took may stay unseen by the index before it is sent again.
+const SEEN_WITHIN: Duration = Duration::from_secs(60);
+
+/// Backoff after `failures` failed attempts in a row: 1 s doubling to about two minutes.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(500u64 << failures.min(8))
 }
 
 /// One license with accepted units the chain has not settled.
@@ -79,18 +135,23 @@ fn pending(store: &Store) -> Result<Vec<Pending>, crate::store::StoreError> {
     Ok(out)
 }
 
-/// Runs until `shutdown`: `provider` sends from the operator's wallet.
+/// Runs until `shutdown`, sending from the `operator` wallet; failing licenses are
+/// kept in `failures` for the API.
 pub async fn run(
     store: Store,
-    provider: DynProvider,
+    operator: Operator,
     market: Address,
     config: SettleConfig,
+    failures: Failures,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let contract = LicenseMarket::new(market, provider);
+    let contract = LicenseMarket::new(market, operator.provider.clone());
     // When each license first showed pending units, and when a failed submission may retry.
     let mut waiting: HashMap<U256, Instant> = HashMap::new();
-    let mut retry_at: HashMap<U256, (Instant, u32)> = HashMap::new();
+    let mut retry_at: HashMap<U256, Instant> = HashMap::new();
+    // The voucher each license last settled with, and when: until the index shows that
+    // settlement the license still looks pending, and sending the voucher again would fail.
+    let mut settled: HashMap<U256, (U256, Instant)> = HashMap::new();
     let mut tick = tokio::time::interval(config.poll);
     loop {
         tokio::select! {
@@ -114,13 +175,23 @@ pub async fn run(
         };
         let now = Instant::now();
         waiting.retain(|license, _| list.iter().any(|p| p.license == *license));
+        retry_at.retain(|license, _| list.iter().any(|p| p.license == *license));
+        settled.retain(|license, _| list.iter().any(|p| p.license == *license));
+        failures.retain(&list);
         for p in list {
             let since = *waiting.entry(p.license).or_insert(now);
             let due = p.closing || p.value >= config.min_wei || now.duration_since(since) >= config.interval;
-            if !due || retry_at.get(&p.license).is_some_and(|(at, _)| now < *at) {
+            // a settlement the index has not seen yet is waited for (a reorg may drop it: then
+            // it goes again)
+            let just_sent = settled
+                .get(&p.license)
+                .is_some_and(|(units, at)| *units == p.cumulative && now.duration_since(*at) < SEEN_WITHIN);
+            if !due || just_sent || retry_at.get(&p.license).is_some_and(|at| now < *at) {
                 continue;
             }
-            let sent = contract.settleUsage(p.license, p.cumulative, p.signature.clone().into()).send().await;
+            let sent = operator
+                .send(contract.settleUsage(p.license, p.cumulative, p.signature.clone().into()))
+                .await;
             let outcome = match sent {
                 Ok(pending_tx) => pending_tx.get_receipt().await.map_err(|e| e.to_string()).and_then(|r| {
                     if r.status() {
@@ -137,13 +208,14 @@ pub async fn run(
                     metrics::counter!("agora_usage_settlements_total").increment(1);
                     retry_at.remove(&p.license);
                     waiting.remove(&p.license);
+                    failures.clear(p.license);
+                    settled.insert(p.license, (p.cumulative, Instant::now()));
                 }
                 Err(e) => {
-                    let failures = retry_at.get(&p.license).map_or(0, |(_, n)| *n) + 1;
-                    let backoff = Duration::from_millis(500u64 << failures.min(8));
-                    tracing::warn!(target: "agora::settle", license = %p.license, error = %e, retry_in = ?backoff, "settlement failed");
+                    let wait = failures.record(p.license, e.clone());
+                    tracing::warn!(target: "agora::settle", license = %p.license, error = %e, retry_in = ?wait, "settlement failed");
                     metrics::counter!("agora_usage_settlement_failures_total").increment(1);
-                    retry_at.insert(p.license, (Instant::now() + backoff, failures));
+                    retry_at.insert(p.license, Instant::now() + wait);
                 }
             }
         }

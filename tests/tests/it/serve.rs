@@ -309,25 +309,60 @@ async fn accepted_vouchers_are_settled_on_chain_even_after_a_crash() {
     let bought = U256::from(1000u64) * U256::from(agora_e2e::market::UNIT_PRICE);
     assert_eq!(l["license"]["escrow"]["deposited"], bought.to_string(), "the top-up is undone: {l}");
 
-    // Killed before settling; restarted with an operator key, it settles what it accepted.
+    // Accepted, not settled: this node has no operator wallet, so nothing fails either.
+    let usage_path = format!("/api/v1/licenses/{license}/usage");
+    let (_, usage) = node.get(&usage_path).await;
+    assert_eq!(
+        (&usage["cumulative_units"], &usage["settled_units"]),
+        (&json!("1003"), &json!("0")),
+        "{usage}"
+    );
+    assert_eq!(
+        (&usage["pending_units"], &usage["settlement_failure"]),
+        (&json!("1003"), &Value::Null),
+        "{usage}"
+    );
+
+    // Killed before settling; restarted with an operator wallet that has no ether, whose
+    // settlements fail (shown with the license), then funded: it settles what it accepted.
     let mut node = node;
     nix::sys::signal::kill(node.process.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
     node.process.wait(Duration::from_secs(10));
+    let operator = alloy::signers::local::PrivateKeySigner::random();
+    let operator_key = alloy::hex::encode_prefixed(operator.to_bytes());
     let node = agora_e2e::Node::start(
         &market.anvil.endpoint(),
         &market.deployment_path(),
         data.path(),
-        &[
-            ("AGORA_ADMIN_TOKEN", TOKEN),
-            ("AGORA_OPERATOR_KEY", agora_contracts::anvil::DEV_KEYS[0]),
-            ("AGORA_SETTLE_MIN_WEI", "1"),
-        ],
+        &[("AGORA_ADMIN_TOKEN", TOKEN), ("AGORA_OPERATOR_KEY", &operator_key), ("AGORA_SETTLE_MIN_WEI", "1")],
     );
+    let failing = agora_e2e::eventually("a failed settlement shown", Duration::from_secs(60), || async {
+        let (_, usage) = node.get(&usage_path).await;
+        usage["settlement_failure"]["attempts"].as_u64().is_some_and(|n| n >= 1).then_some(usage)
+    })
+    .await;
+    let failure = &failing["settlement_failure"];
+    assert!(failure["error"].as_str().is_some_and(|e| e.to_lowercase().contains("funds")), "{failing}");
+    assert!(failure["retry_ms"].as_u64() > failure["failed_ms"].as_u64(), "{failing}");
+    assert_eq!(failing["settled_units"], "0");
+    use alloy::providers::ext::AnvilApi;
+    market
+        .provider
+        .anvil_set_balance(operator.address(), U256::from(10u64).pow(U256::from(18)))
+        .await
+        .unwrap();
     let settled = agora_e2e::eventually("the vouchers settled", Duration::from_secs(60), || async {
         let (_, l) = node.get(&format!("/api/v1/licenses/{license}")).await;
         (l["license"]["escrow"]["settled_units"] == "5").then_some(l)
     })
     .await;
+    let usage = agora_e2e::eventually("the failure cleared", Duration::from_secs(60), || async {
+        let (_, usage) = node.get(&usage_path).await;
+        usage["settlement_failure"].is_null().then_some(usage)
+    })
+    .await;
+    // the rest is beyond the escrow the chain holds (the top-up undone): accepted, not payable
+    assert_eq!((&usage["settled_units"], &usage["pending_units"]), (&json!("5"), &json!("998")), "{usage}");
     let unit = U256::from(agora_e2e::market::UNIT_PRICE);
     assert_eq!(settled["license"]["escrow"]["settled_amount"], (unit * U256::from(5)).to_string());
     // Revenue booked less the 2.5% fee; distributed 50/30/20 to the wei.
@@ -364,7 +399,6 @@ async fn accepted_vouchers_are_settled_on_chain_even_after_a_crash() {
     let (ok, _, err) = cli(format!("license close {license}")).await;
     assert!(!ok);
     assert!(err.contains("ChallengeWindowOpen"), "{err}");
-    use alloy::providers::ext::AnvilApi;
     market.provider.anvil_increase_time(3_601).await.unwrap();
     market.mine(1).await;
     let (head, head_hash) = market.head().await;
