@@ -1255,61 +1255,79 @@ impl Compute {
         let timeout_ms = self.job_timeout().as_millis() as u64;
         let grace = self.deployment.compute_grace;
         let compute = ComputeMarket::new(self.deployment.compute_market, operator.provider.clone());
+        // One job's failure (a transaction the chain refuses) holds none of the others back.
         for job in self.jobs()? {
-            let Some(r) = self.store.get::<Reservations>(&job.reservation)? else { continue };
-            match job.role {
-                JobRole::Buyer => {
-                    if matches!(job.status, JobStatus::Sent | JobStatus::Running) {
-                        if r.state == ReservationState::Confirmed && job.status == JobStatus::Sent {
-                            let _ = self.update_job(job.id, |j| j.status = JobStatus::Running);
-                        }
-                        if now_ms().saturating_sub(job.heard_ms) > timeout_ms {
-                            self.fail_job(
-                                job.id,
-                                &format!("the provider went silent for {} s", timeout_ms / 1000),
-                            );
-                        }
-                        continue;
+            let id = job.id;
+            if let Err(e) = self.upkeep_job(&operator, &compute, job, now, timeout_ms, grace).await {
+                tracing::warn!(target: "agora::compute", job = id, error = %e, "job upkeep failed; retrying");
+            }
+        }
+        Ok(())
+    }
+
+    /// One job's upkeep (see [`Self::run_jobs`]) at chain time `now`.
+    async fn upkeep_job(
+        &self,
+        operator: &Operator,
+        compute: &ComputeMarket::ComputeMarketInstance<alloy::providers::DynProvider>,
+        job: JobRecord,
+        now: u64,
+        timeout_ms: u64,
+        grace: u64,
+    ) -> anyhow::Result<()> {
+        let Some(r) = self.store.get::<Reservations>(&job.reservation)? else { return Ok(()) };
+        match job.role {
+            JobRole::Buyer => {
+                if matches!(job.status, JobStatus::Sent | JobStatus::Running) {
+                    if r.state == ReservationState::Confirmed && job.status == JobStatus::Sent {
+                        let _ = self.update_job(job.id, |j| j.status = JobStatus::Running);
                     }
-                    let reclaimable = match r.state {
-                        ReservationState::Reserved => now > r.start_time + grace,
-                        ReservationState::Confirmed => r.reported.is_none() && now > r.end_time + grace,
-                        _ => false,
-                    };
-                    if job.status == JobStatus::Failed && !job.settled && reclaimable {
-                        let receipt =
-                            operator.send(compute.reclaim(job.reservation)).await?.get_receipt().await?;
-                        anyhow::ensure!(receipt.status(), "reclaim reverted");
-                        let _ = self.update_job(job.id, |j| j.settled = true);
-                        tracing::info!(target: "agora::compute", job = job.id, reservation = %job.reservation, "reclaimed the escrow of a failed job");
+                    if now_ms().saturating_sub(job.heard_ms) > timeout_ms {
+                        self.fail_job(
+                            job.id,
+                            &format!("the provider went silent for {} s", timeout_ms / 1000),
+                        );
                     }
+                    return Ok(());
                 }
-                JobRole::Provider => {
-                    if r.state != ReservationState::Confirmed || job.status != JobStatus::Succeeded {
-                        continue;
+                let reclaimable = match r.state {
+                    ReservationState::Reserved => now > r.start_time + grace,
+                    ReservationState::Confirmed => r.reported.is_none() && now > r.end_time + grace,
+                    _ => false,
+                };
+                if job.status == JobStatus::Failed && !job.settled && reclaimable {
+                    let receipt =
+                        operator.send(compute.reclaim(job.reservation)).await?.get_receipt().await?;
+                    anyhow::ensure!(receipt.status(), "reclaim reverted");
+                    let _ = self.update_job(job.id, |j| j.settled = true);
+                    tracing::info!(target: "agora::compute", job = job.id, reservation = %job.reservation, "reclaimed the escrow of a failed job");
+                }
+            }
+            JobRole::Provider => {
+                if r.state != ReservationState::Confirmed || job.status != JobStatus::Succeeded {
+                    return Ok(());
+                }
+                match r.reported {
+                    None if !job.settled
+                        && now_ms().saturating_sub(job.updated_ms) > timeout_ms
+                        && now <= r.end_time + grace =>
+                    {
+                        let hours = job.hours_used.unwrap_or(1);
+                        let receipt = operator
+                            .send(compute.report(job.reservation, hours))
+                            .await?
+                            .get_receipt()
+                            .await?;
+                        anyhow::ensure!(receipt.status(), "report reverted");
+                        tracing::info!(target: "agora::compute", job = job.id, hours, "no statement from the holder: hours reported");
                     }
-                    match r.reported {
-                        None if !job.settled
-                            && now_ms().saturating_sub(job.updated_ms) > timeout_ms
-                            && now <= r.end_time + grace =>
-                        {
-                            let hours = job.hours_used.unwrap_or(1);
-                            let receipt = operator
-                                .send(compute.report(job.reservation, hours))
-                                .await?
-                                .get_receipt()
-                                .await?;
-                            anyhow::ensure!(receipt.status(), "report reverted");
-                            tracing::info!(target: "agora::compute", job = job.id, hours, "no statement from the holder: hours reported");
-                        }
-                        Some((_, final_at)) if now >= final_at => {
-                            let receipt =
-                                operator.send(compute.finalize(job.reservation)).await?.get_receipt().await?;
-                            anyhow::ensure!(receipt.status(), "finalize reverted");
-                            let _ = self.update_job(job.id, |j| j.settled = true);
-                        }
-                        _ => {}
+                    Some((_, final_at)) if now >= final_at => {
+                        let receipt =
+                            operator.send(compute.finalize(job.reservation)).await?.get_receipt().await?;
+                        anyhow::ensure!(receipt.status(), "finalize reverted");
+                        let _ = self.update_job(job.id, |j| j.settled = true);
                     }
+                    _ => {}
                 }
             }
         }
