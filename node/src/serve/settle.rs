@@ -98,6 +98,43 @@ struct Pending {
     closing: bool,
 }
 
+/// Units of every usage license this node metered: accepted (the last voucher's count, summed),
+/// settled on-chain as the index has it, and the difference, pending.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsageTotals {
+    pub licenses: u64,
+    pub metered: U256,
+    pub settled: U256,
+}
+
+impl UsageTotals {
+    pub fn read(store: &Store) -> Result<Self, crate::store::StoreError> {
+        let mut totals = Self::default();
+        for item in store.iter::<UsageRecords>() {
+            let (key, record) = item?;
+            let settled = store
+                .get::<Licenses>(&U256::from_be_slice(&key))?
+                .map_or(U256::ZERO, |indexed| indexed.settled_units.min(record.cumulative));
+            totals.licenses += 1;
+            totals.metered = totals.metered.saturating_add(record.cumulative);
+            totals.settled = totals.settled.saturating_add(settled);
+        }
+        Ok(totals)
+    }
+
+    pub fn pending(&self) -> U256 {
+        self.metered - self.settled
+    }
+
+    /// Sets the `agora_usage_*` gauges.
+    pub fn publish(&self) {
+        metrics::gauge!("agora_usage_licenses").set(self.licenses as f64);
+        metrics::gauge!("agora_usage_units_metered").set(f64::from(self.metered));
+        metrics::gauge!("agora_usage_units_settled").set(f64::from(self.settled));
+        metrics::gauge!("agora_usage_units_pending").set(f64::from(self.pending()));
+    }
+}
+
 /// The licenses with accepted units to settle, each with the last voucher its escrow (as the
 /// index has it) covers: the last accepted one, unless the escrow shrank under it (a top-up a
 /// reorg undid), and then the last one kept that still fits, which the chain would take.
@@ -288,5 +325,22 @@ mod tests {
         assert_eq!(due(3, 0), None);
         assert_eq!(due(11, 8), None);
         assert_eq!(due(12, 12), None);
+    }
+
+    #[test]
+    fn usage_totals_count_what_the_chain_settled_of_what_was_accepted() {
+        let totals = |units: u64, settled: u64| {
+            let dir = tempfile::tempdir().unwrap();
+            let t = UsageTotals::read(&store_with(dir.path(), units, settled)).unwrap();
+            (t.licenses, t.metered.to::<u64>(), t.settled.to::<u64>(), t.pending().to::<u64>())
+        };
+        assert_eq!(totals(100, 0), (1, 12, 0, 12));
+        assert_eq!(totals(100, 8), (1, 12, 8, 4));
+        assert_eq!(totals(100, 12), (1, 12, 12, 0));
+        // settled past the last voucher this node kept (another node's, say): none pending here
+        assert_eq!(totals(100, 20), (1, 12, 12, 0));
+        let empty = tempfile::tempdir().unwrap();
+        let none = UsageTotals::read(&Store::open(&empty.path().join("db")).unwrap()).unwrap();
+        assert_eq!(none, UsageTotals::default());
     }
 }

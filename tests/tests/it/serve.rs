@@ -240,6 +240,17 @@ async fn metered_calls(market: &agora_e2e::market::Market, node: &agora_e2e::Nod
     assert!(body["error"]["message"].as_str().unwrap().contains("top up"), "{body}");
 }
 
+/// The node's `agora_usage_*` gauges: licenses, units metered, settled, pending.
+async fn usage_gauges(url: &str) -> [u64; 4] {
+    let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    ["licenses", "units_metered", "units_settled", "units_pending"].map(|name| {
+        let name = format!("agora_usage_{name} ");
+        let line =
+            text.lines().find(|l| l.starts_with(&name)).unwrap_or_else(|| panic!("no {name}in {text}"));
+        line[name.len()..].trim().parse::<f64>().unwrap() as u64
+    })
+}
+
 #[tokio::test]
 async fn accepted_vouchers_are_settled_on_chain_even_after_a_crash() {
     use agora_node::serve::metering;
@@ -322,6 +333,7 @@ async fn accepted_vouchers_are_settled_on_chain_even_after_a_crash() {
         (&json!("1003"), &Value::Null),
         "{usage}"
     );
+    assert_eq!(usage_gauges(&node.url).await, [1, 1003, 0, 1003]);
 
     // Killed before settling; restarted with an operator wallet that has no ether, whose
     // settlements fail (shown with the license), then funded: it settles what it accepted.
@@ -363,6 +375,7 @@ async fn accepted_vouchers_are_settled_on_chain_even_after_a_crash() {
     .await;
     // the rest is beyond the escrow the chain holds (the top-up undone): accepted, not payable
     assert_eq!((&usage["settled_units"], &usage["pending_units"]), (&json!("5"), &json!("998")), "{usage}");
+    assert_eq!(usage_gauges(&node.url).await, [1, 1003, 5, 998]);
     let unit = U256::from(agora_e2e::market::UNIT_PRICE);
     assert_eq!(settled["license"]["escrow"]["settled_amount"], (unit * U256::from(5)).to_string());
     // Revenue booked less the 2.5% fee; distributed 50/30/20 to the wei.
