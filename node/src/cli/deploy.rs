@@ -98,14 +98,17 @@ impl DeployCommand {
                 let answer = node.get_json(&format!("/api/v1/deployments/{id}")).await?;
                 print(pay.json, &answer, |a| {
                     format!(
-                        "deployment {id}: {} v{} {}; {} requests, {} errors, p50 {} ms, p99 {} ms",
+                        "deployment {id}: {} v{} {}; {} requests, {} errors, p50 {} ms, p99 {} ms; units metered {}, settled {}, pending {}",
                         a["model"].as_str().unwrap_or("?"),
                         a["version"],
                         a["status"].as_str().unwrap_or("?"),
                         a["requests"],
                         a["errors"],
                         a["latency_p50_ms"],
-                        a["latency_p99_ms"]
+                        a["latency_p99_ms"],
+                        a["units_metered"].as_str().unwrap_or("?"),
+                        a["units_settled"].as_str().unwrap_or("?"),
+                        a["units_pending"].as_str().unwrap_or("?")
                     )
                 });
                 Ok(())

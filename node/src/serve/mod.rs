@@ -225,6 +225,12 @@ pub struct DeploymentView {
     pub upstream_url: Option<String>,
     /// `http` runtime: `healthy`, `unhealthy: <why>`, or absent until the first probe.
     pub health: Option<String>,
+    /// Units this node metered on the usage licenses of the deployed token (the last accepted
+    /// voucher of each, summed; deployments of one token share them), what the chain has
+    /// settled of them, and the difference.
+    pub units_metered: String,
+    pub units_settled: String,
+    pub units_pending: String,
 }
 
 #[derive(Default)]
@@ -494,7 +500,11 @@ impl Serve {
     }
 
     fn view(&self, r: &DeploymentRecord) -> Result<DeploymentView, ServeError> {
-        let token_id = self.token_of(r)?.map(|t| t.to_string());
+        let token = self.token_of(r)?;
+        let usage = match token {
+            Some(token) => settle::UsageTotals::of_token(&self.store, token)?,
+            None => settle::UsageTotals::default(),
+        };
         let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let (requests, errors, p50, p99, health) = match stats.get(&r.id) {
             Some(s) => {
@@ -511,7 +521,7 @@ impl Serve {
             model: r.model.clone(),
             version: r.version,
             runtime: r.runtime.clone(),
-            token_id,
+            token_id: token.map(|t| t.to_string()),
             status: r.status.clone(),
             reason: r.reason.clone(),
             unit_cost: r.unit_cost,
@@ -522,6 +532,9 @@ impl Serve {
             created_at: r.created_ms,
             upstream_url,
             health,
+            units_metered: usage.metered.to_string(),
+            units_settled: usage.settled.to_string(),
+            units_pending: usage.pending().to_string(),
         })
     }
 

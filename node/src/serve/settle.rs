@@ -20,7 +20,7 @@ use crate::{
     chain::operator::Operator,
     store::{
         Store,
-        tables::{Licenses, Table, UsageRecords, UsageVouchers},
+        tables::{Licenses, Table, TokenLicenses, UsageRecord, UsageRecords, UsageVouchers},
     },
 };
 
@@ -108,18 +108,41 @@ pub struct UsageTotals {
 }
 
 impl UsageTotals {
+    /// Every usage license's.
     pub fn read(store: &Store) -> Result<Self, crate::store::StoreError> {
         let mut totals = Self::default();
         for item in store.iter::<UsageRecords>() {
             let (key, record) = item?;
-            let settled = store
-                .get::<Licenses>(&U256::from_be_slice(&key))?
-                .map_or(U256::ZERO, |indexed| indexed.settled_units.min(record.cumulative));
-            totals.licenses += 1;
-            totals.metered = totals.metered.saturating_add(record.cumulative);
-            totals.settled = totals.settled.saturating_add(settled);
+            totals.add(store, U256::from_be_slice(&key), &record)?;
         }
         Ok(totals)
+    }
+
+    /// The usage licenses of one model token's.
+    pub fn of_token(store: &Store, token: U256) -> Result<Self, crate::store::StoreError> {
+        let mut totals = Self::default();
+        for item in store.scan::<TokenLicenses>(&token.to_be_bytes::<32>(), None, false) {
+            let license = U256::from_be_slice(&item?.0[32..64]);
+            if let Some(record) = store.get::<UsageRecords>(&license)? {
+                totals.add(store, license, &record)?;
+            }
+        }
+        Ok(totals)
+    }
+
+    fn add(
+        &mut self,
+        store: &Store,
+        license: U256,
+        record: &UsageRecord,
+    ) -> Result<(), crate::store::StoreError> {
+        let settled = store
+            .get::<Licenses>(&license)?
+            .map_or(U256::ZERO, |indexed| indexed.settled_units.min(record.cumulative));
+        self.licenses += 1;
+        self.metered = self.metered.saturating_add(record.cumulative);
+        self.settled = self.settled.saturating_add(settled);
+        Ok(())
     }
 
     pub fn pending(&self) -> U256 {
@@ -265,7 +288,7 @@ mod tests {
     use alloy::primitives::B256;
 
     use super::*;
-    use crate::store::tables::{LicenseRecord, UsageRecord};
+    use crate::store::tables::LicenseRecord;
 
     /// License 1, with an escrow of `units` at a price of 3 wei, `settled` of them settled, and
     /// accepted vouchers for 4, 8 and 12 units (signatures 4, 8 and 12), the last one latest.

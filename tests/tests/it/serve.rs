@@ -232,9 +232,10 @@ async fn metered_calls(market: &agora_e2e::market::Market, node: &agora_e2e::Nod
     let (ok, status, err) = cli(format!("deploy status {id} --json")).await;
     assert!(ok, "{err}");
     assert!(status["requests"].as_u64().unwrap() > 3);
+    let last = 3 + accepted + 6;
+    assert_eq!((&status["units_metered"], &status["units_settled"]), (&json!(last.to_string()), &json!("0")));
 
     // The escrow covers 1,000 units: a call beyond it asks for a top-up.
-    let last = 3 + accepted + 6;
     let (status, _, body) = call(998, Some(voucher(7, last + 998))).await;
     assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("top up"), "{body}");
@@ -249,6 +250,13 @@ async fn usage_gauges(url: &str) -> [u64; 4] {
             text.lines().find(|l| l.starts_with(&name)).unwrap_or_else(|| panic!("no {name}in {text}"));
         line[name.len()..].trim().parse::<f64>().unwrap() as u64
     })
+}
+
+/// A deployment's units metered, settled and pending.
+async fn deployment_units(node: &agora_e2e::Node, id: &str) -> [String; 3] {
+    let (_, d) = node.get(&format!("/api/v1/deployments/{id}")).await;
+    ["units_metered", "units_settled", "units_pending"]
+        .map(|k| d[k].as_str().unwrap_or_else(|| panic!("{k}: {d}")).to_owned())
 }
 
 #[tokio::test]
@@ -334,6 +342,7 @@ async fn accepted_vouchers_are_settled_on_chain_even_after_a_crash() {
         "{usage}"
     );
     assert_eq!(usage_gauges(&node.url).await, [1, 1003, 0, 1003]);
+    assert_eq!(deployment_units(&node, &id).await, ["1003", "0", "1003"]);
 
     // Killed before settling; restarted with an operator wallet that has no ether, whose
     // settlements fail (shown with the license), then funded: it settles what it accepted.
@@ -376,6 +385,7 @@ async fn accepted_vouchers_are_settled_on_chain_even_after_a_crash() {
     // the rest is beyond the escrow the chain holds (the top-up undone): accepted, not payable
     assert_eq!((&usage["settled_units"], &usage["pending_units"]), (&json!("5"), &json!("998")), "{usage}");
     assert_eq!(usage_gauges(&node.url).await, [1, 1003, 5, 998]);
+    assert_eq!(deployment_units(&node, &id).await, ["1003", "5", "998"]);
     let unit = U256::from(agora_e2e::market::UNIT_PRICE);
     assert_eq!(settled["license"]["escrow"]["settled_amount"], (unit * U256::from(5)).to_string());
     // Revenue booked less the 2.5% fee; distributed 50/30/20 to the wei.
