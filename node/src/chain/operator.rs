@@ -8,11 +8,16 @@ use alloy::{
     network::{Ethereum, EthereumWallet},
     providers::{DynProvider, PendingTransactionBuilder, Provider, ProviderBuilder},
     signers::local::PrivateKeySigner,
+    transports::TransportErrorKind,
 };
 use anyhow::Context as _;
 
 /// How long a sent transaction's receipt is awaited before the send counts as failed.
 pub const RECEIPT_WAIT: Duration = Duration::from_secs(120);
+
+/// How long filling and handing over a transaction may take (an RPC that stops answering
+/// would otherwise hold every later send back).
+pub const SEND_WAIT: Duration = Duration::from_secs(60);
 
 /// The operator wallet, connected to the chain; cheap to clone.
 #[derive(Clone)]
@@ -41,7 +46,8 @@ impl Operator {
         Ok(Self { signer, provider, sends: Arc::default() })
     }
 
-    /// Sends `call` from the operator wallet; its receipt is awaited at most [`RECEIPT_WAIT`].
+    /// Sends `call` from the operator wallet, within [`SEND_WAIT`]; its receipt is awaited at
+    /// most [`RECEIPT_WAIT`].
     pub async fn send<P, D>(
         &self,
         call: CallBuilder<P, D>,
@@ -51,6 +57,11 @@ impl Operator {
         D: CallDecoder,
     {
         let _one_at_a_time = self.sends.lock().await;
-        Ok(call.send().await?.with_timeout(Some(RECEIPT_WAIT)))
+        let sent = tokio::time::timeout(SEND_WAIT, call.send()).await.map_err(|_| {
+            TransportErrorKind::custom_str(&format!(
+                "the chain did not take the transaction within {SEND_WAIT:?}"
+            ))
+        })?;
+        Ok(sent?.with_timeout(Some(RECEIPT_WAIT)))
     }
 }
