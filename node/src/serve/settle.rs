@@ -7,7 +7,7 @@
 //! round with backoff.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -74,9 +74,9 @@ impl Failures {
     }
 
     /// Keeps only the licenses still pending.
-    fn retain(&self, pending: &[Pending]) {
+    fn retain(&self, pending: &HashSet<U256>) {
         if let Ok(mut map) = self.0.lock() {
-            map.retain(|license, _| pending.iter().any(|p| p.license == *license));
+            map.retain(|license, _| pending.contains(license));
         }
     }
 }
@@ -234,10 +234,11 @@ pub async fn run(
             }
         };
         let now = Instant::now();
-        waiting.retain(|license, _| list.iter().any(|p| p.license == *license));
-        retry_at.retain(|license, _| list.iter().any(|p| p.license == *license));
-        settled.retain(|license, _| list.iter().any(|p| p.license == *license));
-        failures.retain(&list);
+        let listed: HashSet<U256> = list.iter().map(|p| p.license).collect();
+        waiting.retain(|license, _| listed.contains(license));
+        retry_at.retain(|license, _| listed.contains(license));
+        settled.retain(|license, _| listed.contains(license));
+        failures.retain(&listed);
         for p in list {
             let since = *waiting.entry(p.license).or_insert(now);
             let due = p.closing || p.value >= config.min_wei || now.duration_since(since) >= config.interval;
