@@ -80,9 +80,11 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Readiness>, Ap
 #[utoipa::path(get, path = "/metrics", tag = "node", responses((status = 200, content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     // usage totals are read from the store when asked for, so every node has them (settling
-    // or not) and they are never stale
-    match crate::serve::settle::UsageTotals::read(&state.store) {
-        Ok(totals) => totals.publish(),
+    // or not) and they are never stale; a read per usage license, off the async workers
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || crate::serve::settle::UsageTotals::read(&store)).await {
+        Ok(Ok(totals)) => totals.publish(),
+        Ok(Err(e)) => tracing::warn!(target: "agora::api", error = %e, "cannot read the usage totals"),
         Err(e) => tracing::warn!(target: "agora::api", error = %e, "cannot read the usage totals"),
     }
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
