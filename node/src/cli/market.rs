@@ -515,6 +515,15 @@ pub enum LicenseCommand {
         #[command(flatten)]
         pay: PayArgs,
     },
+    /// A usage license's metering at the node: units accepted, settled on-chain and pending,
+    /// and why the node's settlement of it fails, while it does.
+    Usage {
+        license_id: U256,
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -547,6 +556,7 @@ impl LicenseCommand {
             Self::Download(args) => download(args, config).await,
             Self::Receipts { license_id, pay } => receipts(license_id, pay, config).await,
             Self::Close { license_id, pay } => close(license_id, pay, config).await,
+            Self::Usage { license_id, node, json } => usage(license_id, &node, json).await,
         }
     }
 }
@@ -765,6 +775,34 @@ async fn delivery_receipt(node: &NodeClient, license_id: U256) -> anyhow::Result
             bail!("the node answered 409 Conflict: {message}");
         }
     }
+}
+
+async fn usage(license_id: U256, node: &NodeArgs, json_out: bool) -> anyhow::Result<()> {
+    let client = crate::client::NodeClient::new(&node.node)?;
+    let answer = client.get_json(&format!("/api/v1/licenses/{license_id}/usage")).await?;
+    if json_out {
+        println!("{answer}");
+        return Ok(());
+    }
+    let units = |key: &str| answer[key].as_str().unwrap_or("?").to_owned();
+    println!(
+        "license {license_id}: {} units accepted, {} settled on-chain, {} pending",
+        units("cumulative_units"),
+        units("settled_units"),
+        units("pending_units")
+    );
+    let failure = &answer["settlement_failure"];
+    if !failure.is_null() {
+        let next_in =
+            failure["retry_ms"].as_u64().unwrap_or_default().saturating_sub(crate::registry::now_ms());
+        println!(
+            "settlement failing: {} attempts in a row, the last: {}; next attempt in {} s",
+            failure["attempts"],
+            failure["error"].as_str().unwrap_or("?"),
+            next_in.div_ceil(1000)
+        );
+    }
+    Ok(())
 }
 
 async fn receipts(license_id: U256, pay: PayArgs, config: &Config) -> anyhow::Result<()> {

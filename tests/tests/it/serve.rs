@@ -366,6 +366,12 @@ async fn accepted_vouchers_are_settled_on_chain_even_after_a_crash() {
     assert!(failure["error"].as_str().is_some_and(|e| e.to_lowercase().contains("funds")), "{failing}");
     assert!(failure["retry_ms"].as_u64() > failure["failed_ms"].as_u64(), "{failing}");
     assert_eq!(failing["settled_units"], "0");
+    // the CLI shows it too
+    let env = [("AGORA_NODE_URL", node.url.as_str())];
+    let (status, out, err) = agora_e2e::agora(&["license", "usage", &license.to_string()], &env);
+    assert!(status.success(), "{err}");
+    assert!(out.contains("1003 units accepted, 0 settled on-chain, 1003 pending"), "{out}");
+    assert!(out.contains("settlement failing") && out.to_lowercase().contains("funds"), "{out}");
     use alloy::providers::ext::AnvilApi;
     market
         .provider
@@ -386,6 +392,11 @@ async fn accepted_vouchers_are_settled_on_chain_even_after_a_crash() {
     assert_eq!((&usage["settled_units"], &usage["pending_units"]), (&json!("5"), &json!("998")), "{usage}");
     assert_eq!(usage_gauges(&node.url).await, [1, 1003, 5, 998]);
     assert_eq!(deployment_units(&node, &id).await, ["1003", "5", "998"]);
+    let (status, out, err) = agora_e2e::agora(&["license", "usage", &license.to_string(), "--json"], &env);
+    assert!(status.success(), "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), usage);
+    let (status, _, err) = agora_e2e::agora(&["license", "usage", "999"], &env);
+    assert!(!status.success() && err.contains("404") && err.contains("no license 999"), "{err}");
     let unit = U256::from(agora_e2e::market::UNIT_PRICE);
     assert_eq!(settled["license"]["escrow"]["settled_amount"], (unit * U256::from(5)).to_string());
     // Revenue booked less the 2.5% fee; distributed 50/30/20 to the wei.
