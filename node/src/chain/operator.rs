@@ -1,5 +1,6 @@
 //! The operator wallet: the node's own account, which settles usage vouchers and sends the
-//! compute market's provider-side transactions.
+//! compute market's transactions on either side of a job: a buyer's (reserve, reclaim, bump
+//! nonce) and a provider's (confirm start, claim, report, finalize).
 
 use std::{sync::Arc, time::Duration};
 
