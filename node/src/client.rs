@@ -65,8 +65,17 @@ impl NodeClient {
 
     /// POSTs JSON and returns the JSON answer, or an error carrying the node's message.
     pub async fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.send_json(self.http.post(self.endpoint(path)), body).await
+    }
+
+    /// PUTs JSON and returns the JSON answer, or an error carrying the node's message.
+    pub async fn put_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.send_json(self.http.put(self.endpoint(path)), body).await
+    }
+
+    async fn send_json(&self, request: reqwest::RequestBuilder, body: &Value) -> anyhow::Result<Value> {
         let response = self
-            .authorize(self.http.post(self.endpoint(path)).json(body))
+            .authorize(request.json(body))
             .send()
             .await
             .with_context(|| format!("cannot reach the node at {}", self.url))?;

@@ -16,6 +16,11 @@ pub fn bias(k: usize) -> f32 {
 
 /// `layers.{i}.weight` [out, in] and `layers.{i}.bias` [out], f32.
 pub fn safetensors() -> Vec<u8> {
+    safetensors_shifted(0.0)
+}
+
+/// The same network with `shift` added to every bias: another version of the model.
+pub fn safetensors_shifted(shift: f32) -> Vec<u8> {
     let mut header = serde_json::Map::new();
     let mut data: Vec<u8> = Vec::new();
     for (i, pair) in LAYERS.windows(2).enumerate() {
@@ -26,7 +31,7 @@ pub fn safetensors() -> Vec<u8> {
                 vec![n_out, n_in],
                 (0..n_in * n_out).map(|k| weight(i, k)).collect::<Vec<_>>(),
             ),
-            (format!("layers.{i}.bias"), vec![n_out], (0..n_out).map(bias).collect()),
+            (format!("layers.{i}.bias"), vec![n_out], (0..n_out).map(|k| bias(k) + shift).collect()),
         ] {
             let start = data.len();
             data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
@@ -46,11 +51,16 @@ pub fn config() -> Value {
 
 /// The forward pass by hand: ReLU between layers, identity output.
 pub fn forward(x: &[f32]) -> Vec<f32> {
+    forward_shifted(x, 0.0)
+}
+
+/// The forward pass of [`safetensors_shifted`].
+pub fn forward_shifted(x: &[f32], shift: f32) -> Vec<f32> {
     let mut v = x.to_vec();
     for (i, pair) in LAYERS.windows(2).enumerate() {
         let (n_in, n_out) = (pair[0], pair[1]);
         v = (0..n_out)
-            .map(|o| (0..n_in).map(|j| weight(i, o * n_in + j) * v[j]).sum::<f32>() + bias(o))
+            .map(|o| (0..n_in).map(|j| weight(i, o * n_in + j) * v[j]).sum::<f32>() + bias(o) + shift)
             .collect();
         if i + 2 < LAYERS.len() {
             v.iter_mut().for_each(|x| *x = x.max(0.0));
@@ -61,9 +71,20 @@ pub fn forward(x: &[f32]) -> Vec<f32> {
 
 /// Registers the MLP (weights and config.json) through `client` as `name`.
 pub async fn register(client: &agora_node::client::NodeClient, name: &str, with_config: bool) -> Value {
-    let mut form = reqwest::multipart::Form::new()
-        .text("metadata", json!({"name": name}).to_string())
-        .part("artifact", reqwest::multipart::Part::bytes(safetensors()).file_name("mlp.safetensors"));
+    register_shifted(client, name, with_config, 0.0).await
+}
+
+/// Registers [`safetensors_shifted`] as the next version of `name`.
+pub async fn register_shifted(
+    client: &agora_node::client::NodeClient,
+    name: &str,
+    with_config: bool,
+    shift: f32,
+) -> Value {
+    let mut form = reqwest::multipart::Form::new().text("metadata", json!({"name": name}).to_string()).part(
+        "artifact",
+        reqwest::multipart::Part::bytes(safetensors_shifted(shift)).file_name("mlp.safetensors"),
+    );
     if with_config {
         form = form.part("config", reqwest::multipart::Part::text(config().to_string()));
     }

@@ -30,6 +30,9 @@ impl From<ServeError> for ApiError {
             ServeError::Upstream(_) => {
                 ApiError::new(StatusCode::BAD_GATEWAY, "upstream_failed", e.to_string())
             }
+            ServeError::Unacceptable(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unacceptable", e.to_string())
+            }
             ServeError::Registry(r) => r.into(),
             ServeError::Store(s) => s.into(),
         }
@@ -157,6 +160,51 @@ pub async fn delete(
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+pub struct TrafficRequest {
+    /// The versions and their whole-percent shares of the calls, summing to 100.
+    pub split: Vec<ShareRequest>,
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShareRequest {
+    /// A version number, or an `alias`.
+    pub version: Option<u32>,
+    pub alias: Option<String>,
+    pub percent: u32,
+}
+
+/// Shares a deployment's calls between versions of its model (its owner or an operator): a
+/// canary at 10 %, an A/B test at 50/50, a promotion at 100. Every version must be anchored to
+/// the token whose licenses open the deployment, and is loaded before anything changes.
+#[utoipa::path(
+    put,
+    path = "/api/v1/deployments/{deployment_id}/traffic",
+    tag = "deployments",
+    params(("deployment_id" = String, Path)),
+    request_body = TrafficRequest,
+    responses((status = 200, body = DeploymentView), (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody), (status = 403, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody))
+)]
+pub async fn traffic(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<DeploymentView>, ApiError> {
+    let ctx = auth::api_caller(&state, &headers)?;
+    let id = parse_id(&raw)?;
+    let request: TrafficRequest = json(&body)?;
+    let shares = request
+        .split
+        .into_iter()
+        .map(|s| crate::serve::Share { version: s.version, alias: s.alias, percent: s.percent })
+        .collect();
+    let serve = state.serve.clone();
+    Ok(Json(tokio::task::spawn_blocking(move || serve.set_traffic(&ctx, id, shares)).await??))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct PredictRequest {
     /// One input per example: a row of numbers (MLP) or a text (sentence encoder).
     pub inputs: Vec<crate::serve::Row>,
@@ -166,6 +214,7 @@ pub struct PredictRequest {
 pub struct PredictAnswer {
     pub outputs: Vec<Vec<f32>>,
     pub model: String,
+    /// The version that answered (a traffic split picks one per call).
     pub version: u32,
 }
 
@@ -236,8 +285,8 @@ pub async fn predict(
                     let request = PredictRequest::deserialize(&input).map_err(|e| {
                         ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("the request body is not valid: {e}"))
                     })?;
-                    let outputs = serve.predict(record, request.inputs)?;
-                    Ok(Answer::Outputs(PredictAnswer { outputs, model: record.model.clone(), version: record.version }))
+                    let (version, outputs) = serve.predict(record, request.inputs)?;
+                    Ok(Answer::Outputs(PredictAnswer { outputs, model: record.model.clone(), version }))
                 }
             }
         };

@@ -136,6 +136,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(deploy::list))
         .routes(routes!(deploy::get, deploy::delete))
         .routes(routes!(deploy::predict))
+        .routes(routes!(deploy::traffic))
         .routes(routes!(deploy::usage))
         .routes(routes!(deploy::receipts))
         .routes(routes!(p2p::status))

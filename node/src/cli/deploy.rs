@@ -38,6 +38,16 @@ pub enum DeployCommand {
         #[command(flatten)]
         pay: PayArgs,
     },
+    /// Share a deployment's calls between versions of its model you own, e.g. a canary:
+    /// `--split 1=90 --split 2=10` (a version number or an alias, then its whole percent; the
+    /// percents sum to 100). One version at 100 moves the deployment to it.
+    Traffic {
+        id: u64,
+        #[arg(long = "split", required = true, value_parser = parse_share)]
+        split: Vec<(String, u32)>,
+        #[command(flatten)]
+        pay: PayArgs,
+    },
     /// A deployment's status, requests, errors and latency.
     Status {
         id: u64,
@@ -93,12 +103,23 @@ impl DeployCommand {
                 });
                 Ok(())
             }
+            Self::Traffic { id, split, pay } => {
+                let c = Connected::open(&pay.node, &pay.wallet, config, false).await?.signed_in().await?;
+                let answer = c
+                    .node
+                    .put_json(&format!("/api/v1/deployments/{id}/traffic"), &traffic_body(&split))
+                    .await?;
+                print(pay.json, &answer, |a| {
+                    format!("deployment {id} of {}: {}", a["model"].as_str().unwrap_or("?"), traffic_line(a))
+                });
+                Ok(())
+            }
             Self::Status { id, pay } => {
                 let node = crate::client::NodeClient::new(&pay.node.node)?;
                 let answer = node.get_json(&format!("/api/v1/deployments/{id}")).await?;
                 print(pay.json, &answer, |a| {
                     format!(
-                        "deployment {id}: {} v{} {}; {} requests, {} errors, p50 {} ms, p99 {} ms; units metered {}, settled {}, pending {}",
+                        "deployment {id}: {} v{} {}; {} requests, {} errors, p50 {} ms, p99 {} ms; units metered {}, settled {}, pending {}; traffic {}",
                         a["model"].as_str().unwrap_or("?"),
                         a["version"],
                         a["status"].as_str().unwrap_or("?"),
@@ -108,7 +129,8 @@ impl DeployCommand {
                         a["latency_p99_ms"],
                         a["units_metered"].as_str().unwrap_or("?"),
                         a["units_settled"].as_str().unwrap_or("?"),
-                        a["units_pending"].as_str().unwrap_or("?")
+                        a["units_pending"].as_str().unwrap_or("?"),
+                        traffic_line(a)
                     )
                 });
                 Ok(())
@@ -116,6 +138,48 @@ impl DeployCommand {
             Self::Predict(args) => predict(args, config).await,
         }
     }
+}
+
+/// `V=P`: a version number or an alias, and its whole percent.
+fn parse_share(raw: &str) -> Result<(String, u32), String> {
+    let (version, percent) =
+        raw.split_once('=').ok_or_else(|| format!("`{raw}` is not VERSION=PERCENT (e.g. 2=10)"))?;
+    let percent =
+        percent.trim().parse().map_err(|_| format!("`{percent}` in `{raw}` is not a whole percent"))?;
+    let version = version.trim();
+    if version.is_empty() {
+        return Err(format!("`{raw}` names no version or alias before `=`"));
+    }
+    Ok((version.to_owned(), percent))
+}
+
+/// The traffic request: numbers are versions, anything else an alias.
+fn traffic_body(split: &[(String, u32)]) -> Value {
+    let shares: Vec<Value> = split
+        .iter()
+        .map(|(v, percent)| match v.parse::<u32>() {
+            Ok(version) => json!({"version": version, "percent": percent}),
+            Err(_) => json!({"alias": v, "percent": percent}),
+        })
+        .collect();
+    json!({ "split": shares })
+}
+
+/// `v1 90% (12 requests, 0 errors, p99 1.2 ms), v2 10% (…)`.
+fn traffic_line(a: &Value) -> String {
+    let shares: Vec<String> = a["traffic"]
+        .as_array()
+        .map(|t| t.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|t| {
+            format!(
+                "v{} {}% ({} requests, {} errors, p99 {} ms)",
+                t["version"], t["percent"], t["requests"], t["errors"], t["latency_p99_ms"]
+            )
+        })
+        .collect();
+    shares.join(", ")
 }
 
 fn print(json_out: bool, value: &Value, human: impl Fn(&Value) -> String) {
@@ -210,4 +274,23 @@ fn write_state(path: &std::path::Path, cumulative: U256) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_parse_as_version_or_alias_and_percent() {
+        assert_eq!(parse_share("2=10"), Ok(("2".into(), 10)));
+        assert_eq!(parse_share("champion = 90"), Ok(("champion".into(), 90)));
+        assert!(parse_share("2:10").unwrap_err().contains("VERSION=PERCENT"));
+        assert!(parse_share("2=ten").unwrap_err().contains("whole percent"));
+        assert!(parse_share("=10").unwrap_err().contains("no version"));
+        let body = traffic_body(&[("1".into(), 90), ("challenger".into(), 10)]);
+        assert_eq!(
+            body,
+            json!({"split": [{"version": 1, "percent": 90}, {"alias": "challenger", "percent": 10}]})
+        );
+    }
 }

@@ -24,7 +24,7 @@ pub mod metering;
 pub mod settle;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -39,7 +39,8 @@ use crate::{
     store::{
         Store, StoreError,
         tables::{
-            DeploymentRecord, DeploymentUpstreams, Deployments, Meta, MetaKey, MetaValue, UpstreamRecord,
+            DeploymentRecord, DeploymentTraffic, DeploymentUpstreams, Deployments, Meta, MetaKey, MetaValue,
+            TrafficRecord, UpstreamRecord,
         },
     },
 };
@@ -58,6 +59,9 @@ pub enum ServeError {
     Model(String),
     #[error("the upstream inference server failed: {0}")]
     Upstream(String),
+    /// Well-formed but not acceptable (a traffic split across versions of different tokens).
+    #[error("{0}")]
+    Unacceptable(String),
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]
@@ -231,15 +235,98 @@ pub struct DeploymentView {
     pub units_metered: String,
     pub units_settled: String,
     pub units_pending: String,
+    /// How calls are shared between versions, with each version's calls in this process: the
+    /// split's versions, then any that served calls before the split changed (at 0 %).
+    pub traffic: Vec<TrafficView>,
+}
+
+/// One version's share of a deployment's calls and how its calls went (this process).
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct TrafficView {
+    pub version: u32,
+    /// Whole percent of the calls it gets now.
+    pub percent: u32,
+    pub requests: u64,
+    pub errors: u64,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+}
+
+/// One version's share of a deployment's calls, as asked for: a version number or an alias.
+#[derive(Clone, Debug)]
+pub struct Share {
+    pub version: Option<u32>,
+    pub alias: Option<String>,
+    pub percent: u32,
+}
+
+/// The most versions one deployment splits its calls between.
+pub const MAX_SHARES: usize = 10;
+
+/// Shares calls between versions in proportion to their percents, spread evenly (smooth
+/// weighted round robin, as nginx balances its upstreams): over every 100 calls each version
+/// serves exactly its percent, and a 10 % version serves every tenth call, not ten in a row.
+#[derive(Clone, Debug)]
+pub struct Router {
+    /// (version, weight, running credit).
+    versions: Vec<(u32, i64, i64)>,
+}
+
+impl Router {
+    pub fn new(split: &[(u32, u32)]) -> Self {
+        Self { versions: split.iter().map(|&(version, percent)| (version, i64::from(percent), 0)).collect() }
+    }
+
+    /// The version the next call goes to (none for an empty split).
+    pub fn pick(&mut self) -> Option<u32> {
+        let total: i64 = self.versions.iter().map(|v| v.1).sum();
+        let mut best: Option<usize> = None;
+        for i in 0..self.versions.len() {
+            self.versions[i].2 += self.versions[i].1;
+            if best.is_none_or(|b| self.versions[i].2 > self.versions[b].2) {
+                best = Some(i);
+            }
+        }
+        let best = &mut self.versions[best?];
+        best.2 -= total;
+        Some(best.0)
+    }
+}
+
+/// Calls and their latencies (the last 10,000, in milliseconds).
+#[derive(Default)]
+struct Calls {
+    requests: u64,
+    errors: u64,
+    latencies: std::collections::VecDeque<f64>,
+}
+
+impl Calls {
+    fn record(&mut self, ms: f64, ok: bool) {
+        self.requests += 1;
+        if !ok {
+            self.errors += 1;
+        }
+        self.latencies.push_back(ms);
+        if self.latencies.len() > 10_000 {
+            self.latencies.pop_front();
+        }
+    }
+
+    /// The median and 99th percentile latency.
+    fn percentiles(&self) -> (Option<f64>, Option<f64>) {
+        let mut sorted: Vec<f64> = self.latencies.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let at = |q: f64| sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied();
+        (at(0.5), at(0.99))
+    }
 }
 
 #[derive(Default)]
 struct Stats {
-    requests: u64,
-    errors: u64,
+    all: Calls,
+    versions: BTreeMap<u32, Calls>,
     health: Option<String>,
-    /// The last 10,000 latencies in milliseconds.
-    latencies: std::collections::VecDeque<f64>,
 }
 
 /// Loaded models and when each was last used.
@@ -399,6 +486,9 @@ pub struct Serve {
     /// were last used.
     models: Arc<Mutex<ModelCache>>,
     stats: Arc<Mutex<HashMap<u64, Stats>>>,
+    /// Traffic splits by deployment, read from the store at a deployment's first call (none:
+    /// every call goes to its version).
+    routes: Arc<Mutex<HashMap<u64, Option<Router>>>>,
     write: Arc<Mutex<()>>,
     /// For `http` deployments: the client, and the runtime that blocking threads run it on.
     http: reqwest::Client,
@@ -421,6 +511,7 @@ impl Serve {
             cache_limit,
             models: Arc::default(),
             stats: Arc::default(),
+            routes: Arc::default(),
             write: Arc::default(),
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(60))
@@ -505,16 +596,34 @@ impl Serve {
             Some(token) => settle::UsageTotals::of_token(&self.store, token)?,
             None => settle::UsageTotals::default(),
         };
-        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        let (requests, errors, p50, p99, health) = match stats.get(&r.id) {
-            Some(s) => {
-                let mut sorted: Vec<f64> = s.latencies.iter().copied().collect();
-                sorted.sort_by(f64::total_cmp);
-                let at = |q: f64| sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied();
-                (s.requests, s.errors, at(0.5), at(0.99), s.health.clone())
-            }
-            None => (0, 0, None, None, None),
+        let split = match self.store.get::<DeploymentTraffic>(&r.id)? {
+            Some(traffic) => traffic.split,
+            None => vec![(r.version, 100)],
         };
+        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let none = Stats::default();
+        let s = stats.get(&r.id).unwrap_or(&none);
+        let (p50, p99) = s.all.percentiles();
+        let former = s.versions.keys().filter(|v| !split.iter().any(|(w, _)| w == *v)).map(|v| (*v, 0));
+        let traffic = split
+            .iter()
+            .copied()
+            .chain(former)
+            .map(|(version, percent)| {
+                let calls = s.versions.get(&version).unwrap_or(&none.all);
+                let (latency_p50_ms, latency_p99_ms) = calls.percentiles();
+                TrafficView {
+                    version,
+                    percent,
+                    requests: calls.requests,
+                    errors: calls.errors,
+                    latency_p50_ms,
+                    latency_p99_ms,
+                }
+            })
+            .collect();
+        let (requests, errors, health) = (s.all.requests, s.all.errors, s.health.clone());
+        drop(stats);
         let upstream_url = self.store.get::<DeploymentUpstreams>(&r.id)?.map(|u| u.url);
         Ok(DeploymentView {
             deployment_id: r.id.to_string(),
@@ -535,6 +644,7 @@ impl Serve {
             units_metered: usage.metered.to_string(),
             units_settled: usage.settled.to_string(),
             units_pending: usage.pending().to_string(),
+            traffic,
         })
     }
 
@@ -562,8 +672,13 @@ impl Serve {
         self.store.iter::<Deployments>().map(|item| self.view(&item?.1)).collect()
     }
 
-    pub fn delete(&self, ctx: &Context, id: u64) -> Result<(), ServeError> {
-        let record = self.record(id)?;
+    /// Whether `ctx` may change a deployment: its model's owner or an operator.
+    fn authorize_change(
+        &self,
+        ctx: &Context,
+        record: &DeploymentRecord,
+        what: &str,
+    ) -> Result<(), ServeError> {
         let model = self.registry.require_model(&record.model).ok();
         let allowed = match &ctx.actor {
             crate::registry::Actor::Operator => true,
@@ -572,14 +687,25 @@ impl Serve {
         };
         if !allowed {
             return Err(ServeError::Forbidden(format!(
-                "only the owner of '{}' or an operator removes its deployments",
+                "only the owner of '{}' or an operator {what}",
                 record.model
             )));
         }
+        Ok(())
+    }
+
+    pub fn delete(&self, ctx: &Context, id: u64) -> Result<(), ServeError> {
+        let record = self.record(id)?;
+        self.authorize_change(ctx, &record, "removes its deployments")?;
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         let mut batch = self.store.batch();
         batch.delete::<Deployments>(&id);
         batch.delete::<DeploymentUpstreams>(&id);
+        batch.delete::<DeploymentTraffic>(&id);
         self.store.write(batch)?;
+        routes.remove(&id);
+        drop(routes);
         crate::audit::Audit::new(self.store.clone()).record(
             &ctx.actor.id(),
             "deployment.delete",
@@ -671,8 +797,132 @@ impl Serve {
         Ok(loaded)
     }
 
-    /// Runs a batch on a ready deployment and records its latency.
-    pub fn predict(&self, record: &DeploymentRecord, rows: Vec<Row>) -> Result<Vec<Vec<f32>>, ServeError> {
+    /// Shares a deployment's calls between versions of its model (the model's owner or an
+    /// operator): whole percents summing to 100, every version anchored to the token the
+    /// deployment's licenses are of (or all not anchored), and every version loaded to check it
+    /// runs before anything changes. The version with the largest share becomes the
+    /// deployment's `version`; a split of one version at 100 % moves the deployment to it.
+    pub fn set_traffic(
+        &self,
+        ctx: &Context,
+        id: u64,
+        shares: Vec<Share>,
+    ) -> Result<DeploymentView, ServeError> {
+        let record = self.record(id)?;
+        self.authorize_change(ctx, &record, "splits its deployments' traffic")?;
+        if record.runtime != "builtin" {
+            return Err(invalid(format!(
+                "deployment {id} runs on the {} runtime, which sends every call to its one upstream; \
+                 only builtin deployments split calls between versions",
+                record.runtime
+            )));
+        }
+        if shares.is_empty() || shares.len() > MAX_SHARES {
+            return Err(invalid(format!("`split` takes 1 to {MAX_SHARES} versions, not {}", shares.len())));
+        }
+        let token = self.token_of(&record)?;
+        let mut split: Vec<(u32, u32)> = Vec::with_capacity(shares.len());
+        let mut views = Vec::with_capacity(shares.len());
+        for share in shares {
+            let view = match (share.version, &share.alias) {
+                (Some(v), None) => self.registry.version(&record.model, v)?,
+                (None, Some(alias)) => self.registry.by_alias(&record.model, alias)?,
+                _ => {
+                    return Err(invalid(
+                        "each share of `split` names a `version` or an `alias`, one of them",
+                    ));
+                }
+            };
+            let version = view.version.version;
+            if !(1..=100).contains(&share.percent) {
+                return Err(invalid(format!(
+                    "version {version} is given {} percent; a share is 1 to 100",
+                    share.percent
+                )));
+            }
+            if split.iter().any(|(v, _)| *v == version) {
+                return Err(invalid(format!("version {version} appears twice in `split`")));
+            }
+            let anchored: Option<U256> = view.anchored.as_ref().and_then(|a| a.token_id.parse().ok());
+            if anchored != token {
+                let of = |t: Option<U256>| {
+                    t.map_or("not anchored on-chain".to_owned(), |t| format!("of token {t}"))
+                };
+                return Err(ServeError::Unacceptable(format!(
+                    "version {version} is {}, while the deployment's licenses are {}: one license must open \
+                     every version a call may reach, so deploy it on its own",
+                    of(anchored),
+                    of(token)
+                )));
+            }
+            split.push((version, share.percent));
+            views.push(view);
+        }
+        let total: u32 = split.iter().map(|(_, p)| p).sum();
+        if total != 100 {
+            return Err(invalid(format!("the shares of `split` sum to {total} percent, not 100")));
+        }
+        for view in &views {
+            self.load(view).map_err(|e| match e {
+                ServeError::Model(why) => {
+                    ServeError::Model(format!("version {}: {why}", view.version.version))
+                }
+                e => e,
+            })?;
+        }
+        let mut primary = split[0];
+        for share in &split[1..] {
+            if share.1 > primary.1 {
+                primary = *share;
+            }
+        }
+        let record = {
+            let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+            let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+            let mut record = self.record(id)?;
+            record.version = primary.0;
+            record.status = "ready".into();
+            record.reason = None;
+            let mut batch = self.store.batch();
+            batch.put::<Deployments>(&id, &record)?;
+            if split.len() == 1 {
+                batch.delete::<DeploymentTraffic>(&id);
+            } else {
+                batch.put::<DeploymentTraffic>(&id, &TrafficRecord { split: split.clone() })?;
+            }
+            self.store.write(batch)?;
+            routes.insert(id, (split.len() > 1).then(|| Router::new(&split)));
+            record
+        };
+        let shown: Vec<String> = split.iter().map(|(v, p)| format!("{v}={p}")).collect();
+        crate::audit::Audit::new(self.store.clone()).record(
+            &ctx.actor.id(),
+            "deployment.traffic",
+            &format!("deployment:{id} model:{} split:{}", record.model, shown.join(",")),
+            ctx.request_id.as_deref(),
+        )?;
+        self.view(&record)
+    }
+
+    /// The version a deployment's next call goes to.
+    fn route(&self, record: &DeploymentRecord) -> Result<u32, ServeError> {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let route = match routes.entry(record.id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(self.store.get::<DeploymentTraffic>(&record.id)?.map(|t| Router::new(&t.split)))
+            }
+        };
+        Ok(route.as_mut().and_then(Router::pick).unwrap_or(record.version))
+    }
+
+    /// Runs a batch on a ready deployment (on the version its traffic split picks) and records
+    /// its latency; answers with the version that ran it.
+    pub fn predict(
+        &self,
+        record: &DeploymentRecord,
+        rows: Vec<Row>,
+    ) -> Result<(u32, Vec<Vec<f32>>), ServeError> {
         if record.status != "ready" {
             return Err(ServeError::NotReady {
                 id: record.id,
@@ -683,27 +933,29 @@ impl Serve {
             return Err(invalid("`inputs` holds no rows"));
         }
         let started = Instant::now();
+        let version = self.route(record)?;
         let result = self
             .registry
-            .version(&record.model, record.version)
+            .version(&record.model, version)
             .map_err(ServeError::from)
             .and_then(|view| self.load(&view))
             .and_then(|loaded| loaded.batcher.run(&loaded.network, rows));
-        self.count(record.id, started, result.is_ok());
-        result
+        self.count(record.id, version, started, result.is_ok());
+        result.map(|outputs| (version, outputs))
     }
 
-    fn count(&self, id: u64, started: Instant, ok: bool) {
+    /// Counts a call of a deployment's version, here and in the metrics.
+    fn count(&self, id: u64, version: u32, started: Instant, ok: bool) {
+        let elapsed = started.elapsed().as_secs_f64();
+        let labels = [("deployment", id.to_string()), ("version", version.to_string())];
+        metrics::histogram!("agora_deployment_call_duration_seconds", &labels).record(elapsed);
+        if !ok {
+            metrics::counter!("agora_deployment_call_errors_total", &labels).increment(1);
+        }
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let s = stats.entry(id).or_default();
-        s.requests += 1;
-        if !ok {
-            s.errors += 1;
-        }
-        s.latencies.push_back(started.elapsed().as_secs_f64() * 1e3);
-        if s.latencies.len() > 10_000 {
-            s.latencies.pop_front();
-        }
+        s.all.record(elapsed * 1e3, ok);
+        s.versions.entry(version).or_default().record(elapsed * 1e3, ok);
     }
 
     /// The upstream of an `http` deployment.
@@ -734,7 +986,7 @@ impl Serve {
             }
             Ok((status.as_u16(), bytes.to_vec()))
         });
-        self.count(record.id, started, result.is_ok());
+        self.count(record.id, record.version, started, result.is_ok());
         result
     }
 
@@ -808,6 +1060,37 @@ fn check_url(what: &str, url: &str) -> Result<(), ServeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn picks(split: &[(u32, u32)], n: usize) -> Vec<u32> {
+        let mut router = Router::new(split);
+        (0..n).map(|_| router.pick().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_split_gives_each_version_exactly_its_percent_spread_out() {
+        for split in [
+            vec![(1, 90), (2, 10)],
+            vec![(1, 50), (2, 30), (3, 20)],
+            vec![(4, 1), (5, 99)],
+            vec![(7, 33), (8, 33), (9, 34)],
+        ] {
+            let got = picks(&split, 300);
+            for (version, percent) in &split {
+                // every run of 100 calls holds exactly the share
+                for window in got.chunks(100) {
+                    let n = window.iter().filter(|v| *v == version).count();
+                    assert_eq!(n, *percent as usize, "{split:?}: version {version}");
+                }
+            }
+        }
+        // a 10 % canary is spread out, never two calls in a row; an even split alternates
+        let canary = picks(&[(1, 90), (2, 10)], 100);
+        assert!(canary.windows(2).all(|w| w != [2, 2]), "{canary:?}");
+        assert_eq!(picks(&[(1, 50), (2, 50)], 6), [1, 2, 1, 2, 1, 2]);
+        // the first listed wins ties; one version always; none for nothing
+        assert_eq!(picks(&[(3, 100)], 3), [3, 3, 3]);
+        assert_eq!(Router::new(&[]).pick(), None);
+    }
 
     fn tensors(layers: &[usize]) -> HashMap<String, Tensor> {
         let mut map = HashMap::new();

@@ -173,6 +173,9 @@ tables! {
         encode: |k| concat(&[&k.0, &k.1]);
     /// Offers this node signed as a provider: which configured offer each came from and its nonce.
     OwnOffers = "own_offers", root: false, key: B256, value: OwnOffer, encode: |k| k.to_vec();
+    /// How a deployment's calls are shared between versions of its model; absent, every call
+    /// goes to the deployment's version.
+    DeploymentTraffic = "deployment_traffic", root: false, key: u64, value: TrafficRecord, encode: |k| k.to_be_bytes().to_vec();
 }
 
 /// A registered model (the registry's own record, whether or not it is on-chain).
@@ -308,6 +311,12 @@ pub struct UpstreamRecord {
     /// Probed with GET every few seconds; 2xx is healthy. Unset: any HTTP answer from the
     /// upstream URL's origin is.
     pub health_url: Option<String>,
+}
+
+/// A deployment's traffic split: (version, whole percent) pairs, the percents summing to 100.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficRecord {
+    pub split: Vec<(u32, u32)>,
 }
 
 /// A blob shared with peers: its size and the blake3 chaining values of its 1 MiB chunks

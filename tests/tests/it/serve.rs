@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::registry::{TOKEN, start};
 
-use agora_e2e::mlp::{forward as reference, register};
+use agora_e2e::mlp::{forward as reference, forward_shifted, register, register_shifted};
 
 /// The seller (account 1) signed in, having registered an MLP as `name` and anchored it on-chain.
 async fn publish(
@@ -38,10 +38,21 @@ async fn cli(
     state: &std::path::Path,
     line: String,
 ) -> (bool, Value, String) {
+    cli_as(7, market, node, state, line).await
+}
+
+/// Runs `agora LINE` as anvil account `who`.
+async fn cli_as(
+    who: usize,
+    market: &agora_e2e::market::Market,
+    node: &agora_e2e::Node,
+    state: &std::path::Path,
+    line: String,
+) -> (bool, Value, String) {
     let env = [
         ("AGORA_NODE_URL".to_owned(), node.url.clone()),
         ("AGORA_RPC_URL".to_owned(), market.anvil.endpoint()),
-        ("AGORA_PRIVATE_KEY".to_owned(), agora_contracts::anvil::DEV_KEYS[7].to_owned()),
+        ("AGORA_PRIVATE_KEY".to_owned(), agora_contracts::anvil::DEV_KEYS[who].to_owned()),
         ("AGORA_STATE_DIR".to_owned(), state.display().to_string()),
     ];
     tokio::task::spawn_blocking(move || {
@@ -731,4 +742,194 @@ async fn a_sentence_encoder_deployment_embeds_texts() {
         seller.post_json("/api/v1/deployments/create", &json!({"model": "no-tokenizer"})).await.unwrap();
     assert_eq!(failed["status"], "failed", "{failed}");
     assert!(failed["reason"].as_str().unwrap().contains("tokenizer.json"), "{failed}");
+}
+
+/// The versions each call reached, and a check that each answer is that version's network.
+async fn calls(buyer: &NodeClient, id: &str, n: usize) -> Vec<u64> {
+    let row = [0.5f32, -1.0, 2.0, 0.25];
+    let mut served = Vec::with_capacity(n);
+    for _ in 0..n {
+        let answer = buyer
+            .post_json(&format!("/api/v1/deployments/{id}/predict"), &json!({"inputs": [row]}))
+            .await
+            .unwrap();
+        let version = answer["version"].as_u64().unwrap();
+        // version v of the model was registered with its biases shifted by (v - 1) / 2
+        let expected = forward_shifted(&row, (version - 1) as f32 / 2.0);
+        let got: Vec<f32> =
+            answer["outputs"][0].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        for (a, b) in expected.iter().zip(&got) {
+            assert!((a - b).abs() < 1e-5, "version {version}: {a} vs {b}");
+        }
+        served.push(version);
+    }
+    served
+}
+
+/// (version, percent, requests) of each row of a deployment's `traffic`.
+fn traffic(view: &Value) -> Vec<(u64, u64, u64)> {
+    view["traffic"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (t["version"].as_u64().unwrap(), t["percent"].as_u64().unwrap(), t["requests"].as_u64().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_traffic_split_shares_calls_between_versions() {
+    use agora_e2e::market::Mined;
+    let (market, data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN)]).await;
+    let (seller, token) = publish(&market, &node, "iris", true).await;
+    // Version 2 anchored to the model's token, version 3 to a token of its own, version 4 not
+    // at all; each with other biases.
+    let hash_of = |v: &Value| -> alloy::primitives::B256 {
+        format!("0x{}", v["file"]["blake3"].as_str().unwrap()).parse().unwrap()
+    };
+    let v2 = register_shifted(&seller, "iris", true, 0.5).await;
+    market
+        .registry
+        .anchorVersion(token, hash_of(&v2))
+        .from(market.address(1))
+        .send()
+        .await
+        .unwrap()
+        .mined()
+        .await;
+    let v3 = register_shifted(&seller, "iris", true, 1.0).await;
+    let other = market.register_content(hash_of(&v3), "iris-3").await;
+    register_shifted(&seller, "iris", true, 1.5).await;
+    agora_e2e::eventually("versions 2 and 3 anchored", Duration::from_secs(30), || async {
+        let (_, v) = node.get("/api/v1/models/iris/versions").await;
+        let token_of = |n: u64| {
+            v["versions"].as_array()?.iter().find(|x| x["version"] == n)?["anchored"]["token_id"]
+                .as_str()
+                .map(str::to_owned)
+        };
+        (token_of(2) == Some(token.to_string()) && token_of(3) == Some(other.to_string())).then_some(())
+    })
+    .await;
+    let created = seller
+        .post_json("/api/v1/deployments/create", &json!({"model": "iris", "version": 1}))
+        .await
+        .unwrap();
+    let id = created["deployment_id"].as_str().unwrap().to_owned();
+    assert_eq!(traffic(&created), [(1, 100, 0)]);
+    market.buy(token, 5, 0).await;
+    let (head, head_hash) = market.head().await;
+    node.wait_indexed(head, head_hash).await;
+    let mut buyer = NodeClient::new(&node.url).unwrap();
+    buyer.sign_in(&market.signer(5)).await.unwrap();
+
+    // A 70/30 split: every ten calls, seven reach version 1 and three version 2.
+    let path = format!("/api/v1/deployments/{id}/traffic");
+    let split = |a: Value, b: Value| json!({"split": [a, b]});
+    let set = seller
+        .put_json(&path, &split(json!({"version": 1, "percent": 70}), json!({"version": 2, "percent": 30})))
+        .await
+        .unwrap();
+    assert_eq!(set["version"], 1, "the largest share is the deployment's version: {set}");
+    assert_eq!(traffic(&set), [(1, 70, 0), (2, 30, 0)]);
+    let served = calls(&buyer, &id, 20).await;
+    assert_eq!(served.iter().filter(|v| **v == 1).count(), 14, "{served:?}");
+    assert_eq!(served.iter().filter(|v| **v == 2).count(), 6, "{served:?}");
+    let (_, view) = node.get(&format!("/api/v1/deployments/{id}")).await;
+    assert_eq!(traffic(&view), [(1, 70, 14), (2, 30, 6)]);
+    assert_eq!(view["requests"], 20);
+    assert!(view["traffic"][1]["latency_p99_ms"].as_f64().is_some(), "{view}");
+    let metrics = reqwest::get(format!("{}/metrics", node.url)).await.unwrap().text().await.unwrap();
+    let count = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("agora_deployment_call_duration_seconds_count")
+                && l.contains(&format!("deployment=\"{id}\""))
+                && l.contains("version=\"2\"")
+        })
+        .unwrap_or_else(|| panic!("no count for version 2 in\n{metrics}"));
+    assert!(count.ends_with(" 6"), "{count}");
+
+    // Bad splits are refused, naming what is wrong, and change nothing.
+    let mut stranger = NodeClient::new(&node.url).unwrap();
+    stranger.sign_in(&market.signer(6)).await.unwrap();
+    let even = split(json!({"version": 1, "percent": 50}), json!({"version": 2, "percent": 50}));
+    for (client, body, expected) in [
+        (&stranger, even.clone(), "403"),
+        (
+            &seller,
+            split(json!({"version": 1, "percent": 50}), json!({"version": 2, "percent": 40})),
+            "sum to 90",
+        ),
+        (&seller, split(json!({"version": 1, "percent": 50}), json!({"version": 1, "percent": 50})), "twice"),
+        (
+            &seller,
+            split(json!({"version": 1, "percent": 100}), json!({"version": 2, "percent": 0})),
+            "1 to 100",
+        ),
+        (&seller, split(json!({"version": 1, "percent": 50}), json!({"version": 9, "percent": 50})), "404"),
+        (&seller, split(json!({"version": 1, "percent": 50}), json!({"version": 3, "percent": 50})), "422"),
+        (
+            &seller,
+            split(json!({"version": 1, "percent": 50}), json!({"version": 4, "percent": 50})),
+            "not anchored",
+        ),
+        (
+            &seller,
+            split(json!({"version": 1, "percent": 50}), json!({"version": 2, "alias": "x", "percent": 50})),
+            "400",
+        ),
+        (&seller, json!({"split": []}), "1 to 10"),
+    ] {
+        let err = client.put_json(&path, &body).await.unwrap_err().to_string();
+        assert!(err.contains(expected), "{body}: {err}");
+    }
+    let err = seller
+        .put_json(&path, &split(json!({"version": 1, "percent": 50}), json!({"version": 3, "percent": 50})))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&format!("of token {other}")), "{err}");
+    let (_, view) = node.get(&format!("/api/v1/deployments/{id}")).await;
+    assert_eq!(traffic(&view), [(1, 70, 14), (2, 30, 6)]);
+
+    // An alias names a version; an even split alternates, and survives a restart.
+    seller
+        .post_json(
+            "/api/2.0/mlflow/registered-models/alias",
+            &json!({"name": "iris", "alias": "challenger", "version": "2"}),
+        )
+        .await
+        .unwrap();
+    let set = seller
+        .put_json(
+            &path,
+            &split(json!({"version": 1, "percent": 50}), json!({"alias": "challenger", "percent": 50})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(traffic(&set), [(1, 50, 14), (2, 50, 6)]);
+    assert_eq!(calls(&buyer, &id, 4).await, [1, 2, 1, 2]);
+    let mut node = node;
+    node.process.terminate(Duration::from_secs(15));
+    let node = agora_e2e::Node::start(
+        &market.anvil.endpoint(),
+        &market.deployment_path(),
+        data.path(),
+        &[("AGORA_ADMIN_TOKEN", TOKEN)],
+    );
+    let mut buyer = NodeClient::new(&node.url).unwrap();
+    buyer.sign_in(&market.signer(5)).await.unwrap();
+    let (_, view) = node.get(&format!("/api/v1/deployments/{id}")).await;
+    assert_eq!(traffic(&view), [(1, 50, 0), (2, 50, 0)]);
+    assert_eq!(calls(&buyer, &id, 2).await, [1, 2]);
+
+    // Promotion from the command line: version 2 takes every call; version 1 stays listed at 0 %.
+    let line = format!("deploy traffic {id} --split 2=100 --json");
+    let state = tempfile::tempdir().unwrap();
+    let (ok, out, err) = cli_as(1, &market, &node, state.path(), line).await;
+    assert!(ok, "{err}");
+    assert_eq!(out["version"], 2, "{out}");
+    assert_eq!(traffic(&out), [(2, 100, 1), (1, 0, 1)]);
+    assert_eq!(calls(&buyer, &id, 3).await, [2, 2, 2]);
 }
