@@ -172,6 +172,13 @@ pub async fn run(
         (None, None)
     };
 
+    let serve = crate::serve::Serve::new(
+        store.clone(),
+        registry.clone(),
+        artifacts.clone(),
+        config.storage.data_dir.join("tmp"),
+        config.registry.model_cache,
+    );
     let compute = crate::compute::Compute::new(
         store.clone(),
         deployment.clone(),
@@ -181,7 +188,8 @@ pub async fn run(
         operator.clone(),
         config.compute.clone(),
     )
-    .with_training(config.storage.data_dir.join("tmp"), watermark_key.clone());
+    .with_training(config.storage.data_dir.join("tmp"), watermark_key.clone())
+    .with_serve(serve.clone());
     let (job_tx, job_rx) = tokio::sync::mpsc::channel(256);
     if let Some(p2p) = &p2p {
         p2p.set_job_handler(job_tx);
@@ -192,13 +200,6 @@ pub async fn run(
     }
     let provider_task = tokio::spawn(compute.clone().run_provider(shutdown.clone()));
 
-    let serve = crate::serve::Serve::new(
-        store.clone(),
-        registry.clone(),
-        artifacts.clone(),
-        config.storage.data_dir.join("tmp"),
-        config.registry.model_cache,
-    );
     let probe_task = tokio::spawn(serve.clone().probe_upstreams(Duration::from_secs(5), shutdown.clone()));
 
     let listener = api::bind(config.http.addr).await?;

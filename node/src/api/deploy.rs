@@ -203,6 +203,20 @@ pub async fn traffic(
     Ok(Json(tokio::task::spawn_blocking(move || serve.set_traffic(&ctx, id, shares)).await??))
 }
 
+/// Starts a deployment's input-drift reference again from its next 1,000 rows (its model's
+/// owner or an operator): the inputs as they are now become the normal.
+#[utoipa::path(delete, path = "/api/v1/deployments/{deployment_id}/drift", tag = "deployments", params(("deployment_id" = String, Path)), responses((status = 200, body = DeploymentView), (status = 401, body = super::error::ErrorBody), (status = 403, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody)))]
+pub async fn reset_drift(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Result<Json<DeploymentView>, ApiError> {
+    let ctx = auth::api_caller(&state, &headers)?;
+    let id = parse_id(&raw)?;
+    let serve = state.serve.clone();
+    Ok(Json(tokio::task::spawn_blocking(move || serve.reset_drift(&ctx, id)).await??))
+}
+
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PredictRequest {

@@ -137,6 +137,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(deploy::get, deploy::delete))
         .routes(routes!(deploy::predict))
         .routes(routes!(deploy::traffic))
+        .routes(routes!(deploy::reset_drift))
         .routes(routes!(deploy::usage))
         .routes(routes!(deploy::receipts))
         .routes(routes!(p2p::status))

@@ -119,7 +119,7 @@ impl DeployCommand {
                 let answer = node.get_json(&format!("/api/v1/deployments/{id}")).await?;
                 print(pay.json, &answer, |a| {
                     format!(
-                        "deployment {id}: {} v{} {}; {} requests, {} errors, p50 {} ms, p99 {} ms; units metered {}, settled {}, pending {}; traffic {}",
+                        "deployment {id}: {} v{} {}; {} requests, {} errors, p50 {} ms, p99 {} ms; units metered {}, settled {}, pending {}; traffic {}; input drift {}",
                         a["model"].as_str().unwrap_or("?"),
                         a["version"],
                         a["status"].as_str().unwrap_or("?"),
@@ -130,7 +130,8 @@ impl DeployCommand {
                         a["units_metered"].as_str().unwrap_or("?"),
                         a["units_settled"].as_str().unwrap_or("?"),
                         a["units_pending"].as_str().unwrap_or("?"),
-                        traffic_line(a)
+                        traffic_line(a),
+                        drift_line(&a["drift"])
                     )
                 });
                 Ok(())
@@ -180,6 +181,18 @@ fn traffic_line(a: &Value) -> String {
         })
         .collect();
     shares.join(", ")
+}
+
+/// `1.84 (feature 2; 1000 reference rows, 500 recent)`, or why there is no score yet.
+fn drift_line(d: &Value) -> String {
+    if d.is_null() {
+        return "not followed (an MLP deployment's rows are, from its first call)".into();
+    }
+    let rows = format!("{} reference rows, {} recent", d["reference_rows"], d["recent_rows"]);
+    match d["score"].as_f64() {
+        Some(score) => format!("{score:.2} (feature {}; {rows})", d["feature"]),
+        None => format!("no score yet ({rows}; a score needs 1000 and 100)"),
+    }
 }
 
 fn print(json_out: bool, value: &Value, human: impl Fn(&Value) -> String) {

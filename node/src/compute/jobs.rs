@@ -1178,7 +1178,7 @@ impl Compute {
                 let last = runs.last.get(&p.name);
                 super::policies::PolicyView {
                     policy: p.clone(),
-                    trigger: if p.schedule.is_some() { "schedule" } else { "manual" }.into(),
+                    trigger: p.trigger(),
                     next_run: runs.next.get(&p.name).copied(),
                     last_run: last.map(|(at, _)| *at),
                     last_job: last.and_then(|(_, r)| r.as_ref().ok().copied()),
@@ -1207,7 +1207,9 @@ impl Compute {
         result
     }
 
-    /// Fires the scheduled policies that are due.
+    /// Fires the policies that are due: scheduled ones whose time came, and drift ones whose
+    /// deployment's inputs drifted past their threshold (and that have rested since their last
+    /// run). A drift run that schedules a job starts the deployment's drift reference again.
     async fn fire_policies(&self) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1224,7 +1226,7 @@ impl Compute {
                         }
                     }
                     Some(next) if next <= now => {
-                        due.push(policy.name.clone());
+                        due.push((policy.name.clone(), None));
                         if let Some(next) = policy.next_after(now) {
                             runs.next.insert(policy.name.clone(), next);
                         }
@@ -1232,11 +1234,28 @@ impl Compute {
                     Some(_) => {}
                 }
             }
+            for policy in &self.config.policies {
+                let (Some(trigger), Some(serve)) = (&policy.drift, &self.serve) else { continue };
+                let rested = runs.last.get(&policy.name).is_none_or(|(at, _)| now >= at + trigger.every);
+                let score = serve.drift_score(trigger.deployment);
+                if rested
+                    && score.is_some_and(|s| s > trigger.above)
+                    && !due.iter().any(|(name, _)| *name == policy.name)
+                {
+                    tracing::info!(target: "agora::compute", policy = %policy.name, deployment = trigger.deployment, score = score.unwrap_or_default(), "inputs drifted past the policy's threshold");
+                    due.push((policy.name.clone(), Some(trigger.deployment)));
+                }
+            }
         }
-        for name in due {
+        for (name, drifted) in due {
             match self.run_policy(&name).await {
                 Ok(job) => {
-                    tracing::info!(target: "agora::compute", policy = %name, job = job.id, "retraining policy fired")
+                    tracing::info!(target: "agora::compute", policy = %name, job = job.id, "retraining policy fired");
+                    if let (Some(deployment), Some(serve)) = (drifted, &self.serve)
+                        && let Err(e) = serve.rebaseline(deployment)
+                    {
+                        tracing::warn!(target: "agora::compute", policy = %name, deployment, error = %e, "cannot start the drift reference again");
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(target: "agora::compute", policy = %name, error = %e, "retraining policy could not run")

@@ -162,6 +162,8 @@ pub struct Compute {
     watermark_key: Option<std::sync::Arc<agora_watermark::MasterKey>>,
     /// When policies fire next and what their last runs did.
     runs: std::sync::Arc<std::sync::Mutex<policies::Runs>>,
+    /// The deployments, whose input drift fires drift policies.
+    serve: Option<crate::serve::Serve>,
 }
 
 /// `GET /api/v1/compute/reservations` item.
@@ -284,7 +286,14 @@ impl Compute {
             tmp: std::env::temp_dir(),
             watermark_key: None,
             runs: Default::default(),
+            serve: None,
         }
+    }
+
+    /// The deployments whose input drift the drift policies watch.
+    pub fn with_serve(mut self, serve: crate::serve::Serve) -> Self {
+        self.serve = Some(serve);
+        self
     }
 
     /// Where training jobs keep their work dirs, and the key that commits trained versions.

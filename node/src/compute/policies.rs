@@ -1,6 +1,6 @@
 //! Retraining policies: a training run to trigger on a schedule (cron, seconds resolution:
-//! `sec min hour day-of-month month day-of-week [year]`, UTC) or on demand. Drift and metric
-//! triggers come with monitoring.
+//! `sec min hour day-of-month month day-of-week [year]`, UTC), when a deployment's inputs drift
+//! (its drift score above a threshold), or on demand.
 
 use std::{collections::HashMap, str::FromStr};
 
@@ -28,6 +28,25 @@ pub struct Policy {
     pub constraints: Constraints,
     #[serde(default)]
     pub executor: Option<String>,
+    /// Fire when a deployment's input drift goes above a threshold.
+    #[serde(default)]
+    pub drift: Option<DriftTrigger>,
+}
+
+/// `drift = { deployment = 1, above = 0.5, every = 3600 }`: fire when the deployment's drift
+/// score (see `serve::drift`) is above `above`, at most once every `every` seconds (default an
+/// hour); a run that schedules a job starts the deployment's drift reference again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DriftTrigger {
+    pub deployment: u64,
+    pub above: f64,
+    #[serde(default = "hour")]
+    pub every: u64,
+}
+
+fn hour() -> u64 {
+    3600
 }
 
 impl Policy {
@@ -40,7 +59,26 @@ impl Policy {
                 format!("policy {:?}: schedule {schedule:?} is not a cron expression: {e}", self.name)
             })?;
         }
+        if let Some(drift) = &self.drift
+            && !(drift.above.is_finite() && drift.above > 0.0)
+        {
+            return Err(format!(
+                "policy {:?}: drift.above is {}; it is a number of standard deviations above 0",
+                self.name, drift.above
+            ));
+        }
         Ok(())
+    }
+
+    /// What fires it: `schedule`, `drift`, both (`schedule, drift`), or `manual`.
+    pub fn trigger(&self) -> String {
+        match (&self.schedule, &self.drift) {
+            (Some(_), Some(_)) => "schedule, drift",
+            (Some(_), None) => "schedule",
+            (None, Some(_)) => "drift",
+            (None, None) => "manual",
+        }
+        .into()
     }
 
     /// The next time the schedule fires after `after` (unix seconds).
@@ -70,7 +108,7 @@ impl Policy {
 pub struct PolicyView {
     #[serde(flatten)]
     pub policy: Policy,
-    /// `schedule` or `manual`.
+    /// `schedule`, `drift`, `schedule, drift` or `manual`.
     pub trigger: String,
     pub next_run: Option<u64>,
     pub last_run: Option<u64>,
@@ -102,8 +140,10 @@ mod tests {
             hyperparameters: None,
             constraints: Constraints::default(),
             executor: None,
+            drift: None,
         };
         p.check().unwrap();
+        assert_eq!(p.trigger(), "schedule");
         let next = p.next_after(1_800_000_000).unwrap();
         assert!(next > 1_800_000_000 && next - 1_800_000_000 <= 86_400);
         assert_eq!(next % 86_400, 3 * 3600, "03:00 UTC");
@@ -111,5 +151,25 @@ mod tests {
         assert!(p.check().unwrap_err().contains("nightly"));
         p.schedule = None;
         assert_eq!(p.next_after(0), None, "manual policies never fire by themselves");
+        assert_eq!(p.trigger(), "manual");
+    }
+
+    #[test]
+    fn drift_triggers_parse_with_an_hour_between_runs_and_need_a_positive_threshold() {
+        let mut p: Policy = toml::from_str(
+            "name = \"on-drift\"\nmodel = \"m\"\ndataset = \"d.csv\"\ndrift = { deployment = 3, above = 0.5 }\n",
+        )
+        .unwrap();
+        assert_eq!(p.drift, Some(DriftTrigger { deployment: 3, above: 0.5, every: 3600 }));
+        p.check().unwrap();
+        assert_eq!(p.trigger(), "drift");
+        p.drift = Some(DriftTrigger { deployment: 3, above: -1.0, every: 60 });
+        assert!(p.check().unwrap_err().contains("drift.above"));
+        assert!(
+            toml::from_str::<Policy>(
+                "name = \"x\"\nmodel = \"m\"\ndataset = \"d\"\ndrift = { deployment = 3 }\n"
+            )
+            .is_err()
+        );
     }
 }

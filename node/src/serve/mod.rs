@@ -19,6 +19,7 @@
 //! Deployments are records in RocksDB (they survive restarts); counters, latencies and health
 //! are kept in memory per process.
 
+pub mod drift;
 pub mod encoder;
 pub mod metering;
 pub mod settle;
@@ -39,8 +40,8 @@ use crate::{
     store::{
         Store, StoreError,
         tables::{
-            DeploymentRecord, DeploymentTraffic, DeploymentUpstreams, Deployments, Meta, MetaKey, MetaValue,
-            TrafficRecord, UpstreamRecord,
+            DeploymentDrift, DeploymentRecord, DeploymentTraffic, DeploymentUpstreams, Deployments, Meta,
+            MetaKey, MetaValue, TrafficRecord, UpstreamRecord,
         },
     },
 };
@@ -238,6 +239,8 @@ pub struct DeploymentView {
     /// How calls are shared between versions, with each version's calls in this process: the
     /// split's versions, then any that served calls before the split changed (at 0 %).
     pub traffic: Vec<TrafficView>,
+    /// MLP deployments: how far the rows served lately have moved from the first rows served.
+    pub drift: Option<drift::DriftView>,
 }
 
 /// One version's share of a deployment's calls and how its calls went (this process).
@@ -327,6 +330,8 @@ struct Stats {
     all: Calls,
     versions: BTreeMap<u32, Calls>,
     health: Option<String>,
+    /// MLP deployments, from their first call in this process on.
+    drift: Option<drift::Drift>,
 }
 
 /// Loaded models and when each was last used.
@@ -623,6 +628,14 @@ impl Serve {
             })
             .collect();
         let (requests, errors, health) = (s.all.requests, s.all.errors, s.health.clone());
+        let drift = match &s.drift {
+            Some(d) => Some(d.view()),
+            // not called yet in this process: the stored reference, if any
+            None => self
+                .store
+                .get::<DeploymentDrift>(&r.id)?
+                .map(|reference| drift::Drift::new(reference.means.len(), Some(reference)).view()),
+        };
         drop(stats);
         let upstream_url = self.store.get::<DeploymentUpstreams>(&r.id)?.map(|u| u.url);
         Ok(DeploymentView {
@@ -645,6 +658,7 @@ impl Serve {
             units_settled: usage.settled.to_string(),
             units_pending: usage.pending().to_string(),
             traffic,
+            drift,
         })
     }
 
@@ -703,8 +717,10 @@ impl Serve {
         batch.delete::<Deployments>(&id);
         batch.delete::<DeploymentUpstreams>(&id);
         batch.delete::<DeploymentTraffic>(&id);
+        batch.delete::<DeploymentDrift>(&id);
         self.store.write(batch)?;
         routes.remove(&id);
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         drop(routes);
         crate::audit::Audit::new(self.store.clone()).record(
             &ctx.actor.id(),
@@ -939,9 +955,74 @@ impl Serve {
             .version(&record.model, version)
             .map_err(ServeError::from)
             .and_then(|view| self.load(&view))
-            .and_then(|loaded| loaded.batcher.run(&loaded.network, rows));
+            .and_then(|loaded| {
+                if let Network::Mlp(mlp) = &loaded.network {
+                    self.observe(record.id, mlp.inputs(), &rows);
+                }
+                loaded.batcher.run(&loaded.network, rows)
+            });
         self.count(record.id, version, started, result.is_ok());
         result.map(|outputs| (version, outputs))
+    }
+
+    /// Follows the input drift of an MLP deployment's rows.
+    fn observe(&self, id: u64, width: usize, rows: &[Row]) {
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let s = stats.entry(id).or_default();
+        if s.drift.as_ref().is_none_or(|d| d.width() != width.min(drift::MAX_FEATURES)) {
+            let stored = self.store.get::<DeploymentDrift>(&id).unwrap_or_else(|e| {
+                tracing::warn!(target: "agora::serve", deployment = id, error = %e, "cannot read the drift reference; starting a new one");
+                None
+            });
+            s.drift = Some(drift::Drift::new(width, stored));
+        }
+        let Some(d) = s.drift.as_mut() else { return };
+        let mut completed = false;
+        for row in rows.iter().filter_map(Row::numbers) {
+            completed |= d.observe(row);
+        }
+        // stored under the lock, so a rebaseline cannot come between
+        if completed && let Err(e) = self.store.put::<DeploymentDrift>(&id, d.reference()) {
+            tracing::warn!(target: "agora::serve", deployment = id, error = %e, "cannot store the drift reference; it is kept in memory");
+        }
+        let score = d.view().score;
+        drop(stats);
+        if let Some(score) = score {
+            metrics::gauge!("agora_deployment_input_drift", "deployment" => id.to_string()).set(score);
+        }
+    }
+
+    /// A deployment's drift score now (none until there is one).
+    pub fn drift_score(&self, id: u64) -> Option<f64> {
+        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.get(&id)?.drift.as_ref()?.view().score
+    }
+
+    /// Starts a deployment's drift reference again from its next rows (after a retraining, or
+    /// when the owner accepts the inputs as they are now).
+    pub fn rebaseline(&self, id: u64) -> Result<(), ServeError> {
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let mut batch = self.store.batch();
+        batch.delete::<DeploymentDrift>(&id);
+        self.store.write(batch)?;
+        if let Some(s) = stats.get_mut(&id) {
+            s.drift = None;
+        }
+        Ok(())
+    }
+
+    /// [`Self::rebaseline`] as asked over the API (the model's owner or an operator).
+    pub fn reset_drift(&self, ctx: &Context, id: u64) -> Result<DeploymentView, ServeError> {
+        let record = self.record(id)?;
+        self.authorize_change(ctx, &record, "resets its deployments' drift")?;
+        self.rebaseline(id)?;
+        crate::audit::Audit::new(self.store.clone()).record(
+            &ctx.actor.id(),
+            "deployment.drift_reset",
+            &format!("deployment:{id}"),
+            ctx.request_id.as_deref(),
+        )?;
+        self.view(&record)
     }
 
     /// Counts a call of a deployment's version, here and in the metrics.

@@ -176,6 +176,8 @@ tables! {
     /// How a deployment's calls are shared between versions of its model; absent, every call
     /// goes to the deployment's version.
     DeploymentTraffic = "deployment_traffic", root: false, key: u64, value: TrafficRecord, encode: |k| k.to_be_bytes().to_vec();
+    /// The reference of a deployment's input drift: its first rows' per-feature statistics.
+    DeploymentDrift = "deployment_drift", root: false, key: u64, value: crate::serve::drift::Reference, encode: |k| k.to_be_bytes().to_vec();
 }
 
 /// A registered model (the registry's own record, whether or not it is on-chain).

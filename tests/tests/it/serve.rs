@@ -933,3 +933,111 @@ async fn a_traffic_split_shares_calls_between_versions() {
     assert_eq!(traffic(&out), [(2, 100, 1), (1, 0, 1)]);
     assert_eq!(calls(&buyer, &id, 3).await, [2, 2, 2]);
 }
+
+/// `n` rows of 4 standard normal numbers (seeded), the third moved by `shift`.
+fn spread(n: usize, seed: u64, shift: f32) -> Vec<Vec<f32>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let normal = rand_distr::StandardNormal;
+    (0..n)
+        .map(|_| (0..4).map(|j| rng.sample::<f32, _>(normal) + if j == 2 { shift } else { 0.0 }).collect())
+        .collect()
+}
+
+#[tokio::test]
+async fn input_drift_is_measured_and_fires_a_retraining_policy() {
+    let market = agora_e2e::market::Market::start().await;
+    let data = tempfile::tempdir().unwrap();
+    // Two drift policies on deployment 1: one that fires on any score, one above 1 standard
+    // deviation. Their dataset does not exist, so a run is recorded with its error.
+    let config = data.path().join("agora.toml");
+    std::fs::write(
+        &config,
+        "[[compute.policies]]\nname = \"any\"\nmodel = \"iris\"\ndataset = \"datasets/missing.csv\"\ndrift = { deployment = 1, above = 0.000001 }\n\n\
+         [[compute.policies]]\nname = \"on-drift\"\nmodel = \"iris\"\ndataset = \"datasets/missing.csv\"\ndrift = { deployment = 1, above = 1.0 }\n",
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let env = [
+        ("AGORA_ADMIN_TOKEN", TOKEN),
+        ("AGORA_OPERATOR_KEY", agora_contracts::anvil::DEV_KEYS[5]),
+        ("AGORA_CONFIG", config.as_str()),
+    ];
+    let node = agora_e2e::Node::start(&market.anvil.endpoint(), &market.deployment_path(), data.path(), &env);
+    let (seller, _) = publish(&market, &node, "iris", true).await;
+    let created = seller.post_json("/api/v1/deployments/create", &json!({"model": "iris"})).await.unwrap();
+    assert_eq!(created["deployment_id"], "1");
+    assert_eq!(created["drift"], Value::Null, "no rows yet");
+    let predict = |rows: Vec<Vec<f32>>| {
+        let seller = &seller;
+        async move { seller.post_json("/api/v1/deployments/1/predict", &json!({"inputs": rows})).await.unwrap() }
+    };
+    let policy = |name: &'static str| {
+        let node = &node;
+        async move {
+            let (_, policies) = node.get("/api/v1/retraining/policies").await;
+            policies["policies"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap().clone()
+        }
+    };
+    assert_eq!(policy("on-drift").await["trigger"], "drift");
+
+    // The first 1,000 rows are the reference; 200 more like them score low.
+    for seed in 0..12 {
+        predict(spread(100, seed, 0.0)).await;
+    }
+    let (_, view) = node.get("/api/v1/deployments/1").await;
+    let drift = &view["drift"];
+    assert_eq!(
+        (drift["reference_rows"].as_u64(), drift["recent_rows"].as_u64()),
+        (Some(1000), Some(200)),
+        "{view}"
+    );
+    assert!(drift["score"].as_f64().unwrap() < 0.3, "{view}");
+    // When the policy that fires on any score has run, the same check left the other alone.
+    let any = agora_e2e::eventually("the any-score policy fired", Duration::from_secs(30), || async {
+        let p = policy("any").await;
+        p["last_run"].as_u64().map(|_| p)
+    })
+    .await;
+    assert!(any["last_error"].as_str().is_some_and(|e| e.contains("missing.csv")), "{any}");
+    assert_eq!(policy("on-drift").await["last_run"], Value::Null, "below its threshold");
+
+    // The third feature moves by 3 standard deviations: the score passes 1, the policy fires.
+    for seed in 100..105 {
+        predict(spread(100, seed, 3.0)).await;
+    }
+    let (_, view) = node.get("/api/v1/deployments/1").await;
+    assert_eq!(view["drift"]["feature"], 2, "{view}");
+    assert!(view["drift"]["score"].as_f64().unwrap() > 1.5, "{view}");
+    agora_e2e::eventually("the drift policy fired", Duration::from_secs(30), || async {
+        policy("on-drift").await["last_run"].as_u64()
+    })
+    .await;
+    let metrics = reqwest::get(format!("{}/metrics", node.url)).await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("agora_deployment_input_drift{deployment=\"1\"}")),
+        "{metrics}"
+    );
+
+    // The reference is kept across a restart; a reset (owner or operator) starts it again.
+    let mut node = node;
+    node.process.terminate(Duration::from_secs(15));
+    let node = agora_e2e::Node::start(&market.anvil.endpoint(), &market.deployment_path(), data.path(), &env);
+    let (_, view) = node.get("/api/v1/deployments/1").await;
+    assert_eq!(view["drift"]["reference_rows"], 1000, "{view}");
+    let mut stranger = NodeClient::new(&node.url).unwrap();
+    stranger.sign_in(&market.signer(6)).await.unwrap();
+    let reset = |client: &NodeClient| {
+        client.authorize(client.http.delete(client.endpoint("/api/v1/deployments/1/drift"))).send()
+    };
+    assert_eq!(reset(&stranger).await.unwrap().status(), StatusCode::FORBIDDEN);
+    let mut seller = NodeClient::new(&node.url).unwrap();
+    seller.sign_in(&market.signer(1)).await.unwrap();
+    let response = reset(&seller).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let view: Value = response.json().await.unwrap();
+    assert_eq!(view["drift"], Value::Null, "{view}");
+    seller.post_json("/api/v1/deployments/1/predict", &json!({"inputs": spread(10, 7, 0.0)})).await.unwrap();
+    let (_, view) = node.get("/api/v1/deployments/1").await;
+    assert_eq!(view["drift"]["reference_rows"], 10, "{view}");
+}
