@@ -75,6 +75,8 @@ pub struct Drift {
     /// The recent rows, flat (`width` numbers each), and each feature's sum over them.
     recent: VecDeque<f32>,
     sums: Vec<f64>,
+    /// Rows taken in since this tracker began.
+    observed: u64,
 }
 
 impl Drift {
@@ -83,7 +85,7 @@ impl Drift {
     pub fn new(width: usize, stored: Option<Reference>) -> Self {
         let width = width.min(MAX_FEATURES);
         let reference = stored.filter(|r| r.means.len() == width).unwrap_or_else(|| Reference::new(width));
-        Self { reference, recent: VecDeque::new(), sums: vec![0.0; width] }
+        Self { reference, recent: VecDeque::new(), sums: vec![0.0; width], observed: 0 }
     }
 
     pub fn width(&self) -> usize {
@@ -98,6 +100,7 @@ impl Drift {
             return false;
         }
         let row = &row[..width];
+        self.observed += 1;
         if !self.reference.complete() {
             self.reference.add(row);
             return self.reference.complete();
@@ -116,6 +119,11 @@ impl Drift {
 
     pub fn reference(&self) -> &Reference {
         &self.reference
+    }
+
+    /// Rows taken in since this tracker began.
+    pub fn observed(&self) -> u64 {
+        self.observed
     }
 
     pub fn recent_rows(&self) -> usize {

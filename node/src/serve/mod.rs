@@ -977,6 +977,7 @@ impl Serve {
             s.drift = Some(drift::Drift::new(width, stored));
         }
         let Some(d) = s.drift.as_mut() else { return };
+        let before = d.observed();
         let mut completed = false;
         for row in rows.iter().filter_map(Row::numbers) {
             completed |= d.observe(row);
@@ -985,7 +986,8 @@ impl Serve {
         if completed && let Err(e) = self.store.put::<DeploymentDrift>(&id, d.reference()) {
             tracing::warn!(target: "agora::serve", deployment = id, error = %e, "cannot store the drift reference; it is kept in memory");
         }
-        let score = d.view().score;
+        // the gauge moves every 100 rows, not on every call
+        let score = if d.observed() / 100 != before / 100 { d.view().score } else { None };
         drop(stats);
         if let Some(score) = score {
             metrics::gauge!("agora_deployment_input_drift", "deployment" => id.to_string()).set(score);
