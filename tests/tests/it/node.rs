@@ -59,7 +59,14 @@ async fn node_serves_health_readiness_metrics_openapi_and_stops_on_sigterm() {
 
     let (status, openapi) = get_json(&format!("{base}/openapi.json")).await.unwrap();
     assert_eq!(status, 200);
-    for path in ["/healthz", "/readyz", "/metrics", "/api/v1/audit/log"] {
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/api/v1/audit/log",
+        "/api/v1/deployments/{deployment_id}/traffic",
+        "/api/v1/deployments/{deployment_id}/drift",
+    ] {
         assert!(openapi["paths"][path].is_object(), "{path} missing from {openapi}");
     }
 
