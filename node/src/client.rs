@@ -74,17 +74,21 @@ impl NodeClient {
     }
 
     async fn send_json(&self, request: reqwest::RequestBuilder, body: &Value) -> anyhow::Result<Value> {
-        let response = self
-            .authorize(request.json(body))
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the node at {}", self.url))?;
-        answer(response).await
+        self.send(request.json(body)).await
     }
 
     pub async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
+        self.send(self.http.get(self.endpoint(path))).await
+    }
+
+    /// DELETEs and returns the JSON answer, or an error carrying the node's message.
+    pub async fn delete_json(&self, path: &str) -> anyhow::Result<Value> {
+        self.send(self.http.delete(self.endpoint(path))).await
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
         let response = self
-            .authorize(self.http.get(self.endpoint(path)))
+            .authorize(request)
             .send()
             .await
             .with_context(|| format!("cannot reach the node at {}", self.url))?;

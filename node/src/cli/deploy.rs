@@ -48,6 +48,13 @@ pub enum DeployCommand {
         #[command(flatten)]
         pay: PayArgs,
     },
+    /// Accept a deployment's inputs as they are now: its drift reference starts again from
+    /// its next 1,000 rows (the model's owner or an operator).
+    ResetDrift {
+        id: u64,
+        #[command(flatten)]
+        pay: PayArgs,
+    },
     /// A deployment's status, requests, errors and latency.
     Status {
         id: u64,
@@ -111,6 +118,14 @@ impl DeployCommand {
                     .await?;
                 print(pay.json, &answer, |a| {
                     format!("deployment {id} of {}: {}", a["model"].as_str().unwrap_or("?"), traffic_line(a))
+                });
+                Ok(())
+            }
+            Self::ResetDrift { id, pay } => {
+                let c = Connected::open(&pay.node, &pay.wallet, config, false).await?.signed_in().await?;
+                let answer = c.node.delete_json(&format!("/api/v1/deployments/{id}/drift")).await?;
+                print(pay.json, &answer, |a| {
+                    format!("deployment {id}: input drift {}", drift_line(&a["drift"]))
                 });
                 Ok(())
             }

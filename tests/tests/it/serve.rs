@@ -1031,12 +1031,14 @@ async fn input_drift_is_measured_and_fires_a_retraining_policy() {
         client.authorize(client.http.delete(client.endpoint("/api/v1/deployments/1/drift"))).send()
     };
     assert_eq!(reset(&stranger).await.unwrap().status(), StatusCode::FORBIDDEN);
+    // the owner resets it from the command line
+    let state = tempfile::tempdir().unwrap();
+    let (ok, view, err) = cli_as(1, &market, &node, state.path(), "deploy reset-drift 1 --json".into()).await;
+    assert!(ok, "{err}");
+    assert_eq!(view["drift"], Value::Null, "{view}");
+    assert_eq!(view["deployment_id"], "1", "{view}");
     let mut seller = NodeClient::new(&node.url).unwrap();
     seller.sign_in(&market.signer(1)).await.unwrap();
-    let response = reset(&seller).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let view: Value = response.json().await.unwrap();
-    assert_eq!(view["drift"], Value::Null, "{view}");
     seller.post_json("/api/v1/deployments/1/predict", &json!({"inputs": spread(10, 7, 0.0)})).await.unwrap();
     let (_, view) = node.get("/api/v1/deployments/1").await;
     assert_eq!(view["drift"]["reference_rows"], 10, "{view}");
