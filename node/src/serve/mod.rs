@@ -949,18 +949,19 @@ impl Serve {
             return Err(invalid("`inputs` holds no rows"));
         }
         let started = Instant::now();
-        let version = self.route(record)?;
-        let result = self
-            .registry
-            .version(&record.model, version)
-            .map_err(ServeError::from)
-            .and_then(|view| self.load(&view))
-            .and_then(|loaded| {
-                if let Network::Mlp(mlp) = &loaded.network {
-                    self.observe(record.id, mlp.inputs(), &rows);
-                }
-                loaded.batcher.run(&loaded.network, rows)
-            });
+        let mut version = self.route(record)?;
+        let mut found = self.registry.version(&record.model, version);
+        if matches!(found, Err(RegistryError::NotFound(_))) && version != record.version {
+            // a version of the split deleted from the registry: its share goes to the main one
+            version = record.version;
+            found = self.registry.version(&record.model, version);
+        }
+        let result = found.map_err(ServeError::from).and_then(|view| self.load(&view)).and_then(|loaded| {
+            if let Network::Mlp(mlp) = &loaded.network {
+                self.observe(record.id, mlp.inputs(), &rows);
+            }
+            loaded.batcher.run(&loaded.network, rows)
+        });
         self.count(record.id, version, started, result.is_ok());
         result.map(|outputs| (version, outputs))
     }

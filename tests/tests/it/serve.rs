@@ -932,6 +932,27 @@ async fn a_traffic_split_shares_calls_between_versions() {
     assert_eq!(out["version"], 2, "{out}");
     assert_eq!(traffic(&out), [(2, 100, 1), (1, 0, 1)]);
     assert_eq!(calls(&buyer, &id, 3).await, [2, 2, 2]);
+
+    // A version deleted from the registry while in a split: its share goes to the main version.
+    let mut seller = NodeClient::new(&node.url).unwrap();
+    seller.sign_in(&market.signer(1)).await.unwrap();
+    let set = seller
+        .put_json(&path, &split(json!({"version": 2, "percent": 50}), json!({"version": 1, "percent": 50})))
+        .await
+        .unwrap();
+    assert_eq!(set["version"], 2, "the first listed of equal shares is the main one: {set}");
+    let response = seller
+        .authorize(
+            seller
+                .http
+                .delete(seller.endpoint("/api/2.0/mlflow/model-versions/delete"))
+                .json(&json!({"name": "iris", "version": "1"})),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(calls(&buyer, &id, 4).await, [2, 2, 2, 2]);
 }
 
 /// `n` rows of 4 standard normal numbers (seeded), the third moved by `shift`.
