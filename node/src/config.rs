@@ -111,6 +111,8 @@ pub struct RegistryConfig {
     /// The operator's bearer token; when unset the node creates one in
     /// `<data_dir>/admin.token` (mode 0600).
     pub admin_token: Option<String>,
+    /// `[[registry.webhooks]]`: where registry changes are POSTed.
+    pub webhooks: Vec<crate::registry::webhooks::Webhook>,
 }
 
 impl Default for RegistryConfig {
@@ -122,6 +124,7 @@ impl Default for RegistryConfig {
             copy_ahead: true,
             model_cache: 4 << 30,
             admin_token: None,
+            webhooks: Vec::new(),
         }
     }
 }
@@ -394,6 +397,8 @@ pub enum ConfigError {
     ShortToken,
     #[error("registry.max_upload must be at least 1")]
     ZeroUpload,
+    #[error("registry.webhooks: {0}")]
+    Webhook(String),
     #[error("auth.session_secs must be at least 60")]
     ShortSession,
     #[error("settle.min_wei {0:?} is not a decimal number of wei")]
@@ -559,6 +564,9 @@ impl Config {
         }
         if self.registry.max_upload == 0 {
             return Err(ConfigError::ZeroUpload);
+        }
+        for hook in &self.registry.webhooks {
+            hook.check().map_err(ConfigError::Webhook)?;
         }
         if self.auth.session_secs < 60 {
             return Err(ConfigError::ShortSession);

@@ -56,6 +56,11 @@ pub async fn run(
         store.clone(),
     )?;
     let registry = Registry::new(store.clone(), artifacts.clone(), Audit::new(store.clone()));
+    let webhooks_task = tokio::spawn(crate::registry::webhooks::run(
+        config.registry.webhooks.clone(),
+        registry.subscribe(),
+        shutdown.clone(),
+    ));
     let admin_token = match &config.registry.admin_token {
         Some(token) => token.clone(),
         None => {
@@ -242,6 +247,7 @@ pub async fn run(
         let _ = task.await;
     }
     let _ = probe_task.await;
+    let _ = webhooks_task.await;
     let _ = provider_task.await;
     let _ = jobs_task.await;
     if let Some(task) = p2p_task {

@@ -294,3 +294,60 @@ pub fn minilm_dir() -> Option<PathBuf> {
     }
     present.then_some(dir)
 }
+
+/// A small HTTP/1.1 server on loopback: `respond(head, body)` gives each request's status and
+/// JSON answer (keep-alive connections, `content-length` bodies). Aborting the task closes its
+/// connections too.
+pub async fn http_server(
+    respond: impl Fn(&str, &[u8]) -> (u16, String) + Send + Sync + 'static,
+) -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let respond = std::sync::Arc::new(respond);
+    let task = tokio::spawn(async move {
+        // Connections belong to the server task: aborting it closes them too.
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else { return };
+            let respond = respond.clone();
+            connections.spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    let length = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + length {
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let (status, answer) = respond(&head, &buf[end + 4..end + 4 + length]);
+                    buf.drain(..end + 4 + length);
+                    let reason = if status < 400 { "OK" } else { "Error" };
+                    let response = format!(
+                        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if socket.write_all(response.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{address}"), task)
+}

@@ -15,6 +15,7 @@
 
 pub mod filter;
 pub mod upload;
+pub mod webhooks;
 
 use std::{
     collections::BTreeMap,

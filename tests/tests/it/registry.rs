@@ -302,3 +302,79 @@ async fn the_node_creates_an_operator_token_when_none_is_configured() {
             .await;
     assert_eq!(status, StatusCode::CREATED);
 }
+
+#[tokio::test]
+async fn registry_changes_reach_webhooks_signed_in_order_and_retried() {
+    // A hook that refuses its first delivery and records every request.
+    let (tx, mut received) = tokio::sync::mpsc::unbounded_channel::<(String, Vec<u8>)>();
+    let calls = std::sync::atomic::AtomicU32::new(0);
+    let (base, _server) = agora_e2e::http_server(move |head, body| {
+        let _ = tx.send((head.to_owned(), body.to_vec()));
+        let first = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+        (if first { 500 } else { 200 }, "{}".to_owned())
+    })
+    .await;
+    let market = Market::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("agora.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[registry.webhooks]]\nurl = \"{base}/hook\"\nevents = [\"version_created\", \"stage_changed\"]\nsecret = \"hook-secret\"\n"
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let node = Node::start(
+        &market.anvil.endpoint(),
+        &market.deployment_path(),
+        data.path(),
+        &[("AGORA_ADMIN_TOKEN", TOKEN), ("AGORA_CONFIG", &config)],
+    );
+    let client = Client::new();
+    let (status, _) =
+        register(&client, &node.url, Some(TOKEN), &json!({"name": "hooked"}), Some(safetensors(8, 1))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    // a kind the hook did not ask for
+    let response = client
+        .post(format!("{}/api/2.0/mlflow/registered-models/set-tag", node.url))
+        .bearer_auth(TOKEN)
+        .json(&json!({"name": "hooked", "key": "team", "value": "risk"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (status, _) =
+        register(&client, &node.url, Some(TOKEN), &json!({"name": "hooked"}), Some(safetensors(8, 2))).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    let mut next =
+        async || tokio::time::timeout(Duration::from_secs(30), received.recv()).await.unwrap().unwrap();
+    let (refused, first_body) = next().await;
+    let (head, body) = next().await;
+    assert_eq!(body, first_body, "the refused delivery is tried again with the same body");
+    let (head2, body2) = next().await;
+    for (head, body, version) in [(&refused, &first_body, 1), (&head, &body, 1), (&head2, &body2, 2)] {
+        assert!(head.starts_with("POST /hook "), "{head}");
+        let event: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(event["kind"], "version_created", "{event}");
+        assert_eq!(
+            (event["model"].as_str(), event["version"].as_u64()),
+            (Some("hooked"), Some(version)),
+            "{event}"
+        );
+        assert_eq!(event["actor"], "operator");
+        assert!(event["time_ms"].as_u64().is_some(), "{event}");
+        let header = |name: &str| {
+            head.lines().find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.trim().to_owned())
+            })
+        };
+        assert_eq!(header("agora-event").as_deref(), Some("version_created"));
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"hook-secret");
+        let expected = format!("sha256={}", alloy::hex::encode(ring::hmac::sign(&key, body).as_ref()));
+        assert_eq!(header("agora-signature"), Some(expected), "the body is signed with the hook's secret");
+    }
+}

@@ -456,59 +456,19 @@ async fn accepted_vouchers_are_settled_on_chain_even_after_a_crash() {
     assert_eq!(withdrawn["amount"], (unit * U256::from(1000 - 5)).to_string());
 }
 
-/// A stand-in inference server on loopback: answers every POST with `{"model_name", "outputs":
-/// [{"name", "shape", "data"}], "echo": <the request>}` (KServe v2's shape) and every GET with 200.
+/// A stand-in KServe v2 inference server on loopback: POSTs get a fixed answer echoing the body,
+/// anything else `{"ready": true}`.
 async fn upstream() -> (String, tokio::task::JoinHandle<()>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        // Connections belong to the server task: aborting it closes them too.
-        let mut connections = tokio::task::JoinSet::new();
-        loop {
-            let Ok((mut socket, _)) = listener.accept().await else { return };
-            connections.spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match socket.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    let length = head
-                        .lines()
-                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
-                        .unwrap_or(0);
-                    while buf.len() < end + 4 + length {
-                        match socket.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let body: Value = serde_json::from_slice(&buf[end + 4..end + 4 + length]).unwrap_or(Value::Null);
-                    buf.drain(..end + 4 + length);
-                    let answer = if head.starts_with("POST") {
-                        json!({"model_name": "m", "outputs": [{"name": "y", "shape": [1], "data": [42.0]}], "echo": body})
-                    } else {
-                        json!({"ready": true})
-                    }
-                    .to_string();
-                    let response = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
-                        answer.len()
-                    );
-                    if socket.write_all(response.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (format!("http://{address}"), task)
+    agora_e2e::http_server(|head, body| {
+        let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let answer = if head.starts_with("POST") {
+            json!({"model_name": "m", "outputs": [{"name": "y", "shape": [1], "data": [42.0]}], "echo": body})
+        } else {
+            json!({"ready": true})
+        };
+        (200, answer.to_string())
+    })
+    .await
 }
 
 #[tokio::test]
