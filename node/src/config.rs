@@ -843,8 +843,30 @@ mod tests {
         assert!(err.to_string().contains("rpc_urll"), "{err}");
 
         std::fs::write(&path, "[chain]\npoll_ms = 0\n").unwrap();
-        let err = Config::load(&ConfigArgs { config: Some(path), ..args() }).unwrap_err();
+        let err = Config::load(&ConfigArgs { config: Some(path.clone()), ..args() }).unwrap_err();
         assert!(matches!(err, ConfigError::ZeroPoll), "{err}");
+
+        // webhooks and drift policies are checked when the file is read
+        std::fs::write(&path, "[[registry.webhooks]]\nurl = \"file:///etc/passwd\"\n").unwrap();
+        let err = Config::load(&ConfigArgs { config: Some(path.clone()), ..args() }).unwrap_err();
+        assert!(
+            err.to_string().contains("registry.webhooks") && err.to_string().contains("http or https"),
+            "{err}"
+        );
+        std::fs::write(
+            &path,
+            "[[compute.policies]]\nname = \"p\"\nmodel = \"m\"\ndataset = \"d\"\ndrift = { deployment = 1, above = 0 }\n",
+        )
+        .unwrap();
+        let err = Config::load(&ConfigArgs { config: Some(path.clone()), ..args() }).unwrap_err();
+        assert!(err.to_string().contains("drift.above"), "{err}");
+        std::fs::write(
+            &path,
+            "[[registry.webhooks]]\nurl = \"https://ci.example/hook\"\nevents = [\"version_created\"]\n",
+        )
+        .unwrap();
+        let ok = Config::load(&ConfigArgs { config: Some(path), ..args() }).unwrap();
+        assert_eq!(ok.registry.webhooks[0].events, ["version_created"]);
 
         let err = Config::load(&ConfigArgs { rpc_url: Some("ftp://x".into()), ..args() }).unwrap_err();
         assert!(matches!(err, ConfigError::RpcScheme(_)), "{err}");
