@@ -162,16 +162,7 @@ pub async fn delete(
 #[serde(deny_unknown_fields)]
 pub struct TrafficRequest {
     /// The versions and their whole-percent shares of the calls, summing to 100.
-    pub split: Vec<ShareRequest>,
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ShareRequest {
-    /// A version number, or an `alias`.
-    pub version: Option<u32>,
-    pub alias: Option<String>,
-    pub percent: u32,
+    pub split: Vec<crate::serve::Share>,
 }
 
 /// Shares a deployment's calls between versions of its model (its owner or an operator): a
@@ -194,13 +185,8 @@ pub async fn traffic(
     let ctx = auth::api_caller(&state, &headers)?;
     let id = parse_id(&raw)?;
     let request: TrafficRequest = json(&body)?;
-    let shares = request
-        .split
-        .into_iter()
-        .map(|s| crate::serve::Share { version: s.version, alias: s.alias, percent: s.percent })
-        .collect();
     let serve = state.serve.clone();
-    Ok(Json(tokio::task::spawn_blocking(move || serve.set_traffic(&ctx, id, shares)).await??))
+    Ok(Json(tokio::task::spawn_blocking(move || serve.set_traffic(&ctx, id, request.split)).await??))
 }
 
 /// Starts a deployment's input-drift reference again from its next 1,000 rows (its model's

@@ -17,7 +17,7 @@ pub const ATTEMPTS: u32 = 5;
 const QUEUE: usize = 1024;
 
 /// An event's kind and its JSON body, on its way to one hook.
-type Delivery = (&'static str, Vec<u8>);
+type Delivery = (&'static str, bytes::Bytes);
 
 /// `[[registry.webhooks]]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,7 +101,7 @@ pub async fn run(
             Err(broadcast::error::RecvError::Closed) => return,
         };
         let body = match serde_json::to_vec(&Payload { event: &event, time_ms: super::now_ms() }) {
-            Ok(body) => body,
+            Ok(body) => bytes::Bytes::from(body),
             Err(e) => {
                 tracing::warn!(target: "agora::webhooks", error = %e, "cannot encode a registry event");
                 continue;
@@ -119,6 +119,7 @@ pub async fn run(
 /// One hook's deliveries, in order.
 async fn deliver_all(http: reqwest::Client, hook: Webhook, mut queue: mpsc::Receiver<Delivery>) {
     while let Some((kind, body)) = queue.recv().await {
+        let signed = hook.secret.as_ref().map(|secret| signature(secret, &body));
         let mut wait = Duration::from_secs(1);
         let mut outcome = "failed";
         for attempt in 1..=ATTEMPTS {
@@ -127,8 +128,8 @@ async fn deliver_all(http: reqwest::Client, hook: Webhook, mut queue: mpsc::Rece
                 .header("content-type", "application/json")
                 .header("agora-event", kind)
                 .body(body.clone());
-            if let Some(secret) = &hook.secret {
-                request = request.header("agora-signature", signature(secret, &body));
+            if let Some(signed) = &signed {
+                request = request.header("agora-signature", signed);
             }
             let failure = match request.send().await {
                 Ok(response) if response.status().is_success() => {

@@ -256,8 +256,10 @@ pub struct TrafficView {
 }
 
 /// One version's share of a deployment's calls, as asked for: a version number or an alias.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Share {
+    /// A version number, or an `alias`.
     pub version: Option<u32>,
     pub alias: Option<String>,
     pub percent: u32,
@@ -886,12 +888,8 @@ impl Serve {
                 e => e,
             })?;
         }
-        let mut primary = split[0];
-        for share in &split[1..] {
-            if share.1 > primary.1 {
-                primary = *share;
-            }
-        }
+        // the largest share; the first listed among equal ones (max_by_key keeps the last)
+        let primary = split.iter().rev().max_by_key(|(_, percent)| *percent).copied().unwrap_or(split[0]);
         let record = {
             let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
             let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
