@@ -69,11 +69,22 @@ pub struct SettleConfig {
     pub min_wei: String,
     /// Settle anything pending after it has waited this many seconds.
     pub interval_secs: u64,
+    /// Send an operator transaction again with higher fees after it waited this many
+    /// seconds unmined.
+    pub bump_secs: u64,
+    /// The most the operator wallet offers per gas, in gwei (decimal).
+    pub max_fee_gwei: String,
 }
 
 impl Default for SettleConfig {
     fn default() -> Self {
-        Self { operator_key: None, min_wei: "10000000000000000".into(), interval_secs: 300 }
+        Self {
+            operator_key: None,
+            min_wei: "10000000000000000".into(),
+            interval_secs: 300,
+            bump_secs: 30,
+            max_fee_gwei: "1000".into(),
+        }
     }
 }
 
@@ -320,6 +331,14 @@ pub struct ConfigArgs {
     #[arg(long, env = "AGORA_SETTLE_INTERVAL", global = true, help_heading = "Settlement")]
     pub settle_interval: Option<u64>,
 
+    /// Send an operator transaction again with higher fees after this many seconds unmined [default: 30].
+    #[arg(long, env = "AGORA_OPERATOR_BUMP_SECS", global = true, help_heading = "Settlement")]
+    pub operator_bump_secs: Option<u64>,
+
+    /// The most the operator wallet offers per gas, in gwei [default: 1000].
+    #[arg(long, env = "AGORA_OPERATOR_MAX_FEE_GWEI", global = true, help_heading = "Settlement")]
+    pub operator_max_fee_gwei: Option<String>,
+
     /// Join the peer-to-peer network [default: true].
     #[arg(long, env = "AGORA_P2P", global = true, help_heading = "Peer-to-peer", value_parser = clap::builder::BoolishValueParser::new())]
     pub p2p: Option<bool>,
@@ -405,6 +424,12 @@ pub enum ConfigError {
     SettleMin(String),
     #[error("settle.operator_key (AGORA_OPERATOR_KEY) is not 32 bytes of hex")]
     OperatorKey,
+    #[error(
+        "settle.max_fee_gwei (AGORA_OPERATOR_MAX_FEE_GWEI) {0:?} is not a positive decimal number of gwei"
+    )]
+    MaxFee(String),
+    #[error("settle.bump_secs (AGORA_OPERATOR_BUMP_SECS) must be at least 1")]
+    ZeroBump,
     #[error("p2p.{field} {value:?} is not a multiaddr: {reason}")]
     Multiaddr { field: &'static str, value: String, reason: String },
     #[error("p2p.bootstrap {0:?} does not end in /p2p/<peer id>")]
@@ -498,6 +523,12 @@ impl Config {
         if let Some(v) = args.settle_interval {
             self.settle.interval_secs = v;
         }
+        if let Some(v) = args.operator_bump_secs {
+            self.settle.bump_secs = v;
+        }
+        if let Some(v) = &args.operator_max_fee_gwei {
+            self.settle.max_fee_gwei = v.clone();
+        }
         if let Some(v) = &args.siwe_domain {
             self.auth.domain = Some(v.clone());
         }
@@ -582,6 +613,7 @@ impl Config {
         {
             return Err(ConfigError::OperatorKey);
         }
+        self.fee_policy()?;
         self.p2p_net()?;
         if self.p2p.max_connections == 0 || self.p2p.max_per_peer == 0 || self.p2p.roots_every == 0 {
             return Err(ConfigError::ZeroP2p);
@@ -682,6 +714,24 @@ impl Config {
     }
 
     /// The indexer's settings.
+    /// How the operator wallet outbids its own pending transactions.
+    pub fn fee_policy(&self) -> Result<crate::chain::operator::FeePolicy, ConfigError> {
+        let s = &self.settle;
+        if s.bump_secs == 0 {
+            return Err(ConfigError::ZeroBump);
+        }
+        let wei = alloy::primitives::utils::parse_units(s.max_fee_gwei.trim(), "gwei")
+            .ok()
+            .filter(|units| !units.is_negative())
+            .map(|units| units.get_absolute())
+            .filter(|wei| !wei.is_zero() && *wei <= alloy::primitives::U256::from(u128::MAX))
+            .ok_or_else(|| ConfigError::MaxFee(s.max_fee_gwei.clone()))?;
+        Ok(crate::chain::operator::FeePolicy {
+            bump_after: std::time::Duration::from_secs(s.bump_secs),
+            max_fee_per_gas: wei.to(),
+        })
+    }
+
     pub fn indexer(&self) -> crate::chain::indexer::IndexerConfig {
         crate::chain::indexer::IndexerConfig {
             poll: std::time::Duration::from_millis(self.chain.poll_ms),
@@ -870,6 +920,30 @@ mod tests {
 
         let err = Config::load(&ConfigArgs { rpc_url: Some("ftp://x".into()), ..args() }).unwrap_err();
         assert!(matches!(err, ConfigError::RpcScheme(_)), "{err}");
+
+        // the operator's fee cap: a positive number of gwei, fractions allowed
+        for bad in ["", "-1", "0", "ten", "1e400"] {
+            let err =
+                Config::load(&ConfigArgs { operator_max_fee_gwei: Some(bad.into()), ..args() }).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::MaxFee(_))
+                    && err.to_string().contains("AGORA_OPERATOR_MAX_FEE_GWEI"),
+                "{bad}: {err}"
+            );
+        }
+        let err = Config::load(&ConfigArgs { operator_bump_secs: Some(0), ..args() }).unwrap_err();
+        assert!(matches!(err, ConfigError::ZeroBump), "{err}");
+        let fees = Config::load(&ConfigArgs {
+            operator_max_fee_gwei: Some("2.5".into()),
+            operator_bump_secs: Some(12),
+            ..args()
+        })
+        .unwrap()
+        .fee_policy()
+        .unwrap();
+        assert_eq!((fees.max_fee_per_gas, fees.bump_after.as_secs()), (2_500_000_000, 12));
+        let defaults = Config::load(&args()).unwrap().fee_policy().unwrap();
+        assert_eq!((defaults.max_fee_per_gas, defaults.bump_after.as_secs()), (1_000_000_000_000, 30));
 
         let err = Config::load(&ConfigArgs { artifacts: Some("gs://bucket".into()), ..args() }).unwrap_err();
         assert!(matches!(err, ConfigError::Artifacts(_)), "{err}");

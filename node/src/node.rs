@@ -124,7 +124,9 @@ pub async fn run(
     )?;
     let indexer_task = tokio::spawn(indexer.run(shutdown.clone()));
     let operator = match &config.settle.operator_key {
-        Some(key) => Some(chain::operator::Operator::connect(key, &config.chain.rpc_url).await?),
+        Some(key) => {
+            Some(chain::operator::Operator::connect(key, &config.chain.rpc_url, config.fee_policy()?).await?)
+        }
         None => None,
     };
     let settle_failures = crate::serve::settle::Failures::default();

@@ -340,12 +340,9 @@ impl Compute {
             .reserve(offer.offer.clone(), offer.signature.clone().into(), chosen.gpu_hours, start)
             .value(chosen.cost);
         let receipt = operator
-            .send(reserve)
+            .transact(reserve)
             .await
-            .map_err(|e| invalid(format!("the reservation was refused: {e}")))?
-            .get_receipt()
-            .await
-            .map_err(|e| invalid(format!("the reservation did not complete: {e}")))?;
+            .map_err(|e| invalid(format!("the reservation did not go through: {e}")))?;
         if !receipt.status() {
             return Err(invalid(format!("the reservation {} reverted", receipt.transaction_hash)));
         }
@@ -766,7 +763,7 @@ impl Compute {
         let gpu_count = self.reserved_gpus(&job);
         let compute = ComputeMarket::new(self.deployment.compute_market, operator.provider.clone());
         let confirmed = async {
-            let receipt = operator.send(compute.confirmStart(job.reservation)).await?.get_receipt().await?;
+            let receipt = operator.transact(compute.confirmStart(job.reservation)).await?;
             anyhow::ensure!(receipt.status(), "confirmStart reverted");
             Ok::<_, anyhow::Error>(())
         };
@@ -1106,11 +1103,7 @@ impl Compute {
         }
         let compute = ComputeMarket::new(self.deployment.compute_market, operator.provider.clone());
         let sent = async {
-            let receipt = operator
-                .send(compute.claim(job.reservation, hours, signature.into()))
-                .await?
-                .get_receipt()
-                .await?;
+            let receipt = operator.transact(compute.claim(job.reservation, hours, signature.into())).await?;
             anyhow::ensure!(receipt.status(), "claim reverted");
             Ok::<_, anyhow::Error>(receipt.transaction_hash)
         };
@@ -1315,8 +1308,7 @@ impl Compute {
                     _ => false,
                 };
                 if job.status == JobStatus::Failed && !job.settled && reclaimable {
-                    let receipt =
-                        operator.send(compute.reclaim(job.reservation)).await?.get_receipt().await?;
+                    let receipt = operator.transact(compute.reclaim(job.reservation)).await?;
                     anyhow::ensure!(receipt.status(), "reclaim reverted");
                     let _ = self.update_job(job.id, |j| j.settled = true);
                     tracing::info!(target: "agora::compute", job = job.id, reservation = %job.reservation, "reclaimed the escrow of a failed job");
@@ -1332,17 +1324,12 @@ impl Compute {
                         && now <= r.end_time + grace =>
                     {
                         let hours = job.hours_used.unwrap_or(1);
-                        let receipt = operator
-                            .send(compute.report(job.reservation, hours))
-                            .await?
-                            .get_receipt()
-                            .await?;
+                        let receipt = operator.transact(compute.report(job.reservation, hours)).await?;
                         anyhow::ensure!(receipt.status(), "report reverted");
                         tracing::info!(target: "agora::compute", job = job.id, hours, "no statement from the holder: hours reported");
                     }
                     Some((_, final_at)) if now >= final_at => {
-                        let receipt =
-                            operator.send(compute.finalize(job.reservation)).await?.get_receipt().await?;
+                        let receipt = operator.transact(compute.finalize(job.reservation)).await?;
                         anyhow::ensure!(receipt.status(), "finalize reverted");
                         let _ = self.update_job(job.id, |j| j.settled = true);
                     }

@@ -571,7 +571,7 @@ impl Compute {
         }
         if taken_at_current_nonce {
             let compute = ComputeMarket::new(self.deployment.compute_market, operator.provider.clone());
-            let receipt = operator.send(compute.bumpNonce()).await?.get_receipt().await?;
+            let receipt = operator.transact(compute.bumpNonce()).await?;
             anyhow::ensure!(receipt.status(), "bumpNonce {} reverted", receipt.transaction_hash);
             *bumped = Some(nonce + U256::from(1));
             tracing::info!(target: "agora::compute", tx = %receipt.transaction_hash, "capacity taken: withdrew the offers signed so far");

@@ -251,16 +251,11 @@ pub async fn run(
                 continue;
             }
             let sent = operator
-                .send(contract.settleUsage(p.license, p.cumulative, p.signature.clone().into()))
+                .transact(contract.settleUsage(p.license, p.cumulative, p.signature.clone().into()))
                 .await;
             let outcome = match sent {
-                Ok(pending_tx) => pending_tx.get_receipt().await.map_err(|e| e.to_string()).and_then(|r| {
-                    if r.status() {
-                        Ok(r.transaction_hash)
-                    } else {
-                        Err(format!("reverted in {}", r.transaction_hash))
-                    }
-                }),
+                Ok(r) if r.status() => Ok(r.transaction_hash),
+                Ok(r) => Err(format!("reverted in {}", r.transaction_hash)),
                 Err(e) => Err(e.to_string()),
             };
             match outcome {

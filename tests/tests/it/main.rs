@@ -9,6 +9,7 @@ mod indexer;
 mod market_api;
 mod mlflow;
 mod node;
+mod operator;
 mod p2p;
 mod publish;
 mod registry;

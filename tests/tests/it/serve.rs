@@ -12,7 +12,7 @@ use super::registry::{TOKEN, start};
 use agora_e2e::mlp::{forward as reference, forward_shifted, register, register_shifted};
 
 /// The seller (account 1) signed in, having registered an MLP as `name` and anchored it on-chain.
-async fn publish(
+pub(super) async fn publish(
     market: &agora_e2e::market::Market,
     node: &agora_e2e::Node,
     name: &str,
@@ -270,6 +270,25 @@ async fn deployment_units(node: &agora_e2e::Node, id: &str) -> [String; 3] {
         .map(|k| d[k].as_str().unwrap_or_else(|| panic!("{k}: {d}")).to_owned())
 }
 
+/// Buyer 7's usage license of `token`, indexed, and `seller`'s deployment of `model`:
+/// (license, deployment id, buyer 7 signed in).
+pub(super) async fn usage_deployment(
+    market: &agora_e2e::market::Market,
+    node: &agora_e2e::Node,
+    seller: &NodeClient,
+    token: alloy::primitives::U256,
+    model: &str,
+) -> (alloy::primitives::U256, String, NodeClient) {
+    let license = market.buy(token, 7, 2).await;
+    let (head, head_hash) = market.head().await;
+    node.wait_indexed(head, head_hash).await;
+    let created = seller.post_json("/api/v1/deployments/create", &json!({"model": model})).await.unwrap();
+    let id = created["deployment_id"].as_str().unwrap().to_owned();
+    let mut buyer = NodeClient::new(&node.url).unwrap();
+    buyer.sign_in(&market.signer(7)).await.unwrap();
+    (license, id, buyer)
+}
+
 #[tokio::test]
 async fn accepted_vouchers_are_settled_on_chain_even_after_a_crash() {
     use agora_node::serve::metering;
@@ -281,13 +300,7 @@ async fn accepted_vouchers_are_settled_on_chain_even_after_a_crash() {
     let version = register(&seller, "iris", true).await;
     let hash = format!("0x{}", version["file"]["blake3"].as_str().unwrap()).parse().unwrap();
     let token = market.register_content(hash, "iris").await;
-    let license = market.buy(token, 7, 2).await;
-    let (head, head_hash) = market.head().await;
-    node.wait_indexed(head, head_hash).await;
-    let created = seller.post_json("/api/v1/deployments/create", &json!({"model": "iris"})).await.unwrap();
-    let id = created["deployment_id"].as_str().unwrap().to_owned();
-    let mut buyer = NodeClient::new(&node.url).unwrap();
-    buyer.sign_in(&market.signer(7)).await.unwrap();
+    let (license, id, buyer) = usage_deployment(&market, &node, &seller, token, "iris").await;
     let (chain, lm) = (market.deployment.chain_id, market.deployment.license_market);
     for cumulative in 1..=5u64 {
         let hash = metering::voucher_hash(license, U256::from(cumulative), chain, lm);
