@@ -55,12 +55,17 @@ pub async fn run(
         key,
         store.clone(),
     )?;
-    let registry = Registry::new(store.clone(), artifacts.clone(), Audit::new(store.clone()));
-    let webhooks_task = tokio::spawn(crate::registry::webhooks::run(
-        config.registry.webhooks.clone(),
-        registry.subscribe(),
-        shutdown.clone(),
-    ));
+    let mut registry = Registry::new(store.clone(), artifacts.clone(), Audit::new(store.clone()));
+    let mut webhooks_task = None;
+    if !config.registry.webhooks.is_empty() {
+        let outbox = crate::registry::webhooks::Outbox::open(store.clone())?;
+        registry = registry.with_outbox(outbox.clone());
+        webhooks_task = Some(tokio::spawn(crate::registry::webhooks::run(
+            config.registry.webhooks.clone(),
+            outbox,
+            shutdown.clone(),
+        )));
+    }
     let admin_token = match &config.registry.admin_token {
         Some(token) => token.clone(),
         None => {
@@ -249,7 +254,9 @@ pub async fn run(
         let _ = task.await;
     }
     let _ = probe_task.await;
-    let _ = webhooks_task.await;
+    if let Some(task) = webhooks_task {
+        let _ = task.await;
+    }
     let _ = provider_task.await;
     let _ = jobs_task.await;
     if let Some(task) = p2p_task {

@@ -203,6 +203,8 @@ pub struct Registry {
     artifacts: ArtifactStore,
     audit: Audit,
     events: broadcast::Sender<RegistryEvent>,
+    /// Where changes wait for the webhooks, when any are configured.
+    outbox: Option<webhooks::Outbox>,
     write: Arc<Mutex<()>>,
 }
 
@@ -214,7 +216,24 @@ pub fn now_ms() -> u64 {
 impl Registry {
     pub fn new(store: Store, artifacts: ArtifactStore, audit: Audit) -> Self {
         let (events, _) = broadcast::channel(1024);
-        Self { store, artifacts, audit, events, write: Arc::new(Mutex::new(())) }
+        Self { store, artifacts, audit, events, outbox: None, write: Arc::new(Mutex::new(())) }
+    }
+
+    /// Every change from now on is also written to `outbox`, for the webhooks.
+    pub fn with_outbox(self, outbox: webhooks::Outbox) -> Self {
+        Self { outbox: Some(outbox), ..self }
+    }
+
+    /// Publishes `event` on the bus and, for the webhooks, in the outbox.
+    fn emit(&self, event: RegistryEvent) {
+        if let Some(outbox) = &self.outbox
+            && let Err(e) = outbox.push(&event)
+        {
+            tracing::warn!(target: "agora::webhooks", kind = event.kind, error = %e, "cannot write a registry change to the webhook outbox; it is not sent");
+            metrics::counter!("agora_webhook_deliveries_total", "outcome" => "dropped").increment(1);
+        }
+        // No subscriber is fine.
+        let _ = self.events.send(event);
     }
 
     pub fn artifacts(&self) -> &ArtifactStore {
@@ -246,14 +265,7 @@ impl Registry {
         let action =
             if detail.is_empty() { format!("registry.{kind}") } else { format!("registry.{kind} {detail}") };
         self.audit.record(&ctx.actor.id(), &action, &object, ctx.request_id.as_deref())?;
-        // No subscriber is fine.
-        let _ = self.events.send(RegistryEvent {
-            kind,
-            model: model.to_owned(),
-            version,
-            detail,
-            actor: ctx.actor.id(),
-        });
+        self.emit(RegistryEvent { kind, model: model.to_owned(), version, detail, actor: ctx.actor.id() });
         Ok(())
     }
 
@@ -981,7 +993,7 @@ impl Registry {
             &format!("artifact:{path}"),
             ctx.request_id.as_deref(),
         )?;
-        let _ = self.events.send(RegistryEvent {
+        self.emit(RegistryEvent {
             kind: "artifact_put",
             model: String::new(),
             version: None,
@@ -1021,7 +1033,7 @@ impl Registry {
             &format!("artifact:{path}"),
             ctx.request_id.as_deref(),
         )?;
-        let _ = self.events.send(RegistryEvent {
+        self.emit(RegistryEvent {
             kind: "artifact_deleted",
             model: String::new(),
             version: None,

@@ -1,23 +1,33 @@
 //! Webhooks: registry changes POSTed as JSON to the URLs `[[registry.webhooks]]` names, as
-//! MLflow's registry webhooks do. Each hook has its own queue and task, so events reach it in
-//! the order they happened and a slow or dead hook holds no other back. A delivery that fails
-//! (no answer, or not 2xx) is tried again after 1, 2, 4 and 8 seconds, then dropped with a
-//! warning and a metric.
+//! MLflow's registry webhooks do. Each change is first written, synced, to the outbox
+//! (`webhook_outbox`, by sequence number), and each hook keeps its place in it
+//! (`webhook_cursors`): a change not yet delivered when the node stops, or dies, is sent once it
+//! runs again, so a hook gets every change at least once (`seq` in the body tells a repeat). Each
+//! hook has its own task, so changes reach it in the order they happened and a slow or dead hook
+//! holds no other back. A delivery that fails (no answer, or not 2xx) is tried again after 1, 2,
+//! 4 and 8 seconds, then given up with a warning and a metric. A hook new to the configuration
+//! starts with the changes after it was added.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::watch;
 
 use super::RegistryEvent;
+use crate::store::{
+    Store, StoreError,
+    tables::{WebhookCursors, WebhookOutbox},
+};
 
 /// Tries of one delivery.
 pub const ATTEMPTS: u32 = 5;
-/// Events waiting for one hook; beyond that they are dropped (and counted).
-const QUEUE: usize = 1024;
-
-/// An event's kind and its JSON body, on its way to one hook.
-type Delivery = (&'static str, bytes::Bytes);
+/// Changes read from the outbox at a time.
+const READ: usize = 64;
+/// How often delivered changes are pruned from the outbox.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// `[[registry.webhooks]]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,15 +61,107 @@ impl Webhook {
     fn wants(&self, kind: &str) -> bool {
         self.events.is_empty() || self.events.iter().any(|e| e == kind)
     }
+
+    /// Its place in the outbox is kept under this: a hook whose URL or kinds change starts anew.
+    fn key(&self) -> String {
+        format!("{} {}", self.url, self.events.join(","))
+    }
+}
+
+/// A registry change in the outbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEvent {
+    pub kind: String,
+    pub model: String,
+    pub version: Option<u32>,
+    pub detail: String,
+    pub actor: String,
+    /// When the registry made it, unix milliseconds.
+    pub time_ms: u64,
 }
 
 /// What a hook receives.
 #[derive(Serialize)]
 struct Payload<'a> {
+    /// The change's place in this node's outbox: a repeat delivery carries the same.
+    seq: u64,
     #[serde(flatten)]
-    event: &'a RegistryEvent,
-    /// When the node published it, unix milliseconds.
-    time_ms: u64,
+    event: &'a OutboxEvent,
+}
+
+/// The registry's side of the outbox: appends changes and wakes the hooks; cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    store: Store,
+    /// The last sequence number written (0: none yet).
+    last: Arc<Mutex<u64>>,
+    written: watch::Sender<u64>,
+}
+
+impl Outbox {
+    pub fn open(store: Store) -> Result<Self, StoreError> {
+        let last = match store.scan::<WebhookOutbox>(&[], None, true).next().transpose()? {
+            Some((key, _)) => u64::from_be_bytes(key.try_into().unwrap_or_default()),
+            None => 0,
+        };
+        let (written, _) = watch::channel(last);
+        Ok(Self { store, last: Arc::new(Mutex::new(last)), written })
+    }
+
+    /// Writes `event` (synced) and wakes the hooks.
+    pub fn push(&self, event: &RegistryEvent) -> Result<(), StoreError> {
+        let mut last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let record = OutboxEvent {
+            kind: event.kind.to_owned(),
+            model: event.model.clone(),
+            version: event.version,
+            detail: event.detail.clone(),
+            actor: event.actor.clone(),
+            time_ms: super::now_ms(),
+        };
+        self.store.put::<WebhookOutbox>(&(*last + 1), &record)?;
+        *last += 1;
+        self.written.send_replace(*last);
+        Ok(())
+    }
+
+    fn last(&self) -> u64 {
+        *self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Up to [`READ`] changes from `from` on.
+    fn read(&self, from: u64) -> Result<Vec<(u64, OutboxEvent)>, StoreError> {
+        let start = from.to_be_bytes();
+        let mut out = Vec::new();
+        for item in self.store.scan::<WebhookOutbox>(&[], Some(&start), false).take(READ) {
+            let (key, event) = item?;
+            out.push((u64::from_be_bytes(key.try_into().unwrap_or_default()), event));
+        }
+        Ok(out)
+    }
+
+    /// Deletes what every hook in `keys` has had, but the newest change (which keeps the
+    /// sequence going across restarts).
+    fn prune(&self, keys: &[String]) -> Result<u64, StoreError> {
+        let mut lowest = self.last();
+        for key in keys {
+            lowest = lowest.min(self.store.get::<WebhookCursors>(key)?.unwrap_or(0).saturating_sub(1));
+        }
+        let mut batch = self.store.batch();
+        let mut deleted = 0;
+        for item in self.store.iter::<WebhookOutbox>() {
+            let seq = u64::from_be_bytes(item?.0.try_into().unwrap_or_default());
+            if seq >= lowest {
+                break;
+            }
+            batch.delete::<WebhookOutbox>(&seq);
+            deleted += 1;
+        }
+        if deleted > 0 {
+            self.store.write(batch)?;
+        }
+        Ok(deleted)
+    }
 }
 
 /// `sha256=<hex HMAC-SHA256(secret, body)>`.
@@ -68,85 +170,138 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
     format!("sha256={}", crate::artifacts::hex(ring::hmac::sign(&key, body).as_ref()))
 }
 
-/// Sends the registry's events to the hooks until `shutdown`.
-pub async fn run(
-    hooks: Vec<Webhook>,
-    mut events: broadcast::Receiver<RegistryEvent>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// Delivers the outbox's changes to the hooks until `shutdown`.
+pub async fn run(hooks: Vec<Webhook>, outbox: Outbox, mut shutdown: watch::Receiver<bool>) {
     if hooks.is_empty() {
         return;
     }
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_default();
-    let queues: Vec<(Webhook, mpsc::Sender<Delivery>)> = hooks
-        .into_iter()
-        .map(|hook| {
-            let (tx, rx) = mpsc::channel(QUEUE);
-            tokio::spawn(deliver_all(http.clone(), hook.clone(), rx));
-            (hook, tx)
-        })
-        .collect();
-    loop {
-        let event = tokio::select! {
-            _ = shutdown.changed() => if *shutdown.borrow() { return } else { continue },
-            event = events.recv() => event,
-        };
-        let event = match event {
-            Ok(event) => event,
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::warn!(target: "agora::webhooks", missed, "registry events came faster than webhooks took them; some were not sent");
-                metrics::counter!("agora_webhook_deliveries_total", "outcome" => "dropped").increment(missed);
-                continue;
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
-        };
-        let body = match serde_json::to_vec(&Payload { event: &event, time_ms: super::now_ms() }) {
-            Ok(body) => bytes::Bytes::from(body),
+    let keys: Vec<String> = hooks.iter().map(Webhook::key).collect();
+    if let Err(e) = forget_other_hooks(&outbox.store, &keys) {
+        tracing::warn!(target: "agora::webhooks", error = %e, "cannot drop the places of hooks no longer configured");
+    }
+    for hook in hooks {
+        let next = match outbox.store.get::<WebhookCursors>(&hook.key()) {
+            Ok(Some(next)) => next,
+            Ok(None) => outbox.last() + 1,
             Err(e) => {
-                tracing::warn!(target: "agora::webhooks", error = %e, "cannot encode a registry event");
+                tracing::error!(target: "agora::webhooks", url = %hook.url, error = %e, "cannot read the hook's place in the outbox; not delivering to it");
                 continue;
             }
         };
-        for (hook, queue) in queues.iter().filter(|(hook, _)| hook.wants(event.kind)) {
-            if queue.try_send((event.kind, body.clone())).is_err() {
-                tracing::warn!(target: "agora::webhooks", url = %hook.url, kind = event.kind, "the hook's queue is full; event dropped");
-                metrics::counter!("agora_webhook_deliveries_total", "outcome" => "dropped").increment(1);
+        tokio::spawn(deliver_all(http.clone(), hook, next, outbox.clone(), shutdown.clone()));
+    }
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    loop {
+        tokio::select! {
+            _ = prune.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        if let Err(e) = outbox.prune(&keys) {
+            tracing::warn!(target: "agora::webhooks", error = %e, "cannot prune the outbox");
+        }
+    }
+}
+
+/// Deletes the places of hooks that are no longer configured, so the outbox is not kept for them.
+fn forget_other_hooks(store: &Store, keys: &[String]) -> Result<(), StoreError> {
+    let mut batch = store.batch();
+    for item in store.iter::<WebhookCursors>() {
+        let key = String::from_utf8_lossy(&item?.0).into_owned();
+        if !keys.contains(&key) {
+            batch.delete::<WebhookCursors>(&key);
+        }
+    }
+    store.write(batch)
+}
+
+/// One hook's deliveries, in order, from sequence number `next` on; its place is kept after
+/// each change, delivered, given up or not asked for.
+async fn deliver_all(
+    http: reqwest::Client,
+    hook: Webhook,
+    mut next: u64,
+    outbox: Outbox,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let key = hook.key();
+    let mut written = outbox.written.subscribe();
+    loop {
+        let pending = match outbox.read(next) {
+            Ok(pending) => pending,
+            Err(e) => {
+                tracing::error!(target: "agora::webhooks", url = %hook.url, error = %e, "cannot read the outbox; the hook stops");
+                return;
+            }
+        };
+        if pending.is_empty() {
+            tokio::select! {
+                changed = written.changed() => if changed.is_err() { return },
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            continue;
+        }
+        for (seq, event) in pending {
+            if hook.wants(&event.kind) {
+                let body = match serde_json::to_vec(&Payload { seq, event: &event }) {
+                    Ok(body) => bytes::Bytes::from(body),
+                    Err(e) => {
+                        tracing::warn!(target: "agora::webhooks", seq, error = %e, "cannot encode a registry change");
+                        continue;
+                    }
+                };
+                let Some(outcome) = deliver(&http, &hook, &event.kind, body, &mut shutdown).await else {
+                    return; // stopping: this change goes again at the next start
+                };
+                metrics::counter!("agora_webhook_deliveries_total", "outcome" => outcome).increment(1);
+            }
+            next = seq + 1;
+            if let Err(e) = outbox.store.put::<WebhookCursors>(&key, &next) {
+                tracing::warn!(target: "agora::webhooks", url = %hook.url, error = %e, "cannot keep the hook's place in the outbox");
             }
         }
     }
 }
 
-/// One hook's deliveries, in order.
-async fn deliver_all(http: reqwest::Client, hook: Webhook, mut queue: mpsc::Receiver<Delivery>) {
-    while let Some((kind, body)) = queue.recv().await {
-        let signed = hook.secret.as_ref().map(|secret| signature(secret, &body));
-        let mut wait = Duration::from_secs(1);
-        let mut outcome = "failed";
-        for attempt in 1..=ATTEMPTS {
-            let mut request = http
-                .post(&hook.url)
-                .header("content-type", "application/json")
-                .header("agora-event", kind)
-                .body(body.clone());
-            if let Some(signed) = &signed {
-                request = request.header("agora-signature", signed);
-            }
-            let failure = match request.send().await {
-                Ok(response) if response.status().is_success() => {
-                    outcome = "delivered";
-                    break;
-                }
-                Ok(response) => format!("it answered {}", response.status()),
-                Err(e) => e.to_string(),
-            };
-            tracing::warn!(target: "agora::webhooks", url = %hook.url, kind, attempt, error = %failure, "webhook delivery failed");
-            if attempt < ATTEMPTS {
-                tokio::time::sleep(wait).await;
-                wait *= 2;
-            }
+/// Delivers one change, trying again after 1, 2, 4 and 8 s: `delivered` or `failed`, or
+/// `None` when the node stops meanwhile.
+async fn deliver(
+    http: &reqwest::Client,
+    hook: &Webhook,
+    kind: &str,
+    body: bytes::Bytes,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<&'static str> {
+    let signed = hook.secret.as_ref().map(|secret| signature(secret, &body));
+    let mut wait = Duration::from_secs(1);
+    for attempt in 1..=ATTEMPTS {
+        let mut request = http
+            .post(&hook.url)
+            .header("content-type", "application/json")
+            .header("agora-event", kind)
+            .body(body.clone());
+        if let Some(signed) = &signed {
+            request = request.header("agora-signature", signed);
         }
-        metrics::counter!("agora_webhook_deliveries_total", "outcome" => outcome).increment(1);
+        let sent = tokio::select! {
+            sent = request.send() => sent,
+            _ = shutdown.wait_for(|stop| *stop) => return None,
+        };
+        let failure = match sent {
+            Ok(response) if response.status().is_success() => return Some("delivered"),
+            Ok(response) => format!("it answered {}", response.status()),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(target: "agora::webhooks", url = %hook.url, kind, attempt, error = %failure, "webhook delivery failed");
+        if attempt < ATTEMPTS {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return None,
+            }
+            wait *= 2;
+        }
     }
+    Some("failed")
 }
 
 #[cfg(test)]
@@ -173,5 +328,43 @@ mod tests {
             signature("Jefe", b"what do ya want for nothing?"),
             "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    #[test]
+    fn the_outbox_numbers_changes_keeps_its_count_across_restarts_and_prunes_what_every_hook_had() {
+        let dir = tempfile::tempdir().unwrap();
+        let event = |n: u32| RegistryEvent {
+            kind: "version_created",
+            model: "m".into(),
+            version: Some(n),
+            detail: String::new(),
+            actor: "operator".into(),
+        };
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let outbox = Outbox::open(store.clone()).unwrap();
+        for n in 1..=5 {
+            outbox.push(&event(n)).unwrap();
+        }
+        let read = outbox.read(2).unwrap();
+        assert_eq!(
+            read.iter().map(|(seq, e)| (*seq, e.version)).collect::<Vec<_>>(),
+            [(2, Some(2)), (3, Some(3)), (4, Some(4)), (5, Some(5))]
+        );
+        // one hook has had up to 3 (its next is 4), another everything: 1 and 2 go
+        let keys = ["a".to_owned(), "b".to_owned()];
+        store.put::<WebhookCursors>(&keys[0], &4).unwrap();
+        store.put::<WebhookCursors>(&keys[1], &6).unwrap();
+        assert_eq!(outbox.prune(&keys).unwrap(), 2);
+        assert_eq!(outbox.read(0).unwrap()[0].0, 3);
+        // everything delivered: the newest stays, and the count goes on after a restart
+        store.put::<WebhookCursors>(&keys[0], &6).unwrap();
+        assert_eq!(outbox.prune(&keys).unwrap(), 2);
+        assert_eq!(outbox.read(0).unwrap().iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [5]);
+        drop(outbox);
+        let again = Outbox::open(store).unwrap();
+        again.push(&event(6)).unwrap();
+        let (seq, sixth) = again.read(6).unwrap().remove(0);
+        assert_eq!((seq, sixth.version), (6, Some(6)));
+        assert_eq!(again.last(), 6);
     }
 }

@@ -178,6 +178,11 @@ tables! {
     DeploymentTraffic = "deployment_traffic", root: false, key: u64, value: TrafficRecord, encode: |k| k.to_be_bytes().to_vec();
     /// The reference of a deployment's input drift: its first rows' per-feature statistics.
     DeploymentDrift = "deployment_drift", root: false, key: u64, value: crate::serve::drift::Reference, encode: |k| k.to_be_bytes().to_vec();
+    /// Registry changes on their way to webhooks, by sequence number (kept while a hook has
+    /// not had them).
+    WebhookOutbox = "webhook_outbox", root: false, key: u64, value: crate::registry::webhooks::OutboxEvent, encode: |k| k.to_be_bytes().to_vec();
+    /// Each configured hook's next sequence number in the outbox, by the hook's key.
+    WebhookCursors = "webhook_cursors", root: false, key: String, value: u64, encode: |k| k.as_bytes().to_vec();
 }
 
 /// A registered model (the registry's own record, whether or not it is on-chain).

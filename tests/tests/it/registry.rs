@@ -304,14 +304,21 @@ async fn the_node_creates_an_operator_token_when_none_is_configured() {
 }
 
 #[tokio::test]
-async fn registry_changes_reach_webhooks_signed_in_order_and_retried() {
-    // A hook that refuses its first delivery and records every request.
+async fn registry_changes_reach_webhooks_signed_in_order_retried_and_after_a_crash() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    };
+    // A hook that refuses its first delivery, and everything while `down`, and records every
+    // request.
     let (tx, mut received) = tokio::sync::mpsc::unbounded_channel::<(String, Vec<u8>)>();
-    let calls = std::sync::atomic::AtomicU32::new(0);
+    let calls = AtomicU32::new(0);
+    let down = Arc::new(AtomicBool::new(false));
+    let is_down = down.clone();
     let (base, _server) = agora_e2e::http_server(move |head, body| {
         let _ = tx.send((head.to_owned(), body.to_vec()));
-        let first = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
-        (if first { 500 } else { 200 }, "{}".to_owned())
+        let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+        (if first || is_down.load(Ordering::SeqCst) { 500 } else { 200 }, "{}".to_owned())
     })
     .await;
     let market = Market::start().await;
@@ -377,4 +384,40 @@ async fn registry_changes_reach_webhooks_signed_in_order_and_retried() {
         let expected = format!("sha256={}", alloy::hex::encode(ring::hmac::sign(&key, body).as_ref()));
         assert_eq!(header("agora-signature"), Some(expected), "the body is signed with the hook's secret");
     }
+    let seq = |body: &[u8]| serde_json::from_slice::<Value>(body).unwrap()["seq"].as_u64().unwrap();
+    assert!(seq(&body2) > seq(&body), "sequence numbers follow the changes");
+
+    // A change the hook refuses, then the node dies while it waits to try again: the next
+    // node delivers it, with the same body, and nothing delivered before.
+    down.store(true, Ordering::SeqCst);
+    let (status, _) =
+        register(&client, &node.url, Some(TOKEN), &json!({"name": "hooked"}), Some(safetensors(8, 3))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, refused) = next().await;
+    let mut node = node;
+    nix::sys::signal::kill(node.process.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
+    node.process.wait(Duration::from_secs(10));
+    down.store(false, Ordering::SeqCst);
+    let node = Node::start(
+        &market.anvil.endpoint(),
+        &market.deployment_path(),
+        data.path(),
+        &[("AGORA_ADMIN_TOKEN", TOKEN), ("AGORA_CONFIG", &config)],
+    );
+    let event: Value = serde_json::from_slice(&refused).unwrap();
+    assert_eq!((event["kind"].as_str(), event["version"].as_u64()), (Some("version_created"), Some(3)));
+    assert_eq!(seq(&refused), seq(&body2) + 1, "{event}");
+    let (_, again) = next().await;
+    assert_eq!(again, refused, "the change is delivered as it was first sent, and nothing before it");
+    let (status, _) =
+        register(&client, &node.url, Some(TOKEN), &json!({"name": "hooked"}), Some(safetensors(8, 4))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let fourth = loop {
+        let (_, body) = next().await;
+        if body != refused {
+            break body;
+        }
+    };
+    let event: Value = serde_json::from_slice(&fourth).unwrap();
+    assert_eq!((event["version"].as_u64(), seq(&fourth)), (Some(4), seq(&refused) + 1), "{event}");
 }
