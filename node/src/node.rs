@@ -134,6 +134,11 @@ pub async fn run(
         }
         None => None,
     };
+    let balance_task = operator.clone().map(|op| {
+        let every = Duration::from_millis(config.chain.poll_ms.saturating_mul(20))
+            .clamp(Duration::from_secs(1), Duration::from_secs(30));
+        tokio::spawn(op.watch_balance(every, shutdown.clone()))
+    });
     let settle_failures = crate::serve::settle::Failures::default();
     let settle_task = match &operator {
         Some(op) => {
@@ -254,6 +259,9 @@ pub async fn run(
         let _ = task.await;
     }
     let _ = probe_task.await;
+    if let Some(task) = balance_task {
+        let _ = task.await;
+    }
     if let Some(task) = webhooks_task {
         let _ = task.await;
     }

@@ -103,7 +103,8 @@ pub struct Operator {
     pub signer: PrivateKeySigner,
     pub provider: DynProvider,
     wallet: EthereumWallet,
-    chain_id: u64,
+    /// Asked of the chain at the first send (the node starts while the chain is down).
+    chain_id: Arc<tokio::sync::OnceCell<u64>>,
     policy: FeePolicy,
     /// Held from a transaction's first send until it is mined or given up, so that its nonce
     /// is always the count of mined ones. Inside: the nonce and fees of a send given up on
@@ -122,8 +123,7 @@ impl Operator {
             .await
             .context("cannot connect the operator wallet to the chain")?
             .erased();
-        let chain_id = provider.get_chain_id().await.context("cannot read the chain id")?;
-        Ok(Self { signer, provider, wallet, chain_id, policy, sends: Arc::default() })
+        Ok(Self { signer, provider, wallet, chain_id: Arc::default(), policy, sends: Arc::default() })
     }
 
     /// Sends `call` from the operator wallet and waits until it is mined, sending it again
@@ -139,7 +139,10 @@ impl Operator {
         let request = call.into_transaction_request().with_from(from);
         let nonce = ask(self.provider.get_transaction_count(from).latest()).await?;
         let gas = self.estimate(&request, nonce).await?;
-        let request = request.with_nonce(nonce).with_gas_limit(gas).with_chain_id(self.chain_id);
+        let request = request
+            .with_nonce(nonce)
+            .with_gas_limit(gas)
+            .with_chain_id(*self.chain_id.get_or_try_init(|| ask(self.provider.get_chain_id())).await?);
         let cap = self.policy.max_fee_per_gas;
         let market = self.market_fees().await?;
         let mut fees = match *given_up {
@@ -256,6 +259,24 @@ impl Operator {
             return Err(pending);
         }
         ask(self.provider.estimate_gas(request.clone()).latest()).await.map_err(refused)
+    }
+
+    /// Sets `agora_operator_balance_wei` every `every` until `shutdown`, so a wallet running
+    /// dry is seen before its settlements fail.
+    pub async fn watch_balance(self, every: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            match ask(self.provider.get_balance(self.signer.address())).await {
+                Ok(wei) => metrics::gauge!("agora_operator_balance_wei").set(f64::from(wei)),
+                Err(e) => {
+                    tracing::debug!(target: "agora::operator", error = %e, "cannot read the wallet's balance")
+                }
+            }
+        }
     }
 
     /// What the market asks now: alloy's EIP-1559 estimate from the recent blocks' fees.

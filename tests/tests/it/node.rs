@@ -96,6 +96,36 @@ async fn node_serves_health_readiness_metrics_openapi_and_stops_on_sigterm() {
 }
 
 #[tokio::test]
+async fn a_node_with_an_operator_wallet_starts_while_the_chain_is_down() {
+    // a loopback port nothing listens on
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let data = tempfile::tempdir().unwrap();
+    let deployment = Deployment {
+        chain_id: 31337,
+        model_registry: "0x00000000000000000000000000000000000000aa".parse().unwrap(),
+        license_market: "0x00000000000000000000000000000000000000bb".parse().unwrap(),
+        deployment_block: 0,
+        treasury: Address::ZERO,
+        fee_bps: 250,
+        challenge_window: 60,
+        compute_market: Address::ZERO,
+        compute_grace: 0,
+    };
+    std::fs::write(data.path().join("deployment.json"), serde_json::to_string(&deployment).unwrap()).unwrap();
+    let data_str = data.path().display().to_string();
+    let mut env = node_env(&endpoint, &data_str);
+    env.push(("AGORA_OPERATOR_KEY", DEV_KEYS[3]));
+    let mut node = AgoraProcess::spawn(&["node"], &env);
+    let base = node.wait_for_url();
+    assert_eq!(get_json(&format!("{base}/healthz")).await.unwrap().0, 200);
+    let (status, body) = get_json(&format!("{base}/readyz")).await.unwrap();
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("chain_unavailable")), "{body}");
+    let status = node.terminate(Duration::from_secs(15)).expect("the node exits within 15 s of SIGTERM");
+    assert!(status.success(), "exit status {status:?}; output:\n{}", node.output());
+}
+
+#[tokio::test]
 async fn node_without_contract_code_is_not_ready() {
     let anvil = Anvil::spawn().unwrap();
     let data = tempfile::tempdir().unwrap();

@@ -205,4 +205,14 @@ async fn an_outbid_settlement_goes_again_with_higher_fees_and_replaces_one_left_
     assert!(tips[0] >= outbidding, "mined at a tip of {}, under the {outbidding} that outbid it", tips[0]);
     assert_eq!(market.provider.get_transaction_count(me).await.unwrap(), 2);
     assert!(pooled_tips(&market, me).await.is_empty(), "nothing of the operator's is left waiting");
+
+    // The wallet's balance, less the two settlements' gas, is on the metrics.
+    let balance = market.provider.get_balance(me).await.unwrap();
+    assert!(balance < U256::from(10u64).pow(U256::from(18)));
+    agora_e2e::eventually("the balance gauge", Duration::from_secs(30), || async {
+        let metrics = reqwest::get(format!("{}/metrics", node.url)).await.ok()?.text().await.ok()?;
+        let gauge = metrics.lines().find_map(|l| l.strip_prefix("agora_operator_balance_wei "))?;
+        (gauge.trim().parse::<f64>().ok()? == f64::from(balance)).then_some(())
+    })
+    .await;
 }
