@@ -3,8 +3,9 @@
 //! standard deviation, kept in the store once complete); the last [`RECENT_ROWS`] rows after
 //! them are the recent window. A feature's drift is the distance of its recent mean from its
 //! reference mean in reference standard deviations; the deployment's score is the largest.
-//! Rows of MLP deployments only (the first [`MAX_FEATURES`] numbers of each); a retraining
-//! policy can fire on the score, and a rebaseline starts a new reference.
+//! The rows are an MLP deployment's input numbers, and an encoder deployment's embeddings
+//! of its input texts (where the model itself places them), the first [`MAX_FEATURES`] of
+//! each; a retraining policy can fire on the score, and a rebaseline starts a new reference.
 
 use std::collections::VecDeque;
 

@@ -955,17 +955,27 @@ impl Serve {
             found = self.registry.version(&record.model, version);
         }
         let result = found.map_err(ServeError::from).and_then(|view| self.load(&view)).and_then(|loaded| {
-            if let Network::Mlp(mlp) = &loaded.network {
-                self.observe(record.id, mlp.inputs(), &rows);
+            match &loaded.network {
+                Network::Mlp(mlp) => {
+                    self.observe(record.id, mlp.inputs(), rows.iter().filter_map(Row::numbers));
+                    loaded.batcher.run(&loaded.network, rows)
+                }
+                // texts drift where the model puts them: in their embeddings
+                Network::Encoder(_) => {
+                    let embeddings = loaded.batcher.run(&loaded.network, rows)?;
+                    let width = embeddings.first().map_or(0, Vec::len);
+                    self.observe(record.id, width, embeddings.iter().map(Vec::as_slice));
+                    Ok(embeddings)
+                }
             }
-            loaded.batcher.run(&loaded.network, rows)
         });
         self.count(record.id, version, started, result.is_ok());
         result.map(|outputs| (version, outputs))
     }
 
-    /// Follows the input drift of an MLP deployment's rows.
-    fn observe(&self, id: u64, width: usize, rows: &[Row]) {
+    /// Follows the input drift of a deployment's rows: an MLP's numbers, an encoder's
+    /// embeddings.
+    fn observe<'r>(&self, id: u64, width: usize, rows: impl Iterator<Item = &'r [f32]>) {
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let s = stats.entry(id).or_default();
         if s.drift.as_ref().is_none_or(|d| d.width() != width.min(drift::MAX_FEATURES)) {
@@ -978,7 +988,7 @@ impl Serve {
         let Some(d) = s.drift.as_mut() else { return };
         let before = d.observed();
         let mut completed = false;
-        for row in rows.iter().filter_map(Row::numbers) {
+        for row in rows {
             completed |= d.observe(row);
         }
         // stored under the lock, so a rebaseline cannot come between

@@ -697,6 +697,57 @@ async fn a_sentence_encoder_deployment_embeds_texts() {
     let err = buyer.post_json(&path, &json!({"inputs": ["fine", [1, 2]]})).await.unwrap_err();
     assert!(err.to_string().contains("400") && err.to_string().contains("takes texts"), "{err}");
 
+    // Drift of texts, measured on their embeddings: a reference of 1,000 texts about the
+    // marketplace, then 200 more of the same kind score low, then 300 texts about something
+    // else entirely score high.
+    let id = created["deployment_id"].as_str().unwrap();
+    let reset = seller
+        .authorize(seller.http.delete(seller.endpoint(&format!("/api/v1/deployments/{id}/drift"))))
+        .send()
+        .await
+        .unwrap();
+    assert!(reset.status().is_success());
+    // drawn at random (a hash of the index), numbers of the same range all along: larger
+    // numbers would be a drift of their own
+    let calm = |i: usize| {
+        let h = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+        let (n, who) =
+            (h / 4 % 100, ["seller", "buyer", "auditor", "operator", "provider"][(h / 400 % 5) as usize]);
+        match h % 4 {
+            0 => format!("A {who} publishes model number {n} and sells licenses to it."),
+            1 => format!("The {who} pays for usage license {n} with a signed voucher."),
+            2 => format!("The royalties of sale {n} are split between the {who}'s recipients."),
+            _ => format!("The {who} checks license {n} against the chain."),
+        }
+    };
+    let drifted = |i: usize| {
+        format!("Le chat numéro {} dort au soleil sur le toit de la vieille maison.", i * 37 % 100)
+    };
+    let send = |texts: Vec<String>| {
+        let (buyer, path) = (buyer.clone(), path.clone());
+        async move {
+            for chunk in texts.chunks(50) {
+                buyer.post_json(&path, &json!({"inputs": chunk})).await.unwrap();
+            }
+        }
+    };
+    send((0..1_200).map(calm).collect()).await;
+    let (_, view) = node.get(&format!("/api/v1/deployments/{id}")).await;
+    let drift = &view["drift"];
+    assert_eq!(
+        (drift["reference_rows"].as_u64(), drift["recent_rows"].as_u64()),
+        (Some(1000), Some(200)),
+        "{view}"
+    );
+    let calm_score = drift["score"].as_f64().unwrap();
+    assert!(calm_score < 0.5, "{view}");
+    send((0..300).map(drifted).collect()).await;
+    let (_, view) = node.get(&format!("/api/v1/deployments/{id}")).await;
+    let score = view["drift"]["score"].as_f64().unwrap();
+    eprintln!("drift of texts' embeddings: calm {calm_score:.3}, drifted {score:.3}");
+    assert!(score > 2.0, "calm {calm_score}, drifted {score}: {view}");
+    assert!(view["drift"]["feature"].as_u64().is_some_and(|f| f < 256), "{view}");
+
     // A BERT config without its tokenizer deploys as failed, saying what is missing.
     let form = reqwest::multipart::Form::new()
         .text("metadata", json!({"name": "no-tokenizer"}).to_string())
