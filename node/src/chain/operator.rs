@@ -175,9 +175,6 @@ impl Operator {
         let (start, mut last_send) = (Instant::now(), Instant::now());
         loop {
             tokio::time::sleep(poll).await;
-            if start.elapsed() >= RECEIPT_WAIT {
-                return Err(SendError::Unmined { nonce, sent: hashes.len(), max_fee: fees.max_fee });
-            }
             // an RPC that fails for a moment is asked again on the next round, until the deadline
             match self.mined(&hashes, nonce).await {
                 Ok(None) => {}
@@ -187,8 +184,10 @@ impl Operator {
                 }
                 Err(e) => {
                     tracing::warn!(target: "agora::operator", nonce, error = %e, "cannot ask whether the transaction was mined");
-                    continue;
                 }
+            }
+            if start.elapsed() >= RECEIPT_WAIT {
+                return Err(SendError::Unmined { nonce, sent: hashes.len(), max_fee: fees.max_fee });
             }
             if last_send.elapsed() < self.policy.bump_after {
                 continue;
