@@ -242,6 +242,7 @@ pub async fn run(
         )?,
         signers,
         settle_failures,
+        operator: operator.clone(),
         serve: serve.clone(),
         data_dir: config.storage.data_dir.clone(),
         max_upload: config.registry.max_upload,

@@ -37,7 +37,17 @@ pub struct ChainStatus {
     /// Peers whose index root differs from this node's at the same block: one of the two
     /// indexes is wrong (`agora index verify` rebuilds this node's from the chain to tell).
     pub peers_disagreeing: Vec<String>,
+    /// The node's own wallet, when it has one: its address and the transaction it is waiting
+    /// on (sent again with higher fees while it waits).
+    pub operator: Option<OperatorStatus>,
     pub as_of: AsOf,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct OperatorStatus {
+    #[schema(value_type = String)]
+    pub address: alloy::primitives::Address,
+    pub waiting: Option<crate::chain::operator::Waiting>,
 }
 
 fn view(state: &AppState) -> MarketView<'_> {
@@ -58,6 +68,10 @@ pub async fn chain_status(State(state): State<AppState>) -> Result<Json<ChainSta
         index: state.index.borrow().clone(),
         peers_agreeing,
         peers_disagreeing,
+        operator: state
+            .operator
+            .as_ref()
+            .map(|op| OperatorStatus { address: op.signer.address(), waiting: op.waiting() }),
         as_of: view.as_of()?,
     }))
 }

@@ -86,6 +86,8 @@ pub struct Shared {
     pub signers: crate::signers::Signers,
     /// Usage licenses whose settlement keeps failing (empty when the node does not settle).
     pub settle_failures: crate::serve::settle::Failures,
+    /// The node's own wallet (absent without `AGORA_OPERATOR_KEY`).
+    pub operator: Option<crate::chain::operator::Operator>,
     /// Rate limit of `POST /api/v1/audit/trace`.
     pub trace_limiter: audit::TraceLimiter,
     /// For private temporary files (uploads being checked).

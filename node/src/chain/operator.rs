@@ -91,6 +91,19 @@ pub enum SendError {
     NonceTaken(u64),
 }
 
+/// A transaction of the wallet's waiting to be mined, as the API shows it.
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Waiting {
+    pub nonce: u64,
+    /// The copies sent at this nonce, the first one first (each a replacement of the one before).
+    pub hashes: Vec<String>,
+    /// The last copy's fee caps, wei per gas (decimal).
+    pub max_fee_per_gas: String,
+    pub max_priority_fee_per_gas: String,
+    /// When the first copy was sent, unix milliseconds.
+    pub since_ms: u64,
+}
+
 /// What the node answered to one send.
 enum Sent {
     Accepted,
@@ -110,6 +123,8 @@ pub struct Operator {
     /// is always the count of mined ones. Inside: the nonce and fees of a send given up on
     /// while still pending, which the next transaction must outbid.
     sends: Arc<tokio::sync::Mutex<Option<(u64, Fees)>>>,
+    /// The transaction waiting now, if any (kept while one given up on may still be pending).
+    waiting: Arc<std::sync::Mutex<Option<Waiting>>>,
 }
 
 impl Operator {
@@ -123,7 +138,30 @@ impl Operator {
             .await
             .context("cannot connect the operator wallet to the chain")?
             .erased();
-        Ok(Self { signer, provider, wallet, chain_id: Arc::default(), policy, sends: Arc::default() })
+        Ok(Self {
+            signer,
+            provider,
+            wallet,
+            chain_id: Arc::default(),
+            policy,
+            sends: Arc::default(),
+            waiting: Arc::default(),
+        })
+    }
+
+    /// The transaction of the wallet's waiting to be mined, if any.
+    pub fn waiting(&self) -> Option<Waiting> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_waiting(&self, nonce: u64, hashes: &[B256], fees: Fees, since_ms: u64) {
+        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = Some(Waiting {
+            nonce,
+            hashes: hashes.iter().map(ToString::to_string).collect(),
+            max_fee_per_gas: fees.max_fee.to_string(),
+            max_priority_fee_per_gas: fees.tip.to_string(),
+            since_ms,
+        });
     }
 
     /// Sends `call` from the operator wallet and waits until it is mined, sending it again
@@ -171,6 +209,8 @@ impl Operator {
             )));
         }
         *given_up = Some((nonce, fees));
+        let since_ms = crate::registry::now_ms();
+        self.set_waiting(nonce, &hashes, fees, since_ms);
         let poll = self.provider.client().poll_interval();
         let (start, mut last_send) = (Instant::now(), Instant::now());
         loop {
@@ -180,6 +220,7 @@ impl Operator {
                 Ok(None) => {}
                 Ok(Some(outcome)) => {
                     *given_up = None;
+                    *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     return outcome;
                 }
                 Err(e) => {
@@ -218,6 +259,7 @@ impl Operator {
             }
             fees = next;
             *given_up = Some((nonce, fees));
+            self.set_waiting(nonce, &hashes, fees, since_ms);
         }
     }
 

@@ -172,6 +172,16 @@ async fn an_outbid_settlement_goes_again_with_higher_fees_and_replaces_one_left_
         assert!(pay(cumulative).await.unwrap().status().is_success());
     }
     let first_tip = pooled(&market, me).await;
+    // the node shows what it waits on
+    let status = agora_e2e::eventually("the waiting settlement shown", Duration::from_secs(30), || async {
+        let (_, status) = node.get("/api/v1/chain/status").await;
+        (status["operator"]["waiting"]["nonce"] == 0).then_some(status)
+    })
+    .await;
+    assert_eq!(status["operator"]["address"].as_str().and_then(|a| a.parse::<Address>().ok()), Some(me));
+    let waiting = &status["operator"]["waiting"];
+    let tip: u128 = waiting["max_priority_fee_per_gas"].as_str().unwrap().parse().unwrap();
+    assert!(tip >= first_tip && !waiting["hashes"].as_array().unwrap().is_empty(), "{status}");
     let outbidding = outbid(first_tip);
     congest_until_settled(&market, &mut congestion, &node, license, outbidding, "3").await;
     // Mined as one transaction: a copy sent again at the same nonce, tipping as much as the
@@ -205,6 +215,12 @@ async fn an_outbid_settlement_goes_again_with_higher_fees_and_replaces_one_left_
     assert!(tips[0] >= outbidding, "mined at a tip of {}, under the {outbidding} that outbid it", tips[0]);
     assert_eq!(market.provider.get_transaction_count(me).await.unwrap(), 2);
     assert!(pooled_tips(&market, me).await.is_empty(), "nothing of the operator's is left waiting");
+    // (the node sees its transaction mined at its next poll)
+    agora_e2e::eventually("nothing shown waiting", Duration::from_secs(30), || async {
+        let (_, status) = node.get("/api/v1/chain/status").await;
+        status["operator"]["waiting"].is_null().then_some(())
+    })
+    .await;
 
     // The wallet's balance, less the two settlements' gas, is on the metrics.
     let balance = market.provider.get_balance(me).await.unwrap();
