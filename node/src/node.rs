@@ -56,16 +56,16 @@ pub async fn run(
         store.clone(),
     )?;
     let mut registry = Registry::new(store.clone(), artifacts.clone(), Audit::new(store.clone()));
-    let mut webhooks_task = None;
+    let outbox = crate::registry::webhooks::Outbox::open(store.clone())?;
     if !config.registry.webhooks.is_empty() {
-        let outbox = crate::registry::webhooks::Outbox::open(store.clone())?;
         registry = registry.with_outbox(outbox.clone());
-        webhooks_task = Some(tokio::spawn(crate::registry::webhooks::run(
-            config.registry.webhooks.clone(),
-            outbox,
-            shutdown.clone(),
-        )));
     }
+    // (without hooks it only clears what hooks that were removed left in the outbox)
+    let webhooks_task = tokio::spawn(crate::registry::webhooks::run(
+        config.registry.webhooks.clone(),
+        outbox,
+        shutdown.clone(),
+    ));
     let admin_token = match &config.registry.admin_token {
         Some(token) => token.clone(),
         None => {
@@ -263,9 +263,7 @@ pub async fn run(
     if let Some(task) = balance_task {
         let _ = task.await;
     }
-    if let Some(task) = webhooks_task {
-        let _ = task.await;
-    }
+    let _ = webhooks_task.await;
     let _ = provider_task.await;
     let _ = jobs_task.await;
     if let Some(task) = p2p_task {

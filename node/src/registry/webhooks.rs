@@ -172,14 +172,18 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
 
 /// Delivers the outbox's changes to the hooks until `shutdown`.
 pub async fn run(hooks: Vec<Webhook>, outbox: Outbox, mut shutdown: watch::Receiver<bool>) {
-    if hooks.is_empty() {
-        return;
-    }
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_default();
     let keys: Vec<String> = hooks.iter().map(Webhook::key).collect();
     if let Err(e) = forget_other_hooks(&outbox.store, &keys) {
         tracing::warn!(target: "agora::webhooks", error = %e, "cannot drop the places of hooks no longer configured");
     }
+    if hooks.is_empty() {
+        // nothing is kept for hooks that are gone (the newest change keeps the count)
+        if let Err(e) = outbox.prune(&keys) {
+            tracing::warn!(target: "agora::webhooks", error = %e, "cannot prune the outbox");
+        }
+        return;
+    }
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_default();
     for hook in hooks {
         let next = match outbox.store.get::<WebhookCursors>(&hook.key()) {
             Ok(Some(next)) => next,
@@ -361,10 +365,19 @@ mod tests {
         assert_eq!(outbox.prune(&keys).unwrap(), 2);
         assert_eq!(outbox.read(0).unwrap().iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [5]);
         drop(outbox);
-        let again = Outbox::open(store).unwrap();
+        let again = Outbox::open(store.clone()).unwrap();
         again.push(&event(6)).unwrap();
         let (seq, sixth) = again.read(6).unwrap().remove(0);
         assert_eq!((seq, sixth.version), (6, Some(6)));
         assert_eq!(again.last(), 6);
+        // every hook removed from the configuration: their places go, and all but the newest
+        let (_stop, stopped) = watch::channel(true);
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(run(
+            Vec::new(),
+            again.clone(),
+            stopped,
+        ));
+        assert_eq!(store.iter::<WebhookCursors>().count(), 0);
+        assert_eq!(again.read(0).unwrap().iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [6]);
     }
 }
