@@ -211,10 +211,14 @@ impl Operator {
         *given_up = Some((nonce, fees));
         let since_ms = crate::registry::now_ms();
         self.set_waiting(nonce, &hashes, fees, since_ms);
-        let poll = self.provider.client().poll_interval();
+        // an HTTP RPC cannot tell when a block comes: the chain is asked at the provider's
+        // poll interval (250 ms on loopback, 7 s elsewhere), as alloy's own watchers do
+        let mut rounds = tokio::time::interval(self.provider.client().poll_interval());
+        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        rounds.tick().await; // the first tick is at once
         let (start, mut last_send) = (Instant::now(), Instant::now());
         loop {
-            tokio::time::sleep(poll).await;
+            rounds.tick().await;
             // an RPC that fails for a moment is asked again on the next round, until the deadline
             match self.mined(&hashes, nonce).await {
                 Ok(None) => {}

@@ -81,7 +81,8 @@ async fn pooled(market: &Market, who: Address) -> u128 {
     .await
 }
 
-/// Full blocks tipping `tip` until the license's settled units are `units`.
+/// Full blocks tipping `tip`, each once the node has indexed the one before, until the
+/// license's settled units are `units`.
 async fn congest_until_settled(
     market: &Market,
     congestion: &mut Congestion,
@@ -93,6 +94,8 @@ async fn congest_until_settled(
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         congestion.block(market, tip).await;
+        let (head, hash) = market.head().await;
+        node.wait_indexed(head, hash).await;
         let (_, l) = node.get(&format!("/api/v1/licenses/{license}")).await;
         if l["license"]["escrow"]["settled_units"] == units {
             return;
@@ -105,8 +108,6 @@ async fn congest_until_settled(
                 .collect();
             panic!("the settlement of {units} units was never mined: {l}\n{}", operator.join("\n"));
         }
-        // a block every tenth of a second, as a busy chain makes them
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
