@@ -120,11 +120,20 @@ pub struct Operator {
     chain_id: Arc<tokio::sync::OnceCell<u64>>,
     policy: FeePolicy,
     /// Held from a transaction's first send until it is mined or given up, so that its nonce
-    /// is always the count of mined ones. Inside: the nonce and fees of a send given up on
-    /// while still pending, which the next transaction must outbid.
-    sends: Arc<tokio::sync::Mutex<Option<(u64, Fees)>>>,
-    /// The transaction waiting now, if any (kept while one given up on may still be pending).
-    waiting: Arc<std::sync::Mutex<Option<Waiting>>>,
+    /// is always the count of mined ones.
+    sends: Arc<tokio::sync::Mutex<()>>,
+    /// The transaction waiting now, if any: kept after a wait is given up on, as it may still
+    /// be pending, and the next transaction at its nonce must outbid it.
+    pending: Arc<std::sync::Mutex<Option<Pending>>>,
+}
+
+/// The copies sent at one nonce, the last at `fees`.
+#[derive(Clone)]
+struct Pending {
+    nonce: u64,
+    hashes: Vec<B256>,
+    fees: Fees,
+    since_ms: u64,
 }
 
 impl Operator {
@@ -145,23 +154,27 @@ impl Operator {
             chain_id: Arc::default(),
             policy,
             sends: Arc::default(),
-            waiting: Arc::default(),
+            pending: Arc::default(),
         })
     }
 
     /// The transaction of the wallet's waiting to be mined, if any.
     pub fn waiting(&self) -> Option<Waiting> {
-        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.pending().map(|p| Waiting {
+            nonce: p.nonce,
+            hashes: p.hashes.iter().map(ToString::to_string).collect(),
+            max_fee_per_gas: p.fees.max_fee.to_string(),
+            max_priority_fee_per_gas: p.fees.tip.to_string(),
+            since_ms: p.since_ms,
+        })
     }
 
-    fn set_waiting(&self, nonce: u64, hashes: &[B256], fees: Fees, since_ms: u64) {
-        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = Some(Waiting {
-            nonce,
-            hashes: hashes.iter().map(ToString::to_string).collect(),
-            max_fee_per_gas: fees.max_fee.to_string(),
-            max_priority_fee_per_gas: fees.tip.to_string(),
-            since_ms,
-        });
+    fn pending(&self) -> Option<Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_pending(&self, pending: Option<Pending>) {
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = pending;
     }
 
     /// Sends `call` from the operator wallet and waits until it is mined, sending it again
@@ -172,7 +185,7 @@ impl Operator {
         P: Provider,
         D: CallDecoder,
     {
-        let mut given_up = self.sends.lock().await;
+        let _one_at_a_time = self.sends.lock().await;
         let from = self.signer.address();
         let request = call.into_transaction_request().with_from(from);
         let nonce = ask(self.provider.get_transaction_count(from).latest()).await?;
@@ -183,8 +196,8 @@ impl Operator {
             .with_chain_id(*self.chain_id.get_or_try_init(|| ask(self.provider.get_chain_id())).await?);
         let cap = self.policy.max_fee_per_gas;
         let market = self.market_fees().await?;
-        let mut fees = match *given_up {
-            Some((pending, at)) if pending == nonce => at.replacing(market, cap),
+        let mut fees = match self.pending() {
+            Some(left) if left.nonce == nonce => left.fees.replacing(market, cap),
             _ => market.capped(cap),
         };
         let mut hashes = Vec::new();
@@ -208,9 +221,8 @@ impl Operator {
                 "underpriced at nonce {nonce} {UNDERPRICED_TRIES} times"
             )));
         }
-        *given_up = Some((nonce, fees));
         let since_ms = crate::registry::now_ms();
-        self.set_waiting(nonce, &hashes, fees, since_ms);
+        self.set_pending(Some(Pending { nonce, hashes: hashes.clone(), fees, since_ms }));
         // an HTTP RPC cannot tell when a block comes: the chain is asked at the provider's
         // poll interval (250 ms on loopback, 7 s elsewhere), as alloy's own watchers do
         let mut rounds = tokio::time::interval(self.provider.client().poll_interval());
@@ -223,8 +235,7 @@ impl Operator {
             match self.mined(&hashes, nonce).await {
                 Ok(None) => {}
                 Ok(Some(outcome)) => {
-                    *given_up = None;
-                    *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    self.set_pending(None);
                     return outcome;
                 }
                 Err(e) => {
@@ -262,8 +273,7 @@ impl Operator {
                 }
             }
             fees = next;
-            *given_up = Some((nonce, fees));
-            self.set_waiting(nonce, &hashes, fees, since_ms);
+            self.set_pending(Some(Pending { nonce, hashes: hashes.clone(), fees, since_ms }));
         }
     }
 
