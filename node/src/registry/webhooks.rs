@@ -245,24 +245,38 @@ async fn deliver_all(
             }
             continue;
         }
-        for (seq, event) in pending {
-            if hook.wants(&event.kind) {
-                let body = match serde_json::to_vec(&Payload { seq, event: &event }) {
-                    Ok(body) => bytes::Bytes::from(body),
-                    Err(e) => {
-                        tracing::warn!(target: "agora::webhooks", seq, error = %e, "cannot encode a registry change");
-                        continue;
-                    }
-                };
-                let Some(outcome) = deliver(&http, &hook, &event.kind, body, &mut shutdown).await else {
-                    return; // stopping: this change goes again at the next start
-                };
-                metrics::counter!("agora_webhook_deliveries_total", "outcome" => outcome).increment(1);
-            }
-            next = seq + 1;
+        let mut kept = next;
+        let keep = |next: u64| {
             if let Err(e) = outbox.store.put::<WebhookCursors>(&key, &next) {
                 tracing::warn!(target: "agora::webhooks", url = %hook.url, error = %e, "cannot keep the hook's place in the outbox");
             }
+        };
+        for (seq, event) in pending {
+            if !hook.wants(&event.kind) {
+                next = seq + 1; // kept with the next delivery or at the end of the batch
+                continue;
+            }
+            match serde_json::to_vec(&Payload { seq, event: &event }) {
+                Ok(body) => {
+                    let Some(outcome) = deliver(&http, &hook, &event.kind, body.into(), &mut shutdown).await
+                    else {
+                        if next != kept {
+                            keep(next);
+                        }
+                        return; // stopping: this change goes again at the next start
+                    };
+                    metrics::counter!("agora_webhook_deliveries_total", "outcome" => outcome).increment(1);
+                }
+                Err(e) => {
+                    tracing::warn!(target: "agora::webhooks", seq, error = %e, "cannot encode a registry change; not sent")
+                }
+            }
+            next = seq + 1;
+            keep(next); // a delivered change is not sent again after a restart
+            kept = next;
+        }
+        if next != kept {
+            keep(next);
         }
     }
 }
