@@ -79,8 +79,26 @@ pub struct Accepted {
 #[derive(Clone)]
 pub struct Meter {
     turns: Arc<Mutex<Turns>>,
-    writes: std::sync::mpsc::Sender<Pending>,
+    writer: Arc<Writer>,
     domain: VoucherDomain,
+}
+
+/// The writer thread and its queue. Dropped with the last clone of the meter: the queue
+/// closes, and the drop waits for the thread to store what it holds and let go of the store,
+/// so nothing accepted is left unwritten and no thread still closes the database while the
+/// process exits.
+struct Writer {
+    writes: Option<std::sync::mpsc::Sender<Pending>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        drop(self.writes.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// A license's turn: held from the check until the voucher is stored.
@@ -117,17 +135,18 @@ struct Pending {
 }
 
 impl Meter {
-    /// Starts the writer thread; it ends when the last clone of the meter is dropped. Vouchers
-    /// are checked under `domain` (the market's).
+    /// Starts the writer thread; it ends, and is waited for, when the last clone of the meter
+    /// is dropped. Vouchers are checked under `domain` (the market's).
     pub fn start(store: Store, domain: VoucherDomain) -> std::io::Result<Self> {
         let (writes, queue) = std::sync::mpsc::channel::<Pending>();
-        std::thread::Builder::new().name("agora-meter".into()).spawn(move || {
+        let thread = std::thread::Builder::new().name("agora-meter".into()).spawn(move || {
             while let Ok(first) = queue.recv() {
                 let group: Vec<Pending> = std::iter::once(first).chain(queue.try_iter()).collect();
                 write_group(&store, group);
             }
         })?;
-        Ok(Self { turns: Default::default(), writes, domain })
+        let writer = Writer { writes: Some(writes), thread: Some(thread) };
+        Ok(Self { turns: Default::default(), writer: Arc::new(writer), domain })
     }
 
     /// The EIP-712 domain the vouchers are signed under.
@@ -151,7 +170,9 @@ impl Meter {
     ) -> tokio::sync::oneshot::Receiver<Result<(), MeterError>> {
         let (done, written) = tokio::sync::oneshot::channel();
         // should the writer thread be gone, the pending write is dropped and `written` says so
-        let _ = self.writes.send(Pending { accepted, receipt, _turn: turn, done });
+        if let Some(writes) = &self.writer.writes {
+            let _ = writes.send(Pending { accepted, receipt, _turn: turn, done });
+        }
         written
     }
 }
