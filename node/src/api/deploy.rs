@@ -272,7 +272,11 @@ pub async fn predict(
         None => None,
     };
     let delivery = state.delivery.clone();
-    let (answer, metered) = tokio::task::spawn_blocking(move || {
+    // The answer comes back on `reply`: from the blocking task, or, for a metered call, from the
+    // writer thread once its voucher is durable, so the call is woken once, not twice.
+    let (reply, replied) = tokio::sync::oneshot::channel::<Result<(Answer, Option<Metered>), ApiError>>();
+    let writes = meter.clone();
+    let work = move || -> Result<Step, ApiError> {
         let record = serve.record(id)?;
         let upstream = if record.runtime == "http" { serve.upstream(id)? } else { None };
         let run = |record: &crate::store::tables::DeploymentRecord| -> Result<Answer, ApiError> {
@@ -283,7 +287,11 @@ pub async fn predict(
                 }
                 None => {
                     let request = PredictRequest::deserialize(&input).map_err(|e| {
-                        ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("the request body is not valid: {e}"))
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_body",
+                            format!("the request body is not valid: {e}"),
+                        )
                     })?;
                     let (version, outputs) = serve.predict(record, request.inputs)?;
                     Ok(Answer::Outputs(PredictAnswer { outputs, model: record.model.clone(), version }))
@@ -295,26 +303,50 @@ pub async fn predict(
             Actor::Operator => None,
             Actor::Wallet(a) if owner == Some(*a) => None,
             Actor::Anonymous => {
-                return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "predicting needs a license holder's sign-in token"));
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthenticated",
+                    "predicting needs a license holder's sign-in token",
+                ));
             }
             Actor::Wallet(caller) => Some(*caller),
         };
         let Some(caller) = caller else {
-            return Ok((run(&record)?, None));
+            return Ok(Step::Answered(run(&record)?));
         };
         let token = serve.token_of(&record)?.ok_or_else(|| {
-            ApiError::new(StatusCode::FORBIDDEN, "forbidden", "the deployed version is not anchored on-chain, so no license opens it")
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the deployed version is not anchored on-chain, so no license opens it",
+            )
         })?;
         let cost = U256::from(record.unit_cost) * U256::from(rows);
-        if let (Some((license, cumulative, signature)), Some(price), Some(turn)) = (voucher, unit_price, turn) {
-            let accepted = metering::check(&store, caller, token, license, cumulative, &signature, cost, price, meter.domain(), &signers)
-                .map_err(meter_error)?;
+        if let (Some((license, cumulative, signature)), Some(price), Some(turn)) = (voucher, unit_price, turn)
+        {
+            let accepted = metering::check(
+                &store,
+                caller,
+                token,
+                license,
+                cumulative,
+                &signature,
+                cost,
+                price,
+                meter.domain(),
+                &signers,
+            )
+            .map_err(meter_error)?;
             let answer = run(&record)?;
             let time_ms = crate::registry::now_ms();
-            let signature = delivery.sign_message(&metering::receipt_bytes(license, cumulative, &request_hash, time_ms));
-            let receipt = crate::store::tables::ReceiptRecord { request: request_hash, time_ms, signature: signature.to_vec() };
-            let written = meter.commit(accepted, receipt.clone(), turn);
-            return Ok((answer, Some((license, cumulative, receipt, written))));
+            let signature =
+                delivery.sign_message(&metering::receipt_bytes(license, cumulative, &request_hash, time_ms));
+            let receipt = crate::store::tables::ReceiptRecord {
+                request: request_hash,
+                time_ms,
+                signature: signature.to_vec(),
+            };
+            return Ok(Step::Metered(Box::new(MeteredCall { answer, accepted, receipt, turn })));
         }
         let now = crate::market::MarketView::new(&store, index).chain_now()?;
         let mut usage = None;
@@ -334,29 +366,47 @@ pub async fn predict(
             }
         }
         match (ok, usage) {
-            (true, _) => Ok((run(&record)?, None)),
+            (true, _) => Ok(Step::Answered(run(&record)?)),
             (false, Some(license)) => {
                 let required = metering::last_accepted(&store, license)? + cost;
                 Err(meter_error(metering::MeterError::Unpaid {
-                    reason: format!("license {license} is usage-based: send an Agora-Voucher for {required} cumulative units"),
+                    reason: format!(
+                        "license {license} is usage-based: send an Agora-Voucher for {required} cumulative units"
+                    ),
                     required: Some(required),
                 }))
             }
-            (false, None) => Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("{caller} holds no active license of token {token}"))),
+            (false, None) => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("{caller} holds no active license of token {token}"),
+            )),
         }
-    })
-    .await??;
-    let metered = match metered {
-        Some((license, cumulative, receipt, written)) => {
-            written
-                .await
-                .map_err(|_| {
-                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the node is shutting down")
-                })?
-                .map_err(meter_error)?;
-            Some((license, cumulative, receipt))
+    };
+    let task = tokio::task::spawn_blocking(move || match work() {
+        Ok(Step::Metered(call)) => {
+            let MeteredCall { answer, accepted, receipt, turn } = *call;
+            let metered = (accepted.license_id, accepted.cumulative, receipt.clone());
+            let then = move |written: Result<(), metering::MeterError>| {
+                let _ = reply.send(written.map(|()| (answer, Some(metered))).map_err(meter_error));
+            };
+            writes.commit_then(accepted, receipt, turn, Box::new(then));
         }
-        None => None,
+        Ok(Step::Answered(answer)) => drop(reply.send(Ok((answer, None)))),
+        Err(e) => drop(reply.send(Err(e))),
+    });
+    let (answer, metered) = match replied.await {
+        Ok(answered) => answered?,
+        Err(_) => {
+            // nothing answered: the task panicked (its error says so), or the writer thread,
+            // gone with a node that is shutting down, dropped the write
+            task.await?;
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the node is shutting down",
+            ));
+        }
     };
     let mut response = match answer {
         Answer::Outputs(outputs) => Json(outputs).into_response(),
@@ -381,6 +431,22 @@ pub async fn predict(
         }
     }
     Ok(response)
+}
+
+/// A metered call's license, cumulative units and receipt, for its `Agora-Receipt`.
+type Metered = (U256, U256, crate::store::tables::ReceiptRecord);
+
+/// Where a call stands once its work is done: answered, or waiting for its voucher's write.
+enum Step {
+    Answered(Answer),
+    Metered(Box<MeteredCall>),
+}
+
+struct MeteredCall {
+    answer: Answer,
+    accepted: metering::Accepted,
+    receipt: crate::store::tables::ReceiptRecord,
+    turn: metering::Turn,
 }
 
 /// What a call returns: the builtin runtime's outputs, or the upstream's answer as it came.

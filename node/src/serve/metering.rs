@@ -127,11 +127,14 @@ impl Turns {
     }
 }
 
+/// What the writer thread calls once a voucher is durable (or could not be written).
+pub type Then = Box<dyn FnOnce(Result<(), MeterError>) + Send>;
+
 struct Pending {
     accepted: Accepted,
     receipt: ReceiptRecord,
     _turn: Turn,
-    done: tokio::sync::oneshot::Sender<Result<(), MeterError>>,
+    then: Then,
 }
 
 impl Meter {
@@ -169,11 +172,18 @@ impl Meter {
         turn: Turn,
     ) -> tokio::sync::oneshot::Receiver<Result<(), MeterError>> {
         let (done, written) = tokio::sync::oneshot::channel();
-        // should the writer thread be gone, the pending write is dropped and `written` says so
-        if let Some(writes) = &self.writer.writes {
-            let _ = writes.send(Pending { accepted, receipt, _turn: turn, done });
-        }
+        self.commit_then(accepted, receipt, turn, Box::new(move |result| drop(done.send(result))));
         written
+    }
+
+    /// As [`Meter::commit`], with `then` called on the writer thread once the voucher is durable
+    /// (or could not be written), before the turn is released: a call can hand its answer to
+    /// the write and be woken once, by the write, instead of once for its work and again for
+    /// the write. Should the writer thread be gone, `then` is dropped uncalled.
+    pub fn commit_then(&self, accepted: Accepted, receipt: ReceiptRecord, turn: Turn, then: Then) {
+        if let Some(writes) = &self.writer.writes {
+            let _ = writes.send(Pending { accepted, receipt, _turn: turn, then });
+        }
     }
 }
 
@@ -198,14 +208,14 @@ fn write_group(store: &Store, group: Vec<Pending>) {
         .and_then(|()| store.write(batch));
     if together.is_ok() {
         for pending in group {
-            let _ = pending.done.send(Ok(()));
+            (pending.then)(Ok(()));
         }
         return;
     }
     for pending in group {
         let mut batch = store.batch();
         let alone = put(&mut batch, &pending.accepted, &pending.receipt).and_then(|()| store.write(batch));
-        let _ = pending.done.send(alone.map_err(MeterError::from));
+        (pending.then)(alone.map_err(MeterError::from));
     }
 }
 
