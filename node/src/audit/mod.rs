@@ -3,15 +3,17 @@
 //! Each entry carries its sequence number, time, actor (an address, a token id or `cli:<user>`),
 //! action, object and request id, the hash of the entry before it and its own hash over all of
 //! that. Rewriting, removing or reordering any entry breaks the chain from there on, and
-//! [`verify`] names the first broken link. Appends are serialised in-process; the log is only
-//! ever appended to.
+//! [`verify`] names the first broken link. Appends are serialised per database, whichever
+//! handle makes them, and an entry can be written in the same batch as the change it records
+//! ([`Audit::stage`]), so a change is never stored without its entry nor its entry without it.
+//! The log is only ever appended to.
 
-use std::sync::{Arc, Mutex};
+use std::sync::MutexGuard;
 
 use serde::Serialize;
 
 use crate::store::{
-    Store, StoreError,
+    Batch, Store, StoreError,
     tables::{AuditEntry, AuditLog},
 };
 
@@ -50,12 +52,27 @@ pub struct Broken {
 #[derive(Clone)]
 pub struct Audit {
     store: Store,
-    append: Arc<Mutex<()>>,
+}
+
+/// What one entry says.
+#[derive(Clone, Copy, Debug)]
+pub struct Entry<'a> {
+    pub actor: &'a str,
+    pub action: &'a str,
+    pub object: &'a str,
+    pub request_id: Option<&'a str>,
+}
+
+/// Entries staged in a batch: no other entry is appended while this is held, so write the batch
+/// before dropping it.
+pub struct Staged<'a> {
+    _appends: MutexGuard<'a, ()>,
+    pub entries: Vec<EntryView>,
 }
 
 impl Audit {
     pub fn new(store: Store) -> Self {
-        Self { store, append: Arc::new(Mutex::new(())) }
+        Self { store }
     }
 
     /// Appends an entry and returns it.
@@ -66,28 +83,43 @@ impl Audit {
         object: &str,
         request_id: Option<&str>,
     ) -> Result<EntryView, StoreError> {
-        let _guard = self.append.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut batch = self.store.batch();
+        let mut staged = self.stage(&mut batch, &[Entry { actor, action, object, request_id }])?;
+        self.store.write(batch)?;
+        Ok(staged.entries.remove(0))
+    }
+
+    /// Puts `entries` into `batch`, chained after the log's last entry, so they are appended
+    /// with whatever else the batch holds, or not at all. Write the batch before dropping what
+    /// this returns.
+    pub fn stage(&self, batch: &mut Batch<'_>, entries: &[Entry<'_>]) -> Result<Staged<'_>, StoreError> {
+        let appends = self.store.audit_appends().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let last = self.store.scan::<AuditLog>(&[], None, true).next().transpose()?;
-        let (seq, prev) = match last {
+        let (mut seq, mut prev) = match last {
             Some((_, entry)) => (entry.seq + 1, entry.hash),
             None => (0, [0; 32]),
         };
         let time = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let mut entry = AuditEntry {
-            seq,
-            time,
-            actor: actor.to_owned(),
-            action: action.to_owned(),
-            object: object.to_owned(),
-            request_id: request_id.map(str::to_owned),
-            prev,
-            hash: [0; 32],
-        };
-        entry.hash = entry_hash(&entry);
-        self.store.put::<AuditLog>(&seq, &entry)?;
-        Ok(view(&entry))
+        let mut views = Vec::with_capacity(entries.len());
+        for e in entries {
+            let mut entry = AuditEntry {
+                seq,
+                time,
+                actor: e.actor.to_owned(),
+                action: e.action.to_owned(),
+                object: e.object.to_owned(),
+                request_id: e.request_id.map(str::to_owned),
+                prev,
+                hash: [0; 32],
+            };
+            entry.hash = entry_hash(&entry);
+            batch.put::<AuditLog>(&seq, &entry)?;
+            views.push(view(&entry));
+            (seq, prev) = (seq + 1, entry.hash);
+        }
+        Ok(Staged { _appends: appends, entries: views })
     }
 }
 
@@ -184,6 +216,26 @@ mod tests {
         assert_eq!(list(&store, 1, 10).unwrap(), vec![second.clone()]);
         assert_eq!(list(&store, 0, 1).unwrap(), vec![first]);
         assert_eq!(verify(&store).unwrap(), VerifyReport { entries: 2, first_broken: None });
+    }
+
+    #[test]
+    fn appends_through_separate_handles_are_all_kept() {
+        // the API, the registry and the deployments each make their own handle on one store
+        let (_dir, store, _) = log();
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let audit = Audit::new(store.clone());
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        audit.record("cli", "test", &format!("object {t}/{i}"), None).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(verify(&store).unwrap(), VerifyReport { entries: 400, first_broken: None });
     }
 
     #[test]

@@ -50,6 +50,10 @@ pub struct Store {
     /// The options of every point read, made once (RocksDB's `get` otherwise builds and frees
     /// a default set for each call).
     read: Arc<rocksdb::ReadOptions>,
+    /// Taken by whoever appends to the audit log, from any handle on this database: an entry's
+    /// number and previous hash come from the last entry, which no other append may change
+    /// before this one is written.
+    audit_appends: Arc<std::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -70,7 +74,12 @@ impl Store {
             tables::NAMES.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
         let db = DB::open_cf_descriptors(&options, path, descriptors)
             .map_err(|source| StoreError::Open { path: display.clone(), source })?;
-        let store = Self { db: Arc::new(db), path: display.into(), read: Default::default() };
+        let store = Self {
+            db: Arc::new(db),
+            path: display.into(),
+            read: Default::default(),
+            audit_appends: Default::default(),
+        };
 
         match store.get::<Meta>(&tables::MetaKey::SchemaVersion)? {
             None => store
@@ -121,7 +130,12 @@ impl Store {
         let display = path.display().to_string();
         let db = DB::open_cf_for_read_only(&Options::default(), path, tables::NAMES.iter().copied(), false)
             .map_err(|source| StoreError::Open { path: display.clone(), source })?;
-        Ok(Self { db: Arc::new(db), path: display.into(), read: Default::default() })
+        Ok(Self {
+            db: Arc::new(db),
+            path: display.into(),
+            read: Default::default(),
+            audit_appends: Default::default(),
+        })
     }
 
     /// Records `deployment` (an identifying string) on first use and refuses any other later.
@@ -220,6 +234,11 @@ impl Store {
     /// each time it grows.
     pub fn batch_with_capacity(&self, bytes: usize) -> Batch<'_> {
         Batch { store: self, inner: WriteBatch::with_capacity_bytes(bytes) }
+    }
+
+    /// The lock that orders appends to the audit log (see [`crate::audit`]).
+    pub(crate) fn audit_appends(&self) -> &std::sync::Mutex<()> {
+        &self.audit_appends
     }
 
     /// Applies a batch atomically across tables, with the WAL synced.
