@@ -28,9 +28,9 @@ use tokio::sync::broadcast;
 
 use crate::{
     artifacts::{ArtifactError, ArtifactStore, BlobInfo, hex},
-    audit::Audit,
+    audit::{self, Audit},
     store::{
-        Meta, MetaKey, MetaValue, Store, StoreError, Table,
+        Batch, Meta, MetaKey, MetaValue, Store, StoreError, Table,
         tables::{
             ArtifactFiles, ContentVersions, FileRecord, MetricPoint, ModelFileSummary, RegistryMetrics,
             RegistryModel, RegistryModels, RegistryNames, RegistryVersion, RegistryVersions, Versions,
@@ -197,6 +197,35 @@ pub struct TreeEntry {
     pub file_size: Option<u64>,
 }
 
+/// A change as the audit log and the webhooks have it.
+struct Logged {
+    action: String,
+    object: String,
+    event: RegistryEvent,
+}
+
+impl Logged {
+    /// A change to a model, or to one of its versions.
+    fn model(ctx: &Context, kind: &'static str, model: &str, version: Option<u32>, detail: String) -> Self {
+        let object = match version {
+            Some(v) => format!("model:{model}/{v}"),
+            None => format!("model:{model}"),
+        };
+        let action =
+            if detail.is_empty() { format!("registry.{kind}") } else { format!("registry.{kind} {detail}") };
+        let event = RegistryEvent { kind, model: model.to_owned(), version, detail, actor: ctx.actor.id() };
+        Self { action, object, event }
+    }
+
+    /// A change to the artifact tree at `path`.
+    fn artifact(ctx: &Context, kind: &'static str, action: String, path: String) -> Self {
+        let object = format!("artifact:{path}");
+        let event =
+            RegistryEvent { kind, model: String::new(), version: None, detail: path, actor: ctx.actor.id() };
+        Self { action, object, event }
+    }
+}
+
 #[derive(Clone)]
 pub struct Registry {
     store: Store,
@@ -224,16 +253,36 @@ impl Registry {
         Self { outbox: Some(outbox), ..self }
     }
 
-    /// Publishes `event` on the bus and, for the webhooks, in the outbox.
-    fn emit(&self, event: RegistryEvent) {
-        if let Some(outbox) = &self.outbox
-            && let Err(e) = outbox.push(&event)
-        {
-            tracing::warn!(target: "agora::webhooks", kind = event.kind, error = %e, "cannot write a registry change to the webhook outbox; it is not sent");
-            metrics::counter!("agora_webhook_deliveries_total", "outcome" => "dropped").increment(1);
+    /// Writes `batch` together with the audit entries of `changes` and, for the webhooks, their
+    /// events in the outbox: all of it or nothing. Then publishes the events on the bus. Called
+    /// under the writer lock, so the log, the outbox and the bus have the changes in the order
+    /// they were made.
+    fn commit(&self, ctx: &Context, mut batch: Batch<'_>, changes: Vec<Logged>) -> Result<(), RegistryError> {
+        let actor = ctx.actor.id();
+        let entries: Vec<audit::Entry<'_>> = changes
+            .iter()
+            .map(|c| audit::Entry {
+                actor: &actor,
+                action: &c.action,
+                object: &c.object,
+                request_id: ctx.request_id.as_deref(),
+            })
+            .collect();
+        let audited = self.audit.stage(&mut batch, &entries)?;
+        let outboxed = match &self.outbox {
+            Some(outbox) => Some(outbox.stage(&mut batch, changes.iter().map(|c| &c.event))?),
+            None => None,
+        };
+        self.store.write(batch)?;
+        if let Some(outboxed) = outboxed {
+            outboxed.written();
         }
-        // No subscriber is fine.
-        let _ = self.events.send(event);
+        drop(audited);
+        for change in changes {
+            // no subscriber is fine
+            let _ = self.events.send(change.event);
+        }
+        Ok(())
     }
 
     pub fn artifacts(&self) -> &ArtifactStore {
@@ -248,25 +297,6 @@ impl Registry {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
         self.write.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn publish(
-        &self,
-        ctx: &Context,
-        kind: &'static str,
-        model: &str,
-        version: Option<u32>,
-        detail: String,
-    ) -> Result<(), RegistryError> {
-        let object = match version {
-            Some(v) => format!("model:{model}/{v}"),
-            None => format!("model:{model}"),
-        };
-        let action =
-            if detail.is_empty() { format!("registry.{kind}") } else { format!("registry.{kind} {detail}") };
-        self.audit.record(&ctx.actor.id(), &action, &object, ctx.request_id.as_deref())?;
-        self.emit(RegistryEvent { kind, model: model.to_owned(), version, detail, actor: ctx.actor.id() });
-        Ok(())
     }
 
     // ----- models -----
@@ -338,16 +368,16 @@ impl Registry {
         batch.put::<Meta>(&MetaKey::RegistryNextModel, &MetaValue::Count(id + 1))?;
         batch.put::<RegistryNames>(&model.name, &id)?;
         batch.put::<RegistryModels>(&id, &model)?;
-        self.store.write(batch)?;
-        self.publish(ctx, "model_created", name, None, String::new())?;
+        self.commit(ctx, batch, vec![Logged::model(ctx, "model_created", name, None, String::new())])?;
         Ok(model)
     }
 
-    /// Applies `change` to a model the actor may write, and stores it.
+    /// Applies `change` to a model the actor may write, and stores it with `logged`.
     fn change_model(
         &self,
         ctx: &Context,
         name: &str,
+        logged: Logged,
         change: impl FnOnce(&mut RegistryModel) -> Result<(), RegistryError>,
     ) -> Result<RegistryModel, RegistryError> {
         let _guard = self.lock();
@@ -355,7 +385,9 @@ impl Registry {
         self.authorize(&ctx.actor, &model)?;
         change(&mut model)?;
         model.updated_ms = now_ms();
-        self.store.put::<RegistryModels>(&model.id, &model)?;
+        let mut batch = self.store.batch();
+        batch.put::<RegistryModels>(&model.id, &model)?;
+        self.commit(ctx, batch, vec![logged])?;
         Ok(model)
     }
 
@@ -366,12 +398,11 @@ impl Registry {
         description: &str,
     ) -> Result<RegistryModel, RegistryError> {
         check_description(description)?;
-        let model = self.change_model(ctx, name, |m| {
+        let logged = Logged::model(ctx, "model_updated", name, None, String::new());
+        self.change_model(ctx, name, logged, |m| {
             m.description = description.to_owned();
             Ok(())
-        })?;
-        self.publish(ctx, "model_updated", name, None, String::new())?;
-        Ok(model)
+        })
     }
 
     pub fn rename_model(
@@ -396,10 +427,10 @@ impl Registry {
             batch.delete::<RegistryNames>(&name.to_owned());
             batch.put::<RegistryNames>(&model.name, &model.id)?;
             batch.put::<RegistryModels>(&model.id, &model)?;
-            self.store.write(batch)?;
+            let logged = Logged::model(ctx, "model_renamed", new_name, None, format!("{name} -> {new_name}"));
+            self.commit(ctx, batch, vec![logged])?;
             model
         };
-        self.publish(ctx, "model_renamed", new_name, None, format!("{name} -> {new_name}"))?;
         Ok(model)
     }
 
@@ -417,9 +448,8 @@ impl Registry {
             }
             batch.delete::<RegistryNames>(&model.name);
             batch.delete::<RegistryModels>(&model.id);
-            self.store.write(batch)?;
+            self.commit(ctx, batch, vec![Logged::model(ctx, "model_deleted", name, None, String::new())])
         }
-        self.publish(ctx, "model_deleted", name, None, String::new())
     }
 
     pub fn set_model_tag(
@@ -430,20 +460,22 @@ impl Registry {
         value: &str,
     ) -> Result<(), RegistryError> {
         check_tag(key, value)?;
-        self.change_model(ctx, name, |m| {
+        let logged = Logged::model(ctx, "model_tag_set", name, None, key.to_owned());
+        self.change_model(ctx, name, logged, |m| {
             m.tags.insert(key.to_owned(), value.to_owned());
             Ok(())
         })?;
-        self.publish(ctx, "model_tag_set", name, None, key.to_owned())
+        Ok(())
     }
 
     pub fn delete_model_tag(&self, ctx: &Context, name: &str, key: &str) -> Result<(), RegistryError> {
-        self.change_model(ctx, name, |m| {
+        let logged = Logged::model(ctx, "model_tag_deleted", name, None, key.to_owned());
+        self.change_model(ctx, name, logged, |m| {
             m.tags.remove(key).map(|_| ()).ok_or_else(|| {
                 RegistryError::NotFound(format!("no tag with key '{key}' on registered model '{name}'"))
             })
         })?;
-        self.publish(ctx, "model_tag_deleted", name, None, key.to_owned())
+        Ok(())
     }
 
     /// Every model, in name order.
@@ -468,24 +500,26 @@ impl Registry {
         version: u32,
     ) -> Result<(), RegistryError> {
         check_alias(alias)?;
-        self.change_model(ctx, name, |m| {
+        let logged = Logged::model(ctx, "alias_set", name, Some(version), alias.to_owned());
+        self.change_model(ctx, name, logged, |m| {
             if self.store.get::<RegistryVersions>(&(m.id, version))?.is_none() {
                 return Err(version_not_found(name, version));
             }
             m.aliases.insert(alias.to_owned(), version);
             Ok(())
         })?;
-        self.publish(ctx, "alias_set", name, Some(version), alias.to_owned())
+        Ok(())
     }
 
     pub fn delete_alias(&self, ctx: &Context, name: &str, alias: &str) -> Result<(), RegistryError> {
-        self.change_model(ctx, name, |m| {
+        let logged = Logged::model(ctx, "alias_deleted", name, None, alias.to_owned());
+        self.change_model(ctx, name, logged, |m| {
             m.aliases
                 .remove(alias)
                 .map(|_| ())
                 .ok_or_else(|| RegistryError::NotFound(format!("registered model alias {alias} not found")))
         })?;
-        self.publish(ctx, "alias_deleted", name, None, alias.to_owned())
+        Ok(())
     }
 
     /// The version an alias points at.
@@ -613,9 +647,7 @@ impl Registry {
         {
             self.artifacts.release(&file.blake3)?;
         }
-        let view = result?;
-        self.publish(ctx, "version_created", name, Some(view.version.version), String::new())?;
-        Ok(view)
+        result
     }
 
     fn create_version_inner(
@@ -676,23 +708,30 @@ impl Registry {
         model.updated_ms = now;
         batch.put::<RegistryVersions>(&(model.id, number), &version)?;
         batch.put::<RegistryModels>(&model.id, &model)?;
-        self.store.write(batch)?;
+        self.commit(
+            ctx,
+            batch,
+            vec![Logged::model(ctx, "version_created", name, Some(number), String::new())],
+        )?;
         self.view(&model, version)
     }
 
-    /// Applies `change` to a version the actor may write, and stores it.
+    /// Applies `change` to a version the actor may write, and stores it with the change `kind`
+    /// and its `detail`.
     fn change_version(
         &self,
         ctx: &Context,
-        name: &str,
-        number: u32,
+        (name, number): (&str, u32),
+        (kind, detail): (&'static str, String),
         change: impl FnOnce(&mut RegistryVersion) -> Result<(), RegistryError>,
     ) -> Result<VersionView, RegistryError> {
         let _guard = self.lock();
         let (model, mut version) = self.writable_version(&ctx.actor, name, number)?;
         change(&mut version)?;
         version.updated_ms = now_ms();
-        self.store.put::<RegistryVersions>(&(model.id, number), &version)?;
+        let mut batch = self.store.batch();
+        batch.put::<RegistryVersions>(&(model.id, number), &version)?;
+        self.commit(ctx, batch, vec![Logged::model(ctx, kind, name, Some(number), detail)])?;
         self.view(&model, version)
     }
 
@@ -704,12 +743,10 @@ impl Registry {
         description: &str,
     ) -> Result<VersionView, RegistryError> {
         check_description(description)?;
-        let view = self.change_version(ctx, name, number, |v| {
+        self.change_version(ctx, (name, number), ("version_updated", String::new()), |v| {
             v.description = description.to_owned();
             Ok(())
-        })?;
-        self.publish(ctx, "version_updated", name, Some(number), String::new())?;
-        Ok(view)
+        })
     }
 
     /// Records the watermark commitment of a version once it is marked.
@@ -720,12 +757,10 @@ impl Registry {
         number: u32,
         commitment: B256,
     ) -> Result<VersionView, RegistryError> {
-        let view = self.change_version(ctx, name, number, |v| {
+        self.change_version(ctx, (name, number), ("version_marked", commitment.to_string()), |v| {
             v.commitment = Some(commitment);
             Ok(())
-        })?;
-        self.publish(ctx, "version_marked", name, Some(number), commitment.to_string())?;
-        Ok(view)
+        })
     }
 
     pub fn set_version_tag(
@@ -737,11 +772,11 @@ impl Registry {
         value: &str,
     ) -> Result<(), RegistryError> {
         check_tag(key, value)?;
-        self.change_version(ctx, name, number, |v| {
+        self.change_version(ctx, (name, number), ("version_tag_set", key.to_owned()), |v| {
             v.tags.insert(key.to_owned(), value.to_owned());
             Ok(())
         })?;
-        self.publish(ctx, "version_tag_set", name, Some(number), key.to_owned())
+        Ok(())
     }
 
     pub fn delete_version_tag(
@@ -751,12 +786,12 @@ impl Registry {
         number: u32,
         key: &str,
     ) -> Result<(), RegistryError> {
-        self.change_version(ctx, name, number, |v| {
+        self.change_version(ctx, (name, number), ("version_tag_deleted", key.to_owned()), |v| {
             v.tags.remove(key).map(|_| ()).ok_or_else(|| {
                 RegistryError::NotFound(format!("no tag with key '{key}' on version {number} of '{name}'"))
             })
         })?;
-        self.publish(ctx, "version_tag_deleted", name, Some(number), key.to_owned())
+        Ok(())
     }
 
     /// Moves a version to `stage`; with `archive_existing`, the model's other versions in that
@@ -769,7 +804,7 @@ impl Registry {
         stage: Stage,
         archive_existing: bool,
     ) -> Result<VersionView, RegistryError> {
-        let (view, from, archived) = {
+        let view = {
             let _guard = self.lock();
             let (model, mut version) = self.writable_version(&ctx.actor, name, number)?;
             let now = now_ms();
@@ -789,19 +824,18 @@ impl Registry {
             version.stage = stage as u8;
             version.updated_ms = now;
             batch.put::<RegistryVersions>(&(model.id, number), &version)?;
-            self.store.write(batch)?;
-            (self.view(&model, version)?, from, archived)
+            let mut changes: Vec<Logged> = archived
+                .into_iter()
+                .map(|other| {
+                    let detail = format!("{} -> Archived", stage.name());
+                    Logged::model(ctx, "stage_changed", name, Some(other), detail)
+                })
+                .collect();
+            let detail = format!("{} -> {}", from.name(), stage.name());
+            changes.push(Logged::model(ctx, "stage_changed", name, Some(number), detail));
+            self.commit(ctx, batch, changes)?;
+            self.view(&model, version)?
         };
-        for other in archived {
-            self.publish(ctx, "stage_changed", name, Some(other), format!("{} -> Archived", stage.name()))?;
-        }
-        self.publish(
-            ctx,
-            "stage_changed",
-            name,
-            Some(number),
-            format!("{} -> {}", from.name(), stage.name()),
-        )?;
         Ok(view)
     }
 
@@ -840,9 +874,12 @@ impl Registry {
             model.aliases.retain(|_, v| *v != number);
             model.updated_ms = now_ms();
             batch.put::<RegistryModels>(&model.id, &model)?;
-            self.store.write(batch)?;
+            self.commit(
+                ctx,
+                batch,
+                vec![Logged::model(ctx, "version_deleted", name, Some(number), String::new())],
+            )
         }
-        self.publish(ctx, "version_deleted", name, Some(number), String::new())
     }
 
     // ----- metrics -----
@@ -885,9 +922,9 @@ impl Registry {
             for (i, point) in points.into_iter().enumerate() {
                 batch.put::<RegistryMetrics>(&(model.id, number, next + i as u64), &point)?;
             }
-            self.store.write(batch)?;
+            let logged = Logged::model(ctx, "metrics_logged", name, Some(number), format!("{count} points"));
+            self.commit(ctx, batch, vec![logged])?;
         }
-        self.publish(ctx, "metrics_logged", name, Some(number), format!("{count} points"))?;
         Ok(count)
     }
 
@@ -969,38 +1006,25 @@ impl Registry {
                 }
                 ancestor = parent;
             }
-            self.store.put::<ArtifactFiles>(
+            let mut batch = self.store.batch();
+            batch.put::<ArtifactFiles>(
                 &path,
                 &FileRecord { blake3: hash, size: blob.size, created_ms: now_ms() },
             )?;
+            let logged =
+                Logged::artifact(ctx, "artifact_put", format!("artifacts.put {}", blob.blake3), path);
+            self.commit(ctx, batch, vec![logged])?;
             if let Some(previous) = previous {
                 self.artifacts.release(&previous.blake3)?;
             }
-            Ok(path)
+            Ok(())
         })();
-        let path = match result {
-            Ok(path) => path,
-            Err(error) => {
-                if let Ok(hash) = parse_blake3(&blob.blake3) {
-                    self.artifacts.release(&hash)?;
-                }
-                return Err(error);
-            }
-        };
-        self.audit.record(
-            &ctx.actor.id(),
-            &format!("artifacts.put {}", blob.blake3),
-            &format!("artifact:{path}"),
-            ctx.request_id.as_deref(),
-        )?;
-        self.emit(RegistryEvent {
-            kind: "artifact_put",
-            model: String::new(),
-            version: None,
-            detail: path,
-            actor: ctx.actor.id(),
-        });
-        Ok(())
+        if result.is_err()
+            && let Ok(hash) = parse_blake3(&blob.blake3)
+        {
+            self.artifacts.release(&hash)?;
+        }
+        result
     }
 
     /// Deletes a file, or a directory with everything under it.
@@ -1021,25 +1045,13 @@ impl Registry {
             for (p, _) in &doomed {
                 batch.delete::<ArtifactFiles>(p);
             }
-            self.store.write(batch)?;
+            let logged = Logged::artifact(ctx, "artifact_deleted", "artifacts.delete".into(), path);
+            self.commit(ctx, batch, vec![logged])?;
             for (_, record) in &doomed {
                 self.artifacts.release(&record.blake3)?;
             }
             doomed.len() as u64
         };
-        self.audit.record(
-            &ctx.actor.id(),
-            "artifacts.delete",
-            &format!("artifact:{path}"),
-            ctx.request_id.as_deref(),
-        )?;
-        self.emit(RegistryEvent {
-            kind: "artifact_deleted",
-            model: String::new(),
-            version: None,
-            detail: path,
-            actor: ctx.actor.id(),
-        });
         Ok(removed)
     }
 

@@ -325,3 +325,51 @@ fn anchored_versions_are_read_from_the_index() {
     let anchored = f.registry.version("m", 1).unwrap().anchored.unwrap();
     assert_eq!(anchored, Anchor { token_id: "4".into(), version: 1, tx, block: 77 });
 }
+
+#[test]
+fn changes_their_audit_entries_and_webhook_events_are_stored_together_in_order() {
+    use crate::store::tables::{AuditLog, WebhookOutbox};
+    let f = fixture();
+    let outbox = webhooks::Outbox::open(f.store.clone()).unwrap();
+    let registry = f.registry.clone().with_outbox(outbox);
+    registry.create_model(&op(), "ranker", "", BTreeMap::new()).unwrap();
+    for _ in 0..8 {
+        registry.create_version(&op(), "ranker", NewVersion::default()).unwrap();
+    }
+    // eight writers move one alias about at once
+    let threads: Vec<_> = (1..=8u32)
+        .map(|version| {
+            let registry = registry.clone();
+            std::thread::spawn(move || {
+                for _ in 0..25 {
+                    registry.set_alias(&op(), "ranker", "champion", version).unwrap();
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    // a change that fails leaves no entry and no event
+    assert!(registry.set_alias(&op(), "ranker", "champion", 99).is_err());
+
+    let entries: Vec<_> = f.store.iter::<AuditLog>().map(|e| e.unwrap().1).collect();
+    let events: Vec<_> = f.store.iter::<WebhookOutbox>().map(|e| e.unwrap()).collect();
+    assert_eq!((entries.len(), events.len()), (1 + 8 + 200, 1 + 8 + 200));
+    assert_eq!(crate::audit::verify(&f.store).unwrap().first_broken, None);
+    // the log and the outbox tell the same changes in the same order, numbered without a gap
+    for (n, (entry, (key, event))) in entries.iter().zip(&events).enumerate() {
+        assert_eq!(u64::from_be_bytes(key[..].try_into().unwrap()), n as u64 + 1);
+        let object = match event.version {
+            Some(v) => format!("model:{}/{v}", event.model),
+            None => format!("model:{}", event.model),
+        };
+        assert_eq!(
+            (&entry.object, entry.action.starts_with(&format!("registry.{}", event.kind))),
+            (&object, true)
+        );
+    }
+    // and the last change they tell of is the one the model kept
+    let kept = registry.require_model("ranker").unwrap().aliases["champion"];
+    assert_eq!(events.last().unwrap().1.version, Some(kept));
+}

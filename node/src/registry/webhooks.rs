@@ -1,6 +1,6 @@
 //! Webhooks: registry changes POSTed as JSON to the URLs `[[registry.webhooks]]` names, as
-//! MLflow's registry webhooks do. Each change is first written, synced, to the outbox
-//! (`webhook_outbox`, by sequence number), and each hook keeps its place in it
+//! MLflow's registry webhooks do. Each change is written to the outbox (`webhook_outbox`, by
+//! sequence number) in the same synced batch as the change itself, and each hook keeps its place in it
 //! (`webhook_cursors`): a change not yet delivered when the node stops, or dies, is sent once it
 //! runs again, so a hook gets every change at least once (`seq` in the body tells a repeat). Each
 //! hook has its own task, so changes reach it in the order they happened and a slow or dead hook
@@ -108,27 +108,53 @@ impl Outbox {
         Ok(Self { store, last: Arc::new(Mutex::new(last)), written })
     }
 
-    /// Writes `event` (synced) and wakes the hooks.
-    pub fn push(&self, event: &RegistryEvent) -> Result<(), StoreError> {
-        let mut last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let record = OutboxEvent {
-            kind: event.kind.to_owned(),
-            model: event.model.clone(),
-            version: event.version,
-            detail: event.detail.clone(),
-            actor: event.actor.clone(),
-            time_ms: super::now_ms(),
-        };
-        self.store.put::<WebhookOutbox>(&(*last + 1), &record)?;
-        *last += 1;
-        self.written.send_replace(*last);
-        Ok(())
+    /// Puts `events` into `batch`, numbered after the last change, so they enter the outbox
+    /// with the change they tell of, or not at all. Once the batch is written, call
+    /// [`Staged::written`] to wake the hooks; nothing else enters the outbox meanwhile.
+    pub fn stage<'e>(
+        &self,
+        batch: &mut crate::store::Batch<'_>,
+        events: impl IntoIterator<Item = &'e RegistryEvent>,
+    ) -> Result<Staged<'_>, StoreError> {
+        let last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut upto = *last;
+        let time_ms = super::now_ms();
+        for event in events {
+            let record = OutboxEvent {
+                kind: event.kind.to_owned(),
+                model: event.model.clone(),
+                version: event.version,
+                detail: event.detail.clone(),
+                actor: event.actor.clone(),
+                time_ms,
+            };
+            upto += 1;
+            batch.put::<WebhookOutbox>(&upto, &record)?;
+        }
+        Ok(Staged { last, upto, written: &self.written })
     }
 
     fn last(&self) -> u64 {
         *self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
 
+/// Changes staged in a batch, not yet in the outbox's count.
+pub struct Staged<'a> {
+    last: std::sync::MutexGuard<'a, u64>,
+    upto: u64,
+    written: &'a watch::Sender<u64>,
+}
+
+impl Staged<'_> {
+    /// The batch is written: the changes count, and the hooks are woken.
+    pub fn written(mut self) {
+        *self.last = self.upto;
+        self.written.send_replace(self.upto);
+    }
+}
+
+impl Outbox {
     /// Up to [`READ`] changes from `from` on.
     fn read(&self, from: u64) -> Result<Vec<(u64, OutboxEvent)>, StoreError> {
         let start = from.to_be_bytes();
@@ -346,6 +372,16 @@ mod tests {
             signature("Jefe", b"what do ya want for nothing?"),
             "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    impl Outbox {
+        fn push(&self, event: &RegistryEvent) -> Result<(), StoreError> {
+            let mut batch = self.store.batch();
+            let staged = self.stage(&mut batch, [event])?;
+            self.store.write(batch)?;
+            staged.written();
+            Ok(())
+        }
     }
 
     #[test]
