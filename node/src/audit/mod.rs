@@ -83,8 +83,13 @@ impl Audit {
         object: &str,
         request_id: Option<&str>,
     ) -> Result<EntryView, StoreError> {
-        let mut batch = self.store.batch();
-        let mut staged = self.stage(&mut batch, &[Entry { actor, action, object, request_id }])?;
+        self.commit(self.store.batch(), Entry { actor, action, object, request_id })
+    }
+
+    /// Writes `batch` with `entry` appended to the log: the change and its entry are stored
+    /// together, or neither.
+    pub fn commit(&self, mut batch: Batch<'_>, entry: Entry<'_>) -> Result<EntryView, StoreError> {
+        let mut staged = self.stage(&mut batch, &[entry])?;
         self.store.write(batch)?;
         Ok(staged.entries.remove(0))
     }

@@ -587,13 +587,8 @@ impl Serve {
         if let Some(upstream) = &upstream {
             batch.put::<DeploymentUpstreams>(&id, upstream)?;
         }
-        self.store.write(batch)?;
-        crate::audit::Audit::new(self.store.clone()).record(
-            &ctx.actor.id(),
-            "deployment.create",
-            &format!("deployment:{id} model:{model}/{}", record.version),
-            ctx.request_id.as_deref(),
-        )?;
+        let object = format!("deployment:{id} model:{model}/{}", record.version);
+        self.audited(ctx, batch, "deployment.create", &object)?;
         self.view(&record)
     }
 
@@ -720,16 +715,9 @@ impl Serve {
         batch.delete::<DeploymentUpstreams>(&id);
         batch.delete::<DeploymentTraffic>(&id);
         batch.delete::<DeploymentDrift>(&id);
-        self.store.write(batch)?;
+        self.audited(ctx, batch, "deployment.delete", &format!("deployment:{id}"))?;
         routes.remove(&id);
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-        drop(routes);
-        crate::audit::Audit::new(self.store.clone()).record(
-            &ctx.actor.id(),
-            "deployment.delete",
-            &format!("deployment:{id}"),
-            ctx.request_id.as_deref(),
-        )?;
         Ok(())
     }
 
@@ -904,17 +892,12 @@ impl Serve {
             } else {
                 batch.put::<DeploymentTraffic>(&id, &TrafficRecord { split: split.clone() })?;
             }
-            self.store.write(batch)?;
+            let shown: Vec<String> = split.iter().map(|(v, p)| format!("{v}={p}")).collect();
+            let object = format!("deployment:{id} model:{} split:{}", record.model, shown.join(","));
+            self.audited(ctx, batch, "deployment.traffic", &object)?;
             routes.insert(id, (split.len() > 1).then(|| Router::new(&split)));
             record
         };
-        let shown: Vec<String> = split.iter().map(|(v, p)| format!("{v}={p}")).collect();
-        crate::audit::Audit::new(self.store.clone()).record(
-            &ctx.actor.id(),
-            "deployment.traffic",
-            &format!("deployment:{id} model:{} split:{}", record.model, shown.join(",")),
-            ctx.request_id.as_deref(),
-        )?;
         self.view(&record)
     }
 
@@ -1012,10 +995,18 @@ impl Serve {
     /// Starts a deployment's drift reference again from its next rows (after a retraining, or
     /// when the owner accepts the inputs as they are now).
     pub fn rebaseline(&self, id: u64) -> Result<(), ServeError> {
+        self.forget_drift(id, None)
+    }
+
+    /// Forgets a deployment's drift reference, with an audit entry when `by` asked for it.
+    fn forget_drift(&self, id: u64, by: Option<&Context>) -> Result<(), ServeError> {
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let mut batch = self.store.batch();
         batch.delete::<DeploymentDrift>(&id);
-        self.store.write(batch)?;
+        match by {
+            Some(ctx) => self.audited(ctx, batch, "deployment.drift_reset", &format!("deployment:{id}"))?,
+            None => self.store.write(batch)?,
+        }
         if let Some(s) = stats.get_mut(&id) {
             s.drift = None;
         }
@@ -1026,14 +1017,26 @@ impl Serve {
     pub fn reset_drift(&self, ctx: &Context, id: u64) -> Result<DeploymentView, ServeError> {
         let record = self.record(id)?;
         self.authorize_change(ctx, &record, "resets its deployments' drift")?;
-        self.rebaseline(id)?;
-        crate::audit::Audit::new(self.store.clone()).record(
-            &ctx.actor.id(),
-            "deployment.drift_reset",
-            &format!("deployment:{id}"),
-            ctx.request_id.as_deref(),
-        )?;
+        self.forget_drift(id, Some(ctx))?;
         self.view(&record)
+    }
+
+    /// Writes `batch` with its audit entry: the change and the entry are stored together.
+    fn audited(
+        &self,
+        ctx: &Context,
+        batch: crate::store::Batch<'_>,
+        action: &str,
+        object: &str,
+    ) -> Result<(), ServeError> {
+        let entry = crate::audit::Entry {
+            actor: &ctx.actor.id(),
+            action,
+            object,
+            request_id: ctx.request_id.as_deref(),
+        };
+        crate::audit::Audit::new(self.store.clone()).commit(batch, entry)?;
+        Ok(())
     }
 
     /// Counts a call of a deployment's version, here and in the metrics.

@@ -140,6 +140,21 @@ async fn license_holders_get_the_models_answers() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    // each change of a deployment is in the audit log, and the chain holds
+    let (_, log) = node.get("/api/v1/audit/log?limit=1000").await;
+    let failed_id = failed["deployment_id"].as_str().unwrap();
+    let logged =
+        |action: &str, object: &str| {
+            log["entries"].as_array().unwrap().iter().any(|e| {
+                e["action"] == action && e["object"].as_str().unwrap_or_default().starts_with(object)
+            })
+        };
+    assert!(logged("deployment.create", &format!("deployment:{failed_id} model:no-config/")), "{log}");
+    assert!(logged("deployment.delete", &format!("deployment:{failed_id}")), "{log}");
+    let entries = log["entries"].as_array().unwrap();
+    for (n, pair) in entries.windows(2).enumerate() {
+        assert_eq!((pair[0]["seq"].as_u64(), &pair[1]["prev"]), (Some(n as u64), &pair[0]["hash"]), "{log}");
+    }
 }
 
 /// A usage license holder pays each call with a voucher; the node counts every unit once.
