@@ -171,6 +171,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(registry::metrics))
         .routes(routes!(registry::log_metrics))
         .routes(routes!(registry::artifact))
+        .routes(routes!(registry::webhooks))
         .split_for_parts();
     // Uploads are bounded by AGORA_MAX_UPLOAD as they stream, not by axum's buffered-body limit.
     let register = OpenApiRouter::new()

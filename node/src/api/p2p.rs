@@ -10,7 +10,6 @@ use serde::Serialize;
 use super::{AppState, auth, error::ApiError};
 use crate::{
     p2p::{P2p, P2pStatus, blob, net::PeerInfo},
-    registry::Actor,
     store::tables::SharedBlobs,
 };
 
@@ -25,17 +24,7 @@ fn p2p(state: &AppState) -> Result<&P2p, ApiError> {
 }
 
 fn operator(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    match auth::api_caller(state, headers)?.actor {
-        Actor::Operator => Ok(()),
-        Actor::Anonymous => {
-            Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "the operator token is required"))
-        }
-        Actor::Wallet(_) => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "only the node's operator shares and fetches blobs",
-        )),
-    }
+    auth::operator_only(state, headers, "shares and fetches blobs")
 }
 
 fn blob_hash(raw: &str) -> Result<[u8; 32], ApiError> {

@@ -625,3 +625,24 @@ pub async fn model(
         updated_at: model.updated_ms,
     }))
 }
+
+/// The registry's webhooks (the operator): each configured hook's place in the outbox, how many
+/// changes it has yet to get, what it was last sent and how that went, and a delivery being
+/// tried again with its last error. Secrets are not shown.
+#[utoipa::path(
+    get,
+    path = "/api/v1/registry/webhooks",
+    tag = "registry",
+    responses(
+        (status = 200, body = registry::webhooks::WebhooksView),
+        (status = 401, body = super::error::ErrorBody),
+        (status = 403, body = super::error::ErrorBody),
+    )
+)]
+pub async fn webhooks(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<registry::webhooks::WebhooksView>, ApiError> {
+    auth::operator_only(&state, &headers, "sees the webhooks")?;
+    Ok(Json(state.registry.webhooks()))
+}

@@ -253,6 +253,14 @@ impl Registry {
         Self { outbox: Some(outbox), ..self }
     }
 
+    /// How each configured webhook is doing (none when no hook is configured).
+    pub fn webhooks(&self) -> webhooks::WebhooksView {
+        match &self.outbox {
+            Some(outbox) => outbox.status(),
+            None => webhooks::WebhooksView { last_seq: 0, hooks: Vec::new() },
+        }
+    }
+
     /// Writes `batch` together with the audit entries of `changes` and, for the webhooks, their
     /// events in the outbox: all of it or nothing. Then publishes the events on the bus. Called
     /// under the writer lock, so the log, the outbox and the bus have the changes in the order

@@ -96,6 +96,51 @@ pub struct Outbox {
     /// The last sequence number written (0: none yet).
     last: Arc<Mutex<u64>>,
     written: watch::Sender<u64>,
+    /// How each configured hook is doing, by its key.
+    hooks: Arc<Mutex<std::collections::BTreeMap<String, HookStatus>>>,
+}
+
+/// How one hook is doing (`GET /api/v1/registry/webhooks`); its secret is never shown.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct HookStatus {
+    pub url: String,
+    /// The kinds it asked for (empty: all).
+    pub events: Vec<String>,
+    /// Whether its bodies are signed.
+    pub signed: bool,
+    /// The `seq` of the next change it is to get.
+    pub next_seq: u64,
+    /// Changes in the outbox it has not had yet (those of kinds it did not ask for are passed
+    /// over when reached).
+    pub behind: u64,
+    /// Changes delivered, and given up after every attempt failed, since the node started.
+    pub delivered: u64,
+    pub failed: u64,
+    /// The last change sent to it, and how that went.
+    pub last: Option<Attempt>,
+    /// A change being tried again now, with the last attempt's error.
+    pub retrying: Option<Attempt>,
+}
+
+/// A change sent to a hook.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct Attempt {
+    pub seq: u64,
+    pub kind: String,
+    /// `delivered`, `failed` (given up) or `retrying`.
+    pub outcome: String,
+    pub attempts: u32,
+    /// Why the last attempt failed: the hook's status code, or the connection's error.
+    pub error: Option<String>,
+    /// When the last attempt ended, unix milliseconds.
+    pub at_ms: u64,
+}
+
+/// Every configured hook's status, with the outbox's newest `seq`.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct WebhooksView {
+    pub last_seq: u64,
+    pub hooks: Vec<HookStatus>,
 }
 
 impl Outbox {
@@ -105,7 +150,26 @@ impl Outbox {
             None => 0,
         };
         let (written, _) = watch::channel(last);
-        Ok(Self { store, last: Arc::new(Mutex::new(last)), written })
+        Ok(Self { store, last: Arc::new(Mutex::new(last)), written, hooks: Default::default() })
+    }
+
+    /// Every configured hook's status.
+    pub fn status(&self) -> WebhooksView {
+        let last_seq = self.last();
+        let hooks = self.hooks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let hooks = hooks
+            .values()
+            .map(|h| HookStatus { behind: (last_seq + 1).saturating_sub(h.next_seq), ..h.clone() })
+            .collect();
+        WebhooksView { last_seq, hooks }
+    }
+
+    /// Changes `key`'s status with `change`.
+    fn update(&self, key: &str, change: impl FnOnce(&mut HookStatus)) {
+        let mut hooks = self.hooks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(status) = hooks.get_mut(key) {
+            change(status);
+        }
     }
 
     /// Puts `events` into `batch`, numbered after the last change, so they enter the outbox
@@ -219,6 +283,18 @@ pub async fn run(hooks: Vec<Webhook>, outbox: Outbox, mut shutdown: watch::Recei
                 continue;
             }
         };
+        let status = HookStatus {
+            url: hook.url.clone(),
+            events: hook.events.clone(),
+            signed: hook.secret.is_some(),
+            next_seq: next,
+            behind: 0,
+            delivered: 0,
+            failed: 0,
+            last: None,
+            retrying: None,
+        };
+        outbox.hooks.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(hook.key(), status);
         tokio::spawn(deliver_all(http.clone(), hook, next, outbox.clone(), shutdown.clone()));
     }
     let mut prune = tokio::time::interval(PRUNE_EVERY);
@@ -276,6 +352,7 @@ async fn deliver_all(
             if let Err(e) = outbox.store.put::<WebhookCursors>(&key, &next) {
                 tracing::warn!(target: "agora::webhooks", url = %hook.url, error = %e, "cannot keep the hook's place in the outbox");
             }
+            outbox.update(&key, |status| status.next_seq = next);
         };
         for (seq, event) in pending {
             if !hook.wants(&event.kind) {
@@ -284,7 +361,20 @@ async fn deliver_all(
             }
             match serde_json::to_vec(&Payload { seq, event: &event }) {
                 Ok(body) => {
-                    let Some(outcome) = deliver(&http, &hook, &event.kind, body.into(), &mut shutdown).await
+                    let retrying = |attempts: u32, error: String| {
+                        outbox.update(&key, |status| {
+                            status.retrying = Some(Attempt {
+                                seq,
+                                kind: event.kind.clone(),
+                                outcome: "retrying".into(),
+                                attempts,
+                                error: Some(error),
+                                at_ms: super::now_ms(),
+                            })
+                        })
+                    };
+                    let Some((outcome, attempts, error)) =
+                        deliver(&http, &hook, &event.kind, body.into(), &mut shutdown, retrying).await
                     else {
                         if next != kept {
                             keep(next);
@@ -292,6 +382,15 @@ async fn deliver_all(
                         return; // stopping: this change goes again at the next start
                     };
                     metrics::counter!("agora_webhook_deliveries_total", "outcome" => outcome).increment(1);
+                    outbox.update(&key, |status| {
+                        match outcome {
+                            "delivered" => status.delivered += 1,
+                            _ => status.failed += 1,
+                        }
+                        status.retrying = None;
+                        let (kind, outcome, at_ms) = (event.kind.clone(), outcome.into(), super::now_ms());
+                        status.last = Some(Attempt { seq, kind, outcome, attempts, error, at_ms });
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(target: "agora::webhooks", seq, error = %e, "cannot encode a registry change; not sent")
@@ -307,18 +406,22 @@ async fn deliver_all(
     }
 }
 
-/// Delivers one change, trying again after 1, 2, 4 and 8 s: `delivered` or `failed`, or
-/// `None` when the node stops meanwhile.
+/// Delivers one change, trying again after 1, 2, 4 and 8 s (each failed attempt told to
+/// `retrying` with its number and error, when another follows): `delivered` or `failed`, with
+/// the attempts made and the last one's error, or `None` when the node stops meanwhile.
 async fn deliver(
     http: &reqwest::Client,
     hook: &Webhook,
     kind: &str,
     body: bytes::Bytes,
     shutdown: &mut watch::Receiver<bool>,
-) -> Option<&'static str> {
+    retrying: impl Fn(u32, String),
+) -> Option<(&'static str, u32, Option<String>)> {
     let signed = hook.secret.as_ref().map(|secret| signature(secret, &body));
     let mut wait = Duration::from_secs(1);
-    for attempt in 1..=ATTEMPTS {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
         let mut request = http
             .post(&hook.url)
             .header("content-type", "application/json")
@@ -332,20 +435,21 @@ async fn deliver(
             _ = shutdown.wait_for(|stop| *stop) => return None,
         };
         let failure = match sent {
-            Ok(response) if response.status().is_success() => return Some("delivered"),
+            Ok(response) if response.status().is_success() => return Some(("delivered", attempt, None)),
             Ok(response) => format!("it answered {}", response.status()),
             Err(e) => e.to_string(),
         };
         tracing::warn!(target: "agora::webhooks", url = %hook.url, kind, attempt, error = %failure, "webhook delivery failed");
-        if attempt < ATTEMPTS {
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.wait_for(|stop| *stop) => return None,
-            }
-            wait *= 2;
+        if attempt >= ATTEMPTS {
+            return Some(("failed", attempt, Some(failure)));
         }
+        retrying(attempt, failure);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return None,
+        }
+        wait *= 2;
     }
-    Some("failed")
 }
 
 #[cfg(test)]

@@ -303,6 +303,26 @@ async fn the_node_creates_an_operator_token_when_none_is_configured() {
     assert_eq!(status, StatusCode::CREATED);
 }
 
+/// `GET /api/v1/registry/webhooks` with `token`: the status and the body as text.
+async fn webhooks(client: &Client, url: &str, token: Option<&str>) -> (StatusCode, String) {
+    let mut request = client.get(format!("{url}/api/v1/registry/webhooks"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    (response.status(), response.text().await.unwrap())
+}
+
+/// Waits until the operator's view of the one hook satisfies `check`.
+async fn hook_status(client: &Client, url: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    agora_e2e::eventually(what, Duration::from_secs(30), || async {
+        let (_, body) = webhooks(client, url, Some(TOKEN)).await;
+        let view: Value = serde_json::from_str(&body).ok()?;
+        check(&view["hooks"][0]).then_some(view)
+    })
+    .await
+}
+
 #[tokio::test]
 async fn registry_changes_reach_webhooks_signed_in_order_retried_and_after_a_crash() {
     use std::sync::{
@@ -358,6 +378,15 @@ async fn registry_changes_reach_webhooks_signed_in_order_retried_and_after_a_cra
     let mut next =
         async || tokio::time::timeout(Duration::from_secs(30), received.recv()).await.unwrap().unwrap();
     let (refused, first_body) = next().await;
+    // the operator sees the refusal, and the delivery being tried again
+    let seq = |body: &[u8]| serde_json::from_slice::<Value>(body).unwrap()["seq"].as_u64().unwrap();
+    let first_seq = seq(&first_body);
+    hook_status(&client, &node.url, "the refusal shown", |h| {
+        h["retrying"]["seq"] == first_seq
+            && h["retrying"]["error"].as_str().is_some_and(|e| e.contains("500"))
+            || h["last"]["seq"] == first_seq
+    })
+    .await;
     let (head, body) = next().await;
     assert_eq!(body, first_body, "the refused delivery is tried again with the same body");
     let (head2, body2) = next().await;
@@ -384,8 +413,26 @@ async fn registry_changes_reach_webhooks_signed_in_order_retried_and_after_a_cra
         let expected = format!("sha256={}", alloy::hex::encode(ring::hmac::sign(&key, body).as_ref()));
         assert_eq!(header("agora-signature"), Some(expected), "the body is signed with the hook's secret");
     }
-    let seq = |body: &[u8]| serde_json::from_slice::<Value>(body).unwrap()["seq"].as_u64().unwrap();
     assert!(seq(&body2) > seq(&body), "sequence numbers follow the changes");
+    // what the hook had and how: the first change on its second attempt, the second at once,
+    // the tag change between them passed over, nothing left behind
+    let view =
+        hook_status(&client, &node.url, "both deliveries shown", |h| h["last"]["seq"] == seq(&body2)).await;
+    let hook = &view["hooks"][0];
+    assert_eq!((hook["delivered"].as_u64(), hook["failed"].as_u64()), (Some(2), Some(0)), "{view}");
+    assert_eq!((hook["behind"].as_u64(), &hook["retrying"]), (Some(0), &Value::Null), "{view}");
+    assert_eq!(
+        (hook["last"]["outcome"].as_str(), hook["last"]["attempts"].as_u64()),
+        (Some("delivered"), Some(1))
+    );
+    assert_eq!(
+        (hook["signed"].as_bool(), hook["url"].as_str()),
+        (Some(true), Some(&*format!("{base}/hook")))
+    );
+    assert_eq!(view["last_seq"].as_u64(), Some(seq(&body2)), "{view}");
+    let (status, text) = webhooks(&client, &node.url, Some(TOKEN)).await;
+    assert!(status == StatusCode::OK && !text.contains("hook-secret"), "{text}");
+    assert_eq!(webhooks(&client, &node.url, None).await.0, StatusCode::UNAUTHORIZED);
 
     // A change the hook refuses, then the node dies while it waits to try again: the next
     // node delivers it, with the same body, and nothing delivered before.
@@ -394,6 +441,11 @@ async fn registry_changes_reach_webhooks_signed_in_order_retried_and_after_a_cra
         register(&client, &node.url, Some(TOKEN), &json!({"name": "hooked"}), Some(safetensors(8, 3))).await;
     assert_eq!(status, StatusCode::CREATED);
     let (_, refused) = next().await;
+    let view = hook_status(&client, &node.url, "the change waiting shown", |h| {
+        h["retrying"]["seq"] == seq(&refused) && h["behind"] == 1
+    })
+    .await;
+    assert!(view["hooks"][0]["retrying"]["error"].as_str().unwrap().contains("500"), "{view}");
     let mut node = node;
     nix::sys::signal::kill(node.process.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
     node.process.wait(Duration::from_secs(10));
