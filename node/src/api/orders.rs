@@ -92,19 +92,10 @@ pub async fn list(
     let deployment = state.deployment.clone();
     let signers = state.signers.clone();
     let index = state.index.borrow().clone();
-    let audit = crate::audit::Audit::new(state.store.clone());
     let gossip = (order.abi_encode(), signature.clone());
     let (hash, new) = tokio::task::spawn_blocking(move || {
-        let accepted = orders::accept_now(&store, &signers, index, &deployment, &order, &signature, "local")?;
-        if accepted.1 {
-            audit.record(
-                &ctx.actor.id(),
-                "market.list",
-                &format!("order:{}", accepted.0),
-                ctx.request_id.as_deref(),
-            )?;
-        }
-        Ok::<_, OrderError>(accepted)
+        let source = orders::Source::Local(&ctx);
+        orders::accept_now(&store, &signers, index, &deployment, &order, &signature, source)
     })
     .await??;
     if new && let Some(p2p) = &state.p2p {

@@ -195,6 +195,16 @@ pub fn dead_reason(
     Ok(None)
 }
 
+/// Where an order came from.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    /// Listed on this node by this caller: kept with its audit entry (`market.list`, the
+    /// order's hash and its seller, who signed it).
+    Local(&'a crate::registry::Context),
+    /// Gossiped by this peer.
+    Peer(&'a str),
+}
+
 /// Checks a signed order against the index and keeps it. Returns its hash and whether it was
 /// new (a duplicate changes nothing).
 #[allow(clippy::too_many_arguments)]
@@ -206,7 +216,7 @@ pub fn accept(
     chain_id: u64,
     market: Address,
     now: u64,
-    source: &str,
+    source: Source<'_>,
 ) -> Result<(B256, bool), OrderError> {
     let hash = order_hash(order, chain_id, market);
     // kept in the form `purchase` takes, whatever form it came in
@@ -225,12 +235,26 @@ pub fn accept(
         order: order.abi_encode(),
         signature,
         received_ms: crate::registry::now_ms(),
-        source: source.to_owned(),
+        source: match source {
+            Source::Local(_) => "local".to_owned(),
+            Source::Peer(peer) => peer.to_owned(),
+        },
     };
     let mut batch = store.batch();
     batch.put::<Orders>(&hash, &record)?;
     batch.put::<TokenOrders>(&(order.tokenId, hash), &())?;
-    store.write(batch)?;
+    match source {
+        Source::Local(ctx) => {
+            let entry = crate::audit::Entry {
+                actor: &ctx.actor.id(),
+                action: "market.list",
+                object: &format!("order:{hash} seller:{}", order.seller),
+                request_id: ctx.request_id.as_deref(),
+            };
+            crate::audit::Audit::new(store.clone()).commit(batch, entry)?;
+        }
+        Source::Peer(_) => store.write(batch)?,
+    }
     Ok((hash, true))
 }
 
@@ -242,7 +266,7 @@ pub fn accept_now(
     deployment: &agora_contracts::Deployment,
     order: &LicenseMarket::Order,
     signature: &[u8],
-    source: &str,
+    source: Source<'_>,
 ) -> Result<(B256, bool), OrderError> {
     let now = super::MarketView::new(store, status).chain_now()?;
     accept(store, signers, order, signature, deployment.chain_id, deployment.license_market, now, source)

@@ -416,7 +416,15 @@ impl P2p {
             (self.store.clone(), self.index.borrow().clone(), self.deployment.clone(), self.signers.clone());
         let (order, signature, source) = (order.clone(), signed.signature.to_vec(), format!("peer:{peer}"));
         let (_, new) = tokio::task::spawn_blocking(move || {
-            orders::accept_now(&store, &signers, index, &deployment, &order, &signature, &source)
+            orders::accept_now(
+                &store,
+                &signers,
+                index,
+                &deployment,
+                &order,
+                &signature,
+                orders::Source::Peer(&source),
+            )
         })
         .await
         .map_err(|e| OrderError::Terms(format!("the check did not finish: {e}")))??;

@@ -104,6 +104,17 @@ async fn sell_list_browse_buy_earn_withdraw_cancel() {
     assert!(ok, "{err}");
     assert_eq!(listed["new"], true);
     let order_hash = listed["order_hash"].as_str().unwrap().to_owned();
+    // the listing is in the audit log with its seller, once
+    let (_, log) = node.get("/api/v1/audit/log?limit=1000").await;
+    let seller: alloy::signers::local::PrivateKeySigner = DEV_KEYS[1].parse().unwrap();
+    let object = format!("order:{order_hash} seller:{}", seller.address());
+    let listings = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "market.list" && e["object"] == object.as_str())
+        .count();
+    assert_eq!(listings, 1, "{log}");
 
     // Browse: every term, and the filters.
     let (ok, rows, err) = run("market browse --json".into(), DEV_KEYS[9]).await;
