@@ -445,19 +445,28 @@ impl Registry {
     /// Deletes a model with its versions and metrics; files the node made for them are released
     /// to the artifact store's garbage collection.
     pub fn delete_model(&self, ctx: &Context, name: &str) -> Result<(), RegistryError> {
-        {
-            let _guard = self.lock();
-            let model = self.require_model(name)?;
-            self.authorize(&ctx.actor, &model)?;
-            let versions = self.versions_of(model.id)?;
-            let mut batch = self.store.batch();
-            for version in &versions {
-                self.remove_version(&mut batch, &model, version)?;
-            }
-            batch.delete::<RegistryNames>(&model.name);
-            batch.delete::<RegistryModels>(&model.id);
-            self.commit(ctx, batch, vec![Logged::model(ctx, "model_deleted", name, None, String::new())])
+        let _guard = self.lock();
+        let model = self.require_model(name)?;
+        self.authorize(&ctx.actor, &model)?;
+        let versions = self.versions_of(model.id)?;
+        let mut batch = self.store.batch();
+        let mut files = Vec::new();
+        for version in &versions {
+            files.extend(self.remove_version(&mut batch, &model, version)?);
         }
+        batch.delete::<RegistryNames>(&model.name);
+        batch.delete::<RegistryModels>(&model.id);
+        self.commit(ctx, batch, vec![Logged::model(ctx, "model_deleted", name, None, String::new())])?;
+        self.release_all(&files)
+    }
+
+    /// Releases the blobs of files whose records are gone (only once they are: a blob released
+    /// while a record still names it could be collected from under it).
+    fn release_all(&self, blobs: &[[u8; 32]]) -> Result<(), RegistryError> {
+        for blob in blobs {
+            self.artifacts.release(blob)?;
+        }
+        Ok(())
     }
 
     pub fn set_model_tag(
@@ -847,12 +856,14 @@ impl Registry {
         Ok(view)
     }
 
+    /// Puts a version's removal into `batch`; returns the blobs of the files it owned, to be
+    /// released once the batch is written.
     fn remove_version(
         &self,
         batch: &mut crate::store::Batch<'_>,
         model: &RegistryModel,
         version: &RegistryVersion,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<Vec<[u8; 32]>, RegistryError> {
         batch.delete::<RegistryVersions>(&(model.id, version.version));
         let mut prefix = model.id.to_be_bytes().to_vec();
         prefix.extend_from_slice(&version.version.to_be_bytes());
@@ -860,34 +871,31 @@ impl Registry {
             let (key, _) = entry?;
             batch.delete_raw(RegistryMetrics::NAME, &key);
         }
+        let mut blobs = Vec::new();
         if version.owns_dir
             && let Some(dir) = &version.artifact_dir
         {
             for (path, record) in self.files_under(dir)? {
                 batch.delete::<ArtifactFiles>(&path);
-                self.artifacts.release(&record.blake3)?;
+                blobs.push(record.blake3);
             }
         }
-        Ok(())
+        Ok(blobs)
     }
 
     /// Deletes a version (its number is not reused), its metrics, the aliases that point at
     /// it, and the files the node made for it (released to garbage collection).
     pub fn delete_version(&self, ctx: &Context, name: &str, number: u32) -> Result<(), RegistryError> {
-        {
-            let _guard = self.lock();
-            let (mut model, version) = self.writable_version(&ctx.actor, name, number)?;
-            let mut batch = self.store.batch();
-            self.remove_version(&mut batch, &model, &version)?;
-            model.aliases.retain(|_, v| *v != number);
-            model.updated_ms = now_ms();
-            batch.put::<RegistryModels>(&model.id, &model)?;
-            self.commit(
-                ctx,
-                batch,
-                vec![Logged::model(ctx, "version_deleted", name, Some(number), String::new())],
-            )
-        }
+        let _guard = self.lock();
+        let (mut model, version) = self.writable_version(&ctx.actor, name, number)?;
+        let mut batch = self.store.batch();
+        let files = self.remove_version(&mut batch, &model, &version)?;
+        model.aliases.retain(|_, v| *v != number);
+        model.updated_ms = now_ms();
+        batch.put::<RegistryModels>(&model.id, &model)?;
+        let logged = Logged::model(ctx, "version_deleted", name, Some(number), String::new());
+        self.commit(ctx, batch, vec![logged])?;
+        self.release_all(&files)
     }
 
     // ----- metrics -----
