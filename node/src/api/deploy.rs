@@ -390,7 +390,7 @@ pub async fn predict(
             let then = move |written: Result<(), metering::MeterError>| {
                 let _ = reply.send(written.map(|()| (answer, Some(metered))).map_err(meter_error));
             };
-            writes.commit_then(accepted, receipt, turn, Box::new(then));
+            writes.commit(accepted, receipt, turn, Box::new(then));
         }
         Ok(Step::Answered(answer)) => drop(reply.send(Ok((answer, None)))),
         Err(e) => drop(reply.send(Err(e))),

@@ -201,24 +201,7 @@ impl Outbox {
     fn last(&self) -> u64 {
         *self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
-}
 
-/// Changes staged in a batch, not yet in the outbox's count.
-pub struct Staged<'a> {
-    last: std::sync::MutexGuard<'a, u64>,
-    upto: u64,
-    written: &'a watch::Sender<u64>,
-}
-
-impl Staged<'_> {
-    /// The batch is written: the changes count, and the hooks are woken.
-    pub fn written(mut self) {
-        *self.last = self.upto;
-        self.written.send_replace(self.upto);
-    }
-}
-
-impl Outbox {
     /// Up to [`READ`] changes from `from` on.
     fn read(&self, from: u64) -> Result<Vec<(u64, OutboxEvent)>, StoreError> {
         let start = from.to_be_bytes();
@@ -251,6 +234,21 @@ impl Outbox {
             self.store.write(batch)?;
         }
         Ok(deleted)
+    }
+}
+
+/// Changes staged in a batch, not yet in the outbox's count.
+pub struct Staged<'a> {
+    last: std::sync::MutexGuard<'a, u64>,
+    upto: u64,
+    written: &'a watch::Sender<u64>,
+}
+
+impl Staged<'_> {
+    /// The batch is written: the changes count, and the hooks are woken.
+    pub fn written(mut self) {
+        *self.last = self.upto;
+        self.written.send_replace(self.upto);
     }
 }
 

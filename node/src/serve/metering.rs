@@ -163,24 +163,11 @@ impl Meter {
         lock.lock_owned().await
     }
 
-    /// Queues an accepted voucher and its receipt for the next synced batch; the answer comes
-    /// once they are durable (or could not be written). The turn is released then, not before.
-    pub fn commit(
-        &self,
-        accepted: Accepted,
-        receipt: ReceiptRecord,
-        turn: Turn,
-    ) -> tokio::sync::oneshot::Receiver<Result<(), MeterError>> {
-        let (done, written) = tokio::sync::oneshot::channel();
-        self.commit_then(accepted, receipt, turn, Box::new(move |result| drop(done.send(result))));
-        written
-    }
-
-    /// As [`Meter::commit`], with `then` called on the writer thread once the voucher is durable
-    /// (or could not be written), before the turn is released: a call can hand its answer to
-    /// the write and be woken once, by the write, instead of once for its work and again for
-    /// the write. Should the writer thread be gone, `then` is dropped uncalled.
-    pub fn commit_then(&self, accepted: Accepted, receipt: ReceiptRecord, turn: Turn, then: Then) {
+    /// Queues an accepted voucher and its receipt for the next synced batch; `then` is called on
+    /// the writer thread once they are durable (or could not be written), and the turn is
+    /// released after it, not before. A call hands its answer to the write and is woken once,
+    /// by the write. Should the writer thread be gone, `then` is dropped uncalled.
+    pub fn commit(&self, accepted: Accepted, receipt: ReceiptRecord, turn: Turn, then: Then) {
         if let Some(writes) = &self.writer.writes {
             let _ = writes.send(Pending { accepted, receipt, _turn: turn, then });
         }
@@ -424,6 +411,20 @@ mod tests {
         }
     }
 
+    impl Meter {
+        /// [`Meter::commit`], answered on a channel.
+        fn written(
+            &self,
+            accepted: Accepted,
+            receipt: ReceiptRecord,
+            turn: Turn,
+        ) -> tokio::sync::oneshot::Receiver<Result<(), MeterError>> {
+            let (done, written) = tokio::sync::oneshot::channel();
+            self.commit(accepted, receipt, turn, Box::new(move |result| drop(done.send(result))));
+            written
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn vouchers_written_in_groups_are_all_durable_and_a_turn_waits_for_the_write() {
         let dir = tempfile::tempdir().unwrap();
@@ -439,7 +440,7 @@ mod tests {
                     // in its turn, a call sees every earlier call's voucher stored
                     assert_eq!(last_accepted(&store, U256::from(license)).unwrap(), U256::from(n - 1));
                     let (accepted, receipt) = accepted(license, n);
-                    meter.commit(accepted, receipt, turn).await.unwrap().unwrap();
+                    meter.written(accepted, receipt, turn).await.unwrap().unwrap();
                 }
             })
         });
@@ -458,7 +459,7 @@ mod tests {
         // even when the caller stops waiting for the answer
         let turn = meter.turn(U256::from(99)).await;
         let (first, receipt) = accepted(99, 1);
-        drop(meter.commit(first, receipt, turn));
+        drop(meter.written(first, receipt, turn));
         let _next = meter.turn(U256::from(99)).await;
         assert_eq!(last_accepted(&store, U256::from(99)).unwrap(), U256::from(1));
     }
