@@ -198,14 +198,19 @@ fn traffic_line(a: &Value) -> String {
     shares.join(", ")
 }
 
-/// `1.84 (feature 2; 1000 reference rows, 500 recent)`, or why there is no score yet.
+/// `1.84 (feature 2), PSI 0.31 (feature 2; 1000 reference rows, 500 recent)`, or why there is
+/// no score yet.
 fn drift_line(d: &Value) -> String {
     if d.is_null() {
         return "not followed (an MLP deployment's rows are, from its first call)".into();
     }
     let rows = format!("{} reference rows, {} recent", d["reference_rows"], d["recent_rows"]);
+    let psi = match d["psi"].as_f64() {
+        Some(psi) => format!("PSI {psi:.2} (feature {})", d["psi_feature"]),
+        None => "no PSI (a reference kept before bins were followed: reset it)".into(),
+    };
     match d["score"].as_f64() {
-        Some(score) => format!("{score:.2} (feature {}; {rows})", d["feature"]),
+        Some(score) => format!("{score:.2} (feature {}), {psi}; {rows}", d["feature"]),
         None => format!("no score yet ({rows}; a score needs 1000 and 100)"),
     }
 }

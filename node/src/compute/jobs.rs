@@ -1230,12 +1230,13 @@ impl Compute {
             for policy in &self.config.policies {
                 let (Some(trigger), Some(serve)) = (&policy.drift, &self.serve) else { continue };
                 let rested = runs.last.get(&policy.name).is_none_or(|(at, _)| now >= at + trigger.every);
-                let score = serve.drift_score(trigger.deployment);
+                let drift = serve.drift(trigger.deployment);
                 if rested
-                    && score.is_some_and(|s| s > trigger.above)
+                    && drift.as_ref().is_some_and(|d| trigger.fires(d))
                     && !due.iter().any(|(name, _)| *name == policy.name)
                 {
-                    tracing::info!(target: "agora::compute", policy = %policy.name, deployment = trigger.deployment, score = score.unwrap_or_default(), "inputs drifted past the policy's threshold");
+                    let drift = drift.unwrap_or_default();
+                    tracing::info!(target: "agora::compute", policy = %policy.name, deployment = trigger.deployment, score = ?drift.score, psi = ?drift.psi, "inputs drifted past the policy's threshold");
                     due.push((policy.name.clone(), Some(trigger.deployment)));
                 }
             }

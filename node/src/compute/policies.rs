@@ -33,16 +33,30 @@ pub struct Policy {
     pub drift: Option<DriftTrigger>,
 }
 
-/// `drift = { deployment = 1, above = 0.5, every = 3600 }`: fire when the deployment's drift
-/// score (see `serve::drift`) is above `above`, at most once every `every` seconds (default an
-/// hour); a run that schedules a job starts the deployment's drift reference again.
+/// `drift = { deployment = 1, above = 0.5, psi_above = 0.25, every = 3600 }`: fire when the
+/// deployment's drift score (see `serve::drift`) is above `above`, or its PSI above `psi_above`
+/// (one of the two at least), at most once every `every` seconds (default an hour); a run that
+/// schedules a job starts the deployment's drift reference again.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DriftTrigger {
     pub deployment: u64,
-    pub above: f64,
+    /// Standard deviations a feature's mean moved.
+    #[serde(default)]
+    pub above: Option<f64>,
+    /// Population stability index of a feature's distribution.
+    #[serde(default)]
+    pub psi_above: Option<f64>,
     #[serde(default = "hour")]
     pub every: u64,
+}
+
+impl DriftTrigger {
+    /// Whether `drift` passes a threshold.
+    pub fn fires(&self, drift: &crate::serve::drift::DriftView) -> bool {
+        let past = |value: Option<f64>, threshold: Option<f64>| matches!((value, threshold), (Some(v), Some(t)) if v > t);
+        past(drift.score, self.above) || past(drift.psi, self.psi_above)
+    }
 }
 
 fn hour() -> u64 {
@@ -59,13 +73,23 @@ impl Policy {
                 format!("policy {:?}: schedule {schedule:?} is not a cron expression: {e}", self.name)
             })?;
         }
-        if let Some(drift) = &self.drift
-            && !(drift.above.is_finite() && drift.above > 0.0)
-        {
-            return Err(format!(
-                "policy {:?}: drift.above is {}; it is a number of standard deviations above 0",
-                self.name, drift.above
-            ));
+        if let Some(drift) = &self.drift {
+            if drift.above.is_none() && drift.psi_above.is_none() {
+                return Err(format!(
+                    "policy {:?}: drift needs a threshold: above (standard deviations) or psi_above (PSI)",
+                    self.name
+                ));
+            }
+            for (name, threshold, what) in [
+                ("above", drift.above, "a number of standard deviations"),
+                ("psi_above", drift.psi_above, "a population stability index"),
+            ] {
+                if let Some(t) = threshold
+                    && !(t.is_finite() && t > 0.0)
+                {
+                    return Err(format!("policy {:?}: drift.{name} is {t}; it is {what} above 0", self.name));
+                }
+            }
         }
         Ok(())
     }
@@ -160,16 +184,47 @@ mod tests {
             "name = \"on-drift\"\nmodel = \"m\"\ndataset = \"d.csv\"\ndrift = { deployment = 3, above = 0.5 }\n",
         )
         .unwrap();
-        assert_eq!(p.drift, Some(DriftTrigger { deployment: 3, above: 0.5, every: 3600 }));
+        assert_eq!(
+            p.drift,
+            Some(DriftTrigger { deployment: 3, above: Some(0.5), psi_above: None, every: 3600 })
+        );
         p.check().unwrap();
         assert_eq!(p.trigger(), "drift");
-        p.drift = Some(DriftTrigger { deployment: 3, above: -1.0, every: 60 });
+        p.drift = Some(DriftTrigger { deployment: 3, above: Some(-1.0), psi_above: None, every: 60 });
         assert!(p.check().unwrap_err().contains("drift.above"));
+        p.drift = Some(DriftTrigger { deployment: 3, above: None, psi_above: Some(f64::NAN), every: 60 });
+        assert!(p.check().unwrap_err().contains("drift.psi_above"));
+        let none: Policy =
+            toml::from_str("name = \"x\"\nmodel = \"m\"\ndataset = \"d\"\ndrift = { deployment = 3 }\n")
+                .unwrap();
+        assert!(none.check().unwrap_err().contains("needs a threshold"), "{:?}", none.check());
         assert!(
             toml::from_str::<Policy>(
-                "name = \"x\"\nmodel = \"m\"\ndataset = \"d\"\ndrift = { deployment = 3 }\n"
+                "name = \"x\"\nmodel = \"m\"\ndataset = \"d\"\ndrift = { deployment = 3, psi = 0.2 }\n"
             )
-            .is_err()
+            .is_err(),
+            "an unknown key is refused"
         );
+    }
+
+    #[test]
+    fn a_drift_trigger_fires_on_either_threshold_it_has() {
+        use crate::serve::drift::DriftView;
+        let view = |score, psi| DriftView {
+            reference_rows: 1_000,
+            recent_rows: 1_000,
+            score,
+            feature: Some(0),
+            psi,
+            psi_feature: Some(0),
+        };
+        let both = DriftTrigger { deployment: 1, above: Some(1.0), psi_above: Some(0.25), every: 60 };
+        assert!(!both.fires(&view(Some(0.5), Some(0.1))));
+        assert!(both.fires(&view(Some(1.5), Some(0.1))));
+        assert!(both.fires(&view(Some(0.5), Some(0.3))));
+        assert!(!both.fires(&view(None, None)), "no score yet");
+        let psi_only = DriftTrigger { above: None, ..both };
+        assert!(!psi_only.fires(&view(Some(9.0), Some(0.1))), "a mean it does not watch");
+        assert!(psi_only.fires(&view(Some(0.0), Some(0.3))));
     }
 }

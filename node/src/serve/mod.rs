@@ -40,8 +40,8 @@ use crate::{
     store::{
         Store, StoreError,
         tables::{
-            DeploymentDrift, DeploymentRecord, DeploymentTraffic, DeploymentUpstreams, Deployments, Meta,
-            MetaKey, MetaValue, TrafficRecord, UpstreamRecord,
+            DeploymentDrift, DeploymentDriftBins, DeploymentRecord, DeploymentTraffic, DeploymentUpstreams,
+            Deployments, Meta, MetaKey, MetaValue, TrafficRecord, UpstreamRecord,
         },
     },
 };
@@ -628,10 +628,10 @@ impl Serve {
         let drift = match &s.drift {
             Some(d) => Some(d.view()),
             // not called yet in this process: the stored reference, if any
-            None => self
-                .store
-                .get::<DeploymentDrift>(&r.id)?
-                .map(|reference| drift::Drift::new(reference.means.len(), Some(reference)).view()),
+            None => self.store.get::<DeploymentDrift>(&r.id)?.map(|reference| {
+                let bins = self.store.get::<DeploymentDriftBins>(&r.id).ok().flatten();
+                drift::Drift::new(reference.means.len(), Some(reference), bins).view()
+            }),
         };
         drop(stats);
         let upstream_url = self.store.get::<DeploymentUpstreams>(&r.id)?.map(|u| u.url);
@@ -715,6 +715,7 @@ impl Serve {
         batch.delete::<DeploymentUpstreams>(&id);
         batch.delete::<DeploymentTraffic>(&id);
         batch.delete::<DeploymentDrift>(&id);
+        batch.delete::<DeploymentDriftBins>(&id);
         self.audited(ctx, batch, "deployment.delete", &format!("deployment:{id}"))?;
         routes.remove(&id);
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
@@ -962,11 +963,15 @@ impl Serve {
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let s = stats.entry(id).or_default();
         if s.drift.as_ref().is_none_or(|d| d.width() != width.min(drift::MAX_FEATURES)) {
-            let stored = self.store.get::<DeploymentDrift>(&id).unwrap_or_else(|e| {
-                tracing::warn!(target: "agora::serve", deployment = id, error = %e, "cannot read the drift reference; starting a new one");
-                None
-            });
-            s.drift = Some(drift::Drift::new(width, stored));
+            let stored = self
+                .store
+                .get::<DeploymentDrift>(&id)
+                .and_then(|reference| Ok((reference, self.store.get::<DeploymentDriftBins>(&id)?)))
+                .unwrap_or_else(|e| {
+                    tracing::warn!(target: "agora::serve", deployment = id, error = %e, "cannot read the drift reference; starting a new one");
+                    (None, None)
+                });
+            s.drift = Some(drift::Drift::new(width, stored.0, stored.1));
         }
         let Some(d) = s.drift.as_mut() else { return };
         let before = d.observed();
@@ -974,22 +979,36 @@ impl Serve {
         for row in rows {
             completed |= d.observe(row);
         }
-        // stored under the lock, so a rebaseline cannot come between
-        if completed && let Err(e) = self.store.put::<DeploymentDrift>(&id, d.reference()) {
-            tracing::warn!(target: "agora::serve", deployment = id, error = %e, "cannot store the drift reference; it is kept in memory");
+        // stored under the lock, so a rebaseline cannot come between; the reference and its
+        // bins together
+        if completed {
+            let mut batch = self.store.batch();
+            let written = batch
+                .put::<DeploymentDrift>(&id, d.reference())
+                .and_then(|()| d.bins().map_or(Ok(()), |bins| batch.put::<DeploymentDriftBins>(&id, bins)))
+                .and_then(|()| self.store.write(batch));
+            if let Err(e) = written {
+                tracing::warn!(target: "agora::serve", deployment = id, error = %e, "cannot store the drift reference; it is kept in memory");
+            }
         }
-        // the gauge moves every 100 rows, not on every call
-        let score = if d.observed() / 100 != before / 100 { d.view().score } else { None };
+        // the gauges move every 100 rows, not on every call
+        let view = (d.observed() / 100 != before / 100).then(|| d.view());
         drop(stats);
-        if let Some(score) = score {
-            metrics::gauge!("agora_deployment_input_drift", "deployment" => id.to_string()).set(score);
+        if let Some(view) = view {
+            let id = id.to_string();
+            if let Some(score) = view.score {
+                metrics::gauge!("agora_deployment_input_drift", "deployment" => id.clone()).set(score);
+            }
+            if let Some(psi) = view.psi {
+                metrics::gauge!("agora_deployment_input_psi", "deployment" => id).set(psi);
+            }
         }
     }
 
-    /// A deployment's drift score now (none until there is one).
-    pub fn drift_score(&self, id: u64) -> Option<f64> {
+    /// A deployment's drift now (none until its first call in this process).
+    pub fn drift(&self, id: u64) -> Option<drift::DriftView> {
         let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        stats.get(&id)?.drift.as_ref()?.view().score
+        Some(stats.get(&id)?.drift.as_ref()?.view())
     }
 
     /// Starts a deployment's drift reference again from its next rows (after a retraining, or
@@ -1003,6 +1022,7 @@ impl Serve {
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let mut batch = self.store.batch();
         batch.delete::<DeploymentDrift>(&id);
+        batch.delete::<DeploymentDriftBins>(&id);
         match by {
             Some(ctx) => self.audited(ctx, batch, "deployment.drift_reset", &format!("deployment:{id}"))?,
             None => self.store.write(batch)?,

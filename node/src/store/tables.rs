@@ -178,6 +178,9 @@ tables! {
     DeploymentTraffic = "deployment_traffic", root: false, key: u64, value: TrafficRecord, encode: |k| k.to_be_bytes().to_vec();
     /// The reference of a deployment's input drift: its first rows' per-feature statistics.
     DeploymentDrift = "deployment_drift", root: false, key: u64, value: crate::serve::drift::Reference, encode: |k| k.to_be_bytes().to_vec();
+    /// Its bins: each feature's reference deciles and the reference rows between them (written
+    /// with the reference).
+    DeploymentDriftBins = "deployment_drift_bins", root: false, key: u64, value: crate::serve::drift::Bins, encode: |k| k.to_be_bytes().to_vec();
     /// Registry changes on their way to webhooks, by sequence number (kept while a hook has
     /// not had them).
     WebhookOutbox = "webhook_outbox", root: false, key: u64, value: crate::registry::webhooks::OutboxEvent, encode: |k| k.to_be_bytes().to_vec();

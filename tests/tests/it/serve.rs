@@ -1008,13 +1008,15 @@ fn spread(n: usize, seed: u64, shift: f32) -> Vec<Vec<f32>> {
 async fn input_drift_is_measured_and_fires_a_retraining_policy() {
     let market = agora_e2e::market::Market::start().await;
     let data = tempfile::tempdir().unwrap();
-    // Two drift policies on deployment 1: one that fires on any score, one above 1 standard
-    // deviation. Their dataset does not exist, so a run is recorded with its error.
+    // Three drift policies on deployment 1: one that fires on any score, one above 1 standard
+    // deviation, one above a PSI of 1. Their dataset does not exist, so a run is recorded with
+    // its error.
     let config = data.path().join("agora.toml");
     std::fs::write(
         &config,
         "[[compute.policies]]\nname = \"any\"\nmodel = \"iris\"\ndataset = \"datasets/missing.csv\"\ndrift = { deployment = 1, above = 0.000001 }\n\n\
-         [[compute.policies]]\nname = \"on-drift\"\nmodel = \"iris\"\ndataset = \"datasets/missing.csv\"\ndrift = { deployment = 1, above = 1.0 }\n",
+         [[compute.policies]]\nname = \"on-drift\"\nmodel = \"iris\"\ndataset = \"datasets/missing.csv\"\ndrift = { deployment = 1, above = 1.0 }\n\n\
+         [[compute.policies]]\nname = \"on-shape\"\nmodel = \"iris\"\ndataset = \"datasets/missing.csv\"\ndrift = { deployment = 1, psi_above = 1.0 }\n",
     )
     .unwrap();
     let config = config.display().to_string();
@@ -1053,7 +1055,8 @@ async fn input_drift_is_measured_and_fires_a_retraining_policy() {
         "{view}"
     );
     assert!(drift["score"].as_f64().unwrap() < 0.3, "{view}");
-    // When the policy that fires on any score has run, the same check left the other alone.
+    assert!(drift["psi"].as_f64().unwrap() < 0.3, "{view}");
+    // When the policy that fires on any score has run, the same check left the others alone.
     let any = agora_e2e::eventually("the any-score policy fired", Duration::from_secs(30), || async {
         let p = policy("any").await;
         p["last_run"].as_u64().map(|_| p)
@@ -1061,6 +1064,7 @@ async fn input_drift_is_measured_and_fires_a_retraining_policy() {
     .await;
     assert!(any["last_error"].as_str().is_some_and(|e| e.contains("missing.csv")), "{any}");
     assert_eq!(policy("on-drift").await["last_run"], Value::Null, "below its threshold");
+    assert_eq!(policy("on-shape").await["last_run"], Value::Null, "below its threshold");
 
     // The third feature moves by 3 standard deviations: the score passes 1, the policy fires.
     for seed in 100..105 {
@@ -1069,15 +1073,18 @@ async fn input_drift_is_measured_and_fires_a_retraining_policy() {
     let (_, view) = node.get("/api/v1/deployments/1").await;
     assert_eq!(view["drift"]["feature"], 2, "{view}");
     assert!(view["drift"]["score"].as_f64().unwrap() > 1.5, "{view}");
-    agora_e2e::eventually("the drift policy fired", Duration::from_secs(30), || async {
-        policy("on-drift").await["last_run"].as_u64()
-    })
-    .await;
+    assert_eq!(view["drift"]["psi_feature"], 2, "{view}");
+    assert!(view["drift"]["psi"].as_f64().unwrap() > 1.0, "{view}");
+    for name in ["on-drift", "on-shape"] {
+        agora_e2e::eventually(name, Duration::from_secs(30), || async {
+            policy(name).await["last_run"].as_u64()
+        })
+        .await;
+    }
     let metrics = reqwest::get(format!("{}/metrics", node.url)).await.unwrap().text().await.unwrap();
-    assert!(
-        metrics.lines().any(|l| l.starts_with("agora_deployment_input_drift{deployment=\"1\"}")),
-        "{metrics}"
-    );
+    for gauge in ["agora_deployment_input_drift", "agora_deployment_input_psi"] {
+        assert!(metrics.lines().any(|l| l.starts_with(&format!("{gauge}{{deployment=\"1\"}}"))), "{metrics}");
+    }
 
     // The reference is kept across a restart; a reset (owner or operator) starts it again.
     let mut node = node;
@@ -1085,6 +1092,18 @@ async fn input_drift_is_measured_and_fires_a_retraining_policy() {
     let node = agora_e2e::Node::start(&market.anvil.endpoint(), &market.deployment_path(), data.path(), &env);
     let (_, view) = node.get("/api/v1/deployments/1").await;
     assert_eq!(view["drift"]["reference_rows"], 1000, "{view}");
+    // ... with its bins: calm rows after the restart have a low PSI again
+    let mut seller = NodeClient::new(&node.url).unwrap();
+    seller.sign_in(&market.signer(1)).await.unwrap();
+    for seed in 200..202 {
+        seller
+            .post_json("/api/v1/deployments/1/predict", &json!({"inputs": spread(100, seed, 0.0)}))
+            .await
+            .unwrap();
+    }
+    let (_, view) = node.get("/api/v1/deployments/1").await;
+    assert_eq!(view["drift"]["recent_rows"], 200, "{view}");
+    assert!(view["drift"]["psi"].as_f64().unwrap() < 0.3, "{view}");
     let mut stranger = NodeClient::new(&node.url).unwrap();
     stranger.sign_in(&market.signer(6)).await.unwrap();
     let reset = |client: &NodeClient| {
@@ -1097,8 +1116,6 @@ async fn input_drift_is_measured_and_fires_a_retraining_policy() {
     assert!(ok, "{err}");
     assert_eq!(view["drift"], Value::Null, "{view}");
     assert_eq!(view["deployment_id"], "1", "{view}");
-    let mut seller = NodeClient::new(&node.url).unwrap();
-    seller.sign_in(&market.signer(1)).await.unwrap();
     seller.post_json("/api/v1/deployments/1/predict", &json!({"inputs": spread(10, 7, 0.0)})).await.unwrap();
     let (_, view) = node.get("/api/v1/deployments/1").await;
     assert_eq!(view["drift"]["reference_rows"], 10, "{view}");
