@@ -134,7 +134,7 @@ impl DeployCommand {
                 let answer = node.get_json(&format!("/api/v1/deployments/{id}")).await?;
                 print(pay.json, &answer, |a| {
                     format!(
-                        "deployment {id}: {} v{} {}; {} requests, {} errors, p50 {} ms, p99 {} ms; units metered {}, settled {}, pending {}; traffic {}; input drift {}",
+                        "deployment {id}: {} v{} {}; {} requests, {} errors, p50 {} ms, p99 {} ms; units metered {}, settled {}, pending {}; traffic {}; input drift {}{}",
                         a["model"].as_str().unwrap_or("?"),
                         a["version"],
                         a["status"].as_str().unwrap_or("?"),
@@ -146,7 +146,11 @@ impl DeployCommand {
                         a["units_settled"].as_str().unwrap_or("?"),
                         a["units_pending"].as_str().unwrap_or("?"),
                         traffic_line(a),
-                        drift_line(&a["drift"])
+                        drift_line(&a["drift"]),
+                        match &a["output_drift"] {
+                            Value::Null => String::new(),
+                            outputs => format!("; output drift {}", drift_line(outputs)),
+                        }
                     )
                 });
                 Ok(())

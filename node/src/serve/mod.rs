@@ -40,8 +40,9 @@ use crate::{
     store::{
         Store, StoreError,
         tables::{
-            DeploymentDrift, DeploymentDriftBins, DeploymentRecord, DeploymentTraffic, DeploymentUpstreams,
-            Deployments, Meta, MetaKey, MetaValue, TrafficRecord, UpstreamRecord,
+            DeploymentDrift, DeploymentDriftBins, DeploymentOutputDrift, DeploymentOutputDriftBins,
+            DeploymentRecord, DeploymentTraffic, DeploymentUpstreams, Deployments, Meta, MetaKey, MetaValue,
+            TrafficRecord, UpstreamRecord,
         },
     },
 };
@@ -239,8 +240,11 @@ pub struct DeploymentView {
     /// How calls are shared between versions, with each version's calls in this process: the
     /// split's versions, then any that served calls before the split changed (at 0 %).
     pub traffic: Vec<TrafficView>,
-    /// MLP deployments: how far the rows served lately have moved from the first rows served.
+    /// Builtin deployments: how far the rows served lately (an MLP's inputs, an encoder's
+    /// embeddings) have moved from the first rows served.
     pub drift: Option<drift::DriftView>,
+    /// MLP deployments: how far their outputs lately have moved from their first outputs.
+    pub output_drift: Option<drift::DriftView>,
 }
 
 /// One version's share of a deployment's calls and how its calls went (this process).
@@ -332,8 +336,76 @@ struct Stats {
     all: Calls,
     versions: BTreeMap<u32, Calls>,
     health: Option<String>,
-    /// MLP deployments, from their first call in this process on.
+    /// Builtin deployments, from their first call in this process on: what comes in (an MLP's
+    /// inputs, an encoder's embeddings) and an MLP's outputs.
     drift: Option<drift::Drift>,
+    output_drift: Option<drift::Drift>,
+}
+
+impl Stats {
+    fn tracker(&mut self, watched: Watched) -> &mut Option<drift::Drift> {
+        match watched {
+            Watched::Inputs => &mut self.drift,
+            Watched::Outputs => &mut self.output_drift,
+        }
+    }
+}
+
+/// Which rows of a deployment a drift tracker follows, and where its reference is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Watched {
+    Inputs,
+    Outputs,
+}
+
+impl Watched {
+    fn load(
+        self,
+        store: &Store,
+        id: u64,
+    ) -> Result<(Option<drift::Reference>, Option<drift::Bins>), StoreError> {
+        Ok(match self {
+            Self::Inputs => (store.get::<DeploymentDrift>(&id)?, store.get::<DeploymentDriftBins>(&id)?),
+            Self::Outputs => {
+                (store.get::<DeploymentOutputDrift>(&id)?, store.get::<DeploymentOutputDriftBins>(&id)?)
+            }
+        })
+    }
+
+    fn save(self, batch: &mut crate::store::Batch<'_>, id: u64, d: &drift::Drift) -> Result<(), StoreError> {
+        match self {
+            Self::Inputs => batch.put::<DeploymentDrift>(&id, d.reference())?,
+            Self::Outputs => batch.put::<DeploymentOutputDrift>(&id, d.reference())?,
+        }
+        match (self, d.bins()) {
+            (Self::Inputs, Some(bins)) => batch.put::<DeploymentDriftBins>(&id, bins),
+            (Self::Outputs, Some(bins)) => batch.put::<DeploymentOutputDriftBins>(&id, bins),
+            (_, None) => Ok(()),
+        }
+    }
+
+    /// Deletes what either tracker keeps of deployment `id`.
+    fn forget_all(batch: &mut crate::store::Batch<'_>, id: u64) {
+        batch.delete::<DeploymentDrift>(&id);
+        batch.delete::<DeploymentDriftBins>(&id);
+        batch.delete::<DeploymentOutputDrift>(&id);
+        batch.delete::<DeploymentOutputDriftBins>(&id);
+    }
+
+    /// The gauges of its score and PSI.
+    fn gauges(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Inputs => ("agora_deployment_input_drift", "agora_deployment_input_psi"),
+            Self::Outputs => ("agora_deployment_output_drift", "agora_deployment_output_psi"),
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Self::Inputs => "input",
+            Self::Outputs => "output",
+        }
+    }
 }
 
 /// Loaded models and when each was last used.
@@ -625,14 +697,16 @@ impl Serve {
             })
             .collect();
         let (requests, errors, health) = (s.all.requests, s.all.errors, s.health.clone());
-        let drift = match &s.drift {
-            Some(d) => Some(d.view()),
+        let drift_of = |tracker: &Option<drift::Drift>, watched: Watched| match tracker {
+            Some(d) => Ok(Some(d.view())),
             // not called yet in this process: the stored reference, if any
-            None => self.store.get::<DeploymentDrift>(&r.id)?.map(|reference| {
-                let bins = self.store.get::<DeploymentDriftBins>(&r.id).ok().flatten();
-                drift::Drift::new(reference.means.len(), Some(reference), bins).view()
+            None => watched.load(&self.store, r.id).map(|(reference, bins)| {
+                reference
+                    .map(|reference| drift::Drift::new(reference.means.len(), Some(reference), bins).view())
             }),
         };
+        let drift = drift_of(&s.drift, Watched::Inputs)?;
+        let output_drift = drift_of(&s.output_drift, Watched::Outputs)?;
         drop(stats);
         let upstream_url = self.store.get::<DeploymentUpstreams>(&r.id)?.map(|u| u.url);
         Ok(DeploymentView {
@@ -656,6 +730,7 @@ impl Serve {
             units_pending: usage.pending().to_string(),
             traffic,
             drift,
+            output_drift,
         })
     }
 
@@ -714,8 +789,7 @@ impl Serve {
         batch.delete::<Deployments>(&id);
         batch.delete::<DeploymentUpstreams>(&id);
         batch.delete::<DeploymentTraffic>(&id);
-        batch.delete::<DeploymentDrift>(&id);
-        batch.delete::<DeploymentDriftBins>(&id);
+        Watched::forget_all(&mut batch, id);
         self.audited(ctx, batch, "deployment.delete", &format!("deployment:{id}"))?;
         routes.remove(&id);
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
@@ -941,14 +1015,22 @@ impl Serve {
         let result = found.map_err(ServeError::from).and_then(|view| self.load(&view)).and_then(|loaded| {
             match &loaded.network {
                 Network::Mlp(mlp) => {
-                    self.observe(record.id, mlp.inputs(), rows.iter().filter_map(Row::numbers));
-                    loaded.batcher.run(&loaded.network, rows)
+                    self.observe(
+                        record.id,
+                        Watched::Inputs,
+                        mlp.inputs(),
+                        rows.iter().filter_map(Row::numbers),
+                    );
+                    let outputs = loaded.batcher.run(&loaded.network, rows)?;
+                    let width = outputs.first().map_or(0, Vec::len);
+                    self.observe(record.id, Watched::Outputs, width, outputs.iter().map(Vec::as_slice));
+                    Ok(outputs)
                 }
                 // texts drift where the model puts them: in their embeddings
                 Network::Encoder(_) => {
                     let embeddings = loaded.batcher.run(&loaded.network, rows)?;
                     let width = embeddings.first().map_or(0, Vec::len);
-                    self.observe(record.id, width, embeddings.iter().map(Vec::as_slice));
+                    self.observe(record.id, Watched::Inputs, width, embeddings.iter().map(Vec::as_slice));
                     Ok(embeddings)
                 }
             }
@@ -957,23 +1039,19 @@ impl Serve {
         result.map(|outputs| (version, outputs))
     }
 
-    /// Follows the input drift of a deployment's rows: an MLP's numbers, an encoder's
-    /// embeddings.
-    fn observe<'r>(&self, id: u64, width: usize, rows: impl Iterator<Item = &'r [f32]>) {
+    /// Follows the drift of a deployment's rows: its inputs (an MLP's numbers, an encoder's
+    /// embeddings) or an MLP's outputs.
+    fn observe<'r>(&self, id: u64, watched: Watched, width: usize, rows: impl Iterator<Item = &'r [f32]>) {
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        let s = stats.entry(id).or_default();
-        if s.drift.as_ref().is_none_or(|d| d.width() != width.min(drift::MAX_FEATURES)) {
-            let stored = self
-                .store
-                .get::<DeploymentDrift>(&id)
-                .and_then(|reference| Ok((reference, self.store.get::<DeploymentDriftBins>(&id)?)))
-                .unwrap_or_else(|e| {
-                    tracing::warn!(target: "agora::serve", deployment = id, error = %e, "cannot read the drift reference; starting a new one");
-                    (None, None)
-                });
-            s.drift = Some(drift::Drift::new(width, stored.0, stored.1));
+        let tracker = stats.entry(id).or_default().tracker(watched);
+        if tracker.as_ref().is_none_or(|d| d.width() != width.min(drift::MAX_FEATURES)) {
+            let (reference, bins) = watched.load(&self.store, id).unwrap_or_else(|e| {
+                tracing::warn!(target: "agora::serve", deployment = id, error = %e, "cannot read the {} drift reference; starting a new one", watched.what());
+                (None, None)
+            });
+            *tracker = Some(drift::Drift::new(width, reference, bins));
         }
-        let Some(d) = s.drift.as_mut() else { return };
+        let Some(d) = tracker.as_mut() else { return };
         let before = d.observed();
         let mut completed = false;
         for row in rows {
@@ -983,24 +1061,21 @@ impl Serve {
         // bins together
         if completed {
             let mut batch = self.store.batch();
-            let written = batch
-                .put::<DeploymentDrift>(&id, d.reference())
-                .and_then(|()| d.bins().map_or(Ok(()), |bins| batch.put::<DeploymentDriftBins>(&id, bins)))
-                .and_then(|()| self.store.write(batch));
+            let written = watched.save(&mut batch, id, d).and_then(|()| self.store.write(batch));
             if let Err(e) = written {
-                tracing::warn!(target: "agora::serve", deployment = id, error = %e, "cannot store the drift reference; it is kept in memory");
+                tracing::warn!(target: "agora::serve", deployment = id, error = %e, "cannot store the {} drift reference; it is kept in memory", watched.what());
             }
         }
         // the gauges move every 100 rows, not on every call
         let view = (d.observed() / 100 != before / 100).then(|| d.view());
         drop(stats);
         if let Some(view) = view {
-            let id = id.to_string();
+            let (id, (drift_gauge, psi_gauge)) = (id.to_string(), watched.gauges());
             if let Some(score) = view.score {
-                metrics::gauge!("agora_deployment_input_drift", "deployment" => id.clone()).set(score);
+                metrics::gauge!(drift_gauge, "deployment" => id.clone()).set(score);
             }
             if let Some(psi) = view.psi {
-                metrics::gauge!("agora_deployment_input_psi", "deployment" => id).set(psi);
+                metrics::gauge!(psi_gauge, "deployment" => id).set(psi);
             }
         }
     }
@@ -1011,24 +1086,23 @@ impl Serve {
         Some(stats.get(&id)?.drift.as_ref()?.view())
     }
 
-    /// Starts a deployment's drift reference again from its next rows (after a retraining, or
-    /// when the owner accepts the inputs as they are now).
+    /// Starts a deployment's drift references (inputs and outputs) again from its next rows
+    /// (after a retraining, or when the owner accepts the inputs as they are now).
     pub fn rebaseline(&self, id: u64) -> Result<(), ServeError> {
         self.forget_drift(id, None)
     }
 
-    /// Forgets a deployment's drift reference, with an audit entry when `by` asked for it.
+    /// Forgets a deployment's drift references, with an audit entry when `by` asked for it.
     fn forget_drift(&self, id: u64, by: Option<&Context>) -> Result<(), ServeError> {
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let mut batch = self.store.batch();
-        batch.delete::<DeploymentDrift>(&id);
-        batch.delete::<DeploymentDriftBins>(&id);
+        Watched::forget_all(&mut batch, id);
         match by {
             Some(ctx) => self.audited(ctx, batch, "deployment.drift_reset", &format!("deployment:{id}"))?,
             None => self.store.write(batch)?,
         }
         if let Some(s) = stats.get_mut(&id) {
-            s.drift = None;
+            (s.drift, s.output_drift) = (None, None);
         }
         Ok(())
     }

@@ -181,6 +181,9 @@ tables! {
     /// Its bins: each feature's reference deciles and the reference rows between them (written
     /// with the reference).
     DeploymentDriftBins = "deployment_drift_bins", root: false, key: u64, value: crate::serve::drift::Bins, encode: |k| k.to_be_bytes().to_vec();
+    /// The reference of an MLP deployment's output drift, and its bins (written together).
+    DeploymentOutputDrift = "deployment_output_drift", root: false, key: u64, value: crate::serve::drift::Reference, encode: |k| k.to_be_bytes().to_vec();
+    DeploymentOutputDriftBins = "deployment_output_drift_bins", root: false, key: u64, value: crate::serve::drift::Bins, encode: |k| k.to_be_bytes().to_vec();
     /// Registry changes on their way to webhooks, by sequence number (kept while a hook has
     /// not had them).
     WebhookOutbox = "webhook_outbox", root: false, key: u64, value: crate::registry::webhooks::OutboxEvent, encode: |k| k.to_be_bytes().to_vec();

@@ -1056,6 +1056,14 @@ async fn input_drift_is_measured_and_fires_a_retraining_policy() {
     );
     assert!(drift["score"].as_f64().unwrap() < 0.3, "{view}");
     assert!(drift["psi"].as_f64().unwrap() < 0.3, "{view}");
+    // its outputs are followed alike: three class scores a row
+    let outputs = &view["output_drift"];
+    assert_eq!(
+        (outputs["reference_rows"].as_u64(), outputs["recent_rows"].as_u64()),
+        (Some(1000), Some(200)),
+        "{view}"
+    );
+    assert!(outputs["score"].as_f64().unwrap() < 0.3 && outputs["psi"].as_f64().unwrap() < 0.3, "{view}");
     // When the policy that fires on any score has run, the same check left the others alone.
     let any = agora_e2e::eventually("the any-score policy fired", Duration::from_secs(30), || async {
         let p = policy("any").await;
@@ -1075,6 +1083,9 @@ async fn input_drift_is_measured_and_fires_a_retraining_policy() {
     assert!(view["drift"]["score"].as_f64().unwrap() > 1.5, "{view}");
     assert_eq!(view["drift"]["psi_feature"], 2, "{view}");
     assert!(view["drift"]["psi"].as_f64().unwrap() > 1.0, "{view}");
+    // moved inputs move what the model answers
+    let outputs = &view["output_drift"];
+    assert!(outputs["score"].as_f64().unwrap() > 0.5 && outputs["psi"].as_f64().unwrap() > 0.5, "{view}");
     for name in ["on-drift", "on-shape"] {
         agora_e2e::eventually(name, Duration::from_secs(30), || async {
             policy(name).await["last_run"].as_u64()
@@ -1092,6 +1103,7 @@ async fn input_drift_is_measured_and_fires_a_retraining_policy() {
     let node = agora_e2e::Node::start(&market.anvil.endpoint(), &market.deployment_path(), data.path(), &env);
     let (_, view) = node.get("/api/v1/deployments/1").await;
     assert_eq!(view["drift"]["reference_rows"], 1000, "{view}");
+    assert_eq!(view["output_drift"]["reference_rows"], 1000, "{view}");
     // ... with its bins: calm rows after the restart have a low PSI again
     let mut seller = NodeClient::new(&node.url).unwrap();
     seller.sign_in(&market.signer(1)).await.unwrap();
@@ -1115,6 +1127,7 @@ async fn input_drift_is_measured_and_fires_a_retraining_policy() {
     let (ok, view, err) = cli_as(1, &market, &node, state.path(), "deploy reset-drift 1 --json".into()).await;
     assert!(ok, "{err}");
     assert_eq!(view["drift"], Value::Null, "{view}");
+    assert_eq!(view["output_drift"], Value::Null, "{view}");
     assert_eq!(view["deployment_id"], "1", "{view}");
     seller.post_json("/api/v1/deployments/1/predict", &json!({"inputs": spread(10, 7, 0.0)})).await.unwrap();
     let (_, view) = node.get("/api/v1/deployments/1").await;
