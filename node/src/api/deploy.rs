@@ -167,7 +167,8 @@ pub struct TrafficRequest {
 
 /// Shares a deployment's calls between versions of its model (its owner or an operator): a
 /// canary at 10 %, an A/B test at 50/50, a promotion at 100. Every version must be anchored to
-/// the token whose licenses open the deployment, and is loaded before anything changes.
+/// the token whose licenses open the deployment, and is loaded before anything changes; an
+/// `http` deployment's versions each name the server that answers them (`upstream_url`).
 #[utoipa::path(
     put,
     path = "/api/v1/deployments/{deployment_id}/traffic",
@@ -278,14 +279,13 @@ pub async fn predict(
     let writes = meter.clone();
     let work = move || -> Result<Step, ApiError> {
         let record = serve.record(id)?;
-        let upstream = if record.runtime == "http" { serve.upstream(id)? } else { None };
         let run = |record: &crate::store::tables::DeploymentRecord| -> Result<Answer, ApiError> {
-            match &upstream {
-                Some(upstream) => {
-                    let (status, bytes) = serve.forward(record, upstream, &body)?;
-                    Ok(Answer::Passthrough(status, bytes))
+            match record.runtime.as_str() {
+                "http" => {
+                    let (version, status, bytes) = serve.forward(record, &body)?;
+                    Ok(Answer::Passthrough(version, status, bytes))
                 }
-                None => {
+                _ => {
                     let request = PredictRequest::deserialize(&input).map_err(|e| {
                         ApiError::new(
                             StatusCode::BAD_REQUEST,
@@ -410,12 +410,13 @@ pub async fn predict(
     };
     let mut response = match answer {
         Answer::Outputs(outputs) => Json(outputs).into_response(),
-        Answer::Passthrough(status, bytes) => {
+        Answer::Passthrough(version, status, bytes) => {
             let mut response =
                 (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), bytes).into_response();
-            response
-                .headers_mut()
-                .insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            let headers = response.headers_mut();
+            headers.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            // the body is the upstream's own: the version that answered travels beside it
+            headers.insert("agora-version", HeaderValue::from(version));
             response
         }
     };
@@ -449,10 +450,11 @@ struct MeteredCall {
     turn: metering::Turn,
 }
 
-/// What a call returns: the builtin runtime's outputs, or the upstream's answer as it came.
+/// What a call returns: the builtin runtime's outputs, or the answer of the upstream of the
+/// version that took the call, as it came.
 enum Answer {
     Outputs(PredictAnswer),
-    Passthrough(u16, Vec<u8>),
+    Passthrough(u32, u16, Vec<u8>),
 }
 
 fn meter_error(e: metering::MeterError) -> ApiError {

@@ -40,11 +40,13 @@ pub enum DeployCommand {
     },
     /// Share a deployment's calls between versions of its model you own, e.g. a canary:
     /// `--split 1=90 --split 2=10` (a version number or an alias, then its whole percent; the
-    /// percents sum to 100). One version at 100 moves the deployment to it.
+    /// percents sum to 100). One version at 100 moves the deployment to it. An http
+    /// deployment's version names the server that answers it: `--split 2=10@http://host/infer`
+    /// (a version that already has one may leave it out).
     Traffic {
         id: u64,
         #[arg(long = "split", required = true, value_parser = parse_share)]
-        split: Vec<(String, u32)>,
+        split: Vec<ShareArg>,
         #[command(flatten)]
         pay: PayArgs,
     },
@@ -160,26 +162,48 @@ impl DeployCommand {
     }
 }
 
-/// `V=P`: a version number or an alias, and its whole percent.
-fn parse_share(raw: &str) -> Result<(String, u32), String> {
-    let (version, percent) =
+/// One `--split`: a version number or an alias, its whole percent, and (http deployments) the
+/// server that answers it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShareArg {
+    version: String,
+    percent: u32,
+    upstream: Option<String>,
+}
+
+/// `V=P` or `V=P@URL`.
+fn parse_share(raw: &str) -> Result<ShareArg, String> {
+    let (version, rest) =
         raw.split_once('=').ok_or_else(|| format!("`{raw}` is not VERSION=PERCENT (e.g. 2=10)"))?;
+    let (percent, upstream) = match rest.split_once('@') {
+        Some((percent, url)) if url.trim().is_empty() => {
+            return Err(format!("`{raw}` names no upstream after `{percent}@`"));
+        }
+        Some((percent, url)) => (percent, Some(url.trim().to_owned())),
+        None => (rest, None),
+    };
     let percent =
         percent.trim().parse().map_err(|_| format!("`{percent}` in `{raw}` is not a whole percent"))?;
     let version = version.trim();
     if version.is_empty() {
         return Err(format!("`{raw}` names no version or alias before `=`"));
     }
-    Ok((version.to_owned(), percent))
+    Ok(ShareArg { version: version.to_owned(), percent, upstream })
 }
 
 /// The traffic request: numbers are versions, anything else an alias.
-fn traffic_body(split: &[(String, u32)]) -> Value {
+fn traffic_body(split: &[ShareArg]) -> Value {
     let shares: Vec<Value> = split
         .iter()
-        .map(|(v, percent)| match v.parse::<u32>() {
-            Ok(version) => json!({"version": version, "percent": percent}),
-            Err(_) => json!({"alias": v, "percent": percent}),
+        .map(|share| {
+            let mut body = match share.version.parse::<u32>() {
+                Ok(version) => json!({"version": version, "percent": share.percent}),
+                Err(_) => json!({"alias": share.version, "percent": share.percent}),
+            };
+            if let Some(url) = &share.upstream {
+                body["upstream_url"] = json!(url);
+            }
+            body
         })
         .collect();
     json!({ "split": shares })
@@ -193,8 +217,13 @@ fn traffic_line(a: &Value) -> String {
         .unwrap_or_default()
         .iter()
         .map(|t| {
+            let upstream = match (t["upstream_url"].as_str(), t["health"].as_str()) {
+                (Some(url), Some(health)) => format!(", {url} {health}"),
+                (Some(url), None) => format!(", {url}"),
+                _ => String::new(),
+            };
             format!(
-                "v{} {}% ({} requests, {} errors, p99 {} ms)",
+                "v{} {}% ({} requests, {} errors, p99 {} ms{upstream})",
                 t["version"], t["percent"], t["requests"], t["errors"], t["latency_p99_ms"]
             )
         })
@@ -319,15 +348,26 @@ mod tests {
 
     #[test]
     fn shares_parse_as_version_or_alias_and_percent() {
-        assert_eq!(parse_share("2=10"), Ok(("2".into(), 10)));
-        assert_eq!(parse_share("champion = 90"), Ok(("champion".into(), 90)));
+        let share = |version: &str, percent, upstream: Option<&str>| ShareArg {
+            version: version.into(),
+            percent,
+            upstream: upstream.map(Into::into),
+        };
+        assert_eq!(parse_share("2=10"), Ok(share("2", 10, None)));
+        assert_eq!(parse_share("champion = 90"), Ok(share("champion", 90, None)));
+        assert_eq!(
+            parse_share("2=10@http://u:p@127.0.0.1:9/infer?a=b"),
+            Ok(share("2", 10, Some("http://u:p@127.0.0.1:9/infer?a=b")))
+        );
         assert!(parse_share("2:10").unwrap_err().contains("VERSION=PERCENT"));
         assert!(parse_share("2=ten").unwrap_err().contains("whole percent"));
         assert!(parse_share("=10").unwrap_err().contains("no version"));
-        let body = traffic_body(&[("1".into(), 90), ("challenger".into(), 10)]);
+        assert!(parse_share("2=10@ ").unwrap_err().contains("no upstream"));
+        let body =
+            traffic_body(&[share("1", 90, None), share("challenger", 10, Some("http://127.0.0.1:9/x"))]);
         assert_eq!(
             body,
-            json!({"split": [{"version": 1, "percent": 90}, {"alias": "challenger", "percent": 10}]})
+            json!({"split": [{"version": 1, "percent": 90}, {"alias": "challenger", "percent": 10, "upstream_url": "http://127.0.0.1:9/x"}]})
         );
     }
 }

@@ -41,8 +41,8 @@ use crate::{
         Store, StoreError,
         tables::{
             DeploymentDrift, DeploymentDriftBins, DeploymentOutputDrift, DeploymentOutputDriftBins,
-            DeploymentRecord, DeploymentTraffic, DeploymentUpstreams, Deployments, Meta, MetaKey, MetaValue,
-            TrafficRecord, UpstreamRecord,
+            DeploymentRecord, DeploymentSplitUpstreams, DeploymentTraffic, DeploymentUpstreams, Deployments,
+            Meta, MetaKey, MetaValue, TrafficRecord, UpstreamRecord,
         },
     },
 };
@@ -257,6 +257,12 @@ pub struct TrafficView {
     pub errors: u64,
     pub latency_p50_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
+    /// `http` deployments: the server that answers this version's calls, and how its last
+    /// probe went (`healthy` or `unhealthy: why`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
 }
 
 /// One version's share of a deployment's calls, as asked for: a version number or an alias.
@@ -267,6 +273,14 @@ pub struct Share {
     pub version: Option<u32>,
     pub alias: Option<String>,
     pub percent: u32,
+    /// `http` deployments: the server that answers this version's calls; absent, the one that
+    /// answers it now (the deployment's, or this version's in the split in force).
+    #[serde(default)]
+    pub upstream_url: Option<String>,
+    /// `http` deployments: where that server is probed (GET, 2xx is healthy); absent, any
+    /// answer from the upstream's origin is.
+    #[serde(default)]
+    pub health_url: Option<String>,
 }
 
 /// The most versions one deployment splits its calls between.
@@ -335,7 +349,10 @@ impl Calls {
 struct Stats {
     all: Calls,
     versions: BTreeMap<u32, Calls>,
+    /// `http` deployments: the last probe of the deployment's upstreams (all healthy, or the
+    /// first that is not) and of each version's.
     health: Option<String>,
+    version_health: BTreeMap<u32, String>,
     /// Builtin deployments, from their first call in this process on: what comes in (an MLP's
     /// inputs, an encoder's embeddings) and an MLP's outputs.
     drift: Option<drift::Drift>,
@@ -674,6 +691,7 @@ impl Serve {
             Some(traffic) => traffic.split,
             None => vec![(r.version, 100)],
         };
+        let upstreams = self.upstreams(r)?;
         let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let none = Stats::default();
         let s = stats.get(&r.id).unwrap_or(&none);
@@ -686,6 +704,7 @@ impl Serve {
             .map(|(version, percent)| {
                 let calls = s.versions.get(&version).unwrap_or(&none.all);
                 let (latency_p50_ms, latency_p99_ms) = calls.percentiles();
+                let upstream = upstreams.iter().find(|(v, _)| *v == version);
                 TrafficView {
                     version,
                     percent,
@@ -693,6 +712,8 @@ impl Serve {
                     errors: calls.errors,
                     latency_p50_ms,
                     latency_p99_ms,
+                    upstream_url: upstream.map(|(_, u)| u.url.clone()),
+                    health: upstream.and_then(|_| s.version_health.get(&version).cloned()),
                 }
             })
             .collect();
@@ -789,6 +810,7 @@ impl Serve {
         batch.delete::<Deployments>(&id);
         batch.delete::<DeploymentUpstreams>(&id);
         batch.delete::<DeploymentTraffic>(&id);
+        batch.delete::<DeploymentSplitUpstreams>(&id);
         Watched::forget_all(&mut batch, id);
         self.audited(ctx, batch, "deployment.delete", &format!("deployment:{id}"))?;
         routes.remove(&id);
@@ -891,19 +913,15 @@ impl Serve {
     ) -> Result<DeploymentView, ServeError> {
         let record = self.record(id)?;
         self.authorize_change(ctx, &record, "splits its deployments' traffic")?;
-        if record.runtime != "builtin" {
-            return Err(invalid(format!(
-                "deployment {id} runs on the {} runtime, which sends every call to its one upstream; \
-                 only builtin deployments split calls between versions",
-                record.runtime
-            )));
-        }
+        let http = record.runtime == "http";
+        let serving = if http { self.upstreams(&record)? } else { Vec::new() };
         if shares.is_empty() || shares.len() > MAX_SHARES {
             return Err(invalid(format!("`split` takes 1 to {MAX_SHARES} versions, not {}", shares.len())));
         }
         let token = self.token_of(&record)?;
         let mut split: Vec<(u32, u32)> = Vec::with_capacity(shares.len());
         let mut views = Vec::with_capacity(shares.len());
+        let mut upstreams: Vec<(u32, UpstreamRecord)> = Vec::new();
         for share in shares {
             let view = match (share.version, &share.alias) {
                 (Some(v), None) => self.registry.version(&record.model, v)?,
@@ -936,6 +954,33 @@ impl Serve {
                     of(token)
                 )));
             }
+            if http {
+                let upstream = match (share.upstream_url, share.health_url) {
+                    (Some(url), health_url) => {
+                        check_url("upstream_url", &url)?;
+                        if let Some(h) = &health_url {
+                            check_url("health_url", h)?;
+                        }
+                        UpstreamRecord { url, health_url }
+                    }
+                    (None, None) => serving.iter().find(|(v, _)| *v == version).map(|(_, u)| u.clone()).ok_or_else(
+                        || {
+                            invalid(format!(
+                                "version {version} needs an upstream_url: an http deployment sends each version's \
+                                 calls to its own server, and none answers version {version} yet"
+                            ))
+                        },
+                    )?,
+                    (None, Some(_)) => {
+                        return Err(invalid(format!("version {version} has a health_url without an upstream_url")));
+                    }
+                };
+                upstreams.push((version, upstream));
+            } else if share.upstream_url.is_some() || share.health_url.is_some() {
+                return Err(invalid(format!(
+                    "deployment {id} runs its versions itself (builtin): a share takes no upstream_url or health_url"
+                )));
+            }
             split.push((version, share.percent));
             views.push(view);
         }
@@ -943,7 +988,8 @@ impl Serve {
         if total != 100 {
             return Err(invalid(format!("the shares of `split` sum to {total} percent, not 100")));
         }
-        for view in &views {
+        // an http deployment's versions run elsewhere: their servers are probed, not loaded
+        for view in views.iter().filter(|_| !http) {
             self.load(view).map_err(|e| match e {
                 ServeError::Model(why) => {
                     ServeError::Model(format!("version {}: {why}", view.version.version))
@@ -964,8 +1010,16 @@ impl Serve {
             batch.put::<Deployments>(&id, &record)?;
             if split.len() == 1 {
                 batch.delete::<DeploymentTraffic>(&id);
+                batch.delete::<DeploymentSplitUpstreams>(&id);
             } else {
                 batch.put::<DeploymentTraffic>(&id, &TrafficRecord { split: split.clone() })?;
+                if http {
+                    batch.put::<DeploymentSplitUpstreams>(&id, &upstreams)?;
+                }
+            }
+            // the deployment's own upstream is its main version's
+            if let Some((_, main)) = upstreams.iter().find(|(v, _)| *v == primary.0) {
+                batch.put::<DeploymentUpstreams>(&id, main)?;
             }
             let shown: Vec<String> = split.iter().map(|(v, p)| format!("{v}={p}")).collect();
             let object = format!("deployment:{id} model:{} split:{}", record.model, shown.join(","));
@@ -1147,20 +1201,37 @@ impl Serve {
         s.versions.entry(version).or_default().record(elapsed * 1e3, ok);
     }
 
-    /// The upstream of an `http` deployment.
-    pub fn upstream(&self, id: u64) -> Result<Option<UpstreamRecord>, ServeError> {
-        Ok(self.store.get::<DeploymentUpstreams>(&id)?)
+    /// An `http` deployment's upstreams by version: each version's of its split, or its own
+    /// for its version (none for a builtin deployment).
+    fn upstreams(&self, record: &DeploymentRecord) -> Result<Vec<(u32, UpstreamRecord)>, ServeError> {
+        if let Some(split) = self.store.get::<DeploymentSplitUpstreams>(&record.id)? {
+            return Ok(split);
+        }
+        Ok(self
+            .store
+            .get::<DeploymentUpstreams>(&record.id)?
+            .map(|u| (record.version, u))
+            .into_iter()
+            .collect())
     }
 
-    /// Sends a call to an `http` deployment's upstream (from a blocking thread) and returns its
-    /// status and body. Only a 2xx answer counts as served.
-    pub fn forward(
-        &self,
-        record: &DeploymentRecord,
-        upstream: &UpstreamRecord,
-        body: &[u8],
-    ) -> Result<(u16, Vec<u8>), ServeError> {
+    /// Sends a call to the upstream of the version an `http` deployment's split picks (from a
+    /// blocking thread) and returns that version, the status and the body. Only a 2xx answer
+    /// counts as served.
+    pub fn forward(&self, record: &DeploymentRecord, body: &[u8]) -> Result<(u32, u16, Vec<u8>), ServeError> {
         let started = Instant::now();
+        let mut version = self.route(record)?;
+        let mut upstreams = self.upstreams(record)?;
+        let upstream = match upstreams.iter().position(|(v, _)| *v == version) {
+            Some(at) => upstreams.swap_remove(at).1,
+            // the split changed since the route was read: the deployment's own upstream
+            None => {
+                version = record.version;
+                self.store.get::<DeploymentUpstreams>(&record.id)?.ok_or_else(|| {
+                    ServeError::Upstream(format!("deployment {} has no upstream", record.id))
+                })?
+            }
+        };
         let call =
             self.http.post(&upstream.url).header("content-type", "application/json").body(body.to_vec());
         let result = self.runtime.block_on(async move {
@@ -1175,8 +1246,8 @@ impl Serve {
             }
             Ok((status.as_u16(), bytes.to_vec()))
         });
-        self.count(record.id, record.version, started, result.is_ok());
-        result
+        self.count(record.id, version, started, result.is_ok());
+        result.map(|(status, bytes)| (version, status, bytes))
     }
 
     /// Probes every `http` deployment's upstream until `shutdown`.
@@ -1191,20 +1262,34 @@ impl Serve {
                 _ = shutdown.changed() => if *shutdown.borrow() { return },
                 _ = tick.tick() => {}
             }
-            let upstreams: Vec<(u64, UpstreamRecord)> = self
+            let deployments: Vec<DeploymentRecord> = self
                 .store
-                .iter::<DeploymentUpstreams>()
+                .iter::<Deployments>()
                 .filter_map(|item| item.ok())
-                .filter_map(|(key, u)| Some((u64::from_be_bytes(key.as_slice().try_into().ok()?), u)))
+                .map(|(_, record)| record)
+                .filter(|record| record.runtime == "http")
                 .collect();
-            for (id, upstream) in upstreams {
-                let health = self.probe(&upstream).await;
+            for record in deployments {
+                let Ok(upstreams) = self.upstreams(&record) else { continue };
+                let mut probed = BTreeMap::new();
+                for (version, upstream) in &upstreams {
+                    probed.insert(*version, self.probe(upstream).await);
+                }
+                // healthy when every version's server is; else the first that is not
+                let health = probed.iter().find(|(_, h)| *h != "healthy").map_or_else(
+                    || "healthy".to_owned(),
+                    |(v, h)| match upstreams.len() {
+                        1 => h.clone(),
+                        _ => format!("{h} (version {v})"),
+                    },
+                );
                 let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-                let s = stats.entry(id).or_default();
+                let s = stats.entry(record.id).or_default();
                 if s.health.as_deref() != Some(health.as_str()) {
-                    tracing::info!(target: "agora::serve", deployment = id, %health, "upstream health");
+                    tracing::info!(target: "agora::serve", deployment = record.id, %health, "upstream health");
                 }
                 s.health = Some(health);
+                s.version_health = probed;
             }
         }
     }

@@ -176,6 +176,9 @@ tables! {
     /// How a deployment's calls are shared between versions of its model; absent, every call
     /// goes to the deployment's version.
     DeploymentTraffic = "deployment_traffic", root: false, key: u64, value: TrafficRecord, encode: |k| k.to_be_bytes().to_vec();
+    /// An `http` deployment's split: the upstream of each of its versions (written with the
+    /// split; absent, its one upstream answers every call).
+    DeploymentSplitUpstreams = "deployment_split_upstreams", root: false, key: u64, value: Vec<(u32, UpstreamRecord)>, encode: |k| k.to_be_bytes().to_vec();
     /// The reference of a deployment's input drift: its first rows' per-feature statistics.
     DeploymentDrift = "deployment_drift", root: false, key: u64, value: crate::serve::drift::Reference, encode: |k| k.to_be_bytes().to_vec();
     /// Its bins: each feature's reference deciles and the reference rows between them (written

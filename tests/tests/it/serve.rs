@@ -597,6 +597,141 @@ async fn an_http_deployment_puts_the_gate_in_front_of_any_server() {
     assert_eq!(usage_now["cumulative_units"], "12", "a failed call is not metered");
 }
 
+/// An upstream that answers every call with its own name.
+async fn named_upstream(name: &'static str) -> (String, tokio::task::JoinHandle<()>) {
+    agora_e2e::http_server(move |_, _| (200, json!({"server": name}).to_string())).await
+}
+
+#[tokio::test]
+async fn an_http_deployment_splits_calls_between_servers() {
+    use agora_e2e::market::Mined;
+    let (market, data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN)]).await;
+    let (seller, token) = publish(&market, &node, "proxied", false).await;
+    let v2 = register_shifted(&seller, "proxied", false, 0.5).await;
+    let hash = format!("0x{}", v2["file"]["blake3"].as_str().unwrap()).parse().unwrap();
+    market.registry.anchorVersion(token, hash).from(market.address(1)).send().await.unwrap().mined().await;
+    agora_e2e::eventually("version 2 anchored", Duration::from_secs(30), || async {
+        let (_, v) = node.get("/api/v1/models/proxied/versions").await;
+        v["versions"]
+            .as_array()?
+            .iter()
+            .any(|x| x["version"] == 2 && x["anchored"]["token_id"].is_string())
+            .then_some(())
+    })
+    .await;
+    let ((a, _a), (b, b_server)) = (named_upstream("a").await, named_upstream("b").await);
+    let created = seller
+        .post_json(
+            "/api/v1/deployments/create",
+            &json!({"model": "proxied", "version": 1, "runtime": "http", "upstream_url": format!("{a}/infer")}),
+        )
+        .await
+        .unwrap();
+    let id = created["deployment_id"].as_str().unwrap().to_owned();
+    market.buy(token, 5, 0).await;
+    let (head, head_hash) = market.head().await;
+    node.wait_indexed(head, head_hash).await;
+    let mut buyer = NodeClient::new(&node.url).unwrap();
+    buyer.sign_in(&market.signer(5)).await.unwrap();
+    // (status, the version that answered, the server that answered) of `n` calls
+    let calls = |buyer: &NodeClient, n: usize| {
+        let path = format!("/api/v1/deployments/{id}/predict");
+        let requests: Vec<_> = (0..n)
+            .map(|_| {
+                buyer.authorize(buyer.http.post(buyer.endpoint(&path))).json(&json!({"inputs": [[1.0]]}))
+            })
+            .collect();
+        async move {
+            let mut answers = Vec::new();
+            for request in requests {
+                let response = request.send().await.unwrap();
+                let status = response.status().as_u16();
+                let version = response.headers().get("agora-version").map(|v| v.to_str().unwrap().to_owned());
+                let body: Value = response.json().await.unwrap();
+                answers.push((status, version, body["server"].as_str().map(str::to_owned)));
+            }
+            answers
+        }
+    };
+    let served = |answers: &[(u16, Option<String>, Option<String>)], version: &str, server: &str| {
+        answers
+            .iter()
+            .filter(|(s, v, b)| *s == 200 && v.as_deref() == Some(version) && b.as_deref() == Some(server))
+            .count()
+    };
+
+    // Bad splits name what is wrong and change nothing.
+    let path = format!("/api/v1/deployments/{id}/traffic");
+    for (second, needle) in [
+        (json!({"version": 2, "percent": 20}), "needs an upstream_url"),
+        (json!({"version": 2, "percent": 20, "upstream_url": "ftp://x"}), "http or https"),
+        (json!({"version": 2, "percent": 20, "health_url": format!("{b}/ready")}), "without an upstream_url"),
+    ] {
+        let body = json!({"split": [{"version": 1, "percent": 80}, second]});
+        let err = seller.put_json(&path, &body).await.unwrap_err().to_string();
+        assert!(err.contains("400") && err.contains(needle), "{body}: {err}");
+    }
+    assert_eq!(served(&calls(&buyer, 2).await, "1", "a"), 2, "every call still goes to a");
+
+    // A canary on its own server: 8 of every 10 calls reach a, 2 reach b, each answer saying
+    // which version it is; version 1 keeps the server it had.
+    let set = seller
+        .put_json(
+            &path,
+            &json!({"split": [{"version": 1, "percent": 80}, {"version": 2, "percent": 20, "upstream_url": format!("{b}/infer")}]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(set["traffic"][0]["upstream_url"], format!("{a}/infer"), "{set}");
+    assert_eq!(set["traffic"][1]["upstream_url"], format!("{b}/infer"), "{set}");
+    let answers = calls(&buyer, 10).await;
+    assert_eq!((served(&answers, "1", "a"), served(&answers, "2", "b")), (8, 2), "{answers:?}");
+    agora_e2e::eventually("both servers seen healthy", Duration::from_secs(30), || async {
+        let (_, d) = node.get(&format!("/api/v1/deployments/{id}")).await;
+        (d["health"] == "healthy"
+            && d["traffic"][0]["health"] == "healthy"
+            && d["traffic"][1]["health"] == "healthy")
+            .then_some(())
+    })
+    .await;
+
+    // The split survives a restart.
+    let (node, buyer) = restart_for_buyer(&market, data.path(), node).await;
+    let answers = calls(&buyer, 10).await;
+    assert_eq!((served(&answers, "1", "a"), served(&answers, "2", "b")), (8, 2), "{answers:?}");
+
+    // The canary's server goes away: the probe names it, its calls fail (502) and are counted
+    // against it, version 1's still pass.
+    b_server.abort();
+    let _ = b_server.await;
+    agora_e2e::eventually("the canary seen unhealthy", Duration::from_secs(30), || async {
+        let (_, d) = node.get(&format!("/api/v1/deployments/{id}")).await;
+        let health = d["health"].as_str()?;
+        (health.starts_with("unhealthy") && health.ends_with("(version 2)")).then_some(())
+    })
+    .await;
+    let answers = calls(&buyer, 10).await;
+    assert_eq!(served(&answers, "1", "a"), 8, "{answers:?}");
+    assert_eq!(answers.iter().filter(|(s, ..)| *s == 502).count(), 2, "{answers:?}");
+    let (_, view) = node.get(&format!("/api/v1/deployments/{id}")).await;
+    // this process: two served before the server went, two failed after
+    assert_eq!(
+        (view["traffic"][1]["requests"].as_u64(), view["traffic"][1]["errors"].as_u64()),
+        (Some(4), Some(2)),
+        "{view}"
+    );
+    assert!(view["traffic"][1]["health"].as_str().unwrap().starts_with("unhealthy"), "{view}");
+
+    // Rolled back from the command line: version 1 alone, on the server it has.
+    let state = tempfile::tempdir().unwrap();
+    let (ok, out, err) =
+        cli_as(1, &market, &node, state.path(), format!("deploy traffic {id} --split 1=100 --json")).await;
+    assert!(ok, "{err}");
+    assert_eq!(out["traffic"][0]["percent"], 100, "{out}");
+    assert_eq!(out["upstream_url"], format!("{a}/infer"), "{out}");
+    assert_eq!(served(&calls(&buyer, 4).await, "1", "a"), 4);
+}
+
 /// Sentence embeddings the way sentence-transformers computes them, one text at a time with no
 /// padding: candle's BERT, mean over the tokens, unit length.
 fn reference_embeddings(dir: &std::path::Path, texts: &[&str]) -> Vec<Vec<f32>> {
@@ -805,6 +940,24 @@ async fn calls(buyer: &NodeClient, id: &str, n: usize) -> Vec<u64> {
     served
 }
 
+/// Stops `node` (SIGTERM) and starts it again on its data, with buyer 5 signed in to it.
+async fn restart_for_buyer(
+    market: &agora_e2e::market::Market,
+    data: &std::path::Path,
+    mut node: agora_e2e::Node,
+) -> (agora_e2e::Node, NodeClient) {
+    node.process.terminate(Duration::from_secs(15));
+    let node = agora_e2e::Node::start(
+        &market.anvil.endpoint(),
+        &market.deployment_path(),
+        data,
+        &[("AGORA_ADMIN_TOKEN", TOKEN)],
+    );
+    let mut buyer = NodeClient::new(&node.url).unwrap();
+    buyer.sign_in(&market.signer(5)).await.unwrap();
+    (node, buyer)
+}
+
 /// (version, percent, requests) of each row of a deployment's `traffic`.
 fn traffic(view: &Value) -> Vec<(u64, u64, u64)> {
     view["traffic"]
@@ -919,6 +1072,14 @@ async fn a_traffic_split_shares_calls_between_versions() {
             "400",
         ),
         (&seller, json!({"split": []}), "1 to 10"),
+        (
+            &seller,
+            split(
+                json!({"version": 1, "percent": 50}),
+                json!({"version": 2, "percent": 50, "upstream_url": "http://127.0.0.1:1/x"}),
+            ),
+            "takes no upstream_url",
+        ),
     ] {
         let err = client.put_json(&path, &body).await.unwrap_err().to_string();
         assert!(err.contains(expected), "{body}: {err}");
@@ -949,16 +1110,7 @@ async fn a_traffic_split_shares_calls_between_versions() {
         .unwrap();
     assert_eq!(traffic(&set), [(1, 50, 14), (2, 50, 6)]);
     assert_eq!(calls(&buyer, &id, 4).await, [1, 2, 1, 2]);
-    let mut node = node;
-    node.process.terminate(Duration::from_secs(15));
-    let node = agora_e2e::Node::start(
-        &market.anvil.endpoint(),
-        &market.deployment_path(),
-        data.path(),
-        &[("AGORA_ADMIN_TOKEN", TOKEN)],
-    );
-    let mut buyer = NodeClient::new(&node.url).unwrap();
-    buyer.sign_in(&market.signer(5)).await.unwrap();
+    let (node, buyer) = restart_for_buyer(&market, data.path(), node).await;
     let (_, view) = node.get(&format!("/api/v1/deployments/{id}")).await;
     assert_eq!(traffic(&view), [(1, 50, 0), (2, 50, 0)]);
     assert_eq!(calls(&buyer, &id, 2).await, [1, 2]);
