@@ -21,7 +21,15 @@ use crate::{client::NodeClient, config::Config};
 #[derive(Subcommand, Debug)]
 pub enum ModelCommand {
     /// Upload a safetensors file to the node and register (or anchor a new version) on-chain.
-    Publish(PublishArgs),
+    Publish(Box<PublishArgs>),
+    /// Where each registry webhook stands: changes behind, deliveries, the last one and any
+    /// being retried (operator: AGORA_ADMIN_TOKEN).
+    Webhooks {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -79,9 +87,63 @@ fn parse_split(text: &str) -> anyhow::Result<ModelRegistry::Split> {
 impl ModelCommand {
     pub async fn run(self, config: &Config) -> anyhow::Result<()> {
         match self {
-            Self::Publish(args) => publish(args, config).await,
+            Self::Publish(args) => publish(*args, config).await,
+            Self::Webhooks { node, json } => {
+                let mut client = NodeClient::new(&node.node)?;
+                client.token = Some(config.registry.admin_token.clone().context(
+                    "webhook status is the operator's: set AGORA_ADMIN_TOKEN (the node's <data-dir>/admin.token)",
+                )?);
+                let answer = client.get_json("/api/v1/registry/webhooks").await?;
+                if json {
+                    println!("{answer}")
+                } else {
+                    print!("{}", webhooks_text(&answer))
+                }
+                Ok(())
+            }
         }
     }
+}
+
+/// A hook a paragraph: its URL and events, where it stands, its last delivery and any retry.
+fn webhooks_text(view: &serde_json::Value) -> String {
+    let hooks = view["hooks"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if hooks.is_empty() {
+        return "no webhooks configured ([[registry.webhooks]])\n".into();
+    }
+    let attempt = |a: &serde_json::Value| {
+        format!(
+            "seq {} {} {} after {} attempt(s){}",
+            a["seq"],
+            a["kind"].as_str().unwrap_or("?"),
+            a["outcome"].as_str().unwrap_or("?"),
+            a["attempts"],
+            a["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default()
+        )
+    };
+    let mut out = format!("outbox at seq {}\n", view["last_seq"]);
+    for hook in hooks {
+        let events = match hook["events"].as_array() {
+            Some(e) if !e.is_empty() => e.iter().filter_map(|k| k.as_str()).collect::<Vec<_>>().join(", "),
+            _ => "all events".into(),
+        };
+        out += &format!(
+            "{} ({events}{})\n  next seq {}, {} behind; {} delivered, {} failed since start\n",
+            hook["url"].as_str().unwrap_or("?"),
+            if hook["signed"] == true { ", signed" } else { "" },
+            hook["next_seq"],
+            hook["behind"],
+            hook["delivered"],
+            hook["failed"],
+        );
+        if !hook["last"].is_null() {
+            out += &format!("  last: {}\n", attempt(&hook["last"]));
+        }
+        if !hook["retrying"].is_null() {
+            out += &format!("  retrying: {}\n", attempt(&hook["retrying"]));
+        }
+    }
+    out
 }
 
 async fn publish(args: PublishArgs, config: &Config) -> anyhow::Result<()> {

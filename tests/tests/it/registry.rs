@@ -433,6 +433,27 @@ async fn registry_changes_reach_webhooks_signed_in_order_retried_and_after_a_cra
     let (status, text) = webhooks(&client, &node.url, Some(TOKEN)).await;
     assert!(status == StatusCode::OK && !text.contains("hook-secret"), "{text}");
     assert_eq!(webhooks(&client, &node.url, None).await.0, StatusCode::UNAUTHORIZED);
+    // The same from the command line, for the operator only.
+    let operator = [("AGORA_ADMIN_TOKEN", TOKEN)];
+    let (status, out, err) =
+        agora_e2e::agora(&["model", "webhooks", "--node", &node.url, "--json"], &operator);
+    assert!(status.success(), "{err}");
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (shown["hooks"][0]["delivered"].as_u64(), shown["last_seq"].as_u64()),
+        (Some(2), Some(seq(&body2)))
+    );
+    let (status, text, err) = agora_e2e::agora(&["model", "webhooks", "--node", &node.url], &operator);
+    assert!(status.success(), "{err}");
+    assert!(
+        text.contains(&format!("{base}/hook ("))
+            && text.contains("0 behind; 2 delivered, 0 failed")
+            && text.contains("delivered after 1 attempt(s)")
+            && !text.contains("retrying"),
+        "{text}"
+    );
+    let (status, _, err) = agora_e2e::agora(&["model", "webhooks", "--node", &node.url], &[]);
+    assert!(!status.success() && err.contains("AGORA_ADMIN_TOKEN"), "{err}");
 
     // A change the hook refuses, then the node dies while it waits to try again: the next
     // node delivers it, with the same body, and nothing delivered before.
