@@ -1230,13 +1230,13 @@ impl Compute {
             for policy in &self.config.policies {
                 let (Some(trigger), Some(serve)) = (&policy.drift, &self.serve) else { continue };
                 let rested = runs.last.get(&policy.name).is_none_or(|(at, _)| now >= at + trigger.every);
-                let drift = serve.drift(trigger.deployment);
+                let (inputs, outputs) = serve.drift(trigger.deployment);
                 if rested
-                    && drift.as_ref().is_some_and(|d| trigger.fires(d))
+                    && trigger.fires(inputs.as_ref(), outputs.as_ref())
                     && !due.iter().any(|(name, _)| *name == policy.name)
                 {
-                    let drift = drift.unwrap_or_default();
-                    tracing::info!(target: "agora::compute", policy = %policy.name, deployment = trigger.deployment, score = ?drift.score, psi = ?drift.psi, "inputs drifted past the policy's threshold");
+                    let (inputs, outputs) = (inputs.unwrap_or_default(), outputs.unwrap_or_default());
+                    tracing::info!(target: "agora::compute", policy = %policy.name, deployment = trigger.deployment, score = ?inputs.score, psi = ?inputs.psi, output_score = ?outputs.score, output_psi = ?outputs.psi, "a deployment drifted past the policy's threshold");
                     due.push((policy.name.clone(), Some(trigger.deployment)));
                 }
             }

@@ -7,6 +7,7 @@ use std::{collections::HashMap, str::FromStr};
 use serde::{Deserialize, Serialize};
 
 use super::{estimate::Constraints, jobs::TriggerRequest};
+use crate::serve::drift::DriftView;
 
 /// `[[compute.policies]]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -34,9 +35,10 @@ pub struct Policy {
 }
 
 /// `drift = { deployment = 1, above = 0.5, psi_above = 0.25, every = 3600 }`: fire when the
-/// deployment's drift score (see `serve::drift`) is above `above`, or its PSI above `psi_above`
-/// (one of the two at least), at most once every `every` seconds (default an hour); a run that
-/// schedules a job starts the deployment's drift reference again.
+/// deployment's input drift score (see `serve::drift`) is above `above`, or its PSI above
+/// `psi_above`, or (an MLP's) its outputs' score above `output_above` or PSI above
+/// `output_psi_above` (one threshold at least), at most once every `every` seconds (default an
+/// hour); a run that schedules a job starts the deployment's drift references again.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DriftTrigger {
@@ -47,15 +49,35 @@ pub struct DriftTrigger {
     /// Population stability index of a feature's distribution.
     #[serde(default)]
     pub psi_above: Option<f64>,
+    /// The same two of an MLP's outputs.
+    #[serde(default)]
+    pub output_above: Option<f64>,
+    #[serde(default)]
+    pub output_psi_above: Option<f64>,
     #[serde(default = "hour")]
     pub every: u64,
 }
 
 impl DriftTrigger {
-    /// Whether `drift` passes a threshold.
-    pub fn fires(&self, drift: &crate::serve::drift::DriftView) -> bool {
+    /// Whether the drift of a deployment's inputs or outputs passes a threshold.
+    pub fn fires(&self, inputs: Option<&DriftView>, outputs: Option<&DriftView>) -> bool {
         let past = |value: Option<f64>, threshold: Option<f64>| matches!((value, threshold), (Some(v), Some(t)) if v > t);
-        past(drift.score, self.above) || past(drift.psi, self.psi_above)
+        let (inputs, outputs) = (inputs.cloned().unwrap_or_default(), outputs.cloned().unwrap_or_default());
+        past(inputs.score, self.above)
+            || past(inputs.psi, self.psi_above)
+            || past(outputs.score, self.output_above)
+            || past(outputs.psi, self.output_psi_above)
+    }
+
+    fn thresholds(&self) -> [(&'static str, Option<f64>, &'static str); 4] {
+        const STD: &str = "a number of standard deviations";
+        const PSI: &str = "a population stability index";
+        [
+            ("above", self.above, STD),
+            ("psi_above", self.psi_above, PSI),
+            ("output_above", self.output_above, STD),
+            ("output_psi_above", self.output_psi_above, PSI),
+        ]
     }
 }
 
@@ -74,16 +96,14 @@ impl Policy {
             })?;
         }
         if let Some(drift) = &self.drift {
-            if drift.above.is_none() && drift.psi_above.is_none() {
+            if drift.thresholds().iter().all(|(_, threshold, _)| threshold.is_none()) {
                 return Err(format!(
-                    "policy {:?}: drift needs a threshold: above (standard deviations) or psi_above (PSI)",
+                    "policy {:?}: drift needs a threshold: above or output_above (standard deviations), \
+                     psi_above or output_psi_above (PSI)",
                     self.name
                 ));
             }
-            for (name, threshold, what) in [
-                ("above", drift.above, "a number of standard deviations"),
-                ("psi_above", drift.psi_above, "a population stability index"),
-            ] {
+            for (name, threshold, what) in drift.thresholds() {
                 if let Some(t) = threshold
                     && !(t.is_finite() && t > 0.0)
                 {
@@ -184,16 +204,25 @@ mod tests {
             "name = \"on-drift\"\nmodel = \"m\"\ndataset = \"d.csv\"\ndrift = { deployment = 3, above = 0.5 }\n",
         )
         .unwrap();
-        assert_eq!(
-            p.drift,
-            Some(DriftTrigger { deployment: 3, above: Some(0.5), psi_above: None, every: 3600 })
-        );
+        let trigger = DriftTrigger {
+            deployment: 3,
+            above: Some(0.5),
+            psi_above: None,
+            output_above: None,
+            output_psi_above: None,
+            every: 3600,
+        };
+        assert_eq!(p.drift, Some(trigger.clone()));
         p.check().unwrap();
         assert_eq!(p.trigger(), "drift");
-        p.drift = Some(DriftTrigger { deployment: 3, above: Some(-1.0), psi_above: None, every: 60 });
+        p.drift = Some(DriftTrigger { above: Some(-1.0), ..trigger.clone() });
         assert!(p.check().unwrap_err().contains("drift.above"));
-        p.drift = Some(DriftTrigger { deployment: 3, above: None, psi_above: Some(f64::NAN), every: 60 });
+        p.drift = Some(DriftTrigger { above: None, psi_above: Some(f64::NAN), ..trigger.clone() });
         assert!(p.check().unwrap_err().contains("drift.psi_above"));
+        p.drift = Some(DriftTrigger { above: None, output_psi_above: Some(0.0), ..trigger.clone() });
+        assert!(p.check().unwrap_err().contains("drift.output_psi_above"));
+        p.drift = Some(DriftTrigger { above: None, output_above: Some(2.0), ..trigger });
+        p.check().unwrap();
         let none: Policy =
             toml::from_str("name = \"x\"\nmodel = \"m\"\ndataset = \"d\"\ndrift = { deployment = 3 }\n")
                 .unwrap();
@@ -209,7 +238,6 @@ mod tests {
 
     #[test]
     fn a_drift_trigger_fires_on_either_threshold_it_has() {
-        use crate::serve::drift::DriftView;
         let view = |score, psi| DriftView {
             reference_rows: 1_000,
             recent_rows: 1_000,
@@ -218,13 +246,26 @@ mod tests {
             psi,
             psi_feature: Some(0),
         };
-        let both = DriftTrigger { deployment: 1, above: Some(1.0), psi_above: Some(0.25), every: 60 };
-        assert!(!both.fires(&view(Some(0.5), Some(0.1))));
-        assert!(both.fires(&view(Some(1.5), Some(0.1))));
-        assert!(both.fires(&view(Some(0.5), Some(0.3))));
-        assert!(!both.fires(&view(None, None)), "no score yet");
-        let psi_only = DriftTrigger { above: None, ..both };
-        assert!(!psi_only.fires(&view(Some(9.0), Some(0.1))), "a mean it does not watch");
-        assert!(psi_only.fires(&view(Some(0.0), Some(0.3))));
+        let both = DriftTrigger {
+            deployment: 1,
+            above: Some(1.0),
+            psi_above: Some(0.25),
+            output_above: None,
+            output_psi_above: None,
+            every: 60,
+        };
+        let fires = |t: &DriftTrigger, inputs: DriftView| t.fires(Some(&inputs), None);
+        assert!(!fires(&both, view(Some(0.5), Some(0.1))));
+        assert!(fires(&both, view(Some(1.5), Some(0.1))));
+        assert!(fires(&both, view(Some(0.5), Some(0.3))));
+        assert!(!fires(&both, view(None, None)), "no score yet");
+        assert!(!both.fires(None, None), "no drift followed yet");
+        let psi_only = DriftTrigger { above: None, ..both.clone() };
+        assert!(!fires(&psi_only, view(Some(9.0), Some(0.1))), "a mean it does not watch");
+        assert!(fires(&psi_only, view(Some(0.0), Some(0.3))));
+        // outputs are watched only by their own thresholds
+        let outputs = DriftTrigger { above: None, psi_above: None, output_psi_above: Some(0.25), ..both };
+        assert!(!outputs.fires(Some(&view(Some(9.0), Some(9.0))), Some(&view(Some(9.0), Some(0.1)))));
+        assert!(outputs.fires(None, Some(&view(Some(0.0), Some(0.3)))));
     }
 }

@@ -1134,10 +1134,12 @@ impl Serve {
         }
     }
 
-    /// A deployment's drift now (none until its first call in this process).
-    pub fn drift(&self, id: u64) -> Option<drift::DriftView> {
+    /// A deployment's drift now, of its inputs and of its outputs (none until its first call in
+    /// this process).
+    pub fn drift(&self, id: u64) -> (Option<drift::DriftView>, Option<drift::DriftView>) {
         let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        Some(stats.get(&id)?.drift.as_ref()?.view())
+        let Some(s) = stats.get(&id) else { return (None, None) };
+        (s.drift.as_ref().map(drift::Drift::view), s.output_drift.as_ref().map(drift::Drift::view))
     }
 
     /// Starts a deployment's drift references (inputs and outputs) again from its next rows

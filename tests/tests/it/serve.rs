@@ -1160,15 +1160,16 @@ fn spread(n: usize, seed: u64, shift: f32) -> Vec<Vec<f32>> {
 async fn input_drift_is_measured_and_fires_a_retraining_policy() {
     let market = agora_e2e::market::Market::start().await;
     let data = tempfile::tempdir().unwrap();
-    // Three drift policies on deployment 1: one that fires on any score, one above 1 standard
-    // deviation, one above a PSI of 1. Their dataset does not exist, so a run is recorded with
-    // its error.
+    // Four drift policies on deployment 1: one that fires on any score, one above 1 standard
+    // deviation, one above a PSI of 1, one above an output PSI of 0.8. Their dataset does not
+    // exist, so a run is recorded with its error.
     let config = data.path().join("agora.toml");
     std::fs::write(
         &config,
         "[[compute.policies]]\nname = \"any\"\nmodel = \"iris\"\ndataset = \"datasets/missing.csv\"\ndrift = { deployment = 1, above = 0.000001 }\n\n\
          [[compute.policies]]\nname = \"on-drift\"\nmodel = \"iris\"\ndataset = \"datasets/missing.csv\"\ndrift = { deployment = 1, above = 1.0 }\n\n\
-         [[compute.policies]]\nname = \"on-shape\"\nmodel = \"iris\"\ndataset = \"datasets/missing.csv\"\ndrift = { deployment = 1, psi_above = 1.0 }\n",
+         [[compute.policies]]\nname = \"on-shape\"\nmodel = \"iris\"\ndataset = \"datasets/missing.csv\"\ndrift = { deployment = 1, psi_above = 1.0 }\n\n\
+         [[compute.policies]]\nname = \"on-answers\"\nmodel = \"iris\"\ndataset = \"datasets/missing.csv\"\ndrift = { deployment = 1, output_psi_above = 0.8 }\n",
     )
     .unwrap();
     let config = config.display().to_string();
@@ -1225,6 +1226,7 @@ async fn input_drift_is_measured_and_fires_a_retraining_policy() {
     assert!(any["last_error"].as_str().is_some_and(|e| e.contains("missing.csv")), "{any}");
     assert_eq!(policy("on-drift").await["last_run"], Value::Null, "below its threshold");
     assert_eq!(policy("on-shape").await["last_run"], Value::Null, "below its threshold");
+    assert_eq!(policy("on-answers").await["last_run"], Value::Null, "below its threshold");
 
     // The third feature moves by 3 standard deviations: the score passes 1, the policy fires.
     for seed in 100..105 {
@@ -1238,7 +1240,7 @@ async fn input_drift_is_measured_and_fires_a_retraining_policy() {
     // moved inputs move what the model answers
     let outputs = &view["output_drift"];
     assert!(outputs["score"].as_f64().unwrap() > 0.5 && outputs["psi"].as_f64().unwrap() > 0.5, "{view}");
-    for name in ["on-drift", "on-shape"] {
+    for name in ["on-drift", "on-shape", "on-answers"] {
         agora_e2e::eventually(name, Duration::from_secs(30), || async {
             policy(name).await["last_run"].as_u64()
         })
