@@ -62,16 +62,48 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// The most the write-ahead log may hold before RocksDB flushes the tables whose unflushed
+/// writes keep its oldest file alive. Without it the limit is four times every table's two
+/// memtables (49 × 64 MiB × 2 × 4, about 25 GiB): a table written once and never again pins
+/// every later log file, so a node whose writes go mostly to one table (vouchers, index
+/// batches) would grow its log towards that, and a restart would replay all of it.
+pub const MAX_WAL_BYTES: u64 = 256 << 20;
+
+/// What [`Store::open`] sets beside the defaults (tests shrink both to see them act).
+#[derive(Clone, Copy, Debug)]
+struct Tuning {
+    max_wal_bytes: u64,
+    /// Each table's memtable; RocksDB's default (64 MiB) when unset.
+    write_buffer: Option<usize>,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self { max_wal_bytes: MAX_WAL_BYTES, write_buffer: None }
+    }
+}
+
 impl Store {
     /// Opens (or creates) the database and checks its schema version.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_tuned(path, Tuning::default())
+    }
+
+    fn open_tuned(path: &Path, tuning: Tuning) -> Result<Self, StoreError> {
         let display = path.display().to_string();
         let mut options = Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         options.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        let descriptors =
-            tables::NAMES.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        options.set_max_total_wal_size(tuning.max_wal_bytes);
+        let table = || {
+            let mut options = Options::default();
+            if let Some(bytes) = tuning.write_buffer {
+                options.set_write_buffer_size(bytes);
+            }
+            options
+        };
+        let descriptors = tables::NAMES.iter().map(|name| ColumnFamilyDescriptor::new(*name, table()));
         let db = DB::open_cf_descriptors(&options, path, descriptors)
             .map_err(|source| StoreError::Open { path: display.clone(), source })?;
         let store = Self {
@@ -347,7 +379,46 @@ pub fn decode<T: Table>(bytes: &[u8]) -> Result<T::Value, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloy::primitives::U256;
     use tables::{MetaKey, MetaValue};
+
+    /// The write-ahead log files in `dir` and their total size.
+    fn wal_bytes(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum()
+    }
+
+    #[test]
+    fn the_log_stays_bounded_when_one_table_is_written_and_another_was_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        // scaled down: 1 MiB memtables, a 4 MiB log limit, 48 MiB written
+        let tuning = Tuning { max_wal_bytes: 4 << 20, write_buffer: Some(1 << 20) };
+        let store = Store::open_tuned(&path, tuning).unwrap();
+        store.put::<tables::WebhookCursors>(&"cold".to_owned(), &7).unwrap();
+        let value = vec![0xab; 4096];
+        let mut largest = 0;
+        for n in 0..12_288u64 {
+            let mut batch = store.batch();
+            batch.put::<tables::UsageVouchers>(&(U256::from(n), U256::from(n)), &value).unwrap();
+            store.write(batch).unwrap();
+            if n % 1024 == 0 {
+                largest = largest.max(wal_bytes(&path));
+            }
+        }
+        // RocksDB's own limit here would be 49 tables × 1 MiB × 2 × 4 = 392 MiB: the cold
+        // table's one record would keep every log file of the 48 MiB alive
+        assert!(largest <= 8 << 20, "the log reached {largest} bytes");
+        drop(store);
+        let store = Store::open_tuned(&path, tuning).unwrap();
+        assert_eq!(store.get::<tables::WebhookCursors>(&"cold".to_owned()).unwrap(), Some(7));
+        let last = (U256::from(12_287), U256::from(12_287));
+        assert_eq!(store.get::<tables::UsageVouchers>(&last).unwrap(), Some(value));
+    }
 
     /// Records of any size encode as postcard does, through the stack buffer or past it.
     #[test]
