@@ -63,6 +63,17 @@ pub enum DeployCommand {
         #[command(flatten)]
         pay: PayArgs,
     },
+    /// Every deployment on the node, a line each as `status` prints it.
+    List {
+        #[command(flatten)]
+        pay: PayArgs,
+    },
+    /// Remove a deployment (the model's owner or an operator); the model and its versions stay.
+    Delete {
+        id: u64,
+        #[command(flatten)]
+        pay: PayArgs,
+    },
     /// Run the deployed model on inputs (JSON: rows of numbers, or texts for an encoder).
     Predict(PredictArgs),
 }
@@ -134,32 +145,56 @@ impl DeployCommand {
             Self::Status { id, pay } => {
                 let node = crate::client::NodeClient::new(&pay.node.node)?;
                 let answer = node.get_json(&format!("/api/v1/deployments/{id}")).await?;
+                print(pay.json, &answer, status_line);
+                Ok(())
+            }
+            Self::List { pay } => {
+                let node = crate::client::NodeClient::new(&pay.node.node)?;
+                let answer = node.get_json("/api/v1/deployments").await?;
                 print(pay.json, &answer, |a| {
-                    format!(
-                        "deployment {id}: {} v{} {}; {} requests, {} errors, p50 {} ms, p99 {} ms; units metered {}, settled {}, pending {}; traffic {}; input drift {}{}",
-                        a["model"].as_str().unwrap_or("?"),
-                        a["version"],
-                        a["status"].as_str().unwrap_or("?"),
-                        a["requests"],
-                        a["errors"],
-                        a["latency_p50_ms"],
-                        a["latency_p99_ms"],
-                        a["units_metered"].as_str().unwrap_or("?"),
-                        a["units_settled"].as_str().unwrap_or("?"),
-                        a["units_pending"].as_str().unwrap_or("?"),
-                        traffic_line(a),
-                        drift_line(&a["drift"]),
-                        match &a["output_drift"] {
-                            Value::Null => String::new(),
-                            outputs => format!("; output drift {}", drift_line(outputs)),
-                        }
-                    )
+                    let lines: Vec<String> = a["deployments"]
+                        .as_array()
+                        .map(|d| d.iter().map(status_line).collect())
+                        .unwrap_or_default();
+                    if lines.is_empty() { "no deployments".into() } else { lines.join("\n") }
+                });
+                Ok(())
+            }
+            Self::Delete { id, pay } => {
+                let c = Connected::open(&pay.node, &pay.wallet, config, false).await?.signed_in().await?;
+                c.node.delete_json(&format!("/api/v1/deployments/{id}")).await?;
+                print(pay.json, &json!({"deployment_id": id.to_string(), "deleted": true}), |_| {
+                    format!("deployment {id} removed")
                 });
                 Ok(())
             }
             Self::Predict(args) => predict(args, config).await,
         }
     }
+}
+
+/// `deployment 1: iris v2 ready; 12 requests, …; traffic …; input drift …`.
+fn status_line(a: &Value) -> String {
+    format!(
+        "deployment {}: {} v{} {}; {} requests, {} errors, p50 {} ms, p99 {} ms; units metered {}, settled {}, pending {}; traffic {}; input drift {}{}",
+        a["deployment_id"].as_str().unwrap_or("?"),
+        a["model"].as_str().unwrap_or("?"),
+        a["version"],
+        a["status"].as_str().unwrap_or("?"),
+        a["requests"],
+        a["errors"],
+        a["latency_p50_ms"],
+        a["latency_p99_ms"],
+        a["units_metered"].as_str().unwrap_or("?"),
+        a["units_settled"].as_str().unwrap_or("?"),
+        a["units_pending"].as_str().unwrap_or("?"),
+        traffic_line(a),
+        drift_line(&a["drift"]),
+        match &a["output_drift"] {
+            Value::Null => String::new(),
+            outputs => format!("; output drift {}", drift_line(outputs)),
+        }
+    )
 }
 
 /// One `--split`: a version number or an alias, its whole percent, and (http deployments) the

@@ -132,17 +132,23 @@ async fn license_holders_get_the_models_answers() {
     assert!(failed["reason"].as_str().unwrap().contains("config.json"), "{failed}");
     let (_, all) = node.get("/api/v1/deployments").await;
     assert_eq!(all["deployments"].as_array().unwrap().len(), 2);
-    let response = seller
-        .authorize(seller.http.delete(
-            seller.endpoint(&format!("/api/v1/deployments/{}", failed["deployment_id"].as_str().unwrap())),
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    // listed and removed from the command line: by the owner, not by a stranger
+    let failed_id = failed["deployment_id"].as_str().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let (ok, listed, err) = cli_as(6, &market, &node, state.path(), "deploy list --json".into()).await;
+    assert!(ok, "{err}");
+    assert_eq!(listed, all);
+    let (ok, _, err) = cli_as(6, &market, &node, state.path(), format!("deploy delete {failed_id}")).await;
+    assert!(!ok && err.contains("403"), "{err}");
+    let (ok, deleted, err) =
+        cli_as(1, &market, &node, state.path(), format!("deploy delete {failed_id} --json")).await;
+    assert!(ok, "{err}");
+    assert_eq!(deleted, json!({"deployment_id": failed_id, "deleted": true}));
+    let (_, all) = node.get("/api/v1/deployments").await;
+    assert_eq!(all["deployments"].as_array().unwrap().len(), 1, "{all}");
+    assert_eq!(node.get(&format!("/api/v1/deployments/{failed_id}")).await.0, 404);
     // each change of a deployment is in the audit log, and the chain holds
     let (_, log) = node.get("/api/v1/audit/log?limit=1000").await;
-    let failed_id = failed["deployment_id"].as_str().unwrap();
     let logged =
         |action: &str, object: &str| {
             log["entries"].as_array().unwrap().iter().any(|e| {
