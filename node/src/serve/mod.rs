@@ -1271,24 +1271,31 @@ impl Serve {
                 .map(|(_, record)| record)
                 .filter(|record| record.runtime == "http")
                 .collect();
-            for record in deployments {
-                let Ok(upstreams) = self.upstreams(&record) else { continue };
-                let mut probed = BTreeMap::new();
-                for (version, upstream) in &upstreams {
-                    probed.insert(*version, self.probe(upstream).await);
-                }
+            // every server at once: one that does not answer holds no other's probe up
+            let servers: Vec<(u64, u32, UpstreamRecord)> = deployments
+                .iter()
+                .filter_map(|record| Some((record.id, self.upstreams(record).ok()?)))
+                .flat_map(|(id, upstreams)| upstreams.into_iter().map(move |(v, u)| (id, v, u)))
+                .collect();
+            let healths =
+                futures::future::join_all(servers.iter().map(|(_, _, upstream)| self.probe(upstream))).await;
+            let mut by_deployment: BTreeMap<u64, BTreeMap<u32, String>> = BTreeMap::new();
+            for ((id, version, _), health) in servers.into_iter().zip(healths) {
+                by_deployment.entry(id).or_default().insert(version, health);
+            }
+            for (id, probed) in by_deployment {
                 // healthy when every version's server is; else the first that is not
                 let health = probed.iter().find(|(_, h)| *h != "healthy").map_or_else(
                     || "healthy".to_owned(),
-                    |(v, h)| match upstreams.len() {
+                    |(v, h)| match probed.len() {
                         1 => h.clone(),
                         _ => format!("{h} (version {v})"),
                     },
                 );
                 let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-                let s = stats.entry(record.id).or_default();
+                let s = stats.entry(id).or_default();
                 if s.health.as_deref() != Some(health.as_str()) {
-                    tracing::info!(target: "agora::serve", deployment = record.id, %health, "upstream health");
+                    tracing::info!(target: "agora::serve", deployment = id, %health, "upstream health");
                 }
                 s.health = Some(health);
                 s.version_health = probed;
