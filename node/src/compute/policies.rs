@@ -62,11 +62,12 @@ impl DriftTrigger {
     /// Whether the drift of a deployment's inputs or outputs passes a threshold.
     pub fn fires(&self, inputs: Option<&DriftView>, outputs: Option<&DriftView>) -> bool {
         let past = |value: Option<f64>, threshold: Option<f64>| matches!((value, threshold), (Some(v), Some(t)) if v > t);
-        let (inputs, outputs) = (inputs.cloned().unwrap_or_default(), outputs.cloned().unwrap_or_default());
-        past(inputs.score, self.above)
-            || past(inputs.psi, self.psi_above)
-            || past(outputs.score, self.output_above)
-            || past(outputs.psi, self.output_psi_above)
+        let of = |view: Option<&DriftView>| view.map_or((None, None), |v| (v.score, v.psi));
+        let ((score, psi), (output_score, output_psi)) = (of(inputs), of(outputs));
+        past(score, self.above)
+            || past(psi, self.psi_above)
+            || past(output_score, self.output_above)
+            || past(output_psi, self.output_psi_above)
     }
 
     fn thresholds(&self) -> [(&'static str, Option<f64>, &'static str); 4] {

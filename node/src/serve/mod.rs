@@ -691,7 +691,9 @@ impl Serve {
             Some(traffic) => traffic.split,
             None => vec![(r.version, 100)],
         };
-        let upstreams = self.upstreams(r)?;
+        let upstreams = if r.runtime == "http" { self.upstreams(r)? } else { Vec::new() };
+        // the deployment's own upstream is its version's
+        let upstream_url = upstreams.iter().find(|(v, _)| *v == r.version).map(|(_, u)| u.url.clone());
         let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let none = Stats::default();
         let s = stats.get(&r.id).unwrap_or(&none);
@@ -729,7 +731,6 @@ impl Serve {
         let drift = drift_of(&s.drift, Watched::Inputs)?;
         let output_drift = drift_of(&s.output_drift, Watched::Outputs)?;
         drop(stats);
-        let upstream_url = self.store.get::<DeploymentUpstreams>(&r.id)?.map(|u| u.url);
         Ok(DeploymentView {
             deployment_id: r.id.to_string(),
             model: r.model.clone(),
