@@ -37,3 +37,4 @@ pub mod serve;
 pub mod signers;
 pub mod store;
 pub mod telemetry;
+pub mod tracking;

@@ -57,6 +57,7 @@ pub async fn run(
     )?;
     let mut registry = Registry::new(store.clone(), artifacts.clone(), Audit::new(store.clone()));
     let outbox = crate::registry::webhooks::Outbox::open(store.clone())?;
+    let tracking = crate::tracking::Tracking::open(store.clone(), Audit::new(store.clone()))?;
     if !config.registry.webhooks.is_empty() {
         registry = registry.with_outbox(outbox.clone());
     }
@@ -230,6 +231,7 @@ pub async fn run(
         metrics,
         started: Instant::now(),
         registry: registry.clone(),
+        tracking,
         auth: api::auth::Auth::new(&admin_token, config.registry.private),
         sessions,
         provider: provider_for_api,

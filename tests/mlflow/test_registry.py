@@ -7,33 +7,20 @@ MLFLOW_TRACKING_URI, MLFLOW_TRACKING_TOKEN and AGORA_URL.
 import hashlib
 import json
 import os
-import uuid
 
 import pytest
 import requests
-from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+
+from common import error_code, unique
 
 # Stages are deprecated upstream but still part of the protocol this node answers.
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 URL = os.environ["AGORA_URL"]
 TOKEN = os.environ["MLFLOW_TRACKING_TOKEN"]
-
-
-@pytest.fixture()
-def client():
-    return MlflowClient()
-
-
-def unique(prefix):
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def error_code(excinfo):
-    return excinfo.value.error_code
 
 
 def safetensors(rows, seed):

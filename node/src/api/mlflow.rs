@@ -41,7 +41,7 @@ impl MlflowError {
         Self { status, code, message: message.into() }
     }
 
-    fn invalid(message: impl Into<String>) -> Self {
+    pub(super) fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "INVALID_PARAMETER_VALUE", message)
     }
 }
@@ -80,7 +80,7 @@ impl From<ApiError> for MlflowError {
     }
 }
 
-type Answer = Result<Json<Value>, MlflowError>;
+pub(super) type Answer = Result<Json<Value>, MlflowError>;
 
 /// The MLflow routes.
 pub fn routes() -> Router<AppState> {
@@ -106,6 +106,7 @@ pub fn routes() -> Router<AppState> {
         .route(&format!("{mv}/get-download-uri"), get(download_uri_of))
         .route(&format!("{mv}/set-tag"), post(set_version_tag))
         .route(&format!("{mv}/delete-tag"), axum::routing::delete(delete_version_tag))
+        .merge(super::tracking::routes())
         .route("/api/2.0/mlflow/logged-models", any(no_logged_models))
         .route("/api/2.0/mlflow/logged-models/{*rest}", any(no_logged_models))
         .route("/api/2.0/mlflow/{*rest}", any(no_endpoint))
@@ -134,12 +135,12 @@ async fn no_endpoint(method: Method, Path(rest): Path<String>) -> MlflowError {
 
 // ----- request plumbing -----
 
-fn caller(state: &AppState, headers: &HeaderMap) -> Result<Context, MlflowError> {
+pub(super) fn caller(state: &AppState, headers: &HeaderMap) -> Result<Context, MlflowError> {
     auth::caller(state, headers)
         .map_err(|r| MlflowError::new(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", r.message()))
 }
 
-fn reader(state: &AppState, headers: &HeaderMap) -> Result<(), MlflowError> {
+pub(super) fn reader(state: &AppState, headers: &HeaderMap) -> Result<(), MlflowError> {
     let ctx = caller(state, headers)?;
     if state.auth.private && ctx.actor == Actor::Anonymous {
         return Err(MlflowError::new(
@@ -162,7 +163,7 @@ async fn run<T: Send + 'static>(
         .map_err(MlflowError::from)
 }
 
-fn body<T: serde::de::DeserializeOwned>(bytes: &Bytes) -> Result<T, MlflowError> {
+pub(super) fn body<T: serde::de::DeserializeOwned>(bytes: &Bytes) -> Result<T, MlflowError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
     serde_json::from_slice(bytes).map_err(|e| {
         MlflowError::new(
@@ -174,11 +175,11 @@ fn body<T: serde::de::DeserializeOwned>(bytes: &Bytes) -> Result<T, MlflowError>
 }
 
 /// Query parameters in order, repeated keys kept.
-fn query(raw: Option<String>) -> Vec<(String, String)> {
+pub(super) fn query(raw: Option<String>) -> Vec<(String, String)> {
     url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()).into_owned().collect()
 }
 
-fn one<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
+pub(super) fn one<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
     q.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
@@ -186,7 +187,7 @@ fn all<'a>(q: &'a [(String, String)], key: &str) -> Vec<&'a str> {
     q.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_str()).collect()
 }
 
-fn required(value: Option<String>, name: &str) -> Result<String, MlflowError> {
+pub(super) fn required(value: Option<String>, name: &str) -> Result<String, MlflowError> {
     value
         .filter(|v| !v.is_empty())
         .ok_or_else(|| MlflowError::invalid(format!("Missing value for required parameter '{name}'.")))
@@ -216,10 +217,10 @@ fn parse_version(text: &str) -> Result<u32, MlflowError> {
 }
 
 #[derive(Deserialize, Default)]
-struct Tag {
-    key: String,
+pub(super) struct Tag {
+    pub(super) key: String,
     #[serde(default)]
-    value: String,
+    pub(super) value: String,
 }
 
 fn tags(list: Vec<Tag>) -> BTreeMap<String, String> {
@@ -228,7 +229,7 @@ fn tags(list: Vec<Tag>) -> BTreeMap<String, String> {
 
 // ----- shapes -----
 
-fn tag_list(tags: &BTreeMap<String, String>) -> Vec<Value> {
+pub(super) fn tag_list(tags: &BTreeMap<String, String>) -> Vec<Value> {
     tags.iter().map(|(k, v)| json!({"key": k, "value": v})).collect()
 }
 
@@ -424,7 +425,7 @@ fn order_by(clauses: &[&str], kind: Kind) -> Result<Vec<(OrderKey, bool)>, Mlflo
 }
 
 /// Page tokens: the offset of the next page, hex-encoded so clients treat it as opaque.
-fn page_offset(token: Option<&str>) -> Result<usize, MlflowError> {
+pub(super) fn page_offset(token: Option<&str>) -> Result<usize, MlflowError> {
     let Some(token) = token.filter(|t| !t.is_empty()) else { return Ok(0) };
     let bad = || MlflowError::invalid(format!("Invalid page token '{token}'."));
     let bytes = (0..token.len())
@@ -435,7 +436,7 @@ fn page_offset(token: Option<&str>) -> Result<usize, MlflowError> {
     String::from_utf8(bytes).ok().and_then(|t| t.strip_prefix("offset:")?.parse().ok()).ok_or_else(bad)
 }
 
-fn page_token(offset: usize) -> String {
+pub(super) fn page_token(offset: usize) -> String {
     crate::artifacts::hex(format!("offset:{offset}").as_bytes())
 }
 
@@ -831,6 +832,8 @@ async fn upload_artifact(
     }
     registry::check_path(&path)?;
     transfer::check_length(&headers, state.max_upload, 0)?;
+    let (who, what) = (ctx.clone(), path.clone());
+    super::tracking::track(&state, move |t| t.check_artifact_write(&who, &what)).await?;
     let (blob, _) = transfer::ingest(
         state.registry.artifacts().clone(),
         request.into_data_stream(),
@@ -848,6 +851,8 @@ async fn delete_artifact(
     Path(path): Path<String>,
 ) -> Answer {
     let ctx = caller(&state, &headers)?;
+    let (who, what) = (ctx.clone(), path.clone());
+    super::tracking::track(&state, move |t| t.check_artifact_write(&who, &what)).await?;
     run(&state, move |r| r.delete_path(&ctx, &path)).await?;
     Ok(Json(json!({})))
 }

@@ -16,6 +16,7 @@ mod mlflow;
 mod orders;
 mod p2p;
 mod params;
+mod tracking;
 pub use params::parse_u256;
 mod registry;
 mod signin;
@@ -70,6 +71,8 @@ pub struct Shared {
     pub metrics: PrometheusHandle,
     pub started: Instant,
     pub registry: crate::registry::Registry,
+    /// Experiments and runs (MLflow's tracking API).
+    pub tracking: crate::tracking::Tracking,
     pub auth: auth::Auth,
     pub sessions: crate::auth::Sessions,
     /// The chain, for relaying and gas estimates.

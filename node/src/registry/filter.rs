@@ -1,7 +1,10 @@
-//! MLflow's search filter language, the part the registry answers: clauses joined by `AND`,
-//! each `field op value`, over `name`, `version_number`, `run_id`, `source_path` and
-//! `tags.<key>` (`tag.` too, keys in backticks allowed), with `= != LIKE ILIKE IN` and the
-//! numeric comparisons for `version_number`.
+//! MLflow's search filter language, the part the registry and the tracking store answer:
+//! clauses joined by `AND`, each `field op value`. Models: `name`, `tags.<key>`; versions also
+//! `version_number`, `run_id`, `source_path`; runs `metrics.<key>`, `params.<key>`,
+//! `tags.<key>` and the attributes `run_id`, `run_name`, `status`, `user_id`, `start_time`,
+//! `end_time`, `artifact_uri` (`attributes.` before them optional); experiments `name`,
+//! `tags.<key>`, `creation_time`, `last_update_time`. Keys may be in backticks. Text fields take
+//! `= != LIKE ILIKE` (and `IN` for names and run ids), numeric fields `= != < <= > >=`.
 
 use std::collections::BTreeMap;
 
@@ -12,6 +15,31 @@ pub enum Field {
     RunId,
     SourcePath,
     Tag(String),
+    Metric(String),
+    Param(String),
+    RunName,
+    Status,
+    UserId,
+    ArtifactUri,
+    StartTime,
+    EndTime,
+    CreationTime,
+    LastUpdateTime,
+}
+
+impl Field {
+    /// Whether the field compares as a number.
+    pub fn numeric(&self) -> bool {
+        matches!(
+            self,
+            Self::VersionNumber
+                | Self::Metric(_)
+                | Self::StartTime
+                | Self::EndTime
+                | Self::CreationTime
+                | Self::LastUpdateTime
+        )
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,7 +58,7 @@ pub enum Op {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
     Text(String),
-    Number(i64),
+    Number(f64),
     List(Vec<String>),
 }
 
@@ -41,7 +69,14 @@ pub struct Clause {
     pub value: Value,
 }
 
-/// What a clause is tested against.
+/// What a clause is tested against: a field's text, or its number for numeric fields; `None`
+/// where the subject lacks it.
+pub trait Fields {
+    fn text(&self, field: &Field) -> Option<&str>;
+    fn number(&self, field: &Field) -> Option<f64>;
+}
+
+/// A registered model or version, as its searches see it.
 pub struct Subject<'a> {
     pub name: &'a str,
     pub version: Option<u32>,
@@ -55,13 +90,15 @@ pub struct Subject<'a> {
 pub enum Kind {
     Models,
     Versions,
+    Runs,
+    Experiments,
 }
 
 #[derive(Debug, PartialEq)]
 enum Token {
     Ident(String),
     Text(String),
-    Number(i64),
+    Number(f64),
     Op(Op),
     And,
     Open,
@@ -133,45 +170,86 @@ fn clause(tokens: &[Token], kind: Kind) -> Result<(Clause, &[Token]), String> {
         (_, _) => return Err(format!("expected a value after `{name}`")),
     };
     let allowed = match &field {
-        Field::Name | Field::RunId => matches!(op, Op::Eq | Op::Ne | Op::Like | Op::ILike | Op::In),
-        Field::SourcePath | Field::Tag(_) => matches!(op, Op::Eq | Op::Ne | Op::Like | Op::ILike),
-        Field::VersionNumber => matches!(op, Op::Eq | Op::Ne | Op::Lt | Op::Le | Op::Gt | Op::Ge),
+        Field::Name | Field::RunId | Field::RunName => {
+            matches!(op, Op::Eq | Op::Ne | Op::Like | Op::ILike | Op::In)
+        }
+        f if f.numeric() => matches!(op, Op::Eq | Op::Ne | Op::Lt | Op::Le | Op::Gt | Op::Ge),
+        _ => matches!(op, Op::Eq | Op::Ne | Op::Like | Op::ILike),
     };
     if !allowed {
         return Err(format!("operator {op:?} is not supported for `{name}`"));
     }
-    if field == Field::VersionNumber && !matches!(value, Value::Number(_)) {
-        let Value::Text(text) = &value else { return Err("version_number takes a number".into()) };
-        let n = text.parse::<i64>().map_err(|_| format!("version_number takes a number, not '{text}'"))?;
+    if field.numeric() && !matches!(value, Value::Number(_)) {
+        let Value::Text(text) = &value else { return Err(format!("`{name}` takes a number")) };
+        let n = text
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|n| !n.is_nan())
+            .ok_or_else(|| format!("`{name}` takes a number, not '{text}'"))?;
         return Ok((Clause { field, op, value: Value::Number(n) }, rest));
     }
-    if field != Field::VersionNumber && matches!(value, Value::Number(_)) {
+    if !field.numeric() && matches!(value, Value::Number(_)) {
         return Err(format!("`{name}` takes a quoted string"));
     }
     Ok((Clause { field, op, value }, rest))
 }
 
-fn field(name: &str, kind: Kind) -> Result<Field, String> {
+/// Makes a keyed field (`tags.<key>`, `metrics.<key>`, ...) from its key.
+type KeyedField = fn(String) -> Field;
+
+/// Resolves a field name (as a filter or an `order_by` has it) for a search of `kind`.
+pub fn field(name: &str, kind: Kind) -> Result<Field, String> {
     let lower = name.to_ascii_lowercase();
-    for prefix in ["tags.", "tag."] {
+    let keyed: &[(&str, KeyedField)] = match kind {
+        Kind::Runs => &[
+            ("tags.", Field::Tag),
+            ("tag.", Field::Tag),
+            ("metrics.", Field::Metric),
+            ("metric.", Field::Metric),
+            ("params.", Field::Param),
+            ("param.", Field::Param),
+            ("parameters.", Field::Param),
+        ],
+        _ => &[("tags.", Field::Tag), ("tag.", Field::Tag)],
+    };
+    for (prefix, make) in keyed {
         if lower.starts_with(prefix) {
-            let key = name[prefix.len()..].trim_matches('`');
+            let key = name[prefix.len()..].trim_matches('`').trim_matches('"');
             if key.is_empty() {
-                return Err("a tag filter needs a key".into());
+                return Err(format!("a `{prefix}` filter needs a key"));
             }
-            return Ok(Field::Tag(key.to_owned()));
+            return Ok(make(key.to_owned()));
         }
     }
-    match (lower.as_str(), kind) {
-        ("name", _) => Ok(Field::Name),
+    let bare = ["attributes.", "attribute.", "attr.", "run."]
+        .iter()
+        .find_map(|p| lower.strip_prefix(p))
+        .filter(|_| matches!(kind, Kind::Runs | Kind::Experiments))
+        .unwrap_or(&lower);
+    match (bare, kind) {
+        ("name", Kind::Models | Kind::Versions | Kind::Experiments) => Ok(Field::Name),
         ("version_number", Kind::Versions) => Ok(Field::VersionNumber),
-        ("run_id", Kind::Versions) => Ok(Field::RunId),
+        ("run_id", Kind::Versions | Kind::Runs) => Ok(Field::RunId),
         ("source_path", Kind::Versions) => Ok(Field::SourcePath),
+        ("run_name", Kind::Runs) => Ok(Field::RunName),
+        ("status", Kind::Runs) => Ok(Field::Status),
+        ("user_id", Kind::Runs) => Ok(Field::UserId),
+        ("artifact_uri", Kind::Runs) => Ok(Field::ArtifactUri),
+        ("start_time" | "created", Kind::Runs) => Ok(Field::StartTime),
+        ("end_time", Kind::Runs) => Ok(Field::EndTime),
+        ("creation_time", Kind::Experiments) => Ok(Field::CreationTime),
+        ("last_update_time", Kind::Experiments) => Ok(Field::LastUpdateTime),
         _ => Err(format!(
             "invalid filter field `{name}`; expected {}",
             match kind {
                 Kind::Models => "name or tags.<key>",
                 Kind::Versions => "name, version_number, run_id, source_path or tags.<key>",
+                Kind::Runs => {
+                    "metrics.<key>, params.<key>, tags.<key>, or one of run_id, run_name, status, user_id, \
+                     start_time, end_time, artifact_uri"
+                }
+                Kind::Experiments => "name, tags.<key>, creation_time or last_update_time",
             }
         )),
     }
@@ -238,10 +316,15 @@ fn lex(input: &str) -> Result<Vec<Token>, String> {
                 }
                 tokens.push(Token::Text(text));
             }
-            '-' | '0'..='9' => {
+            '-' | '.' | '0'..='9' => {
                 let start = i;
                 i += 1;
-                while i < chars.len() && chars[i].is_ascii_digit() {
+                while i < chars.len() {
+                    let c = chars[i];
+                    let exponent_sign = matches!(c, '+' | '-') && matches!(chars[i - 1], 'e' | 'E');
+                    if !(c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E') || exponent_sign) {
+                        break;
+                    }
                     i += 1;
                 }
                 let text: String = chars[start..i].iter().collect();
@@ -280,32 +363,45 @@ fn lex(input: &str) -> Result<Vec<Token>, String> {
     Ok(tokens)
 }
 
+impl Fields for Subject<'_> {
+    fn text(&self, field: &Field) -> Option<&str> {
+        match field {
+            Field::Name => Some(self.name),
+            Field::RunId => Some(self.run_id),
+            Field::SourcePath => Some(self.source),
+            Field::Tag(key) => self.tags.get(key).map(String::as_str),
+            _ => None,
+        }
+    }
+
+    fn number(&self, field: &Field) -> Option<f64> {
+        match field {
+            Field::VersionNumber => self.version.map(f64::from),
+            _ => None,
+        }
+    }
+}
+
 /// Whether `subject` satisfies every clause.
-pub fn matches(clauses: &[Clause], subject: &Subject<'_>) -> bool {
+pub fn matches<S: Fields + ?Sized>(clauses: &[Clause], subject: &S) -> bool {
     clauses.iter().all(|c| test(c, subject))
 }
 
-fn test(clause: &Clause, s: &Subject<'_>) -> bool {
-    let text = match &clause.field {
-        Field::VersionNumber => {
-            let (Some(v), Value::Number(n)) = (s.version, &clause.value) else { return false };
-            let v = i64::from(v);
-            return match clause.op {
-                Op::Eq => v == *n,
-                Op::Ne => v != *n,
-                Op::Lt => v < *n,
-                Op::Le => v <= *n,
-                Op::Gt => v > *n,
-                Op::Ge => v >= *n,
-                _ => false,
-            };
-        }
-        Field::Name => Some(s.name),
-        Field::RunId => Some(s.run_id),
-        Field::SourcePath => Some(s.source),
-        Field::Tag(key) => s.tags.get(key).map(String::as_str),
-    };
-    let Some(text) = text else {
+fn test<S: Fields + ?Sized>(clause: &Clause, s: &S) -> bool {
+    if clause.field.numeric() {
+        // a subject without the number (a run that never logged the metric) matches nothing
+        let (Some(v), Value::Number(n)) = (s.number(&clause.field), &clause.value) else { return false };
+        return match clause.op {
+            Op::Eq => v == *n,
+            Op::Ne => v != *n,
+            Op::Lt => v < *n,
+            Op::Le => v <= *n,
+            Op::Gt => v > *n,
+            Op::Ge => v >= *n,
+            _ => false,
+        };
+    }
+    let Some(text) = s.text(&clause.field) else {
         // A missing tag differs from every value and matches nothing else.
         return clause.op == Op::Ne;
     };

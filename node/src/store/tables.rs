@@ -192,6 +192,19 @@ tables! {
     WebhookOutbox = "webhook_outbox", root: false, key: u64, value: crate::registry::webhooks::OutboxEvent, encode: |k| k.to_be_bytes().to_vec();
     /// Each configured hook's next sequence number in the outbox, by the hook's key.
     WebhookCursors = "webhook_cursors", root: false, key: String, value: u64, encode: |k| k.as_bytes().to_vec();
+    /// Tracking (MLflow's experiments and runs): experiments by id.
+    TrackingExperiments = "tracking_experiments", root: false, key: u64, value: crate::tracking::ExperimentRecord, encode: |k| k.to_be_bytes().to_vec();
+    /// Tracking: experiment ids by name (deleted experiments keep their names).
+    TrackingExperimentNames = "tracking_experiment_names", root: false, key: String, value: u64, encode: |k| k.as_bytes().to_vec();
+    /// Tracking: runs by id, with their params, tags and each metric's latest point.
+    TrackingRuns = "tracking_runs", root: false, key: [u8; 16], value: crate::tracking::RunRecord, encode: |k| k.to_vec();
+    /// Tracking lookup: runs by experiment.
+    TrackingExperimentRuns = "tracking_experiment_runs", root: false, key: (u64, [u8; 16]), value: (),
+        encode: |k| concat(&[&k.0.to_be_bytes(), &k.1]);
+    /// Tracking: every metric point by (run, metric key, sequence); keys hold no NUL, so the
+    /// NUL after the key ends one series' prefix.
+    TrackingMetrics = "tracking_metrics", root: false, key: ([u8; 16], String, u64), value: crate::tracking::MetricValue,
+        encode: |k| concat(&[&k.0, k.1.as_bytes(), &[0], &k.2.to_be_bytes()]);
 }
 
 /// A registered model (the registry's own record, whether or not it is on-chain).

@@ -1,0 +1,280 @@
+use alloy::primitives::Address;
+
+use super::*;
+use crate::store::tables::AuditLog;
+
+fn open(dir: &std::path::Path) -> (Store, Tracking) {
+    let store = Store::open(&dir.join("db")).unwrap();
+    let tracking = Tracking::open(store.clone(), Audit::new(store.clone())).unwrap();
+    (store, tracking)
+}
+
+fn op() -> Context {
+    Context::operator()
+}
+
+fn wallet(n: u8) -> Context {
+    Context { actor: Actor::Wallet(Address::repeat_byte(n)), request_id: None }
+}
+
+fn point(value: f64, step: i64, timestamp: i64) -> MetricValue {
+    MetricValue { value, step, timestamp }
+}
+
+fn metrics(points: &[(&str, MetricValue)]) -> Logs {
+    Logs { metrics: points.iter().map(|(k, m)| (k.to_string(), *m)).collect(), ..Logs::default() }
+}
+
+fn params(pairs: &[(&str, &str)]) -> Logs {
+    Logs { params: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), ..Logs::default() }
+}
+
+fn forbidden<T: std::fmt::Debug>(result: Result<T, RegistryError>) {
+    assert!(matches!(result, Err(RegistryError::Forbidden(_))), "{result:?}");
+}
+
+fn refused<T: std::fmt::Debug>(result: Result<T, RegistryError>, says: &str) {
+    match result {
+        Err(RegistryError::Invalid(m)) => assert!(m.contains(says), "{m}"),
+        other => panic!("expected a refusal saying '{says}', got {other:?}"),
+    }
+}
+
+#[test]
+fn the_default_experiment_exists_once_and_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, tracking) = open(dir.path());
+    let default = tracking.experiment(DEFAULT_EXPERIMENT).unwrap();
+    assert_eq!(
+        (default.name.as_str(), default.artifact_location.as_str()),
+        ("Default", "mlflow-artifacts:/0")
+    );
+    refused(tracking.set_experiment_deleted(&op(), DEFAULT_EXPERIMENT, true), "cannot be deleted");
+    refused(tracking.rename_experiment(&op(), DEFAULT_EXPERIMENT, "other"), "keeps its name");
+    let id = tracking.create_experiment(&op(), "first", None, vec![]).unwrap();
+    assert_eq!(id, 1);
+    drop((store, tracking));
+    let (_store, tracking) = open(dir.path());
+    assert_eq!(tracking.experiment(DEFAULT_EXPERIMENT).unwrap(), default, "reopening keeps it as it was");
+    assert_eq!(tracking.create_experiment(&op(), "second", None, vec![]).unwrap(), 2, "ids are not reused");
+}
+
+#[test]
+fn experiments_and_runs_belong_to_their_creators() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, tracking) = open(dir.path());
+    let (a, b) = (wallet(0xaa), wallet(0xbb));
+    let mine = tracking.create_experiment(&a, "a's", None, vec![("team".into(), "risk".into())]).unwrap();
+    assert_eq!(tracking.experiment(mine).unwrap().owner, Some(Address::repeat_byte(0xaa)));
+    forbidden(tracking.rename_experiment(&b, mine, "b's now"));
+    forbidden(tracking.set_experiment_tag(&b, mine, "team", Some("ops")));
+    forbidden(tracking.set_experiment_deleted(&b, mine, true));
+    forbidden(tracking.create_run(&b, mine, NewRun::default()));
+    assert_eq!(tracking.experiment(mine).unwrap().tags["team"], "risk", "nothing changed");
+    // the operator's experiments (Default among them) take anyone's runs
+    let theirs = tracking.create_run(&b, DEFAULT_EXPERIMENT, NewRun::default()).unwrap();
+    assert_eq!(theirs.user_id, Address::repeat_byte(0xbb).to_checksum(None));
+    forbidden(tracking.log(&a, &theirs.run_id(), params(&[("lr", "1")])));
+    forbidden(tracking.update_run(&a, &theirs.run_id(), Some(RunStatus::Killed), None, None));
+    forbidden(tracking.set_run_deleted(&a, &theirs.run_id(), true));
+    tracking.log(&op(), &theirs.run_id(), params(&[("lr", "1")])).unwrap();
+    tracking.log(&b, &theirs.run_id(), params(&[("epochs", "3")])).unwrap();
+    let run = tracking.run(&theirs.run_id()).unwrap();
+    assert_eq!(run.params.len(), 2);
+    assert_eq!(run.status, RunStatus::Running);
+    let anonymous = Context { actor: Actor::Anonymous, request_id: None };
+    assert!(matches!(
+        tracking.create_run(&anonymous, DEFAULT_EXPERIMENT, NewRun::default()),
+        Err(RegistryError::Unauthenticated(_))
+    ));
+    // a run's artifact directory is its creator's
+    let path = format!("0/{}/artifacts/model.bin", theirs.run_id());
+    tracking.check_artifact_write(&b, &path).unwrap();
+    tracking.check_artifact_write(&op(), &path).unwrap();
+    forbidden(tracking.check_artifact_write(&a, &path));
+    // paths that are no run's are left to the registry
+    tracking.check_artifact_write(&a, &format!("1/{}/x", theirs.run_id())).unwrap();
+    tracking.check_artifact_write(&a, "0/notarun/x").unwrap();
+    tracking.check_artifact_write(&a, "scratch/file").unwrap();
+}
+
+#[test]
+fn params_are_written_once_and_a_bad_batch_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, tracking) = open(dir.path());
+    let run = tracking.create_run(&op(), DEFAULT_EXPERIMENT, NewRun::default()).unwrap();
+    let id = run.run_id();
+    tracking.log(&op(), &id, params(&[("lr", "0.1")])).unwrap();
+    tracking.log(&op(), &id, params(&[("lr", "0.1")])).unwrap();
+    refused(tracking.log(&op(), &id, params(&[("lr", "0.2")])), "Changing param values is not allowed");
+    refused(tracking.log(&op(), &id, params(&[("a", "1"), ("a", "2")])), "Changing param values");
+    let before = tracking.run(&id).unwrap();
+    let points_before = store.iter::<TrackingMetrics>().count();
+    // a good metric and tag beside a bad key: none of it is kept
+    let batch = Logs {
+        metrics: vec![("loss".into(), point(1.0, 0, 1))],
+        params: vec![("ok".into(), "1".into())],
+        tags: vec![("bad\nkey".into(), "x".into())],
+    };
+    refused(tracking.log(&op(), &id, batch), "bad\nkey");
+    let batch = Logs {
+        metrics: vec![("loss".into(), point(1.0, 0, 1))],
+        params: vec![("lr".into(), "9".into())],
+        ..Logs::default()
+    };
+    refused(tracking.log(&op(), &id, batch), "Changing param values");
+    refused(tracking.log(&op(), &id, params(&[("../escape", "1")])), "'..'");
+    refused(tracking.log(&op(), &id, params(&[("long", &"x".repeat(MAX_PARAM_VALUE + 1))])), "longer than");
+    let too_many = Logs {
+        params: (0..=MAX_BATCH_PARAMS).map(|i| (format!("p{i}"), "1".into())).collect(),
+        ..Logs::default()
+    };
+    refused(tracking.log(&op(), &id, too_many), "at most");
+    assert_eq!(tracking.run(&id).unwrap(), before);
+    assert_eq!(store.iter::<TrackingMetrics>().count(), points_before);
+    // a deleted run takes nothing until restored
+    tracking.set_run_deleted(&op(), &id, true).unwrap();
+    refused(tracking.log(&op(), &id, params(&[("late", "1")])), "'active' state");
+    tracking.set_run_deleted(&op(), &id, false).unwrap();
+    tracking.log(&op(), &id, params(&[("late", "1")])).unwrap();
+    // the lifecycle changes are in the audit log, the params are not
+    let actions: Vec<String> = store.iter::<AuditLog>().map(|e| e.unwrap().1.action).collect();
+    assert_eq!(actions.len(), 3, "{actions:?}");
+    assert!(actions[0].starts_with("tracking.run_created"), "{actions:?}");
+    assert!(
+        actions[1].starts_with("tracking.run_deleted") && actions[2].starts_with("tracking.run_restored")
+    );
+}
+
+#[test]
+fn metrics_keep_every_point_and_the_latest_by_step_then_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, tracking) = open(dir.path());
+    let run = tracking.create_run(&op(), DEFAULT_EXPERIMENT, NewRun::default()).unwrap();
+    let id = run.run_id();
+    let logged = [
+        ("loss", point(0.9, 0, 100)),
+        ("loss", point(0.5, 2, 50)),
+        ("loss", point(0.7, 1, 300)),
+        ("loss", point(0.4, 2, 60)),
+        ("acc", point(f64::NAN, 0, 1)),
+        ("los", point(3.0, 9, 9)),
+    ];
+    for chunk in logged.chunks(2) {
+        tracking.log(&op(), &id, metrics(chunk)).unwrap();
+    }
+    let run = tracking.run(&id).unwrap();
+    assert_eq!(run.latest["loss"], point(0.4, 2, 60), "step 2 at the later time");
+    assert!(run.latest["acc"].value.is_nan());
+    assert_eq!(run.points, 6);
+    let (all, next) = tracking.metric_history(&id, "loss", 0, usize::MAX).unwrap();
+    assert_eq!(all, logged[..4].iter().map(|(_, m)| *m).collect::<Vec<_>>(), "in the order logged");
+    assert_eq!(next, None);
+    // pages of two; `los` is a prefix of `loss` but a series of its own
+    let (first, next) = tracking.metric_history(&id, "loss", 0, 2).unwrap();
+    assert_eq!(first, all[..2]);
+    let (second, last) = tracking.metric_history(&id, "loss", next.unwrap(), 2).unwrap();
+    assert_eq!(second, all[2..]);
+    assert_eq!(last, None);
+    assert_eq!(tracking.metric_history(&id, "los", 0, 10).unwrap().0, vec![point(3.0, 9, 9)]);
+    assert!(tracking.metric_history(&id, "missing", 0, 10).unwrap().0.is_empty());
+    assert!(matches!(tracking.metric_history("0123", "loss", 0, 1), Err(RegistryError::NotFound(_))));
+}
+
+#[test]
+fn runs_are_found_by_metrics_params_tags_and_attributes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, tracking) = open(dir.path());
+    let exp = tracking.create_experiment(&op(), "search", None, vec![]).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let new = NewRun { name: Some(format!("r{i}")), start_ms: Some(1000 + i), tags: vec![] };
+        let run = tracking.create_run(&op(), exp, new).unwrap();
+        let logs = Logs {
+            metrics: if i == 4 { vec![] } else { vec![("acc".into(), point(i as f64 / 10.0, 0, 0))] },
+            params: vec![("i".into(), i.to_string())],
+            tags: vec![("parity".into(), if i % 2 == 0 { "even" } else { "odd" }.into())],
+        };
+        tracking.log(&op(), &run.run_id(), logs).unwrap();
+        ids.push(run.run_id());
+    }
+    let names = |filter: &str, order: &[&str]| -> Vec<String> {
+        let clauses = filter::parse(filter, Kind::Runs).unwrap_or_else(|e| panic!("{filter}: {e}"));
+        let order = parse_order(order, Kind::Runs).unwrap();
+        tracking
+            .search_runs(&[exp], ViewType::ActiveOnly, &clauses, &order)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect()
+    };
+    assert_eq!(names("", &[]), ["r4", "r3", "r2", "r1", "r0"], "the latest started first");
+    assert_eq!(names("metrics.acc >= 0.1 AND tags.parity = 'odd'", &[]), ["r3", "r1"]);
+    assert_eq!(names("metrics.acc > 1e-1", &["metrics.acc ASC"]), ["r2", "r3"]);
+    assert_eq!(names("params.i = '3'", &[]), ["r3"]);
+    assert_eq!(names("attributes.run_name LIKE 'r%' AND start_time < 1002", &["run_name"]), ["r0", "r1"]);
+    assert_eq!(
+        names("status = 'RUNNING' and params.`i` != '0'", &["params.i DESC"]),
+        ["r4", "r3", "r2", "r1"]
+    );
+    // a run without the metric is not compared, and sorts last either way
+    assert_eq!(names("metrics.acc != 0.3", &[]), ["r2", "r1", "r0"]);
+    assert_eq!(names("", &["metrics.acc DESC"]), ["r3", "r2", "r1", "r0", "r4"]);
+    let in_list = format!("run_id IN ('{}', '{}')", ids[1], ids[2]);
+    assert_eq!(names(&in_list, &[]), ["r2", "r1"]);
+    for (bad, says) in [
+        ("metrics.acc > 'high'", "takes a number"),
+        ("params.i > 3", "not supported"),
+        ("colour = 'red'", "invalid filter field"),
+        ("metrics. = 1", "needs a key"),
+    ] {
+        let err = filter::parse(bad, Kind::Runs).unwrap_err();
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+    assert!(parse_order(&["shoe_size DESC"], Kind::Runs).is_err());
+    // deleted runs show only when asked for
+    tracking.set_run_deleted(&op(), &ids[0], true).unwrap();
+    let deleted = tracking.search_runs(&[exp], ViewType::DeletedOnly, &[], &[]).unwrap();
+    assert_eq!(deleted.iter().map(|r| r.run_id()).collect::<Vec<_>>(), [ids[0].clone()]);
+    assert_eq!(tracking.search_runs(&[exp], ViewType::All, &[], &[]).unwrap().len(), 5);
+    assert!(matches!(tracking.search_runs(&[99], ViewType::All, &[], &[]), Err(RegistryError::NotFound(_))));
+}
+
+#[test]
+fn experiment_names_stay_unique_through_renames_and_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, tracking) = open(dir.path());
+    let a = tracking.create_experiment(&op(), "a", None, vec![]).unwrap();
+    let b = tracking.create_experiment(&op(), "b", Some("s3://bucket/b"), vec![]).unwrap();
+    assert_eq!(tracking.experiment(b).unwrap().artifact_location, "s3://bucket/b");
+    let run = tracking.create_run(&op(), b, NewRun::default()).unwrap();
+    assert_eq!(run.artifact_uri, format!("s3://bucket/b/{}/artifacts", run.run_id()));
+    assert!(matches!(
+        tracking.create_experiment(&op(), "a", None, vec![]),
+        Err(RegistryError::AlreadyExists(_))
+    ));
+    assert!(matches!(tracking.rename_experiment(&op(), b, "a"), Err(RegistryError::AlreadyExists(_))));
+    tracking.rename_experiment(&op(), a, "c").unwrap();
+    assert_eq!(tracking.experiment_by_name("c").unwrap().id, a);
+    assert!(matches!(tracking.experiment_by_name("a"), Err(RegistryError::NotFound(_))));
+    tracking.create_experiment(&op(), "a", None, vec![]).unwrap();
+    tracking.set_experiment_deleted(&op(), a, true).unwrap();
+    match tracking.create_experiment(&op(), "c", None, vec![]) {
+        Err(RegistryError::AlreadyExists(m)) => assert!(m.contains("deleted state"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    refused(tracking.create_run(&op(), a, NewRun::default()), "deleted");
+    let active = |view| -> Vec<String> {
+        tracking
+            .search_experiments(view, &[], &parse_order(&["name"], Kind::Experiments).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect()
+    };
+    assert_eq!(active(ViewType::ActiveOnly), ["Default", "a", "b"]);
+    assert_eq!(active(ViewType::DeletedOnly), ["c"]);
+    tracking.set_experiment_deleted(&op(), a, false).unwrap();
+    tracking.create_run(&op(), a, NewRun::default()).unwrap();
+    refused(tracking.create_experiment(&op(), " ", None, vec![]), "needs a name");
+}
