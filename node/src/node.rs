@@ -207,7 +207,8 @@ pub async fn run(
         config.compute.clone(),
     )
     .with_training(config.storage.data_dir.join("tmp"), watermark_key.clone())
-    .with_serve(serve.clone());
+    .with_serve(serve.clone())
+    .with_tracking(tracking.clone());
     let (job_tx, job_rx) = tokio::sync::mpsc::channel(256);
     if let Some(p2p) = &p2p {
         p2p.set_job_handler(job_tx);

@@ -37,9 +37,14 @@ use crate::{
         P2p,
         wire::{JobMessage, JobReply, JobStart},
     },
-    registry::{Actor, Context, NewVersion, RegistryError, Stage, now_ms},
+    registry::{
+        Actor, Context, NewVersion, RegistryError, Stage,
+        filter::{self, Field},
+        now_ms,
+    },
     serve::MlpConfig,
     store::tables::{MetricPoint, ModelFileSummary, ReservationState, Reservations, TrainingJobs},
+    tracking::{self, Logs, MetricValue, NewRun, RunStatus, ViewType},
 };
 
 sol! {
@@ -253,12 +258,104 @@ impl Compute {
 
     fn fail_job(&self, id: u64, reason: &str) {
         tracing::warn!(target: "agora::compute", job = id, %reason, "training job failed");
-        let _ = self.update_job(id, |j| {
+        let mut failed = false;
+        let job = self.update_job(id, |j| {
             if !matches!(j.status, JobStatus::Succeeded | JobStatus::Failed) {
                 j.status = JobStatus::Failed;
                 j.error = Some(reason.to_owned());
+                failed = true;
             }
         });
+        if let (true, Ok(Some(job))) = (failed, job)
+            && job.role == JobRole::Buyer
+        {
+            self.record_run(&job, RunStatus::Failed);
+        }
+    }
+
+    /// Buyer: records a training job as a run of the experiment `agora-training/<model>` (made
+    /// when missing): the hyperparameters and inputs as params, the loss of each epoch as the
+    /// `loss` metric, the reservation, provider and GPUs as tags, and `status` with its end. A
+    /// job already recorded (an earlier attempt) gets only the new status. The run is the
+    /// lineage the registered version names; failing to record it fails nothing else.
+    fn record_run(&self, job: &JobRecord, status: RunStatus) -> Option<String> {
+        let tracking = self.tracking.as_ref()?;
+        let recorded = (|| -> Result<String, RegistryError> {
+            let ctx = Context::operator();
+            let name = format!("agora-training/{}", job.model);
+            let experiment = match tracking.experiment_by_name(&name) {
+                Ok(found) => found.id,
+                Err(RegistryError::NotFound(_)) => {
+                    let tags = vec![("agora.model".to_owned(), job.model.clone())];
+                    tracking.create_experiment(&ctx, &name, None, tags)?
+                }
+                Err(e) => return Err(e),
+            };
+            let job_id = job.id.to_string();
+            let tag = Field::Tag("agora.job".into());
+            let clause =
+                filter::Clause { field: tag, op: filter::Op::Eq, value: filter::Value::Text(job_id.clone()) };
+            let earlier = tracking.search_runs(&[experiment], ViewType::All, &[clause], &[])?;
+            if let Some(run) = earlier.first() {
+                let id = run.run_id();
+                tracking.update_run(&ctx, &id, Some(status), Some(now_ms() as i64), None)?;
+                return Ok(id);
+            }
+            let mut tags = vec![
+                ("agora.job".to_owned(), job_id),
+                ("agora.reservation".to_owned(), job.reservation.to_string()),
+                ("agora.provider".to_owned(), job.provider.to_string()),
+                ("agora.gpu".to_owned(), format!("{} × {}", job.gpu_count, job.gpu)),
+                ("agora.executor".to_owned(), job.executor.clone()),
+            ];
+            if let Some(policy) = &job.policy {
+                tags.push(("agora.policy".to_owned(), policy.clone()));
+            }
+            if let Some(error) = &job.error {
+                tags.push(("agora.error".to_owned(), error.chars().take(4000).collect()));
+            }
+            let new =
+                NewRun { name: Some(format!("job-{}", job.id)), start_ms: Some(job.created_ms as i64), tags };
+            let run = tracking.create_run(&ctx, experiment, new)?;
+            let id = run.run_id();
+            let mut params = vec![
+                ("base_version".to_owned(), job.base_version.to_string()),
+                ("dataset".to_owned(), crate::artifacts::hex(&job.dataset)),
+                ("dataset_format".to_owned(), job.dataset_format.clone()),
+                ("gpu_hours".to_owned(), job.gpu_hours.to_string()),
+            ];
+            if let Ok(serde_json::Value::Object(hp)) = serde_json::from_str(&job.hyperparameters) {
+                let room = tracking::MAX_BATCH_PARAMS - params.len();
+                params.extend(hp.into_iter().take(room).map(|(k, v)| {
+                    let text = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+                    (k, text)
+                }));
+            }
+            let now = now_ms() as i64;
+            let losses: Vec<(String, MetricValue)> = job
+                .losses
+                .iter()
+                .enumerate()
+                .map(|(i, loss)| {
+                    ("loss".to_owned(), MetricValue { value: *loss, step: i as i64 + 1, timestamp: now })
+                })
+                .collect();
+            // hyperparameter names the client chose may not be valid keys: they are left out
+            // rather than losing the run
+            if tracking.log(&ctx, &id, Logs { params: params.clone(), ..Logs::default() }).is_err() {
+                tracking.log(&ctx, &id, Logs { params: params[..4].to_vec(), ..Logs::default() })?;
+            }
+            for chunk in losses.chunks(tracking::MAX_BATCH_METRICS) {
+                tracking.log(&ctx, &id, Logs { metrics: chunk.to_vec(), ..Logs::default() })?;
+            }
+            tracking.update_run(&ctx, &id, Some(status), Some(now), None)?;
+            Ok(id)
+        })();
+        recorded
+            .inspect_err(|e| {
+                tracing::warn!(target: "agora::compute", job = job.id, error = %e, "cannot record the training job as a run")
+            })
+            .ok()
     }
 
     /// Jobs, newest first.
@@ -1052,10 +1149,12 @@ impl Compute {
             ("agora.provider".to_owned(), job.provider.to_string()),
             ("agora.base_version".to_owned(), job.base_version.to_string()),
         ]);
+        let run_id = self.record_run(job, RunStatus::Finished).unwrap_or_default();
         let view = self.registry.create_version(
             &ctx,
             &job.model,
             NewVersion {
+                run_id,
                 source: format!("agora:compute/reservation/{}", job.reservation),
                 description: format!(
                     "trained from version {} on reservation {} ({} × {})",

@@ -164,6 +164,8 @@ pub struct Compute {
     runs: std::sync::Arc<std::sync::Mutex<policies::Runs>>,
     /// The deployments, whose input drift fires drift policies.
     serve: Option<crate::serve::Serve>,
+    /// Where the buyer's training jobs are recorded as MLflow runs.
+    tracking: Option<crate::tracking::Tracking>,
 }
 
 /// `GET /api/v1/compute/reservations` item.
@@ -287,7 +289,15 @@ impl Compute {
             watermark_key: None,
             runs: Default::default(),
             serve: None,
+            tracking: None,
         }
+    }
+
+    /// Records the training jobs this node buys as runs of the experiment
+    /// `agora-training/<model>`.
+    pub fn with_tracking(mut self, tracking: crate::tracking::Tracking) -> Self {
+        self.tracking = Some(tracking);
+        self
     }
 
     /// The deployments whose input drift the drift policies watch.

@@ -413,6 +413,41 @@ async fn a_triggered_training_runs_on_the_provider_and_settles_to_the_wei() {
     let (_, metrics) = buyer.get(&format!("/api/v1/models/metrics?name=trainable&version={version}")).await;
     assert_eq!(metrics["metrics"]["loss"].as_array().map(|l| l.len()), Some(40), "{metrics}");
 
+    // The job is an MLflow run the version names: its params, every epoch's loss, finished.
+    let run_id = v["run_id"].as_str().unwrap();
+    assert_eq!(run_id.len(), 32, "{v}");
+    let (status, run) = buyer.get(&format!("/api/2.0/mlflow/runs/get?run_id={run_id}")).await;
+    assert_eq!(status, 200, "{run}");
+    let info = &run["run"]["info"];
+    assert_eq!(
+        (info["status"].as_str(), info["run_name"].as_str()),
+        (Some("FINISHED"), Some("job-1")),
+        "{run}"
+    );
+    let (_, experiment) = buyer
+        .get(&format!(
+            "/api/2.0/mlflow/experiments/get?experiment_id={}",
+            info["experiment_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(experiment["experiment"]["name"], "agora-training/trainable", "{experiment}");
+    let params: std::collections::BTreeMap<&str, &str> = run["run"]["data"]["params"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["key"].as_str().unwrap(), p["value"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        (params["epochs"], params["learning_rate"], params["gpu_hours"]),
+        ("40", "0.02", "3"),
+        "{run}"
+    );
+    let (_, history) =
+        buyer.get(&format!("/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=loss")).await;
+    let logged: Vec<f64> =
+        history["metrics"].as_array().unwrap().iter().map(|m| m["value"].as_f64().unwrap()).collect();
+    assert_eq!(logged, losses, "every epoch's loss, exactly");
+
     // The provider is paid for the hours used, the rest refunded, to the wei.
     let id = done["reservation"].as_str().unwrap().to_owned();
     let settled = eventually("the reservation settled", WAIT, || async {
@@ -690,6 +725,18 @@ async fn a_provider_whose_output_does_not_match_its_hash_is_rejected() {
     assert!(failed["new_version"].is_null());
     let (_, versions) = buyer.get("/api/v1/models/trainable/versions").await;
     assert_eq!(versions["versions"].as_array().unwrap().len(), 1, "nothing registered");
+    // the run records the failure and why
+    let (_, experiment) =
+        buyer.get("/api/2.0/mlflow/experiments/get-by-name?experiment_name=agora-training/trainable").await;
+    let experiment_id = &experiment["experiment"]["experiment_id"];
+    let (_, runs) =
+        post(&buyer, "/api/2.0/mlflow/runs/search", &json!({"experiment_ids": [experiment_id]})).await;
+    let runs = runs["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0]["info"]["status"], "FAILED");
+    let tags = runs[0]["data"]["tags"].as_array().unwrap();
+    let error = tags.iter().find(|t| t["key"] == "agora.error").unwrap();
+    assert!(error["value"].as_str().unwrap().contains("rejected"), "{tags:?}");
     let _ = stop.send(true);
     serving.abort();
 }
