@@ -198,3 +198,26 @@ def test_bad_requests_name_what_is_wrong_and_change_nothing(client):
     got = client.get_run(run_id)
     assert not got.data.metrics and not got.data.params
     assert got.info.status == "RUNNING"
+
+
+def test_register_model_from_a_run_uri(client, tmp_path):
+    experiment = client.create_experiment(unique("register"))
+    run = client.create_run(experiment)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "MLmodel").write_text("artifact_path: model\nflavors: {}\n")
+    (model / "weights.bin").write_bytes(b"\x01\x02" * 100)
+    client.log_artifacts(run.info.run_id, str(model), "model")
+    name = unique("from-run")
+    version = mlflow.register_model(f"runs:/{run.info.run_id}/model", name)
+    assert version.run_id == run.info.run_id
+    assert version.source == f"{run.info.artifact_uri}/model"
+    local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=str(tmp_path / "m"))
+    with open(os.path.join(local, "weights.bin"), "rb") as f:
+        assert f.read() == (model / "weights.bin").read_bytes()
+
+    # a run path without an MLmodel file is no model, as MLflow's own server answers
+    client.log_artifact(run.info.run_id, str(model / "weights.bin"), "loose")
+    with pytest.raises(MlflowException) as e:
+        mlflow.register_model(f"runs:/{run.info.run_id}/loose", name)
+    assert "Unable to find a logged_model" in str(e.value)
