@@ -283,7 +283,7 @@ fn drift_line(d: &Value) -> String {
     }
 }
 
-fn print(json_out: bool, value: &Value, human: impl Fn(&Value) -> String) {
+pub(super) fn print(json_out: bool, value: &Value, human: impl Fn(&Value) -> String) {
     if json_out { println!("{value}") } else { println!("{}", human(value)) }
 }
 

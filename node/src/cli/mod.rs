@@ -11,6 +11,7 @@ pub mod index;
 mod market;
 mod model;
 mod p2p;
+mod runs;
 mod wallet;
 mod watermark;
 
@@ -71,6 +72,9 @@ pub enum Command {
     /// The node's peers, and blobs shared with and fetched from them.
     #[command(subcommand)]
     P2p(p2p::P2pCommand),
+    /// Experiments and runs (MLflow's tracking): list, show, compare.
+    #[command(subcommand)]
+    Runs(runs::RunsCommand),
     /// Compute offers: list what the node knows, offer GPU capacity as a provider.
     #[command(subcommand)]
     Compute(compute::ComputeCommand),
@@ -122,6 +126,7 @@ impl Cli {
             Command::Deploy(command) => command.run(&config).await,
             Command::P2p(command) => command.run(&config).await,
             Command::Compute(command) => command.run().await,
+            Command::Runs(command) => command.run(&config).await,
             Command::Market(command) => command.run(&config).await,
             Command::License(command) => command.run(&config).await,
             Command::Wallet(command) => tokio::task::spawn_blocking(move || command.run()).await?,

@@ -48,3 +48,97 @@ async fn the_mlflow_client_speaks_to_the_registry() {
     );
     println!("{stdout}");
 }
+
+/// POSTs `body` to the node's MLflow API as the operator.
+async fn mlflow_post(url: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
+    let response = reqwest::Client::new()
+        .post(format!("{url}/api/2.0/mlflow/{path}"))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{path}: {}", response.status());
+    response.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn agora_runs_lists_shows_and_compares_runs() {
+    use serde_json::json;
+    let (_market, _data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN)]).await;
+    let url = node.url.clone();
+    let created = mlflow_post(&url, "experiments/create", json!({"name": "cli"})).await;
+    let experiment = created["experiment_id"].as_str().unwrap().to_owned();
+    let mut runs = Vec::new();
+    for (name, lr, losses) in [("slow", "0.001", [0.9, 0.7]), ("fast", "0.1", [0.8, 0.3])] {
+        let run =
+            mlflow_post(&url, "runs/create", json!({"experiment_id": experiment, "run_name": name})).await;
+        let id = run["run"]["info"]["run_id"].as_str().unwrap().to_owned();
+        let metrics: Vec<_> = losses
+            .iter()
+            .enumerate()
+            .map(|(step, loss)| json!({"key": "loss", "value": loss, "step": step, "timestamp": 1_700_000_000_000u64}))
+            .collect();
+        let mut params = vec![json!({"key": "lr", "value": lr})];
+        if name == "fast" {
+            params.push(json!({"key": "warmup", "value": "10"}));
+        }
+        mlflow_post(&url, "runs/log-batch", json!({"run_id": id, "metrics": metrics, "params": params}))
+            .await;
+        runs.push(id);
+    }
+    let env = [("AGORA_ADMIN_TOKEN", TOKEN)];
+    let run = |args: &[&str]| {
+        let mut all = vec!["runs"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--node", &url]);
+        agora_e2e::agora(&all, &env)
+    };
+
+    let (status, out, err) = run(&["experiments"]);
+    assert!(status.success(), "{err}");
+    assert!(
+        out.contains("Default")
+            && out.contains(&format!("{experiment}  cli  mlflow-artifacts:/{experiment}")),
+        "{out}"
+    );
+
+    let (status, out, err) =
+        run(&["list", "--experiment", "cli", "--filter", "metrics.loss < 0.5", "--json"]);
+    assert!(status.success(), "{err}");
+    let found: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let names: Vec<_> =
+        found["runs"].as_array().unwrap().iter().map(|r| r["info"]["run_name"].clone()).collect();
+    assert_eq!(names, [json!("fast")]);
+    let (status, out, err) = run(&["list", "--experiment", &experiment, "--order-by", "metrics.loss DESC"]);
+    assert!(status.success(), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].starts_with(&runs[0]) && lines[0].contains("slow  RUNNING") && lines[0].contains("loss=0.7"),
+        "{out}"
+    );
+    assert!(lines[1].contains("params: lr=0.1 warmup=10  metrics: loss=0.3"), "{out}");
+
+    let (status, out, err) = run(&["show", &runs[1], "--metric", "loss"]);
+    assert!(status.success(), "{err}");
+    assert!(
+        out.contains("lr = 0.1") && out.contains("loss: 2 points") && out.contains("mlflow.runName = fast"),
+        "{out}"
+    );
+
+    let (status, out, err) = run(&["compare", &runs[0], &runs[1]]);
+    assert!(status.success(), "{err}");
+    let rows: Vec<Vec<&str>> = out.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows[0], ["slow", "fast"], "{out}");
+    assert!(rows.contains(&vec!["params.lr", "0.001", "0.1"]), "{out}");
+    assert!(rows.contains(&vec!["params.warmup", "-", "10"]), "{out}");
+    assert!(rows.contains(&vec!["metrics.loss", "0.7", "0.3"]), "{out}");
+
+    let (status, _, err) = run(&["show", "not-a-run"]);
+    assert!(!status.success() && err.contains("is not a run id"), "{err}");
+    let (status, _, err) = run(&["list", "--experiment", "nosuch"]);
+    assert!(!status.success() && err.contains("no experiment named 'nosuch'"), "{err}");
+    let (status, _, err) = run(&["compare", &runs[0]]);
+    assert!(!status.success(), "one run is no comparison: {err}");
+}
