@@ -221,3 +221,40 @@ def test_register_model_from_a_run_uri(client, tmp_path):
     with pytest.raises(MlflowException) as e:
         mlflow.register_model(f"runs:/{run.info.run_id}/loose", name)
     assert "Unable to find a logged_model" in str(e.value)
+
+
+class Adder(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return [x + 1 for x in model_input]
+
+
+def test_log_model_registers_and_loads_back(client):
+    mlflow.set_experiment(unique("logged"))
+    with mlflow.start_run() as run:
+        mlflow.log_param("kind", "adder")
+        info = mlflow.pyfunc.log_model(name="adder", python_model=Adder(), pip_requirements=[])
+    assert info.model_id.startswith("m-")
+    assert info.model_uri == f"models:/{info.model_id}"
+
+    logged = client.get_logged_model(info.model_id)
+    assert logged.name == "adder"
+    assert logged.source_run_id == run.info.run_id
+    assert logged.params["kind"] == "adder"
+    assert logged.artifact_location.endswith(f"/models/{info.model_id}/artifacts")
+    assert [o.model_id for o in client.get_run(run.info.run_id).outputs.model_outputs] == [info.model_id]
+    found = client.search_logged_models([run.info.experiment_id], filter_string="name = 'adder'")
+    assert [m.model_id for m in found] == [info.model_id]
+
+    assert mlflow.pyfunc.load_model(info.model_uri).predict([1, 2]) == [2, 3]
+
+    name = unique("adder")
+    version = mlflow.register_model(info.model_uri, name)
+    assert version.run_id == run.info.run_id
+    assert mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").predict([41]) == [42]
+    links = client.get_logged_model(info.model_id).tags["mlflow.modelVersions"]
+    assert name in links
+
+    client.delete_logged_model(info.model_id)
+    with pytest.raises(MlflowException) as e:
+        client.get_logged_model(info.model_id)
+    assert error_code(e) == "RESOURCE_DOES_NOT_EXIST"

@@ -107,9 +107,6 @@ pub fn routes() -> Router<AppState> {
         .route(&format!("{mv}/set-tag"), post(set_version_tag))
         .route(&format!("{mv}/delete-tag"), axum::routing::delete(delete_version_tag))
         .merge(super::tracking::routes())
-        .route("/api/2.0/mlflow/logged-models/search", post(search_logged_models))
-        .route("/api/2.0/mlflow/logged-models", any(no_logged_models))
-        .route("/api/2.0/mlflow/logged-models/{*rest}", any(no_logged_models))
         .route("/api/2.0/mlflow/{*rest}", any(no_endpoint))
         .route("/api/3.0/mlflow/{*rest}", any(no_endpoint))
         .route("/api/2.0/mlflow-artifacts/artifacts", get(list_artifacts))
@@ -120,16 +117,6 @@ pub fn routes() -> Router<AppState> {
                 .delete(delete_artifact)
                 .layer(axum::extract::DefaultBodyLimit::disable()),
         )
-}
-
-/// The node keeps no logged models, so a search finds none: `register_model("runs:/…")` on a
-/// run without an `MLmodel` file then fails as against MLflow's own server.
-async fn search_logged_models() -> Json<Value> {
-    Json(json!({}))
-}
-
-async fn no_logged_models() -> MlflowError {
-    MlflowError::new(StatusCode::NOT_FOUND, "RESOURCE_DOES_NOT_EXIST", "this registry has no logged models")
 }
 
 async fn no_endpoint(method: Method, Path(rest): Path<String>) -> MlflowError {
@@ -621,20 +608,35 @@ struct CreateVersion {
     run_link: String,
     #[serde(default)]
     description: String,
+    /// A logged model's id (`register_model("models:/<id>")`).
+    model_id: Option<String>,
 }
 
 async fn create_version(State(state): State<AppState>, headers: HeaderMap, raw: Bytes) -> Answer {
     let ctx = caller(&state, &headers)?;
     let request: CreateVersion = body(&raw)?;
     let name = required(request.name, "name")?;
+    // A logged model's version: its files are where the model's are, and its run made it.
+    let logged = request.model_id.filter(|m| !m.is_empty()).or_else(|| {
+        request.source.strip_prefix("models:/").filter(|m| m.starts_with("m-")).map(str::to_owned)
+    });
+    let (location, run_id) = match logged {
+        Some(id) => {
+            let model = super::tracking::track(&state, move |t| t.logged_model(&id, false)).await?;
+            let run_id = if request.run_id.is_empty() { model.source_run_id } else { request.run_id };
+            (Some(model.artifact_location), run_id)
+        }
+        None => (None, request.run_id),
+    };
     let new = NewVersion {
         source: request.source,
-        run_id: request.run_id,
+        run_id,
         run_link: request.run_link,
         description: request.description,
         tags: tags(request.tags),
         file: None,
         commitment: None,
+        location,
     };
     let view = run(&state, move |r| r.create_version(&ctx, &name, new)).await?;
     Ok(Json(json!({"model_version": version_json(&view)})))

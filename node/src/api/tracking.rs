@@ -8,9 +8,10 @@ use std::collections::BTreeMap;
 use axum::{
     Json, Router,
     body::Bytes,
+    extract::Path,
     extract::{RawQuery, State},
     http::HeaderMap,
-    routing::{get, post},
+    routing::{delete, get, patch, post},
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -26,8 +27,8 @@ use super::{
 use crate::{
     registry::{RegistryError, filter::Kind},
     tracking::{
-        self, ExperimentRecord, Logs, MetricValue, NewRun, RunRecord, RunStatus, Tracking, ViewType,
-        parse_experiment_id,
+        self, ExperimentRecord, LoggedModelRecord, Logs, MetricValue, ModelStatus, NewLoggedModel, NewRun,
+        RunRecord, RunStatus, Tracking, ViewType, parse_experiment_id,
     },
 };
 
@@ -39,6 +40,7 @@ const MAX_HISTORY_PAGE: usize = 100_000;
 pub fn routes() -> Router<AppState> {
     let ex = "/api/2.0/mlflow/experiments";
     let runs = "/api/2.0/mlflow/runs";
+    let lm = "/api/2.0/mlflow/logged-models";
     Router::new()
         .route(&format!("{ex}/create"), post(create_experiment))
         .route(&format!("{ex}/get"), get(get_experiment))
@@ -62,7 +64,17 @@ pub fn routes() -> Router<AppState> {
         .route(&format!("{runs}/log-model"), post(log_model))
         .route(&format!("{runs}/log-inputs"), post(log_inputs))
         .route(&format!("{runs}/search"), post(search_runs).get(search_runs_get))
+        .route(&format!("{runs}/outputs"), post(log_outputs))
         .route("/api/2.0/mlflow/metrics/get-history", get(metric_history))
+        .route(lm, post(create_logged_model))
+        .route(&format!("{lm}/search"), post(search_logged_models))
+        .route(
+            &format!("{lm}/{{model_id}}"),
+            get(get_logged_model).patch(finalize_logged_model).delete(delete_logged_model),
+        )
+        .route(&format!("{lm}/{{model_id}}/tags"), patch(set_logged_model_tags))
+        .route(&format!("{lm}/{{model_id}}/tags/{{tag_key}}"), delete(delete_logged_model_tag))
+        .route(&format!("{lm}/{{model_id}}/params"), post(log_logged_model_params))
 }
 
 /// Runs `f` on the blocking pool against the tracking store.
@@ -204,7 +216,37 @@ fn run_json(r: &RunRecord) -> Value {
         let inputs: Vec<Value> = r.inputs.iter().filter_map(|i| serde_json::from_str(i).ok()).collect();
         run["inputs"] = json!({"dataset_inputs": inputs});
     }
+    if !r.outputs.is_empty() {
+        let outputs: Vec<Value> = r
+            .outputs
+            .iter()
+            .map(|(model, step)| json!({"model_id": format!("m-{}", crate::artifacts::hex(model)), "step": step}))
+            .collect();
+        run["outputs"] = json!({"model_outputs": outputs});
+    }
     run
+}
+
+fn logged_model_json(m: &LoggedModelRecord) -> Value {
+    let mut info = serde_json::Map::new();
+    info.insert("model_id".into(), json!(m.model_id()));
+    info.insert("experiment_id".into(), json!(m.experiment_id.to_string()));
+    info.insert("name".into(), json!(m.name));
+    info.insert("creation_timestamp_ms".into(), json!(m.created_ms));
+    info.insert("last_updated_timestamp_ms".into(), json!(m.updated_ms));
+    info.insert("artifact_uri".into(), json!(m.artifact_location));
+    info.insert("status".into(), json!(m.status.name()));
+    for (key, text) in [("model_type", &m.model_type), ("source_run_id", &m.source_run_id)] {
+        if !text.is_empty() {
+            info.insert(key.into(), json!(text));
+        }
+    }
+    insert_tags(&mut info, &m.tags);
+    let mut data = serde_json::Map::new();
+    if !m.params.is_empty() {
+        data.insert("params".into(), json!(tag_list(&m.params)));
+    }
+    json!({"info": info, "data": data})
 }
 
 // ----- experiments -----
@@ -664,4 +706,203 @@ async fn metric_history(
         answer["next_page_token"] = json!(page_token(next as usize));
     }
     Ok(Json(answer))
+}
+
+// ----- logged models -----
+
+#[derive(Deserialize)]
+struct CreateLoggedModel {
+    experiment_id: Option<String>,
+    name: Option<String>,
+    #[serde(default)]
+    model_type: String,
+    source_run_id: Option<String>,
+    #[serde(default)]
+    params: Vec<Tag>,
+    #[serde(default)]
+    tags: Vec<Tag>,
+}
+
+async fn create_logged_model(State(state): State<AppState>, headers: HeaderMap, raw: Bytes) -> Answer {
+    let ctx = caller(&state, &headers)?;
+    let request: CreateLoggedModel = body(&raw)?;
+    let experiment = experiment_id(request.experiment_id)?;
+    let new = NewLoggedModel {
+        name: request.name,
+        model_type: request.model_type,
+        source_run_id: request.source_run_id,
+        params: pairs(request.params),
+        tags: pairs(request.tags),
+    };
+    let model = track(&state, move |t| t.create_logged_model(&ctx, experiment, new)).await?;
+    Ok(Json(json!({"model": logged_model_json(&model)})))
+}
+
+async fn get_logged_model(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Answer {
+    reader(&state, &headers)?;
+    let allow_deleted = one(&query(raw), "allow_deleted").is_some_and(|a| a.eq_ignore_ascii_case("true"));
+    let model = track(&state, move |t| t.logged_model(&id, allow_deleted)).await?;
+    Ok(Json(json!({"model": logged_model_json(&model)})))
+}
+
+#[derive(Deserialize, Default)]
+struct ModelChange {
+    status: Option<Value>,
+    #[serde(default)]
+    params: Vec<Tag>,
+    #[serde(default)]
+    tags: Vec<Tag>,
+}
+
+async fn finalize_logged_model(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    raw: Bytes,
+) -> Answer {
+    let ctx = caller(&state, &headers)?;
+    let request: ModelChange = body(&raw)?;
+    let status = text_of(request.status)
+        .ok_or_else(|| MlflowError::invalid("Missing value for required parameter 'status'."))?;
+    let status = ModelStatus::parse(&status)?;
+    let model = track(&state, move |t| t.finalize_logged_model(&ctx, &id, status)).await?;
+    Ok(Json(json!({"model": logged_model_json(&model)})))
+}
+
+async fn delete_logged_model(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Answer {
+    let ctx = caller(&state, &headers)?;
+    track(&state, move |t| t.delete_logged_model(&ctx, &id)).await?;
+    Ok(Json(json!({})))
+}
+
+/// Tags (PATCH `…/tags`) or params (POST `…/params`) for a logged model.
+async fn model_metadata(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: String,
+    raw: &Bytes,
+    params: bool,
+) -> Answer {
+    let ctx = caller(state, headers)?;
+    let request: ModelChange = body(raw)?;
+    let (params, tags) =
+        if params { (pairs(request.params), Vec::new()) } else { (Vec::new(), pairs(request.tags)) };
+    track(state, move |t| t.change_logged_model_metadata(&ctx, &id, params, tags, None)).await?;
+    Ok(Json(json!({})))
+}
+
+async fn set_logged_model_tags(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    raw: Bytes,
+) -> Answer {
+    model_metadata(&state, &headers, id, &raw, false).await
+}
+
+async fn log_logged_model_params(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    raw: Bytes,
+) -> Answer {
+    model_metadata(&state, &headers, id, &raw, true).await
+}
+
+async fn delete_logged_model_tag(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((id, key)): Path<(String, String)>,
+) -> Answer {
+    let ctx = caller(&state, &headers)?;
+    track(&state, move |t| t.change_logged_model_metadata(&ctx, &id, Vec::new(), Vec::new(), Some(&key)))
+        .await?;
+    Ok(Json(json!({})))
+}
+
+/// `order_by` of a logged-model search: `{field_name, ascending}` objects.
+#[derive(Deserialize)]
+struct ModelOrder {
+    field_name: String,
+    #[serde(default = "ascending")]
+    ascending: bool,
+}
+
+fn ascending() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+struct SearchModels {
+    #[serde(default)]
+    experiment_ids: Vec<String>,
+    filter: Option<String>,
+    max_results: Option<Int>,
+    #[serde(default)]
+    order_by: Vec<ModelOrder>,
+    page_token: Option<String>,
+}
+
+async fn search_logged_models(State(state): State<AppState>, headers: HeaderMap, raw: Bytes) -> Answer {
+    reader(&state, &headers)?;
+    let request: SearchModels = body(&raw)?;
+    let search =
+        Search { max_results: request.max_results, page_token: request.page_token, ..Search::default() };
+    let (offset, limit) = search.page()?;
+    let experiments =
+        request.experiment_ids.iter().map(|e| parse_experiment_id(e)).collect::<Result<Vec<_>, _>>()?;
+    let clauses = crate::registry::filter::parse(request.filter.as_deref().unwrap_or(""), Kind::LoggedModels)
+        .map_err(MlflowError::invalid)?;
+    let order: Vec<String> = request
+        .order_by
+        .iter()
+        .map(|o| format!("{} {}", o.field_name, if o.ascending { "ASC" } else { "DESC" }))
+        .collect();
+    let order: Vec<&str> = order.iter().map(String::as_str).collect();
+    let order = tracking::parse_order(&order, Kind::LoggedModels)?;
+    let found = track(&state, move |t| t.search_logged_models(&experiments, &clauses, &order)).await?;
+    let (page, next) = paged(found, offset, limit);
+    let mut answer = json!({});
+    if !page.is_empty() {
+        answer["models"] = page.iter().map(logged_model_json).collect();
+    }
+    if let Some(next) = next {
+        answer["next_page_token"] = json!(next);
+    }
+    Ok(Json(answer))
+}
+
+#[derive(Deserialize)]
+struct Outputs {
+    run_id: Option<String>,
+    #[serde(default)]
+    models: Vec<ModelOutput>,
+}
+
+#[derive(Deserialize)]
+struct ModelOutput {
+    model_id: String,
+    step: Option<Int>,
+}
+
+async fn log_outputs(State(state): State<AppState>, headers: HeaderMap, raw: Bytes) -> Answer {
+    let ctx = caller(&state, &headers)?;
+    let request: Outputs = body(&raw)?;
+    let id = required(request.run_id, "run_id")?;
+    let models = request
+        .models
+        .into_iter()
+        .map(|m| Ok((m.model_id, int(m.step, "step")?.unwrap_or(0))))
+        .collect::<Result<Vec<_>, MlflowError>>()?;
+    track(&state, move |t| t.log_outputs(&ctx, &id, models)).await?;
+    Ok(Json(json!({})))
 }

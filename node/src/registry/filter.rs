@@ -92,6 +92,7 @@ pub enum Kind {
     Versions,
     Runs,
     Experiments,
+    LoggedModels,
 }
 
 #[derive(Debug, PartialEq)]
@@ -202,7 +203,7 @@ type KeyedField = fn(String) -> Field;
 pub fn field(name: &str, kind: Kind) -> Result<Field, String> {
     let lower = name.to_ascii_lowercase();
     let keyed: &[(&str, KeyedField)] = match kind {
-        Kind::Runs => &[
+        Kind::Runs | Kind::LoggedModels => &[
             ("tags.", Field::Tag),
             ("tag.", Field::Tag),
             ("metrics.", Field::Metric),
@@ -225,7 +226,7 @@ pub fn field(name: &str, kind: Kind) -> Result<Field, String> {
     let bare = ["attributes.", "attribute.", "attr.", "run."]
         .iter()
         .find_map(|p| lower.strip_prefix(p))
-        .filter(|_| matches!(kind, Kind::Runs | Kind::Experiments))
+        .filter(|_| matches!(kind, Kind::Runs | Kind::Experiments | Kind::LoggedModels))
         .unwrap_or(&lower);
     match (bare, kind) {
         ("name", Kind::Models | Kind::Versions | Kind::Experiments) => Ok(Field::Name),
@@ -240,6 +241,10 @@ pub fn field(name: &str, kind: Kind) -> Result<Field, String> {
         ("end_time", Kind::Runs) => Ok(Field::EndTime),
         ("creation_time", Kind::Experiments) => Ok(Field::CreationTime),
         ("last_update_time", Kind::Experiments) => Ok(Field::LastUpdateTime),
+        ("name", Kind::LoggedModels) => Ok(Field::Name),
+        ("source_run_id", Kind::LoggedModels) => Ok(Field::RunId),
+        ("creation_timestamp" | "creation_time", Kind::LoggedModels) => Ok(Field::CreationTime),
+        ("last_updated_timestamp" | "last_update_time", Kind::LoggedModels) => Ok(Field::LastUpdateTime),
         _ => Err(format!(
             "invalid filter field `{name}`; expected {}",
             match kind {
@@ -250,6 +255,9 @@ pub fn field(name: &str, kind: Kind) -> Result<Field, String> {
                      start_time, end_time, artifact_uri"
                 }
                 Kind::Experiments => "name, tags.<key>, creation_time or last_update_time",
+                Kind::LoggedModels => {
+                    "name, source_run_id, params.<key>, tags.<key>, creation_timestamp or last_updated_timestamp"
+                }
             }
         )),
     }

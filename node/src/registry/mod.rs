@@ -187,6 +187,9 @@ pub struct NewVersion {
     pub file: Option<ModelFileSummary>,
     /// The watermark commitment of the file, when the node computed it.
     pub commitment: Option<B256>,
+    /// Where the files are when `source` names them indirectly (a logged model's
+    /// `models:/<id>`): downloads go there.
+    pub location: Option<String>,
 }
 
 /// One entry of an artifact directory listing.
@@ -699,7 +702,9 @@ impl Registry {
             }
             None => {
                 let dir = new
-                    .source
+                    .location
+                    .as_deref()
+                    .unwrap_or(&new.source)
                     .strip_prefix("mlflow-artifacts:")
                     .map(|p| p.trim_start_matches('/').trim_end_matches('/').to_owned());
                 (dir, false, new.source.clone())

@@ -203,6 +203,11 @@ tables! {
         encode: |k| concat(&[&k.0.to_be_bytes(), &k.1]);
     /// Tracking: every metric point by (run, metric key, sequence); keys hold no NUL, so the
     /// NUL after the key ends one series' prefix.
+    /// Tracking: logged models (MLflow 3's `log_model`) by id.
+    TrackingLoggedModels = "tracking_logged_models", root: false, key: [u8; 16], value: crate::tracking::LoggedModelRecord, encode: |k| k.to_vec();
+    /// Tracking lookup: logged models by experiment.
+    TrackingExperimentModels = "tracking_experiment_models", root: false, key: (u64, [u8; 16]), value: (),
+        encode: |k| concat(&[&k.0.to_be_bytes(), &k.1]);
     TrackingMetrics = "tracking_metrics", root: false, key: ([u8; 16], String, u64), value: crate::tracking::MetricValue,
         encode: |k| concat(&[&k.0, k.1.as_bytes(), &[0], &k.2.to_be_bytes()]);
 }

@@ -43,8 +43,8 @@ use crate::{
     store::{
         Batch, Store,
         tables::{
-            TrackingExperimentNames, TrackingExperimentRuns, TrackingExperiments, TrackingMetrics,
-            TrackingRuns,
+            TrackingExperimentModels, TrackingExperimentNames, TrackingExperimentRuns, TrackingExperiments,
+            TrackingLoggedModels, TrackingMetrics, TrackingRuns,
         },
     },
 };
@@ -191,11 +191,108 @@ pub struct RunRecord {
     pub points: u64,
     /// Dataset inputs, each the JSON the client sent.
     pub inputs: Vec<String>,
+    /// Logged models the run produced: (model id, step).
+    pub outputs: Vec<([u8; 16], i64)>,
 }
 
 impl RunRecord {
     pub fn run_id(&self) -> String {
         hex(&self.id)
+    }
+}
+
+/// A logged model's status, as MLflow names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModelStatus {
+    Pending,
+    Ready,
+    UploadFailed,
+}
+
+impl ModelStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pending => "LOGGED_MODEL_PENDING",
+            Self::Ready => "LOGGED_MODEL_READY",
+            Self::UploadFailed => "LOGGED_MODEL_UPLOAD_FAILED",
+        }
+    }
+
+    /// By name or by the protocol's number (1 to 3).
+    pub fn parse(text: &str) -> Result<Self, RegistryError> {
+        let all = [Self::Pending, Self::Ready, Self::UploadFailed];
+        let by_number = text.parse::<usize>().ok().and_then(|n| n.checked_sub(1)).and_then(|i| all.get(i));
+        by_number.or_else(|| all.iter().find(|s| s.name().eq_ignore_ascii_case(text.trim()))).copied().ok_or_else(|| {
+            invalid(format!(
+                "'{text}' is not a logged model status; expected LOGGED_MODEL_PENDING, LOGGED_MODEL_READY or LOGGED_MODEL_UPLOAD_FAILED"
+            ))
+        })
+    }
+}
+
+/// A logged model (MLflow 3's `log_model`): a model's files and metadata, made by a run or on
+/// its own, that the registry can register by `models:/<model id>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoggedModelRecord {
+    pub id: [u8; 16],
+    pub experiment_id: u64,
+    pub name: String,
+    pub artifact_location: String,
+    pub owner: Option<Address>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub status: ModelStatus,
+    pub model_type: String,
+    /// The run that made it, when one did.
+    pub source_run_id: String,
+    pub deleted: bool,
+    pub params: BTreeMap<String, String>,
+    pub tags: BTreeMap<String, String>,
+}
+
+impl LoggedModelRecord {
+    pub fn model_id(&self) -> String {
+        format!("m-{}", hex(&self.id))
+    }
+}
+
+/// Parses a logged model id: `m-` and 32 hex digits.
+pub fn parse_model_id(text: &str) -> Result<[u8; 16], RegistryError> {
+    text.trim()
+        .strip_prefix("m-")
+        .and_then(|hex| parse_run_id(hex).ok())
+        .ok_or_else(|| RegistryError::NotFound(format!("Logged model with ID '{text}' not found")))
+}
+
+/// What a new logged model starts with.
+#[derive(Default)]
+pub struct NewLoggedModel {
+    pub name: Option<String>,
+    pub model_type: String,
+    pub source_run_id: Option<String>,
+    pub params: Vec<(String, String)>,
+    pub tags: Vec<(String, String)>,
+}
+
+struct ModelFields<'a>(&'a LoggedModelRecord);
+
+impl Fields for ModelFields<'_> {
+    fn text(&self, field: &Field) -> Option<&str> {
+        match field {
+            Field::Name => Some(&self.0.name),
+            Field::RunId => Some(&self.0.source_run_id).filter(|r| !r.is_empty()).map(String::as_str),
+            Field::Param(key) => self.0.params.get(key).map(String::as_str),
+            Field::Tag(key) => self.0.tags.get(key).map(String::as_str),
+            _ => None,
+        }
+    }
+
+    fn number(&self, field: &Field) -> Option<f64> {
+        match field {
+            Field::CreationTime => Some(self.0.created_ms as f64),
+            Field::LastUpdateTime => Some(self.0.updated_ms as f64),
+            _ => None,
+        }
     }
 }
 
@@ -337,6 +434,29 @@ fn check_value(kind: &str, key: &str, value: &str, max: usize) -> Result<(), Reg
         return Err(invalid(format!("the value of {kind} '{key}' is longer than {max} characters")));
     }
     Ok(())
+}
+
+/// Who a new record belongs to: the signed-in wallet, or nobody for the operator.
+fn creator(actor: &Actor, needs: &str) -> Result<Option<Address>, RegistryError> {
+    match actor {
+        Actor::Anonymous => Err(RegistryError::Unauthenticated(needs.to_owned())),
+        Actor::Operator => Ok(None),
+        Actor::Wallet(a) => Ok(Some(*a)),
+    }
+}
+
+fn check_params(params: &[(String, String)]) -> Result<(), RegistryError> {
+    params.iter().try_for_each(|(key, value)| {
+        check_key("param", key)?;
+        check_value("param", key, value, MAX_PARAM_VALUE)
+    })
+}
+
+fn check_tags(tags: &[(String, String)]) -> Result<(), RegistryError> {
+    tags.iter().try_for_each(|(key, value)| {
+        check_key("tag", key)?;
+        check_value("tag", key, value, MAX_TAG_VALUE)
+    })
 }
 
 fn check_experiment_name(name: &str) -> Result<(), RegistryError> {
@@ -485,20 +605,9 @@ impl Tracking {
         artifact_location: Option<&str>,
         tags: Vec<(String, String)>,
     ) -> Result<u64, RegistryError> {
-        let owner = match ctx.actor {
-            Actor::Anonymous => {
-                return Err(RegistryError::Unauthenticated(
-                    "creating an experiment needs a bearer token".into(),
-                ));
-            }
-            Actor::Operator => None,
-            Actor::Wallet(a) => Some(a),
-        };
+        let owner = creator(&ctx.actor, "creating an experiment needs a bearer token")?;
         check_experiment_name(name)?;
-        for (key, value) in &tags {
-            check_key("tag", key)?;
-            check_value("tag", key, value, MAX_TAG_VALUE)?;
-        }
+        check_tags(&tags)?;
         let location = artifact_location.map(str::trim).filter(|l| !l.is_empty());
         if let Some(location) = location
             && (location.len() > MAX_LOCATION || location.chars().any(char::is_control))
@@ -542,6 +651,31 @@ impl Tracking {
             Some((format!("tracking.experiment_created {name}"), format!("experiment:{id}"))),
         )?;
         Ok(id)
+    }
+
+    /// The experiment, when it takes new `what` (runs, models) from `ctx`: it is active, and
+    /// `ctx` owns it, is an operator, or it belongs to nobody.
+    fn accepting(
+        &self,
+        ctx: &Context,
+        experiment_id: u64,
+        what: &str,
+    ) -> Result<ExperimentRecord, RegistryError> {
+        let experiment = self.experiment(experiment_id)?;
+        if experiment.deleted {
+            return Err(invalid(format!(
+                "experiment {experiment_id} is deleted; {what} go only to active experiments"
+            )));
+        }
+        if experiment.owner.is_some() {
+            Self::may_change_experiment(&ctx.actor, &experiment).map_err(|_| {
+                RegistryError::Forbidden(format!(
+                    "only the creator of experiment '{}' or an operator may add {what} to it",
+                    experiment.name
+                ))
+            })?;
+        }
+        Ok(experiment)
     }
 
     /// Changes an experiment its owner or an operator may change.
@@ -686,17 +820,8 @@ impl Tracking {
         experiment_id: u64,
         new: NewRun,
     ) -> Result<RunRecord, RegistryError> {
-        let owner = match ctx.actor {
-            Actor::Anonymous => {
-                return Err(RegistryError::Unauthenticated("creating a run needs a bearer token".into()));
-            }
-            Actor::Operator => None,
-            Actor::Wallet(a) => Some(a),
-        };
-        for (key, value) in &new.tags {
-            check_key("tag", key)?;
-            check_value("tag", key, value, MAX_TAG_VALUE)?;
-        }
+        let owner = creator(&ctx.actor, "creating a run needs a bearer token")?;
+        check_tags(&new.tags)?;
         let mut tags: BTreeMap<String, String> = new.tags.into_iter().collect();
         let name = new
             .name
@@ -706,20 +831,7 @@ impl Tracking {
         if let Some(name) = &name {
             check_value("run", "name", name, MAX_NAME)?;
         }
-        let experiment = self.experiment(experiment_id)?;
-        if experiment.deleted {
-            return Err(invalid(format!(
-                "experiment {experiment_id} is deleted; runs go only to active experiments"
-            )));
-        }
-        if experiment.owner.is_some() {
-            Self::may_change_experiment(&ctx.actor, &experiment).map_err(|_| {
-                RegistryError::Forbidden(format!(
-                    "only the creator of experiment '{}' or an operator may add runs to it",
-                    experiment.name
-                ))
-            })?;
-        }
+        let experiment = self.accepting(ctx, experiment_id, "runs")?;
         let mut id = [0u8; 16];
         getrandom::fill(&mut id).map_err(|e| invalid(format!("no random run id: {e}")))?;
         let run_id = hex(&id);
@@ -744,6 +856,7 @@ impl Tracking {
             latest: BTreeMap::new(),
             points: 0,
             inputs: Vec::new(),
+            outputs: Vec::new(),
         };
         let _guard = self.lock();
         let mut batch = self.store.batch();
@@ -849,14 +962,8 @@ impl Tracking {
         for (key, _) in &metrics {
             check_key("metric", key)?;
         }
-        for (key, value) in &params {
-            check_key("param", key)?;
-            check_value("param", key, value, MAX_PARAM_VALUE)?;
-        }
-        for (key, value) in &tags {
-            check_key("tag", key)?;
-            check_value("tag", key, value, MAX_TAG_VALUE)?;
-        }
+        check_params(&params)?;
+        check_tags(&tags)?;
         self.change_run(ctx, id, None, |run, batch| {
             Self::active(run)?;
             let mut new_params = BTreeMap::new();
@@ -1013,16 +1120,233 @@ impl Tracking {
     }
 
     /// Whether `ctx` may write `path` of the artifact tree: a run's artifacts
-    /// (`<experiment id>/<run id>/...`) are written by the run's creator or an operator; other
-    /// paths are the registry's concern.
+    /// (`<experiment id>/<run id>/...`) and a logged model's (`<experiment id>/models/<model
+    /// id>/...`) are written by their creator or an operator; other paths are the registry's
+    /// concern.
     pub fn check_artifact_write(&self, ctx: &Context, path: &str) -> Result<(), RegistryError> {
-        let mut parts = path.trim_start_matches('/').splitn(3, '/');
-        let (Some(experiment), Some(run)) = (parts.next(), parts.next()) else { return Ok(()) };
-        let Ok(experiment) = experiment.parse::<u64>() else { return Ok(()) };
-        let Ok(key) = parse_run_id(run) else { return Ok(()) };
+        let parts: Vec<&str> = path.trim_start_matches('/').splitn(4, '/').collect();
+        let Some(Ok(experiment)) = parts.first().map(|e| e.parse::<u64>()) else { return Ok(()) };
+        if let [_, "models", model, ..] = parts.as_slice() {
+            let Ok(key) = parse_model_id(model) else { return Ok(()) };
+            return match self.store.get::<TrackingLoggedModels>(&key)? {
+                Some(model) if model.experiment_id == experiment => {
+                    Self::may_change(&ctx.actor, model.owner, &model.model_id())
+                }
+                _ => Ok(()),
+            };
+        }
+        let Some(Ok(key)) = parts.get(1).map(|r| parse_run_id(r)) else { return Ok(()) };
         match self.store.get::<TrackingRuns>(&key)? {
             Some(run) if run.experiment_id == experiment => Self::may_change_run(&ctx.actor, &run),
             _ => Ok(()),
         }
+    }
+
+    // ----- logged models -----
+
+    fn may_change(actor: &Actor, owner: Option<Address>, what: &str) -> Result<(), RegistryError> {
+        match actor {
+            Actor::Operator => Ok(()),
+            Actor::Anonymous => Err(RegistryError::Unauthenticated("this needs a bearer token".into())),
+            Actor::Wallet(a) if owner == Some(*a) => Ok(()),
+            Actor::Wallet(_) => Err(RegistryError::Forbidden(format!(
+                "only the creator of {what} or an operator may change it"
+            ))),
+        }
+    }
+
+    /// The model, unless deleted (or with `allow_deleted`).
+    pub fn logged_model(&self, id: &str, allow_deleted: bool) -> Result<LoggedModelRecord, RegistryError> {
+        let key = parse_model_id(id)?;
+        self.store
+            .get::<TrackingLoggedModels>(&key)?
+            .filter(|m| allow_deleted || !m.deleted)
+            .ok_or_else(|| RegistryError::NotFound(format!("Logged model with ID '{id}' not found")))
+    }
+
+    pub fn create_logged_model(
+        &self,
+        ctx: &Context,
+        experiment_id: u64,
+        new: NewLoggedModel,
+    ) -> Result<LoggedModelRecord, RegistryError> {
+        let owner = creator(&ctx.actor, "logging a model needs a bearer token")?;
+        check_params(&new.params)?;
+        check_tags(&new.tags)?;
+        if let Some(name) = &new.name {
+            check_value("model", "name", name, MAX_NAME)?;
+        }
+        check_value("model", "model_type", &new.model_type, MAX_NAME)?;
+        let source_run_id = match new.source_run_id.filter(|r| !r.is_empty()) {
+            Some(run) => self.run(&run)?.run_id(),
+            None => String::new(),
+        };
+        let experiment = self.accepting(ctx, experiment_id, "models")?;
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).map_err(|e| invalid(format!("no random model id: {e}")))?;
+        let now = now_ms();
+        let mut record = LoggedModelRecord {
+            id,
+            experiment_id,
+            name: String::new(),
+            artifact_location: String::new(),
+            owner,
+            created_ms: now,
+            updated_ms: now,
+            status: ModelStatus::Pending,
+            model_type: new.model_type,
+            source_run_id,
+            deleted: false,
+            params: new.params.into_iter().collect(),
+            tags: new.tags.into_iter().collect(),
+        };
+        let model_id = record.model_id();
+        record.name =
+            new.name.filter(|n| !n.is_empty()).unwrap_or_else(|| format!("model-{}", &model_id[2..10]));
+        record.artifact_location =
+            format!("{}/models/{model_id}/artifacts", experiment.artifact_location.trim_end_matches('/'));
+        let _guard = self.lock();
+        let mut batch = self.store.batch();
+        batch.put::<TrackingLoggedModels>(&id, &record)?;
+        batch.put::<TrackingExperimentModels>(&(experiment_id, id), &())?;
+        let audited = (
+            format!("tracking.model_logged {} in {experiment_id}", record.name),
+            format!("logged_model:{model_id}"),
+        );
+        self.commit(ctx, batch, Some(audited))?;
+        Ok(record)
+    }
+
+    /// Changes a logged model its creator or an operator may change.
+    fn change_model<T>(
+        &self,
+        ctx: &Context,
+        id: &str,
+        audited: Option<&str>,
+        change: impl FnOnce(&mut LoggedModelRecord) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let _guard = self.lock();
+        let mut record = self.logged_model(id, false)?;
+        Self::may_change(&ctx.actor, record.owner, &format!("logged model {id}"))?;
+        let out = change(&mut record)?;
+        record.updated_ms = now_ms();
+        let mut batch = self.store.batch();
+        batch.put::<TrackingLoggedModels>(&record.id, &record)?;
+        let audited =
+            audited.map(|what| (format!("tracking.{what} {}", record.name), format!("logged_model:{id}")));
+        self.commit(ctx, batch, audited)?;
+        Ok(out)
+    }
+
+    pub fn finalize_logged_model(
+        &self,
+        ctx: &Context,
+        id: &str,
+        status: ModelStatus,
+    ) -> Result<LoggedModelRecord, RegistryError> {
+        self.change_model(ctx, id, None, |model| {
+            model.status = status;
+            Ok(model.clone())
+        })
+    }
+
+    /// Marks a logged model deleted: it is no longer found, and its files stay where they are.
+    pub fn delete_logged_model(&self, ctx: &Context, id: &str) -> Result<(), RegistryError> {
+        self.change_model(ctx, id, Some("model_deleted"), |model| {
+            model.deleted = true;
+            Ok(())
+        })
+    }
+
+    /// Sets tags (`value` given) or deletes one; params are written once, as a run's.
+    pub fn change_logged_model_metadata(
+        &self,
+        ctx: &Context,
+        id: &str,
+        params: Vec<(String, String)>,
+        tags: Vec<(String, String)>,
+        delete_tag: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        if params.len() > MAX_BATCH_PARAMS || tags.len() > MAX_BATCH_TAGS {
+            return Err(invalid(format!(
+                "a call takes at most {MAX_BATCH_PARAMS} params and {MAX_BATCH_TAGS} tags"
+            )));
+        }
+        check_params(&params)?;
+        check_tags(&tags)?;
+        self.change_model(ctx, id, None, |model| {
+            for (key, value) in &params {
+                if let Some(old) = model.params.get(key).filter(|old| *old != value) {
+                    return Err(invalid(format!(
+                        "Changing param values is not allowed. Param with key='{key}' was already logged with value='{old}' for model '{id}'."
+                    )));
+                }
+            }
+            model.params.extend(params);
+            model.tags.extend(tags);
+            if let Some(key) = delete_tag {
+                model.tags.remove(key).ok_or_else(|| {
+                    RegistryError::NotFound(format!("No tag with key '{key}' on logged model '{id}'"))
+                })?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The logged models of `experiments` a search returns (deleted ones never), in `order` (by
+    /// default the newest first).
+    pub fn search_logged_models(
+        &self,
+        experiments: &[u64],
+        clauses: &[Clause],
+        order: &[Order],
+    ) -> Result<Vec<LoggedModelRecord>, RegistryError> {
+        let mut found = Vec::new();
+        for &experiment in experiments {
+            self.experiment(experiment)?;
+            for item in self.store.scan::<TrackingExperimentModels>(&experiment.to_be_bytes(), None, false) {
+                let (raw, ()) = item?;
+                let Ok(key) = <[u8; 16]>::try_from(&raw[8..]) else { continue };
+                let Some(model) = self.store.get::<TrackingLoggedModels>(&key)? else { continue };
+                if !model.deleted && filter::matches(clauses, &ModelFields(&model)) {
+                    found.push(model);
+                }
+            }
+        }
+        let then = [
+            Order { field: Some(Field::CreationTime), ascending: false },
+            Order { field: None, ascending: true },
+        ];
+        sorted(&mut found, order, then, |m, o| match &o.field {
+            None => Some(SortValue::Bytes(&m.id)),
+            Some(Field::Name) => Some(SortValue::Text(&m.name)),
+            Some(field) if field.numeric() => ModelFields(m).number(field).map(SortValue::Number),
+            Some(Field::RunId) => Some(SortValue::Text(&m.source_run_id)),
+            Some(Field::Param(key)) => m.params.get(key).map(|v| SortValue::Text(v)),
+            Some(Field::Tag(key)) => m.tags.get(key).map(|v| SortValue::Text(v)),
+            Some(_) => None,
+        });
+        Ok(found)
+    }
+
+    /// Records logged models as a run's outputs (each model once; a later step replaces it).
+    pub fn log_outputs(
+        &self,
+        ctx: &Context,
+        run_id: &str,
+        models: Vec<(String, i64)>,
+    ) -> Result<(), RegistryError> {
+        let mut outputs = Vec::with_capacity(models.len());
+        for (model, step) in models {
+            outputs.push((self.logged_model(&model, false)?.id, step));
+        }
+        self.change_run(ctx, run_id, None, |run, _| {
+            Self::active(run)?;
+            for (model, step) in outputs {
+                run.outputs.retain(|(m, _)| *m != model);
+                run.outputs.push((model, step));
+            }
+            Ok(())
+        })
     }
 }

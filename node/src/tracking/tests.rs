@@ -278,3 +278,61 @@ fn experiment_names_stay_unique_through_renames_and_deletes() {
     tracking.create_run(&op(), a, NewRun::default()).unwrap();
     refused(tracking.create_experiment(&op(), " ", None, vec![]), "needs a name");
 }
+
+#[test]
+fn logged_models_belong_to_their_creators_and_hide_once_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, tracking) = open(dir.path());
+    let (a, b) = (wallet(0xaa), wallet(0xbb));
+    let run = tracking.create_run(&a, DEFAULT_EXPERIMENT, NewRun::default()).unwrap();
+    let new = NewLoggedModel {
+        name: Some("clf".into()),
+        source_run_id: Some(run.run_id()),
+        params: vec![("depth".into(), "3".into())],
+        ..NewLoggedModel::default()
+    };
+    let model = tracking.create_logged_model(&a, DEFAULT_EXPERIMENT, new).unwrap();
+    let id = model.model_id();
+    assert_eq!(model.status, ModelStatus::Pending);
+    assert_eq!(model.artifact_location, format!("mlflow-artifacts:/0/models/{id}/artifacts"));
+    let missing_run = NewLoggedModel { source_run_id: Some("f".repeat(32)), ..NewLoggedModel::default() };
+    assert!(matches!(
+        tracking.create_logged_model(&a, DEFAULT_EXPERIMENT, missing_run),
+        Err(RegistryError::NotFound(_))
+    ));
+
+    forbidden(tracking.finalize_logged_model(&b, &id, ModelStatus::Ready));
+    forbidden(tracking.change_logged_model_metadata(&b, &id, vec![], vec![("k".into(), "v".into())], None));
+    forbidden(tracking.check_artifact_write(&b, &format!("0/models/{id}/artifacts/MLmodel")));
+    tracking.check_artifact_write(&a, &format!("0/models/{id}/artifacts/MLmodel")).unwrap();
+    refused(
+        tracking.change_logged_model_metadata(&a, &id, vec![("depth".into(), "4".into())], vec![], None),
+        "Changing param values",
+    );
+    assert_eq!(
+        tracking.finalize_logged_model(&a, &id, ModelStatus::Ready).unwrap().status,
+        ModelStatus::Ready
+    );
+
+    tracking.log_outputs(&a, &run.run_id(), vec![(id.clone(), 3), (id.clone(), 5)]).unwrap();
+    assert_eq!(
+        tracking.run(&run.run_id()).unwrap().outputs,
+        vec![(model.id, 5)],
+        "a model once, at its last step"
+    );
+    assert!(matches!(
+        tracking.log_outputs(&a, &run.run_id(), vec![("m-nothing".into(), 0)]),
+        Err(RegistryError::NotFound(_))
+    ));
+
+    let clauses =
+        filter::parse(&format!("name = 'clf' AND source_run_id = '{}'", run.run_id()), Kind::LoggedModels)
+            .unwrap();
+    let found = tracking.search_logged_models(&[DEFAULT_EXPERIMENT], &clauses, &[]).unwrap();
+    assert_eq!(found.iter().map(|m| m.model_id()).collect::<Vec<_>>(), std::slice::from_ref(&id));
+    forbidden(tracking.delete_logged_model(&b, &id));
+    tracking.delete_logged_model(&a, &id).unwrap();
+    assert!(matches!(tracking.logged_model(&id, false), Err(RegistryError::NotFound(_))));
+    assert!(tracking.logged_model(&id, true).unwrap().deleted);
+    assert!(tracking.search_logged_models(&[DEFAULT_EXPERIMENT], &[], &[]).unwrap().is_empty());
+}
