@@ -555,11 +555,22 @@ impl Compute {
             batch: Some(hp.batch_size as u64),
             ..Default::default()
         })?;
-        let selection = self.estimate(&requirements, &request.constraints)?;
-        let offer = super::offers::live(&self.store, self.chain_now()?)?
-            .into_iter()
-            .find(|o| o.hash == selection.chosen.offer_hash)
-            .ok_or_else(|| invalid("the chosen offer left the book; try again"))?;
+        // A provider re-signs its pool's offer as its capacity frees up, so the offer chosen may
+        // be replaced between the choice and the look-up: choose again from the book as it is
+        // then, a few times, before giving up.
+        let mut attempts = 0;
+        let (selection, offer) = loop {
+            let selection = self.estimate(&requirements, &request.constraints)?;
+            let chosen = super::offers::live(&self.store, self.chain_now()?)?
+                .into_iter()
+                .find(|o| o.hash == selection.chosen.offer_hash);
+            attempts += 1;
+            match chosen {
+                Some(offer) => break (selection, offer),
+                None if attempts < 3 => continue,
+                None => return Err(invalid("the chosen offer left the book three times running; try again")),
+            }
+        };
         Ok(Plan {
             view_version: view.version.version,
             base,
