@@ -263,6 +263,13 @@ pub struct TrafficView {
     pub upstream_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<String>,
+    /// Builtin deployments whose calls went to more than one version: this version's recent
+    /// rows (since the second version's first call) against the deployment's reference, so a
+    /// canary whose inputs or answers differ from the others' shows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drift: Option<drift::DriftView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_drift: Option<drift::DriftView>,
 }
 
 /// One version's share of a deployment's calls, as asked for: a version number or an alias.
@@ -357,6 +364,9 @@ struct Stats {
     /// inputs, an encoder's embeddings) and an MLP's outputs.
     drift: Option<drift::Drift>,
     output_drift: Option<drift::Drift>,
+    /// Once calls go to more than one version: each version's recent rows against the
+    /// deployment's reference.
+    version_drift: BTreeMap<(u32, Watched), drift::Drift>,
 }
 
 impl Stats {
@@ -369,7 +379,7 @@ impl Stats {
 }
 
 /// Which rows of a deployment a drift tracker follows, and where its reference is kept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Watched {
     Inputs,
     Outputs,
@@ -414,6 +424,14 @@ impl Watched {
         match self {
             Self::Inputs => ("agora_deployment_input_drift", "agora_deployment_input_psi"),
             Self::Outputs => ("agora_deployment_output_drift", "agora_deployment_output_psi"),
+        }
+    }
+
+    /// The gauges of one version's score and PSI.
+    fn version_gauges(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Inputs => ("agora_deployment_version_input_drift", "agora_deployment_version_input_psi"),
+            Self::Outputs => ("agora_deployment_version_output_drift", "agora_deployment_version_output_psi"),
         }
     }
 
@@ -716,6 +734,8 @@ impl Serve {
                     latency_p99_ms,
                     upstream_url: upstream.map(|(_, u)| u.url.clone()),
                     health: upstream.and_then(|_| s.version_health.get(&version).cloned()),
+                    drift: s.version_drift.get(&(version, Watched::Inputs)).map(drift::Drift::view),
+                    output_drift: s.version_drift.get(&(version, Watched::Outputs)).map(drift::Drift::view),
                 }
             })
             .collect();
@@ -1070,22 +1090,23 @@ impl Serve {
         let result = found.map_err(ServeError::from).and_then(|view| self.load(&view)).and_then(|loaded| {
             match &loaded.network {
                 Network::Mlp(mlp) => {
-                    self.observe(
-                        record.id,
-                        Watched::Inputs,
-                        mlp.inputs(),
-                        rows.iter().filter_map(Row::numbers),
-                    );
+                    let at = (record.id, version);
+                    self.observe(at, Watched::Inputs, mlp.inputs(), rows.iter().filter_map(Row::numbers));
                     let outputs = loaded.batcher.run(&loaded.network, rows)?;
                     let width = outputs.first().map_or(0, Vec::len);
-                    self.observe(record.id, Watched::Outputs, width, outputs.iter().map(Vec::as_slice));
+                    self.observe(at, Watched::Outputs, width, outputs.iter().map(Vec::as_slice));
                     Ok(outputs)
                 }
                 // texts drift where the model puts them: in their embeddings
                 Network::Encoder(_) => {
                     let embeddings = loaded.batcher.run(&loaded.network, rows)?;
                     let width = embeddings.first().map_or(0, Vec::len);
-                    self.observe(record.id, Watched::Inputs, width, embeddings.iter().map(Vec::as_slice));
+                    self.observe(
+                        (record.id, version),
+                        Watched::Inputs,
+                        width,
+                        embeddings.iter().map(Vec::as_slice),
+                    );
                     Ok(embeddings)
                 }
             }
@@ -1095,10 +1116,22 @@ impl Serve {
     }
 
     /// Follows the drift of a deployment's rows: its inputs (an MLP's numbers, an encoder's
-    /// embeddings) or an MLP's outputs.
-    fn observe<'r>(&self, id: u64, watched: Watched, width: usize, rows: impl Iterator<Item = &'r [f32]>) {
+    /// embeddings) or an MLP's outputs; and, once its calls have gone to more than one version,
+    /// the rows of the version that served them against the deployment's reference.
+    fn observe<'r>(
+        &self,
+        (id, version): (u64, u32),
+        watched: Watched,
+        width: usize,
+        rows: impl Iterator<Item = &'r [f32]>,
+    ) {
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        let tracker = stats.entry(id).or_default().tracker(watched);
+        let s = stats.entry(id).or_default();
+        let split = s.versions.keys().any(|v| *v != version);
+        let rows: Vec<&[f32]> = rows.collect();
+        let version_view =
+            if split { Self::observe_version(s, version, watched, width, &rows) } else { None };
+        let tracker = s.tracker(watched);
         if tracker.as_ref().is_none_or(|d| d.width() != width.min(drift::MAX_FEATURES)) {
             let (reference, bins) = watched.load(&self.store, id).unwrap_or_else(|e| {
                 tracing::warn!(target: "agora::serve", deployment = id, error = %e, "cannot read the {} drift reference; starting a new one", watched.what());
@@ -1112,6 +1145,11 @@ impl Serve {
         for row in rows {
             completed |= d.observe(row);
         }
+        if completed {
+            // versions' windows follow the reference in force
+            s.version_drift.retain(|(_, w), _| *w != watched);
+        }
+        let Some(d) = s.tracker(watched).as_mut() else { return };
         // stored under the lock, so a rebaseline cannot come between; the reference and its
         // bins together
         if completed {
@@ -1124,6 +1162,16 @@ impl Serve {
         // the gauges move every 100 rows, not on every call
         let view = (d.observed() / 100 != before / 100).then(|| d.view());
         drop(stats);
+        if let Some(view) = version_view {
+            let (drift_gauge, psi_gauge) = watched.version_gauges();
+            let labels = [("deployment", id.to_string()), ("version", version.to_string())];
+            if let Some(score) = view.score {
+                metrics::gauge!(drift_gauge, &labels).set(score);
+            }
+            if let Some(psi) = view.psi {
+                metrics::gauge!(psi_gauge, &labels).set(psi);
+            }
+        }
         if let Some(view) = view {
             let (id, (drift_gauge, psi_gauge)) = (id.to_string(), watched.gauges());
             if let Some(score) = view.score {
@@ -1133,6 +1181,36 @@ impl Serve {
                 metrics::gauge!(psi_gauge, "deployment" => id).set(psi);
             }
         }
+    }
+
+    /// Takes `rows` into `version`'s window of `watched`, made from the deployment's reference
+    /// once that is complete; its view when the gauges are due (every 100 rows).
+    fn observe_version(
+        s: &mut Stats,
+        version: u32,
+        watched: Watched,
+        width: usize,
+        rows: &[&[f32]],
+    ) -> Option<drift::DriftView> {
+        let width = width.min(drift::MAX_FEATURES);
+        // the fields, not `tracker`, so the windows can be borrowed beside the reference
+        let reference = match watched {
+            Watched::Inputs => s.drift.as_ref(),
+            Watched::Outputs => s.output_drift.as_ref(),
+        };
+        let reference =
+            reference.filter(|d| d.reference().complete() && d.bins().is_some() && d.width() == width)?;
+        let window = s.version_drift.entry((version, watched)).or_insert_with(|| {
+            drift::Drift::new(width, Some(reference.reference().clone()), reference.bins().cloned())
+        });
+        if window.width() != width {
+            return None;
+        }
+        let before = window.observed();
+        for row in rows {
+            window.observe(row);
+        }
+        (window.observed() / 100 != before / 100).then(|| window.view())
     }
 
     /// A deployment's drift now, of its inputs and of its outputs (none until its first call in
@@ -1160,6 +1238,7 @@ impl Serve {
         }
         if let Some(s) = stats.get_mut(&id) {
             (s.drift, s.output_drift) = (None, None);
+            s.version_drift.clear();
         }
         Ok(())
     }

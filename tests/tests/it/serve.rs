@@ -1293,3 +1293,78 @@ async fn input_drift_is_measured_and_fires_a_retraining_policy() {
     let (_, view) = node.get("/api/v1/deployments/1").await;
     assert_eq!(view["drift"]["reference_rows"], 10, "{view}");
 }
+
+#[tokio::test]
+async fn a_canary_whose_answers_differ_shows_it_in_its_own_drift() {
+    let (market, _data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN)]).await;
+    use agora_e2e::market::Mined;
+    let (seller, token) = publish(&market, &node, "iris", true).await;
+    let v2 = register_shifted(&seller, "iris", true, 1.5).await;
+    let hash: alloy::primitives::B256 =
+        format!("0x{}", v2["file"]["blake3"].as_str().unwrap()).parse().unwrap();
+    market.registry.anchorVersion(token, hash).from(market.address(1)).send().await.unwrap().mined().await;
+    agora_e2e::eventually("version 2 anchored", Duration::from_secs(30), || async {
+        let (_, v) = node.get("/api/v1/models/iris/versions").await;
+        v["versions"].as_array()?.iter().find(|x| x["version"] == 2)?["anchored"]["token_id"]
+            .as_str()
+            .map(drop)
+    })
+    .await;
+    let created = seller
+        .post_json("/api/v1/deployments/create", &json!({"model": "iris", "version": 1}))
+        .await
+        .unwrap();
+    let id = created["deployment_id"].as_str().unwrap().to_owned();
+    let predict = |rows: Vec<Vec<f32>>| {
+        let (seller, id) = (&seller, &id);
+        async move {
+            seller
+                .post_json(&format!("/api/v1/deployments/{id}/predict"), &json!({"inputs": rows}))
+                .await
+                .unwrap()
+        }
+    };
+    // The reference: 1,000 rows on version 1, then 200 more; no split, so no version's own drift.
+    for seed in 0..12 {
+        predict(spread(100, seed, 0.0)).await;
+    }
+    let (_, view) = node.get(&format!("/api/v1/deployments/{id}")).await;
+    assert_eq!(view["output_drift"]["recent_rows"], 200, "{view}");
+    assert_eq!(view["traffic"][0]["drift"], Value::Null, "{view}");
+
+    // A 50/50 canary of version 2, whose other biases answer the same rows otherwise.
+    let split = json!({"split": [{"version": 1, "percent": 50}, {"version": 2, "percent": 50}]});
+    seller.put_json(&format!("/api/v1/deployments/{id}/traffic"), &split).await.unwrap();
+    // (the windows start with version 2's first call: version 1's call before it is in the
+    // deployment's window only)
+    for seed in 20..26 {
+        let answer = predict(spread(100, seed, 0.0)).await;
+        assert!(answer["version"] == 1 || answer["version"] == 2, "{answer}");
+    }
+    let (_, view) = node.get(&format!("/api/v1/deployments/{id}")).await;
+    let of = |version: u64, watched: &str| -> Value {
+        let entry = view["traffic"].as_array().unwrap().iter().find(|t| t["version"] == version).unwrap();
+        entry[watched].clone()
+    };
+    for version in [1, 2] {
+        let inputs = of(version, "drift");
+        assert_eq!(inputs["reference_rows"], 1000, "{view}");
+        assert!(inputs["recent_rows"].as_u64().unwrap() >= 200, "{view}");
+        assert!(inputs["psi"].as_f64().unwrap() < 0.3, "the same inputs reach both: {view}");
+    }
+    let (stable, canary) = (of(1, "output_drift"), of(2, "output_drift"));
+    assert!(stable["psi"].as_f64().unwrap() < 0.3, "{view}");
+    assert!(canary["psi"].as_f64().unwrap() > 1.0, "the canary answers otherwise: {view}");
+    assert!(canary["score"].as_f64().unwrap() > stable["score"].as_f64().unwrap() * 3.0, "{view}");
+    let metrics = reqwest::get(format!("{}/metrics", node.url)).await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("agora_deployment_version_output_psi")
+            && l.contains(&format!("deployment=\"{id}\""))
+            && l.contains("version=\"2\"")),
+        "{metrics}"
+    );
+
+    // A reset starts the reference again, and the versions' windows with it.
+    let view = seller.delete_json(&format!("/api/v1/deployments/{id}/drift")).await.unwrap();
+    assert_eq!(view["traffic"][1]["output_drift"], Value::Null, "{view}");
+}
