@@ -258,3 +258,22 @@ def test_log_model_registers_and_loads_back(client):
     with pytest.raises(MlflowException) as e:
         client.get_logged_model(info.model_id)
     assert error_code(e) == "RESOURCE_DOES_NOT_EXIST"
+
+
+def test_nested_runs_and_the_dataframe_search(client):
+    experiment = mlflow.set_experiment(unique("sweep"))
+    with mlflow.start_run(run_name="sweep") as parent:
+        for lr in (0.1, 0.01):
+            with mlflow.start_run(run_name=f"lr-{lr}", nested=True):
+                mlflow.log_param("lr", lr)
+                mlflow.log_metric("loss", lr * 10)
+    children = client.search_runs(
+        [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", order_by=["metrics.loss"]
+    )
+    assert [r.info.run_name for r in children] == ["lr-0.01", "lr-0.1"]
+
+    frame = mlflow.search_runs([experiment.experiment_id], order_by=["attributes.run_name DESC"])
+    assert list(frame["tags.mlflow.runName"]) == ["sweep", "lr-0.1", "lr-0.01"]
+    assert sorted(frame["params.lr"].dropna()) == ["0.01", "0.1"]
+    assert frame["metrics.loss"].dropna().tolist() == pytest.approx([1.0, 0.1])
+    assert frame["run_id"].tolist()[0] == parent.info.run_id
