@@ -254,6 +254,17 @@ def test_log_model_registers_and_loads_back(client):
     links = client.get_logged_model(info.model_id).tags["mlflow.modelVersions"]
     assert name in links
 
+    # metrics logged for the model rank it among others
+    with mlflow.start_run(run_id=run.info.run_id):
+        mlflow.log_metric("accuracy", 0.93, model_id=info.model_id)
+        other = mlflow.pyfunc.log_model(name="other", python_model=Adder(), pip_requirements=[])
+        mlflow.log_metric("accuracy", 0.81, model_id=other.model_id)
+    assert client.get_logged_model(info.model_id).metrics[0].value == pytest.approx(0.93)
+    ranked = client.search_logged_models(
+        [run.info.experiment_id], order_by=[{"field_name": "metrics.accuracy", "ascending": False}]
+    )
+    assert [m.model_id for m in ranked] == [info.model_id, other.model_id]
+
     client.delete_logged_model(info.model_id)
     with pytest.raises(MlflowException) as e:
         client.get_logged_model(info.model_id)

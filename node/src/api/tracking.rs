@@ -246,6 +246,15 @@ fn logged_model_json(m: &LoggedModelRecord) -> Value {
     if !m.params.is_empty() {
         data.insert("params".into(), json!(tag_list(&m.params)));
     }
+    if !m.metrics.is_empty() {
+        let metrics = m.metrics.iter().map(|(key, (point, run))| {
+            let mut metric = metric_json(key, point);
+            metric["run_id"] = json!(run);
+            metric["model_id"] = json!(m.model_id());
+            metric
+        });
+        data.insert("metrics".into(), metrics.collect());
+    }
     json!({"info": info, "data": data})
 }
 
@@ -491,6 +500,7 @@ struct RunChange {
     model_json: Option<String>,
     #[serde(default)]
     datasets: Vec<Value>,
+    model_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -499,6 +509,8 @@ struct MetricIn {
     value: Option<Double>,
     timestamp: Option<Int>,
     step: Option<Int>,
+    /// A logged model the point is also for (MLflow 3).
+    model_id: Option<String>,
 }
 
 impl RunChange {
@@ -575,7 +587,13 @@ async fn log_metric(State(state): State<AppState>, headers: HeaderMap, raw: Byte
         let value = r.value.take().map(serde_json::from_value::<Double>).transpose().map_err(|e| {
             MlflowError::invalid(format!("metric '{key}' has a value that is not a number: {e}"))
         })?;
-        Ok(Logs { metrics: vec![metric(key, value, r.timestamp.take(), r.step.take())?], ..Logs::default() })
+        let (key, point) = metric(key, value, r.timestamp.take(), r.step.take())?;
+        let model_metrics = r.model_id.take().filter(|m| !m.is_empty()).map(|m| (m, key.clone(), point));
+        Ok(Logs {
+            metrics: vec![(key, point)],
+            model_metrics: model_metrics.into_iter().collect(),
+            ..Logs::default()
+        })
     })
     .await
 }
@@ -600,14 +618,20 @@ async fn set_tag(State(state): State<AppState>, headers: HeaderMap, raw: Bytes) 
 
 async fn log_batch(State(state): State<AppState>, headers: HeaderMap, raw: Bytes) -> Answer {
     log_to_run(&state, &headers, &raw, |r| {
-        let metrics = std::mem::take(&mut r.metrics)
-            .into_iter()
-            .map(|m| metric(m.key, m.value, m.timestamp, m.step))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut metrics = Vec::new();
+        let mut model_metrics = Vec::new();
+        for m in std::mem::take(&mut r.metrics) {
+            let (key, point) = metric(m.key, m.value, m.timestamp, m.step)?;
+            if let Some(model) = m.model_id.filter(|m| !m.is_empty()) {
+                model_metrics.push((model, key.clone(), point));
+            }
+            metrics.push((key, point));
+        }
         Ok(Logs {
             metrics,
             params: pairs(std::mem::take(&mut r.params)),
             tags: pairs(std::mem::take(&mut r.tags)),
+            model_metrics,
         })
     })
     .await

@@ -248,6 +248,9 @@ pub struct LoggedModelRecord {
     pub deleted: bool,
     pub params: BTreeMap<String, String>,
     pub tags: BTreeMap<String, String>,
+    /// Each metric logged for it (with its `model_id`): the latest point, and the run that
+    /// logged it.
+    pub metrics: BTreeMap<String, (MetricValue, String)>,
 }
 
 impl LoggedModelRecord {
@@ -291,6 +294,7 @@ impl Fields for ModelFields<'_> {
         match field {
             Field::CreationTime => Some(self.0.created_ms as f64),
             Field::LastUpdateTime => Some(self.0.updated_ms as f64),
+            Field::Metric(key) => self.0.metrics.get(key).map(|(m, _)| m.value),
             _ => None,
         }
     }
@@ -509,6 +513,8 @@ pub struct Logs {
     pub metrics: Vec<(String, MetricValue)>,
     pub params: Vec<(String, String)>,
     pub tags: Vec<(String, String)>,
+    /// Metrics (of `metrics`) also logged for a logged model: (model id, key, point).
+    pub model_metrics: Vec<(String, String, MetricValue)>,
 }
 
 #[derive(Clone)]
@@ -945,7 +951,7 @@ impl Tracking {
     /// Logs metrics, params and tags to a run, all or none: every key and value is checked,
     /// and no param changes value, before anything is written.
     pub fn log(&self, ctx: &Context, id: &str, logs: Logs) -> Result<(), RegistryError> {
-        let Logs { metrics, params, tags } = logs;
+        let Logs { metrics, params, tags, model_metrics } = logs;
         if metrics.len() > MAX_BATCH_METRICS || params.len() > MAX_BATCH_PARAMS || tags.len() > MAX_BATCH_TAGS
         {
             return Err(invalid(format!(
@@ -980,6 +986,27 @@ impl Tracking {
                         new_params.insert(key, value);
                     }
                 }
+            }
+            // the models' metrics go in the same batch, each model changed by whom it allows
+            let mut models: BTreeMap<[u8; 16], LoggedModelRecord> = BTreeMap::new();
+            for (model_id, key, point) in model_metrics {
+                let key_of = parse_model_id(&model_id)?;
+                let model = match models.entry(key_of) {
+                    std::collections::btree_map::Entry::Occupied(found) => found.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(slot) => {
+                        let model = self.logged_model(&model_id, false)?;
+                        Self::may_change(&ctx.actor, model.owner, &format!("logged model {model_id}"))?;
+                        slot.insert(model)
+                    }
+                };
+                let newer = model.metrics.get(&key).is_none_or(|(m, _)| point.later(m) != Ordering::Less);
+                if newer {
+                    model.metrics.insert(key, (point, run.run_id()));
+                }
+            }
+            for model in models.values_mut() {
+                model.updated_ms = now_ms();
+                batch.put::<TrackingLoggedModels>(&model.id, model)?;
             }
             run.params.extend(new_params);
             for (key, value) in tags {
@@ -1199,6 +1226,7 @@ impl Tracking {
             deleted: false,
             params: new.params.into_iter().collect(),
             tags: new.tags.into_iter().collect(),
+            metrics: BTreeMap::new(),
         };
         let model_id = record.model_id();
         record.name =

@@ -115,6 +115,7 @@ fn params_are_written_once_and_a_bad_batch_changes_nothing() {
         metrics: vec![("loss".into(), point(1.0, 0, 1))],
         params: vec![("ok".into(), "1".into())],
         tags: vec![("bad\nkey".into(), "x".into())],
+        ..Logs::default()
     };
     refused(tracking.log(&op(), &id, batch), "bad\nkey");
     let batch = Logs {
@@ -194,6 +195,7 @@ fn runs_are_found_by_metrics_params_tags_and_attributes() {
             metrics: if i == 4 { vec![] } else { vec![("acc".into(), point(i as f64 / 10.0, 0, 0))] },
             params: vec![("i".into(), i.to_string())],
             tags: vec![("parity".into(), if i % 2 == 0 { "even" } else { "odd" }.into())],
+            ..Logs::default()
         };
         tracking.log(&op(), &run.run_id(), logs).unwrap();
         ids.push(run.run_id());
@@ -335,4 +337,40 @@ fn logged_models_belong_to_their_creators_and_hide_once_deleted() {
     assert!(matches!(tracking.logged_model(&id, false), Err(RegistryError::NotFound(_))));
     assert!(tracking.logged_model(&id, true).unwrap().deleted);
     assert!(tracking.search_logged_models(&[DEFAULT_EXPERIMENT], &[], &[]).unwrap().is_empty());
+}
+
+#[test]
+fn a_logged_models_metrics_come_with_its_runs_and_rank_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, tracking) = open(dir.path());
+    let run = tracking.create_run(&op(), DEFAULT_EXPERIMENT, NewRun::default()).unwrap();
+    let model = |name: &str| {
+        let new = NewLoggedModel { name: Some(name.into()), ..NewLoggedModel::default() };
+        tracking.create_logged_model(&op(), DEFAULT_EXPERIMENT, new).unwrap().model_id()
+    };
+    let (small, large) = (model("small"), model("large"));
+    let log = |id: &str, acc: f64, step: i64| Logs {
+        metrics: vec![("acc".into(), point(acc, step, 1))],
+        model_metrics: vec![(id.to_owned(), "acc".into(), point(acc, step, 1))],
+        ..Logs::default()
+    };
+    tracking.log(&op(), &run.run_id(), log(&small, 0.80, 1)).unwrap();
+    tracking.log(&op(), &run.run_id(), log(&large, 0.70, 1)).unwrap();
+    tracking.log(&op(), &run.run_id(), log(&large, 0.93, 2)).unwrap();
+    tracking.log(&op(), &run.run_id(), log(&large, 0.50, 0)).unwrap();
+    let got = tracking.logged_model(&large, false).unwrap();
+    assert_eq!(got.metrics["acc"], (point(0.93, 2, 1), run.run_id()), "the latest step's");
+    let order = parse_order(&["metrics.acc DESC"], Kind::LoggedModels).unwrap();
+    let ranked = tracking.search_logged_models(&[DEFAULT_EXPERIMENT], &[], &order).unwrap();
+    assert_eq!(ranked.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["large", "small"]);
+    let clauses = filter::parse("metrics.acc < 0.9", Kind::LoggedModels).unwrap();
+    let found = tracking.search_logged_models(&[DEFAULT_EXPERIMENT], &clauses, &[]).unwrap();
+    assert_eq!(found.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["small"]);
+    // an unknown model fails the whole call: the run's point is not kept either
+    let points = tracking.run(&run.run_id()).unwrap().points;
+    assert!(matches!(
+        tracking.log(&op(), &run.run_id(), log(&format!("m-{}", "0".repeat(32)), 1.0, 9)),
+        Err(RegistryError::NotFound(_))
+    ));
+    assert_eq!(tracking.run(&run.run_id()).unwrap().points, points);
 }
