@@ -724,14 +724,15 @@ impl Tracking {
         })
     }
 
-    /// Marks an experiment deleted (its runs stay, and come back with it); the `Default` one
-    /// stays.
+    /// Marks an experiment deleted, and its runs with it (a restore brings them all back, as
+    /// MLflow's does); the `Default` one stays.
     pub fn set_experiment_deleted(&self, ctx: &Context, id: u64, deleted: bool) -> Result<(), RegistryError> {
         if id == DEFAULT_EXPERIMENT && deleted {
             return Err(invalid("the Default experiment cannot be deleted"));
         }
         let what = if deleted { "experiment_deleted" } else { "experiment_restored" };
-        self.change_experiment(ctx, id, Some(what), |record, _| {
+        let store = self.store.clone();
+        self.change_experiment(ctx, id, Some(what), |record, batch| {
             if record.deleted == deleted {
                 return Err(invalid(format!(
                     "experiment {id} is already {}",
@@ -739,6 +740,16 @@ impl Tracking {
                 )));
             }
             record.deleted = deleted;
+            // its runs go and come back with it, as MLflow's own store does
+            for item in store.scan::<TrackingExperimentRuns>(&id.to_be_bytes(), None, false) {
+                let (raw, ()) = item?;
+                let Ok(key) = <[u8; 16]>::try_from(&raw[8..]) else { continue };
+                let Some(mut run) = store.get::<TrackingRuns>(&key)? else { continue };
+                if run.deleted != deleted {
+                    run.deleted = deleted;
+                    batch.put::<TrackingRuns>(&key, &run)?;
+                }
+            }
             Ok(())
         })
     }

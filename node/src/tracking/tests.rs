@@ -266,6 +266,15 @@ fn experiment_names_stay_unique_through_renames_and_deletes() {
         other => panic!("{other:?}"),
     }
     refused(tracking.create_run(&op(), a, NewRun::default()), "deleted");
+    // its runs went with it, and come back with it
+    let runs_of = |view| tracking.search_runs(&[a], view, &[], &[]).unwrap().len();
+    assert_eq!((runs_of(ViewType::ActiveOnly), runs_of(ViewType::DeletedOnly)), (0, 0), "a has no runs yet");
+    assert_eq!(tracking.search_runs(&[b], ViewType::ActiveOnly, &[], &[]).unwrap().len(), 1);
+    tracking.set_experiment_deleted(&op(), b, true).unwrap();
+    assert_eq!(tracking.search_runs(&[b], ViewType::ActiveOnly, &[], &[]).unwrap().len(), 0);
+    assert!(tracking.run(&run.run_id()).unwrap().deleted);
+    tracking.set_experiment_deleted(&op(), b, false).unwrap();
+    assert!(!tracking.run(&run.run_id()).unwrap().deleted);
     let active = |view| -> Vec<String> {
         tracking
             .search_experiments(view, &[], &parse_order(&["name"], Kind::Experiments).unwrap())
