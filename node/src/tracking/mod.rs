@@ -15,7 +15,8 @@
 //!   each point is kept (`tracking_metrics`) and the run keeps each metric's latest point (the
 //!   highest step, then timestamp, then value, as MLflow's).
 //! - Every change is one synced batch under one writer lock; making, renaming, deleting and
-//!   restoring experiments and runs also go into the audit log with it. Params, tags and
+//!   restoring experiments and runs, and logging and deleting logged models, also go into the
+//!   audit log with it. Params, tags and
 //!   metrics do not: a training loop logs them thousands of times.
 //!
 //! Calls block on RocksDB: async callers run them on `spawn_blocking`.
