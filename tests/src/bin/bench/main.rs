@@ -17,6 +17,7 @@ mod compute;
 mod flows;
 mod p2p;
 mod serve;
+mod tracking;
 mod watermark;
 
 use std::{
@@ -78,9 +79,13 @@ async fn main() -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || compute::run(offers, rows)).await?
         }
         Some("artifacts") => artifacts::run(gib()).await,
+        Some("tracking") => {
+            let points = count("--points", 100_000);
+            tokio::task::spawn_blocking(move || tracking::run(points)).await?
+        }
         _ => {
             anyhow::bail!(
-                "usage: agora-bench index [--events N] [--store-side-only N] | watermark [--gib N] | artifacts [--gib N] | flows [--gib N] | serve [--requests N] [--callers N] | p2p [--nodes N] [--orders N] [--mib N] | compute [--offers N] [--rows N]"
+                "usage: agora-bench index [--events N] [--store-side-only N] | watermark [--gib N] | artifacts [--gib N] | flows [--gib N] | serve [--requests N] [--callers N] | p2p [--nodes N] [--orders N] [--mib N] | compute [--offers N] [--rows N] | tracking [--points N]"
             )
         }
     }
