@@ -25,10 +25,13 @@ use super::{
     },
 };
 use crate::{
-    registry::{RegistryError, filter::Kind},
+    registry::{
+        RegistryError,
+        filter::{Clause, Kind},
+    },
     tracking::{
         self, ExperimentRecord, LoggedModelRecord, Logs, MetricValue, ModelStatus, NewLoggedModel, NewRun,
-        RunRecord, RunStatus, Tracking, ViewType, parse_experiment_id,
+        Order, RunRecord, RunStatus, Tracking, ViewType, parse_experiment_id,
     },
 };
 
@@ -351,30 +354,44 @@ impl Search {
     }
 }
 
-/// One page of `items`, with the next page's token when more remain.
-fn paged<T>(items: Vec<T>, offset: usize, limit: usize) -> (Vec<T>, Option<String>) {
-    let next = (items.len() > offset.saturating_add(limit)).then(|| page_token(offset + limit));
-    (items.into_iter().skip(offset).take(limit).collect(), next)
+/// One page of `items` as the answer's `key` (left out when empty), with the next page's token
+/// when more remain.
+fn page_answer<T>(
+    items: &[T],
+    offset: usize,
+    limit: usize,
+    key: &str,
+    shape: impl Fn(&T) -> Value,
+) -> Answer {
+    let mut answer = json!({});
+    let page: Vec<Value> = items.iter().skip(offset).take(limit).map(shape).collect();
+    if !page.is_empty() {
+        answer[key] = Value::Array(page);
+    }
+    if items.len() > offset.saturating_add(limit) {
+        answer["next_page_token"] = json!(page_token(offset + limit));
+    }
+    Ok(Json(answer))
+}
+
+/// A search's filter and `order_by` entries, parsed for `kind`.
+fn criteria(
+    filter: Option<&str>,
+    order: &[String],
+    kind: Kind,
+) -> Result<(Vec<Clause>, Vec<Order>), MlflowError> {
+    let clauses = crate::registry::filter::parse(filter.unwrap_or(""), kind).map_err(MlflowError::invalid)?;
+    let order: Vec<&str> = order.iter().map(String::as_str).collect();
+    Ok((clauses, tracking::parse_order(&order, kind)?))
 }
 
 async fn experiments(state: &AppState, headers: &HeaderMap, search: Search) -> Answer {
     reader(state, headers)?;
     let view = Search::view(search.view_type.as_ref())?;
     let (offset, limit) = search.page()?;
-    let clauses = crate::registry::filter::parse(search.filter.as_deref().unwrap_or(""), Kind::Experiments)
-        .map_err(MlflowError::invalid)?;
-    let order: Vec<&str> = search.order_by.iter().map(String::as_str).collect();
-    let order = tracking::parse_order(&order, Kind::Experiments)?;
+    let (clauses, order) = criteria(search.filter.as_deref(), &search.order_by, Kind::Experiments)?;
     let found = track(state, move |t| t.search_experiments(view, &clauses, &order)).await?;
-    let (page, next) = paged(found, offset, limit);
-    let mut answer = json!({});
-    if !page.is_empty() {
-        answer["experiments"] = page.iter().map(experiment_json).collect();
-    }
-    if let Some(next) = next {
-        answer["next_page_token"] = json!(next);
-    }
-    Ok(Json(answer))
+    page_answer(&found, offset, limit, "experiments", experiment_json)
 }
 
 async fn search_experiments(State(state): State<AppState>, headers: HeaderMap, raw: Bytes) -> Answer {
@@ -672,20 +689,9 @@ async fn runs(state: &AppState, headers: &HeaderMap, search: Search) -> Answer {
     let (offset, limit) = search.page()?;
     let experiments =
         search.experiment_ids.iter().map(|e| parse_experiment_id(e)).collect::<Result<Vec<_>, _>>()?;
-    let clauses = crate::registry::filter::parse(search.filter.as_deref().unwrap_or(""), Kind::Runs)
-        .map_err(MlflowError::invalid)?;
-    let order: Vec<&str> = search.order_by.iter().map(String::as_str).collect();
-    let order = tracking::parse_order(&order, Kind::Runs)?;
+    let (clauses, order) = criteria(search.filter.as_deref(), &search.order_by, Kind::Runs)?;
     let found = track(state, move |t| t.search_runs(&experiments, view, &clauses, &order)).await?;
-    let (page, next) = paged(found, offset, limit);
-    let mut answer = json!({});
-    if !page.is_empty() {
-        answer["runs"] = page.iter().map(run_json).collect();
-    }
-    if let Some(next) = next {
-        answer["next_page_token"] = json!(next);
-    }
-    Ok(Json(answer))
+    page_answer(&found, offset, limit, "runs", run_json)
 }
 
 async fn search_runs(State(state): State<AppState>, headers: HeaderMap, raw: Bytes) -> Answer {
@@ -884,25 +890,14 @@ async fn search_logged_models(State(state): State<AppState>, headers: HeaderMap,
     let (offset, limit) = search.page()?;
     let experiments =
         request.experiment_ids.iter().map(|e| parse_experiment_id(e)).collect::<Result<Vec<_>, _>>()?;
-    let clauses = crate::registry::filter::parse(request.filter.as_deref().unwrap_or(""), Kind::LoggedModels)
-        .map_err(MlflowError::invalid)?;
     let order: Vec<String> = request
         .order_by
         .iter()
         .map(|o| format!("{} {}", o.field_name, if o.ascending { "ASC" } else { "DESC" }))
         .collect();
-    let order: Vec<&str> = order.iter().map(String::as_str).collect();
-    let order = tracking::parse_order(&order, Kind::LoggedModels)?;
+    let (clauses, order) = criteria(request.filter.as_deref(), &order, Kind::LoggedModels)?;
     let found = track(&state, move |t| t.search_logged_models(&experiments, &clauses, &order)).await?;
-    let (page, next) = paged(found, offset, limit);
-    let mut answer = json!({});
-    if !page.is_empty() {
-        answer["models"] = page.iter().map(logged_model_json).collect();
-    }
-    if let Some(next) = next {
-        answer["next_page_token"] = json!(next);
-    }
-    Ok(Json(answer))
+    page_answer(&found, offset, limit, "models", logged_model_json)
 }
 
 #[derive(Deserialize)]

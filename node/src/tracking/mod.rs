@@ -42,7 +42,7 @@ use crate::{
         now_ms,
     },
     store::{
-        Batch, Store,
+        Batch, Store, StoreError, Table,
         tables::{
             TrackingExperimentModels, TrackingExperimentNames, TrackingExperimentRuns, TrackingExperiments,
             TrackingLoggedModels, TrackingMetrics, TrackingRuns,
@@ -320,13 +320,17 @@ impl Fields for RunFields<'_> {
     }
 
     fn number(&self, field: &Field) -> Option<f64> {
-        let run = self.0;
-        match field {
-            Field::Metric(key) => run.latest.get(key).map(|m| m.value),
-            Field::StartTime => Some(run.start_ms as f64),
-            Field::EndTime => run.end_ms.map(|t| t as f64),
-            _ => None,
-        }
+        run_number(self.0, field)
+    }
+}
+
+/// A run's numeric field: a metric's latest value, its start or end.
+fn run_number(run: &RunRecord, field: &Field) -> Option<f64> {
+    match field {
+        Field::Metric(key) => run.latest.get(key).map(|m| m.value),
+        Field::StartTime => Some(run.start_ms as f64),
+        Field::EndTime => run.end_ms.map(|t| t as f64),
+        _ => None,
     }
 }
 
@@ -439,6 +443,34 @@ fn check_value(kind: &str, key: &str, value: &str, max: usize) -> Result<(), Reg
         return Err(invalid(format!("the value of {kind} '{key}' is longer than {max} characters")));
     }
     Ok(())
+}
+
+/// Whether `actor` may change what `owner` made (`what`, for the refusal): the owner or an
+/// operator.
+fn may_change(actor: &Actor, owner: Option<Address>, what: &str) -> Result<(), RegistryError> {
+    match actor {
+        Actor::Operator => Ok(()),
+        Actor::Anonymous => Err(RegistryError::Unauthenticated("this needs a bearer token".into())),
+        Actor::Wallet(a) if owner == Some(*a) => Ok(()),
+        Actor::Wallet(_) => {
+            Err(RegistryError::Forbidden(format!("only the creator of {what} or an operator may change it")))
+        }
+    }
+}
+
+/// The records of table `T` an experiment's lookup table `L` lists, in the lookup's order.
+fn members<L, T>(store: &Store, experiment: u64) -> Result<Vec<T::Value>, StoreError>
+where
+    L: Table<Key = (u64, [u8; 16])>,
+    T: Table<Key = [u8; 16]>,
+{
+    let mut found = Vec::new();
+    for item in store.scan::<L>(&experiment.to_be_bytes(), None, false) {
+        let (raw, _) = item?;
+        let Ok(key) = <[u8; 16]>::try_from(&raw[8..]) else { continue };
+        found.extend(store.get::<T>(&key)?);
+    }
+    Ok(found)
 }
 
 /// Who a new record belongs to: the signed-in wallet, or nobody for the operator.
@@ -594,15 +626,7 @@ impl Tracking {
     }
 
     fn may_change_experiment(actor: &Actor, experiment: &ExperimentRecord) -> Result<(), RegistryError> {
-        match actor {
-            Actor::Operator => Ok(()),
-            Actor::Anonymous => Err(RegistryError::Unauthenticated("this needs a bearer token".into())),
-            Actor::Wallet(a) if experiment.owner == Some(*a) => Ok(()),
-            Actor::Wallet(_) => Err(RegistryError::Forbidden(format!(
-                "only the creator of experiment '{}' or an operator may change it",
-                experiment.name
-            ))),
-        }
+        may_change(actor, experiment.owner, &format!("experiment '{}'", experiment.name))
     }
 
     pub fn create_experiment(
@@ -742,13 +766,10 @@ impl Tracking {
             }
             record.deleted = deleted;
             // its runs go and come back with it, as MLflow's own store does
-            for item in store.scan::<TrackingExperimentRuns>(&id.to_be_bytes(), None, false) {
-                let (raw, ()) = item?;
-                let Ok(key) = <[u8; 16]>::try_from(&raw[8..]) else { continue };
-                let Some(mut run) = store.get::<TrackingRuns>(&key)? else { continue };
+            for mut run in members::<TrackingExperimentRuns, TrackingRuns>(&store, id)? {
                 if run.deleted != deleted {
                     run.deleted = deleted;
-                    batch.put::<TrackingRuns>(&key, &run)?;
+                    batch.put::<TrackingRuns>(&run.id, &run)?;
                 }
             }
             Ok(())
@@ -821,15 +842,7 @@ impl Tracking {
     }
 
     fn may_change_run(actor: &Actor, run: &RunRecord) -> Result<(), RegistryError> {
-        match actor {
-            Actor::Operator => Ok(()),
-            Actor::Anonymous => Err(RegistryError::Unauthenticated("this needs a bearer token".into())),
-            Actor::Wallet(a) if run.owner == Some(*a) => Ok(()),
-            Actor::Wallet(_) => Err(RegistryError::Forbidden(format!(
-                "only the creator of run {} or an operator may change it",
-                run.run_id()
-            ))),
-        }
+        may_change(actor, run.owner, &format!("run {}", run.run_id()))
     }
 
     pub fn create_run(
@@ -1007,7 +1020,7 @@ impl Tracking {
                     std::collections::btree_map::Entry::Occupied(found) => found.into_mut(),
                     std::collections::btree_map::Entry::Vacant(slot) => {
                         let model = self.logged_model(&model_id, false)?;
-                        Self::may_change(&ctx.actor, model.owner, &format!("logged model {model_id}"))?;
+                        may_change(&ctx.actor, model.owner, &format!("logged model {model_id}"))?;
                         slot.insert(model)
                     }
                 };
@@ -1129,14 +1142,10 @@ impl Tracking {
         let mut found = Vec::new();
         for &experiment in experiments {
             self.experiment(experiment)?;
-            for item in self.store.scan::<TrackingExperimentRuns>(&experiment.to_be_bytes(), None, false) {
-                let (raw, ()) = item?;
-                let Ok(key) = <[u8; 16]>::try_from(&raw[8..]) else { continue };
-                let Some(run) = self.store.get::<TrackingRuns>(&key)? else { continue };
-                if view.shows(run.deleted) && filter::matches(clauses, &RunFields(&run, run.run_id())) {
-                    found.push(run);
-                }
-            }
+            let runs = members::<TrackingExperimentRuns, TrackingRuns>(&self.store, experiment)?;
+            found.extend(runs.into_iter().filter(|run| {
+                view.shows(run.deleted) && filter::matches(clauses, &RunFields(run, run.run_id()))
+            }));
         }
         let then = [
             Order { field: Some(Field::StartTime), ascending: false },
@@ -1144,9 +1153,7 @@ impl Tracking {
         ];
         sorted(&mut found, order, then, |run, o| match &o.field {
             None | Some(Field::RunId) => Some(SortValue::Bytes(&run.id)),
-            Some(field) if field.numeric() => {
-                RunFields(run, String::new()).number(field).map(SortValue::Number)
-            }
+            Some(field) if field.numeric() => run_number(run, field).map(SortValue::Number),
             Some(Field::RunName) => Some(SortValue::Text(&run.name)),
             Some(Field::Status) => Some(SortValue::Text(run.status.name())),
             Some(Field::UserId) => Some(SortValue::Text(&run.user_id)),
@@ -1169,7 +1176,7 @@ impl Tracking {
             let Ok(key) = parse_model_id(model) else { return Ok(()) };
             return match self.store.get::<TrackingLoggedModels>(&key)? {
                 Some(model) if model.experiment_id == experiment => {
-                    Self::may_change(&ctx.actor, model.owner, &model.model_id())
+                    may_change(&ctx.actor, model.owner, &model.model_id())
                 }
                 _ => Ok(()),
             };
@@ -1182,17 +1189,6 @@ impl Tracking {
     }
 
     // ----- logged models -----
-
-    fn may_change(actor: &Actor, owner: Option<Address>, what: &str) -> Result<(), RegistryError> {
-        match actor {
-            Actor::Operator => Ok(()),
-            Actor::Anonymous => Err(RegistryError::Unauthenticated("this needs a bearer token".into())),
-            Actor::Wallet(a) if owner == Some(*a) => Ok(()),
-            Actor::Wallet(_) => Err(RegistryError::Forbidden(format!(
-                "only the creator of {what} or an operator may change it"
-            ))),
-        }
-    }
 
     /// The model, unless deleted (or with `allow_deleted`).
     pub fn logged_model(&self, id: &str, allow_deleted: bool) -> Result<LoggedModelRecord, RegistryError> {
@@ -1267,7 +1263,7 @@ impl Tracking {
     ) -> Result<T, RegistryError> {
         let _guard = self.lock();
         let mut record = self.logged_model(id, false)?;
-        Self::may_change(&ctx.actor, record.owner, &format!("logged model {id}"))?;
+        may_change(&ctx.actor, record.owner, &format!("logged model {id}"))?;
         let out = change(&mut record)?;
         record.updated_ms = now_ms();
         let mut batch = self.store.batch();
@@ -1344,14 +1340,12 @@ impl Tracking {
         let mut found = Vec::new();
         for &experiment in experiments {
             self.experiment(experiment)?;
-            for item in self.store.scan::<TrackingExperimentModels>(&experiment.to_be_bytes(), None, false) {
-                let (raw, ()) = item?;
-                let Ok(key) = <[u8; 16]>::try_from(&raw[8..]) else { continue };
-                let Some(model) = self.store.get::<TrackingLoggedModels>(&key)? else { continue };
-                if !model.deleted && filter::matches(clauses, &ModelFields(&model)) {
-                    found.push(model);
-                }
-            }
+            let models = members::<TrackingExperimentModels, TrackingLoggedModels>(&self.store, experiment)?;
+            found.extend(
+                models
+                    .into_iter()
+                    .filter(|model| !model.deleted && filter::matches(clauses, &ModelFields(model))),
+            );
         }
         let then = [
             Order { field: Some(Field::CreationTime), ascending: false },
