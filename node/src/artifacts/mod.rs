@@ -9,6 +9,9 @@
 //! - Writes go to a temporary file, are fsynced and renamed into place; the record is written
 //!   after the rename. A crash leaves at most a temporary file or an unrecorded blob, both of
 //!   which `gc` removes; a half-written blob is never visible.
+//! - Reference counts change under one lock, which [`ArtifactStore::gc`] holds while it
+//!   decides and deletes: a blob is never collected between a write that finds it stored and
+//!   the reference that write records, nor a freshly published object before its record.
 //! - The master key lives under the data dir with mode 0600 (or where `AGORA_MASTER_KEY_FILE`
 //!   says); losing it loses every blob, so it is created once and never overwritten.
 //!
@@ -21,7 +24,7 @@ use std::{
     fs::{self, File},
     io::{self, BufWriter, Read, Write},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, SystemTime},
 };
 
@@ -76,6 +79,8 @@ pub struct ArtifactStore {
     store: Store,
     /// Temporary files older than this are leftovers of crashed writes.
     partial_grace: Duration,
+    /// Held while a blob's record and object change together (references, publishing, gc).
+    refs: Arc<Mutex<()>>,
 }
 
 impl ArtifactStore {
@@ -109,7 +114,14 @@ impl ArtifactStore {
     ) -> Result<Self, ArtifactError> {
         let partial = root.join("partial");
         fs::create_dir_all(&partial)?;
-        Ok(Self { partial, backend, key: Arc::new(key), store, partial_grace: Duration::from_secs(3600) })
+        Ok(Self {
+            partial,
+            backend,
+            key: Arc::new(key),
+            store,
+            partial_grace: Duration::from_secs(3600),
+            refs: Arc::new(Mutex::new(())),
+        })
     }
 
     /// Streams `input` into the store (at most `limit` bytes), compressed where it pays, and
@@ -142,6 +154,7 @@ impl ArtifactStore {
             }
         };
         let name = object_name(&written.hash);
+        let _refs = self.lock_refs();
         let existing = self.store.get::<Blobs>(&written.hash)?;
         if existing.is_some() && self.backend.exists(&name)? {
             fs::remove_file(&partial)?;
@@ -201,8 +214,19 @@ impl ArtifactStore {
         Ok(copied)
     }
 
+    /// Adds one reference to a stored blob (a second record of the same content, such as a
+    /// registered version's copy of a run's file).
+    pub fn acquire(&self, hash: &[u8; 32]) -> Result<BlobInfo, ArtifactError> {
+        let _refs = self.lock_refs();
+        let mut record = self.store.get::<Blobs>(hash)?.ok_or_else(|| ArtifactError::NotFound(hex(hash)))?;
+        record.refs += 1;
+        self.store.put::<Blobs>(hash, &record)?;
+        Ok(info(hash, &record))
+    }
+
     /// Drops one reference; the blob stays until [`Self::gc`].
     pub fn release(&self, hash: &[u8; 32]) -> Result<(), ArtifactError> {
+        let _refs = self.lock_refs();
         let mut record = self.store.get::<Blobs>(hash)?.ok_or_else(|| ArtifactError::NotFound(hex(hash)))?;
         record.refs = record.refs.saturating_sub(1);
         self.store.put::<Blobs>(hash, &record)?;
@@ -213,6 +237,7 @@ impl ArtifactStore {
     /// record), and temporary files of writes that crashed more than an hour ago.
     pub fn gc(&self) -> Result<GcReport, ArtifactError> {
         let mut report = GcReport::default();
+        let _refs = self.lock_refs();
         let mut batch = self.store.batch();
         for entry in self.store.scan::<Blobs>(&[], None, false) {
             let (key, record) = entry?;
@@ -250,6 +275,10 @@ impl ArtifactStore {
             }
         }
         Ok(report)
+    }
+
+    fn lock_refs(&self) -> MutexGuard<'_, ()> {
+        self.refs.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

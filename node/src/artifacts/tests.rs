@@ -259,6 +259,59 @@ fn failed_and_crashed_writes_leave_nothing_visible(mut f: Fixture) {
     assert_eq!(f.artifacts.gc().unwrap().partial_files, 1);
 }
 
+/// Writers that store and release the same content while collections run: every reference
+/// taken is counted, and the blob is never collected while one is held.
+#[test]
+fn references_and_collection_do_not_race() {
+    let f = local();
+    let data = content(CHUNK / 2, 7);
+    let hash = hash_of(&data);
+    let writers = 4;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let collector = scope.spawn(|| {
+            let mut runs = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                f.artifacts.gc().unwrap();
+                runs += 1;
+            }
+            runs
+        });
+        let handles: Vec<_> = (0..writers)
+            .map(|_| {
+                scope.spawn(|| {
+                    // a failing writer stops the collector too, so the test ends
+                    struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+                    impl Drop for Stop<'_> {
+                        fn drop(&mut self) {
+                            if std::thread::panicking() {
+                                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    let _stop = Stop(&done);
+                    f.artifacts.put(&data[..], u64::MAX).unwrap();
+                    for _ in 0..40 {
+                        f.artifacts.put(&data[..], u64::MAX).unwrap();
+                        f.artifacts.acquire(&hash).unwrap();
+                        f.artifacts.release(&hash).unwrap();
+                        f.artifacts.release(&hash).unwrap();
+                        // one reference is held throughout, so the blob must stay readable
+                        assert_eq!(read_all(&f.artifacts, &hash, 0, 16), &data[..16]);
+                    }
+                })
+            })
+            .collect();
+        let joined: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(collector.join().unwrap() > 0);
+        assert!(joined.iter().all(Result::is_ok), "a writer failed");
+    });
+    assert_eq!(f.artifacts.info(&hash).unwrap().unwrap().refs, writers);
+    assert_eq!(read_all(&f.artifacts, &hash, 0, u64::MAX), data);
+    assert!(matches!(f.artifacts.acquire(&[9; 32]), Err(ArtifactError::NotFound(_))));
+}
+
 #[test]
 fn the_master_key_is_created_once_private_and_checked() {
     use std::os::unix::fs::PermissionsExt;
