@@ -180,9 +180,20 @@ def test_download_by_alias_of_uploaded_files(client, tmp_path):
     client.create_registered_model(name)
     version = client.create_model_version(name, f"mlflow-artifacts:/{root}")
     client.set_registered_model_alias(name, "champion", version.version)
-    assert client.get_model_version_download_uri(name, version.version) == f"mlflow-artifacts:/{root}"
+    assert version.source == f"mlflow-artifacts:/{root}"
+    # the version holds its own copy of the files, so what happens to the uploads afterwards
+    # does not change what was registered
+    uri = client.get_model_version_download_uri(name, version.version)
+    assert uri.startswith("mlflow-artifacts:/registry/"), uri
+    repo.log_artifact(str(tmp_path / "MLmodel"), "extra")
+    (tmp_path / "MLmodel").write_text("flavors: {changed: {}}\n")
+    repo.log_artifact(str(tmp_path / "MLmodel"))
+    repo.delete_artifacts()
+    assert repo.list_artifacts() == []
+    (tmp_path / "MLmodel").write_text("flavors: {}\n")
 
     out = download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path / "out"))
+    assert "extra" not in os.listdir(out), "what was logged after registering is not the version's"
     assert sha256(os.path.join(out, "weights.bin")) == sha256(weights)
     assert open(os.path.join(out, "MLmodel")).read() == "flavors: {}\n"
 

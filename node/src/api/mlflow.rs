@@ -134,7 +134,8 @@ pub(super) fn caller(state: &AppState, headers: &HeaderMap) -> Result<Context, M
         .map_err(|r| MlflowError::new(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", r.message()))
 }
 
-pub(super) fn reader(state: &AppState, headers: &HeaderMap) -> Result<(), MlflowError> {
+/// The caller, refused when the registry is private and the caller anonymous.
+pub(super) fn reader(state: &AppState, headers: &HeaderMap) -> Result<Context, MlflowError> {
     let ctx = caller(state, headers)?;
     if state.auth.private && ctx.actor == Actor::Anonymous {
         return Err(MlflowError::new(
@@ -143,7 +144,7 @@ pub(super) fn reader(state: &AppState, headers: &HeaderMap) -> Result<(), Mlflow
             "the registry is private: send a bearer token",
         ));
     }
-    Ok(())
+    Ok(ctx)
 }
 
 async fn run<T: Send + 'static>(
@@ -787,10 +788,14 @@ async fn list_artifacts(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Answer {
-    reader(&state, &headers)?;
+    let ctx = reader(&state, &headers)?;
     let q = query(raw);
     let dir = one(&q, "path").unwrap_or("").to_owned();
-    let entries = run(&state, move |r| r.list(&dir)).await?;
+    let entries = run(&state, move |r| {
+        r.check_tree_read(&ctx.actor, &dir)?;
+        r.list(&dir)
+    })
+    .await?;
     let files: Vec<Value> = entries
         .into_iter()
         .map(|e| {
@@ -809,9 +814,14 @@ async fn download_artifact(
     headers: HeaderMap,
     Path(path): Path<String>,
 ) -> Result<Response, MlflowError> {
-    reader(&state, &headers)?;
+    let ctx = reader(&state, &headers)?;
     let lookup = path.clone();
-    let record = run(&state, move |r| r.file(&lookup)).await?.ok_or_else(|| {
+    let record = run(&state, move |r| {
+        r.check_tree_read(&ctx.actor, &lookup)?;
+        r.file(&lookup)
+    })
+    .await?
+    .ok_or_else(|| {
         MlflowError::new(StatusCode::NOT_FOUND, "RESOURCE_DOES_NOT_EXIST", format!("no artifact at '{path}'"))
     })?;
     let name = path.rsplit('/').next().map(str::to_owned);

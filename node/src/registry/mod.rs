@@ -661,20 +661,25 @@ impl Registry {
         name: &str,
         new: NewVersion,
     ) -> Result<VersionView, RegistryError> {
-        let result = self.create_version_inner(ctx, name, &new);
-        if result.is_err()
-            && let Some(file) = &new.file
-        {
-            self.artifacts.release(&file.blake3)?;
+        let mut copied = Vec::new();
+        let result = self.create_version_inner(ctx, name, &new, &mut copied);
+        if result.is_err() {
+            if let Some(file) = &new.file {
+                self.artifacts.release(&file.blake3)?;
+            }
+            self.release_all(&copied)?;
         }
         result
     }
 
+    /// Creates the version; the references it takes on files it copies are pushed to `copied`
+    /// as they are taken, so a failure can drop them.
     fn create_version_inner(
         &self,
         ctx: &Context,
         name: &str,
         new: &NewVersion,
+        copied: &mut Vec<[u8; 32]>,
     ) -> Result<VersionView, RegistryError> {
         check_description(&new.description)?;
         for (k, v) in &new.tags {
@@ -701,13 +706,42 @@ impl Registry {
                 (Some(dir), true, source)
             }
             None => {
-                let dir = new
+                let location = new
                     .location
                     .as_deref()
                     .unwrap_or(&new.source)
                     .strip_prefix("mlflow-artifacts:")
                     .map(|p| p.trim_start_matches('/').trim_end_matches('/').to_owned());
-                (dir, false, new.source.clone())
+                match location {
+                    // The files a run or a logged model holds now become the version's own:
+                    // the records are copied (the bytes are shared by their hash), so the
+                    // version keeps what was registered when the run's files are overwritten,
+                    // deleted or collected.
+                    Some(from) if !from.is_empty() => {
+                        self.check_tree_read(&ctx.actor, &from)?;
+                        let mut files = self.files_under(&from)?;
+                        for (path, _) in &mut files {
+                            *path = path[from.len() + 1..].to_owned();
+                        }
+                        if let Some(record) = self.store.get::<ArtifactFiles>(&from)? {
+                            let file_name = from.rsplit('/').next().unwrap_or(&from).to_owned();
+                            files.push((file_name, record));
+                        }
+                        if files.is_empty() {
+                            (Some(from), false, new.source.clone())
+                        } else {
+                            let dir = format!("registry/{}/{number}", model.id);
+                            for (relative, record) in files {
+                                self.artifacts.acquire(&record.blake3)?;
+                                copied.push(record.blake3);
+                                let record = FileRecord { created_ms: now, ..record };
+                                batch.put::<ArtifactFiles>(&format!("{dir}/{relative}"), &record)?;
+                            }
+                            (Some(dir), true, new.source.clone())
+                        }
+                    }
+                    _ => (None, false, new.source.clone()),
+                }
             }
         };
         let version = RegistryVersion {
@@ -1074,6 +1108,32 @@ impl Registry {
             doomed.len() as u64
         };
         Ok(removed)
+    }
+
+    /// A registered version's files (`registry/<model id>/...`) are read, as its original, by
+    /// the model's owner or an operator only: a model sold on-chain is bought as a
+    /// fingerprinted copy, never read from the tree. Other paths are open to every reader.
+    pub fn check_tree_read(&self, actor: &Actor, path: &str) -> Result<(), RegistryError> {
+        let mut parts = path.trim_start_matches('/').split('/');
+        if parts.next() != Some("registry") {
+            return Ok(());
+        }
+        let Some(id) = parts.next().filter(|p| !p.is_empty()) else { return Ok(()) };
+        let model =
+            id.parse::<u64>().ok().map(|id| self.store.get::<RegistryModels>(&id)).transpose()?.flatten();
+        match model {
+            Some(model) => match self.authorize(actor, &model) {
+                Err(RegistryError::Forbidden(_)) => Err(RegistryError::Forbidden(format!(
+                    "the files of '{}' are read by its owner or an operator; buyers download their own copy",
+                    model.name
+                ))),
+                other => other,
+            },
+            None if *actor == Actor::Operator => Ok(()),
+            None => {
+                Err(RegistryError::Forbidden("files under registry/ belong to registered versions".into()))
+            }
+        }
     }
 
     /// `registry/` belongs to the node's own versions: only an operator writes there.

@@ -44,6 +44,19 @@ impl Fixture {
         let header = header.lock().unwrap().clone().unwrap();
         file_summary("model.safetensors", &blob, header)
     }
+
+    /// The bytes of the tree's file at `path`.
+    fn read(&self, path: &str) -> Vec<u8> {
+        let record = self.registry.file(path).unwrap().unwrap();
+        let mut bytes = Vec::new();
+        self.registry
+            .artifacts()
+            .read_range(&record.blake3, 0, record.size)
+            .unwrap()
+            .read_to_end(&mut bytes)
+            .unwrap();
+        bytes
+    }
 }
 
 #[test]
@@ -264,15 +277,7 @@ fn artifact_tree_files_directories_and_references() {
         model.iter().map(|e| (e.path.as_str(), e.file_size)).collect::<Vec<_>>(),
         [("runs/1/model/MLmodel", Some(11)), ("runs/1/model/weights.bin", Some(10))]
     );
-    let record = f.registry.file("runs/1/model/MLmodel").unwrap().unwrap();
-    let mut bytes = Vec::new();
-    f.registry
-        .artifacts()
-        .read_range(&record.blake3, 0, record.size)
-        .unwrap()
-        .read_to_end(&mut bytes)
-        .unwrap();
-    assert_eq!(bytes, b"flavors: {}");
+    assert_eq!(f.read("runs/1/model/MLmodel"), b"flavors: {}");
 
     // Replacing a file releases the old blob; deleting a directory releases everything under it.
     put("runs/1/model/MLmodel", b"flavors: {python: {}}").unwrap();
@@ -372,4 +377,100 @@ fn changes_their_audit_entries_and_webhook_events_are_stored_together_in_order()
     // and the last change they tell of is the one the model kept
     let kept = registry.require_model("ranker").unwrap().aliases["champion"];
     assert_eq!(events.last().unwrap().1.version, Some(kept));
+}
+
+/// A version registered from a run's (or a logged model's) files holds its own copy of their
+/// records: what the run does to its files afterwards, and its collection, leave it whole.
+#[test]
+fn a_version_registered_from_a_run_keeps_its_own_files() {
+    let f = fixture();
+    let text = |path: &str| String::from_utf8(f.read(path)).unwrap();
+    let put = |ctx: &Context, path: &str, bytes: &[u8]| {
+        let blob = f.registry.artifacts().put(bytes, u64::MAX).unwrap();
+        f.registry.put_file(ctx, path, &blob).unwrap();
+        blake3::Hash::from_hex(&blob.blake3).unwrap()
+    };
+    let owner = wallet(1);
+    put(&owner, "1/run/artifacts/model/MLmodel", b"flavors: {}");
+    let weights = put(&owner, "1/run/artifacts/model/data/weights.bin", b"0123456789");
+    put(&owner, "1/run/artifacts/plot.png", b"not part of the model");
+    let model = f.registry.create_model(&owner, "m", "", BTreeMap::new()).unwrap();
+    let new = |source: &str| NewVersion { source: source.into(), run_id: "run".into(), ..Default::default() };
+    let v1 = f.registry.create_version(&owner, "m", new("mlflow-artifacts:/1/run/artifacts/model")).unwrap();
+    let dir = format!("registry/{}/1", model.id);
+    assert_eq!(v1.version.artifact_dir.as_deref(), Some(dir.as_str()));
+    assert!(v1.version.owns_dir);
+    assert_eq!(v1.version.source, "mlflow-artifacts:/1/run/artifacts/model", "the source is kept as given");
+    let listed: Vec<_> = f.registry.list(&dir).unwrap().into_iter().map(|e| (e.path, e.is_dir)).collect();
+    assert_eq!(listed, [(format!("{dir}/MLmodel"), false), (format!("{dir}/data"), true)]);
+    assert_eq!(f.registry.artifacts().info(weights.as_bytes()).unwrap().unwrap().refs, 2);
+
+    // The run overwrites and then deletes its files; they are collected; the version is whole.
+    put(&owner, "1/run/artifacts/model/MLmodel", b"flavors: {changed: {}}");
+    f.registry.delete_path(&owner, "1/run").unwrap();
+    f.registry.artifacts().gc().unwrap();
+    assert_eq!(text(&format!("{dir}/MLmodel")), "flavors: {}");
+    assert_eq!(text(&format!("{dir}/data/weights.bin")), "0123456789");
+    assert_eq!(f.registry.artifacts().info(weights.as_bytes()).unwrap().unwrap().refs, 1);
+
+    // A single file is copied under its name; a location with nothing in it stays a pointer.
+    let v2 = f
+        .registry
+        .create_version(&owner, "m", new(&format!("mlflow-artifacts:/{dir}/data/weights.bin")))
+        .unwrap();
+    assert_eq!(text(&format!("registry/{}/2/weights.bin", model.id)), "0123456789");
+    let v3 = f.registry.create_version(&owner, "m", new("mlflow-artifacts:/1/empty")).unwrap();
+    assert_eq!((v3.version.artifact_dir.as_deref(), v3.version.owns_dir), (Some("1/empty"), false));
+    assert_eq!(f.registry.artifacts().info(weights.as_bytes()).unwrap().unwrap().refs, 2);
+
+    // Deleting a version releases its copies.
+    f.registry.delete_version(&owner, "m", v2.version.version).unwrap();
+    f.registry.delete_version(&owner, "m", v1.version.version).unwrap();
+    assert_eq!(f.registry.artifacts().info(weights.as_bytes()).unwrap().unwrap().refs, 0);
+}
+
+/// A registered version's files are its model's originals: read by the owner or an operator,
+/// and never copied into another's version by someone who may not read them.
+#[test]
+fn registered_files_are_read_by_the_owner_or_an_operator() {
+    let f = fixture();
+    let owner = wallet(1);
+    let model = f.registry.create_model(&owner, "sold", "", BTreeMap::new()).unwrap();
+    let file = f.upload(&safetensors(5)).unwrap();
+    f.registry.create_version(&owner, "sold", NewVersion { file: Some(file), ..Default::default() }).unwrap();
+    let path = format!("registry/{}/1/model.safetensors", model.id);
+    f.registry.check_tree_read(&owner.actor, &path).unwrap();
+    f.registry.check_tree_read(&op().actor, &path).unwrap();
+    let refused = f.registry.check_tree_read(&wallet(2).actor, &path).unwrap_err();
+    assert!(
+        matches!(&refused, RegistryError::Forbidden(m) if m.contains("'sold'") && m.contains("buyers download their own copy")),
+        "{refused}"
+    );
+    assert!(matches!(
+        f.registry.check_tree_read(&Actor::Anonymous, &format!("registry/{}", model.id)),
+        Err(RegistryError::Unauthenticated(_))
+    ));
+    assert!(matches!(
+        f.registry.check_tree_read(&wallet(2).actor, "registry/999/1/x"),
+        Err(RegistryError::Forbidden(_))
+    ));
+    for open in ["registry", "1/run/artifacts/x", ""] {
+        f.registry.check_tree_read(&Actor::Anonymous, open).unwrap();
+    }
+
+    // Someone else cannot make the original theirs by registering its location.
+    f.registry.create_model(&wallet(2), "copycat", "", BTreeMap::new()).unwrap();
+    let source = format!("mlflow-artifacts:/registry/{}/1", model.id);
+    let refused = f.registry.create_version(
+        &wallet(2),
+        "copycat",
+        NewVersion { source: source.clone(), ..Default::default() },
+    );
+    assert!(matches!(refused, Err(RegistryError::Forbidden(_))), "{refused:?}");
+    assert!(f.registry.versions("copycat").unwrap().is_empty(), "nothing was made");
+    let hash = f.registry.file(&path).unwrap().unwrap().blake3;
+    assert_eq!(f.registry.artifacts().info(&hash).unwrap().unwrap().refs, 1, "no reference kept");
+    // the owner may
+    f.registry.create_version(&owner, "sold", NewVersion { source, ..Default::default() }).unwrap();
+    assert_eq!(f.registry.artifacts().info(&hash).unwrap().unwrap().refs, 2);
 }

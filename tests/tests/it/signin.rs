@@ -68,6 +68,38 @@ async fn wallets_sign_in_and_write_only_their_own_models() {
     assert_eq!(download(seller_token.clone()).await, StatusCode::OK);
     assert_eq!(download(other_token.clone()).await, StatusCode::FORBIDDEN);
     assert_eq!(download(TOKEN.to_owned()).await, StatusCode::OK);
+    // The version's files through MLflow's artifact routes: the same rule, not a way around it.
+    let dir = v1["artifact_uri"].as_str().unwrap().strip_prefix("mlflow-artifacts:/").unwrap().to_owned();
+    let tree = |what: String, token: Option<String>| {
+        let http = seller.http.clone();
+        let url = node.url.clone();
+        async move {
+            let request = http.get(format!("{url}/api/2.0/mlflow-artifacts/artifacts{what}"));
+            let request = match token {
+                Some(token) => request.bearer_auth(token),
+                None => request,
+            };
+            let r = request.send().await.unwrap();
+            (r.status(), r.bytes().await.unwrap())
+        }
+    };
+    let file = format!("/{dir}/weights.safetensors");
+    let listing = format!("?path={dir}");
+    let (status, bytes) = tree(file.clone(), Some(seller_token.clone())).await;
+    assert_eq!((status, bytes.as_ref()), (StatusCode::OK, safetensors(8, 1).as_slice()));
+    assert_eq!(tree(file.clone(), Some(TOKEN.to_owned())).await.0, StatusCode::OK);
+    assert_eq!(tree(listing.clone(), Some(seller_token.clone())).await.0, StatusCode::OK);
+    for what in [file.clone(), listing.clone()] {
+        let (status, body) = tree(what.clone(), Some(other_token.clone())).await;
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (status, body["error_code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("PERMISSION_DENIED")),
+            "{what}"
+        );
+        assert!(body["message"].as_str().unwrap().contains("buyers download their own copy"), "{body}");
+        assert_eq!(tree(what.clone(), None).await.0, StatusCode::UNAUTHORIZED, "{what}");
+    }
     // The MLflow face says the same in MLflow's words.
     let r = other
         .http
