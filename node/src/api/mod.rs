@@ -175,6 +175,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(registry::log_metrics))
         .routes(routes!(registry::artifact))
         .routes(routes!(registry::webhooks))
+        .routes(routes!(tracking::gc))
         .split_for_parts();
     // Uploads are bounded by AGORA_MAX_UPLOAD as they stream, not by axum's buffered-body limit.
     let register = OpenApiRouter::new()

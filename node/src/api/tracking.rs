@@ -925,3 +925,73 @@ async fn log_outputs(State(state): State<AppState>, headers: HeaderMap, raw: Byt
     track(&state, move |t| t.log_outputs(&ctx, &id, models)).await?;
     Ok(Json(json!({})))
 }
+
+// ----- permanent deletion -----
+
+/// What to delete for good; a kind left out means every deleted one of it.
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GcBody {
+    /// Only what was deleted more than this many seconds ago.
+    pub older_than_secs: Option<u64>,
+    pub run_ids: Option<Vec<String>>,
+    pub experiment_ids: Option<Vec<String>>,
+    pub logged_model_ids: Option<Vec<String>>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct GcAnswer {
+    #[serde(flatten)]
+    pub removed: tracking::GcReport,
+    /// Blobs the artifact store deleted afterwards (nothing referenced them any more) and
+    /// their stored bytes.
+    pub blobs: u64,
+    pub bytes: u64,
+}
+
+/// Deletes for good runs, logged models and experiments in the deleted lifecycle stage, with
+/// their metric points and artifacts, as `mlflow gc` does; then collects the blobs nothing
+/// references. An operator's call. Named ids that are not deleted (or not old enough) refuse
+/// the whole call with nothing deleted.
+#[utoipa::path(
+    post,
+    path = "/api/v1/tracking/gc",
+    tag = "registry",
+    request_body = GcBody,
+    responses(
+        (status = 200, body = GcAnswer),
+        (status = 400, body = super::error::ErrorBody),
+        (status = 401, body = super::error::ErrorBody),
+        (status = 403, body = super::error::ErrorBody),
+        (status = 404, body = super::error::ErrorBody),
+    )
+)]
+pub async fn gc(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    raw: Bytes,
+) -> Result<Json<GcAnswer>, ApiError> {
+    let ctx = super::auth::api_caller(&state, &headers)?;
+    let body: GcBody = if raw.iter().all(u8::is_ascii_whitespace) {
+        GcBody::default()
+    } else {
+        super::registry::json(&raw)?
+    };
+    let request = tracking::GcRequest {
+        older_than_ms: body.older_than_secs.map(|s| s.saturating_mul(1000)),
+        run_ids: body.run_ids,
+        experiment_ids: body.experiment_ids,
+        logged_model_ids: body.logged_model_ids,
+    };
+    let (tracking, registry) = (state.tracking.clone(), state.registry.clone());
+    let (removed, collected) = tokio::task::spawn_blocking(move || {
+        let removed = tracking.gc(&ctx, &request, |dir| match registry.delete_path(&ctx, dir) {
+            Err(RegistryError::NotFound(_)) => Ok(0),
+            other => other,
+        })?;
+        let collected = registry.artifacts().gc().map_err(RegistryError::Artifact)?;
+        Ok::<_, RegistryError>((removed, collected))
+    })
+    .await??;
+    Ok(Json(GcAnswer { removed, blobs: collected.blobs, bytes: collected.bytes }))
+}

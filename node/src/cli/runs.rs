@@ -1,5 +1,5 @@
 //! `agora runs`: the node's experiments and runs (MLflow's tracking API) from the command line:
-//! list them, show one, compare several side by side.
+//! list them, show one, compare several side by side, and delete for good what was deleted.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -62,6 +62,34 @@ pub enum RunsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Delete for good runs, logged models and experiments in the deleted lifecycle stage, with
+    /// their metrics and artifacts (as `mlflow gc`; the operator's token). Each kind not named
+    /// means every deleted one of it; a registered version keeps its own copy of its files.
+    Gc {
+        /// Only what was deleted longer ago than this, e.g. 30d, 12h, 2d8h5m20s.
+        #[arg(long = "older-than", value_parser = older_than)]
+        older_than: Option<u64>,
+        /// These runs (comma-separated); each must be deleted.
+        #[arg(long = "run-ids", value_delimiter = ',')]
+        run_ids: Option<Vec<String>>,
+        /// These experiments (comma-separated), with all their runs and models.
+        #[arg(long = "experiment-ids", value_delimiter = ',')]
+        experiment_ids: Option<Vec<String>>,
+        /// These logged models (comma-separated, `m-…`).
+        #[arg(long = "logged-model-ids", value_delimiter = ',')]
+        logged_model_ids: Option<Vec<String>>,
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A `--older-than` age in seconds.
+fn older_than(text: &str) -> Result<u64, String> {
+    humantime::parse_duration(text)
+        .map(|age| age.as_secs())
+        .map_err(|e| format!("'{text}' is not an age like 30d, 12h or 2d8h5m20s: {e}"))
 }
 
 const API: &str = "/api/2.0/mlflow";
@@ -129,6 +157,16 @@ impl RunsCommand {
                 }
                 print(json, &json!({"runs": runs}), |_| compare_text(&runs));
             }
+            Self::Gc { older_than, run_ids, experiment_ids, logged_model_ids, node, json } => {
+                let body = json!({
+                    "older_than_secs": older_than,
+                    "run_ids": run_ids,
+                    "experiment_ids": experiment_ids,
+                    "logged_model_ids": logged_model_ids,
+                });
+                let answer = client(&node)?.post_json("/api/v1/tracking/gc", &body).await?;
+                print(json, &answer, gc_text);
+            }
         }
         Ok(())
     }
@@ -160,6 +198,21 @@ async fn get_run(client: &NodeClient, id: &str) -> anyhow::Result<Value> {
     }
     let answer = client.get_json(&format!("{API}/runs/get?run_id={id}")).await?;
     Ok(answer["run"].clone())
+}
+
+fn gc_text(answer: &Value) -> String {
+    let mut lines = Vec::new();
+    for (key, kind) in [("runs", "Run"), ("logged_models", "Logged model"), ("experiments", "Experiment")] {
+        for id in list(&answer[key]) {
+            lines
+                .push(format!("{kind} with ID {} has been permanently deleted.", id.as_str().unwrap_or("?")));
+        }
+    }
+    lines.push(format!(
+        "{} metric points and {} artifact files deleted; {} blobs ({} bytes) freed",
+        answer["metric_points"], answer["artifact_files"], answer["blobs"], answer["bytes"]
+    ));
+    lines.join("\n")
 }
 
 fn experiments_text(answer: &Value) -> String {
@@ -303,4 +356,15 @@ fn compare_text(runs: &[Value]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ages_read_as_mlflow_gc_writes_them() {
+        assert_eq!(super::older_than("30d"), Ok(30 * 86_400));
+        assert_eq!(super::older_than("2d8h5m20s"), Ok(2 * 86_400 + 8 * 3_600 + 5 * 60 + 20));
+        assert_eq!(super::older_than("90m"), Ok(5_400));
+        assert!(super::older_than("soon").unwrap_err().contains("'soon' is not an age"));
+    }
 }

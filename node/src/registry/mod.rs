@@ -87,7 +87,7 @@ impl Actor {
         }
     }
 
-    fn require_signed_in(&self) -> Result<(), RegistryError> {
+    pub fn require_signed_in(&self) -> Result<(), RegistryError> {
         match self {
             Self::Anonymous => Err(RegistryError::Unauthenticated(
                 "this needs a bearer token (the operator token or a wallet sign-in)".into(),

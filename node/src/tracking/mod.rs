@@ -21,8 +21,11 @@
 //!
 //! Calls block on RocksDB: async callers run them on `spawn_blocking`.
 
+mod gc;
 #[cfg(test)]
 mod tests;
+
+pub use gc::{GcReport, GcRequest};
 
 use std::{
     cmp::Ordering,
@@ -183,6 +186,8 @@ pub struct RunRecord {
     pub start_ms: i64,
     pub end_ms: Option<i64>,
     pub deleted: bool,
+    /// When it was deleted (Unix milliseconds), while it is.
+    pub deleted_ms: Option<u64>,
     pub artifact_uri: String,
     pub params: BTreeMap<String, String>,
     pub tags: BTreeMap<String, String>,
@@ -769,6 +774,7 @@ impl Tracking {
             for mut run in members::<TrackingExperimentRuns, TrackingRuns>(&store, id)? {
                 if run.deleted != deleted {
                     run.deleted = deleted;
+                    run.deleted_ms = deleted.then(now_ms);
                     batch.put::<TrackingRuns>(&run.id, &run)?;
                 }
             }
@@ -878,6 +884,7 @@ impl Tracking {
             start_ms: new.start_ms.unwrap_or_else(|| now_ms() as i64),
             end_ms: None,
             deleted: false,
+            deleted_ms: None,
             artifact_uri: format!(
                 "{}/{run_id}/artifacts",
                 experiment.artifact_location.trim_end_matches('/')
@@ -969,6 +976,7 @@ impl Tracking {
                 return Err(invalid(format!("run {id} is already deleted")));
             }
             run.deleted = deleted;
+            run.deleted_ms = deleted.then(now_ms);
             Ok(())
         })
     }

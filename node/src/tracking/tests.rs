@@ -383,3 +383,103 @@ fn a_logged_models_metrics_come_with_its_runs_and_rank_it() {
     ));
     assert_eq!(tracking.run(&run.run_id()).unwrap().points, points);
 }
+
+/// `mlflow gc`: only what is deleted goes, with its points, artifacts and lookups; named ids
+/// that may not go refuse the whole call; an age keeps what was deleted recently.
+#[test]
+fn collection_deletes_for_good_only_what_was_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, tracking) = open(dir.path());
+    let a = wallet(0xaa);
+    let run = |experiment| tracking.create_run(&a, experiment, NewRun::default()).unwrap().run_id();
+    let model = |experiment| {
+        tracking.create_logged_model(&a, experiment, NewLoggedModel::default()).unwrap().model_id()
+    };
+    let doomed = tracking.create_experiment(&a, "doomed", None, vec![]).unwrap();
+    let kept = tracking.create_experiment(&a, "kept", None, vec![]).unwrap();
+    let (r1, m1) = (run(doomed), model(doomed));
+    let (r2, r3, r4, m2) = (run(kept), run(kept), run(kept), model(kept));
+    for r in [&r1, &r2, &r4] {
+        let points: Vec<_> = (0..25).map(|i| ("loss", point(1.0 / (i + 1) as f64, i, i))).collect();
+        tracking.log(&a, r, metrics(&points)).unwrap();
+    }
+    tracking.log(&a, &r3, metrics(&[("loss", point(0.5, 0, 0))])).unwrap();
+    tracking.set_experiment_deleted(&a, doomed, true).unwrap();
+    for r in [&r2, &r4] {
+        tracking.set_run_deleted(&a, r, true).unwrap();
+    }
+    tracking.delete_logged_model(&a, &m2).unwrap();
+    // r4 was deleted two days ago
+    let mut old = tracking.run(&r4).unwrap();
+    old.deleted_ms = Some(now_ms() - 2 * 86_400_000);
+    store.put::<TrackingRuns>(&old.id, &old).unwrap();
+
+    let dirs = std::cell::RefCell::new(Vec::new());
+    let gc = |request: &GcRequest| {
+        tracking.gc(&op(), request, |dir| {
+            dirs.borrow_mut().push(dir.to_owned());
+            Ok(2)
+        })
+    };
+    let named = |runs: &[&String]| GcRequest {
+        run_ids: Some(runs.iter().map(|r| r.to_string()).collect()),
+        ..GcRequest::default()
+    };
+    let day = Some(86_400_000);
+    forbidden(tracking.gc(&a, &GcRequest::default(), |_| Ok(0)));
+    refused(gc(&named(&[&r2, &r3])), &format!("Runs [{r3}] are not in the deleted lifecycle stage"));
+    refused(
+        gc(&GcRequest { older_than_ms: day, ..named(&[&r2, &r4]) }),
+        &format!("Runs [{r2}] were deleted less than"),
+    );
+    refused(
+        gc(&GcRequest { experiment_ids: Some(vec![kept.to_string()]), ..GcRequest::default() }),
+        &format!("Experiments [{kept}] are not in the deleted lifecycle stage"),
+    );
+    assert!(matches!(gc(&named(&[&"0".repeat(32)])), Err(RegistryError::NotFound(_))));
+    assert!(tracking.run(&r2).is_ok() && tracking.run(&r4).is_ok(), "a refused call deletes nothing");
+
+    // With an age, only r4 is old enough.
+    let report = gc(&GcRequest { older_than_ms: day, ..GcRequest::default() }).unwrap();
+    assert_eq!((report.runs, report.metric_points, report.artifact_files), (vec![r4.clone()], 25, 2));
+    assert!(report.experiments.is_empty() && report.logged_models.is_empty());
+    assert!(matches!(tracking.run(&r4), Err(RegistryError::NotFound(_))));
+
+    // Without one, everything deleted: r2, the doomed experiment with r1 and m1, and m2.
+    let report = gc(&GcRequest::default()).unwrap();
+    let mut runs = report.runs.clone();
+    runs.sort();
+    let mut want = vec![r1.clone(), r2.clone()];
+    want.sort();
+    assert_eq!(runs, want);
+    let mut models = report.logged_models.clone();
+    models.sort();
+    let mut want = vec![m1.clone(), m2.clone()];
+    want.sort();
+    assert_eq!(models, want);
+    assert_eq!(report.experiments, [doomed.to_string()]);
+    assert_eq!((report.metric_points, report.artifact_files), (50, 8));
+    let dirs = dirs.borrow().clone();
+    for (r, e) in [(&r1, doomed), (&r2, kept), (&r4, kept)] {
+        assert!(dirs.contains(&format!("{e}/{r}/artifacts")), "{dirs:?}");
+    }
+    assert!(dirs.contains(&format!("{doomed}/models/{m1}/artifacts")), "{dirs:?}");
+    for r in [&r1, &r2] {
+        assert!(matches!(tracking.run(r), Err(RegistryError::NotFound(_))));
+        assert_eq!(store.scan::<TrackingMetrics>(&parse_run_id(r).unwrap(), None, false).count(), 0);
+    }
+    assert!(matches!(tracking.logged_model(&m2, true), Err(RegistryError::NotFound(_))));
+    assert!(matches!(tracking.experiment(doomed), Err(RegistryError::NotFound(_))));
+    assert_eq!(tracking.create_experiment(&a, "doomed", None, vec![]).unwrap(), kept + 1, "the name is free");
+    let live = tracking.search_runs(&[kept], ViewType::All, &[], &[]).unwrap();
+    assert_eq!(live.iter().map(RunRecord::run_id).collect::<Vec<_>>(), std::slice::from_ref(&r3));
+    assert_eq!(tracking.run(&r3).unwrap().latest["loss"].value, 0.5);
+    assert_eq!(store.iter::<TrackingExperimentRuns>().count(), 1);
+    assert_eq!(store.iter::<TrackingExperimentModels>().count(), 0);
+    assert_eq!(gc(&GcRequest::default()).unwrap(), GcReport::default(), "nothing is left to collect");
+
+    let actions: Vec<String> = store.iter::<AuditLog>().map(|e| e.unwrap().1.action).collect();
+    assert_eq!(actions.iter().filter(|a| a.starts_with("tracking.run_purged")).count(), 3);
+    assert_eq!(actions.iter().filter(|a| a.starts_with("tracking.model_purged")).count(), 2);
+    assert_eq!(actions.iter().filter(|a| a.starts_with("tracking.experiment_purged doomed")).count(), 1);
+}

@@ -62,6 +62,18 @@ async fn mlflow_post(url: &str, path: &str, body: serde_json::Value) -> serde_js
     response.json().await.unwrap()
 }
 
+/// GETs `path` of the node's MLflow API as the operator.
+async fn mlflow_get(url: &str, path: &str) -> serde_json::Value {
+    let response = reqwest::Client::new()
+        .get(format!("{url}/api/2.0/mlflow/{path}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{path}: {}", response.status());
+    response.json().await.unwrap()
+}
+
 #[tokio::test]
 async fn agora_runs_lists_shows_and_compares_runs() {
     use serde_json::json;
@@ -141,4 +153,127 @@ async fn agora_runs_lists_shows_and_compares_runs() {
     assert!(!status.success() && err.contains("no experiment named 'nosuch'"), "{err}");
     let (status, _, err) = run(&["compare", &runs[0]]);
     assert!(!status.success(), "one run is no comparison: {err}");
+}
+
+/// `agora runs gc` deletes a deleted run for good — its metrics, its artifacts and the blobs
+/// only they used — while a version registered from its files keeps them.
+#[tokio::test]
+async fn deleted_runs_are_collected_for_good_and_registered_versions_keep_their_files() {
+    use reqwest::StatusCode;
+    use serde_json::json;
+    let (_market, _data, node) = start(&[("AGORA_ADMIN_TOKEN", TOKEN)]).await;
+    let url = node.url.clone();
+    let http = reqwest::Client::new();
+    let experiment = mlflow_post(&url, "experiments/create", json!({"name": "gc"})).await["experiment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut runs = Vec::new();
+    for name in ["doomed", "kept"] {
+        let run =
+            mlflow_post(&url, "runs/create", json!({"experiment_id": experiment, "run_name": name})).await;
+        let id = run["run"]["info"]["run_id"].as_str().unwrap().to_owned();
+        let metrics: Vec<_> = (0..30)
+            .map(
+                |step| json!({"key": "loss", "value": 1.0 / (step + 1) as f64, "step": step, "timestamp": 1}),
+            )
+            .collect();
+        mlflow_post(&url, "runs/log-batch", json!({"run_id": id, "metrics": metrics})).await;
+        runs.push(id);
+    }
+    let (doomed, kept) = (&runs[0], &runs[1]);
+    let artifacts = format!("{url}/api/2.0/mlflow-artifacts/artifacts");
+    let weights: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let root = format!("{experiment}/{doomed}/artifacts");
+    for (path, bytes) in [
+        ("model/MLmodel", b"flavors: {}\n".to_vec()),
+        ("model/weights.bin", weights.clone()),
+        ("plot.png", b"only the run has this".to_vec()),
+    ] {
+        let r = http
+            .put(format!("{artifacts}/{root}/{path}"))
+            .bearer_auth(TOKEN)
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+    }
+    mlflow_post(&url, "registered-models/create", json!({"name": "gc-kept"})).await;
+    let version = mlflow_post(
+        &url,
+        "model-versions/create",
+        json!({"name": "gc-kept", "source": format!("mlflow-artifacts:/{root}/model"), "run_id": doomed}),
+    )
+    .await;
+    assert_eq!(version["model_version"]["version"], "1");
+    mlflow_post(&url, "runs/delete", json!({"run_id": doomed})).await;
+
+    let env = [("AGORA_ADMIN_TOKEN", TOKEN)];
+    let gc = |args: &[&str]| {
+        let mut all = vec!["runs", "gc"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--node", &url]);
+        agora_e2e::agora(&all, &env)
+    };
+    // A live run named, or an age the deletion has not reached: refused or nothing, and nothing goes.
+    let (status, _, err) = gc(&["--run-ids", &format!("{doomed},{kept}")]);
+    assert!(
+        !status.success() && err.contains(&format!("Runs [{kept}] are not in the deleted lifecycle stage")),
+        "{err}"
+    );
+    let (status, _, err) = gc(&["--older-than", "soon"]);
+    assert!(!status.success() && err.contains("is not an age like 30d"), "{err}");
+    let (status, out, err) = gc(&["--older-than", "1d", "--json"]);
+    assert!(status.success(), "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((report["runs"].clone(), report["metric_points"].clone()), (json!([]), json!(0)), "{out}");
+    let r = http.post(format!("{url}/api/v1/tracking/gc")).json(&json!({})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = http
+        .post(format!("{url}/api/v1/tracking/gc"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"older_than_secs": "a while"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let listing = |path: String| {
+        let (http, artifacts) = (http.clone(), artifacts.clone());
+        async move {
+            let r = http.get(format!("{artifacts}?path={path}")).bearer_auth(TOKEN).send().await.unwrap();
+            r.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    assert!(listing(root.clone()).await["files"].as_array().is_some_and(|f| f.len() == 2));
+
+    let (status, out, err) = gc(&[]);
+    assert!(status.success(), "{err}");
+    assert!(out.contains(&format!("Run with ID {doomed} has been permanently deleted.")), "{out}");
+    assert!(!out.contains(kept.as_str()), "{out}");
+    let summary = out.lines().last().unwrap();
+    assert!(summary.starts_with("30 metric points and 3 artifact files deleted; 1 blobs"), "{out}");
+
+    let r = http
+        .get(format!("{url}/api/2.0/mlflow/runs/get?run_id={doomed}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(listing(root.clone()).await, json!({}), "the run's artifacts are gone");
+    let history =
+        mlflow_get(&url, &format!("metrics/get-history?run_id={kept}&metric_key=loss&max_results=100")).await;
+    assert_eq!(history["metrics"].as_array().unwrap().len(), 30, "the live run keeps its points");
+
+    // The registered version still downloads what was registered.
+    let uri = mlflow_get(&url, "model-versions/get-download-uri?name=gc-kept&version=1").await;
+    let dir = uri["artifact_uri"].as_str().unwrap().strip_prefix("mlflow-artifacts:/").unwrap();
+    let r = http.get(format!("{artifacts}/{dir}/weights.bin")).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), weights.as_slice());
+    let (status, out, _) = gc(&["--json"]);
+    assert!(status.success());
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((report["runs"].clone(), report["blobs"].clone()), (json!([]), json!(0)), "{out}");
 }
