@@ -198,6 +198,39 @@ def test_download_by_alias_of_uploaded_files(client, tmp_path):
     assert open(os.path.join(out, "MLmodel")).read() == "flavors: {}\n"
 
 
+def test_a_copied_version_holds_the_files_of_the_one_it_copies(client, tmp_path):
+    name = unique("py-copy")
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(os.urandom(100_000))
+    repo = MlflowArtifactsRepository(f"mlflow-artifacts:/uploads/{name}")
+    repo.log_artifact(str(weights))
+    client.create_registered_model(name)
+    source = client.create_model_version(name, f"mlflow-artifacts:/uploads/{name}", tags={"k": "v"})
+
+    copy = client.copy_model_version(f"models:/{name}/{source.version}", f"{name}-copy")
+    assert (copy.name, copy.version) == (f"{name}-copy", "1")
+    assert copy.source == f"models:/{name}/{source.version}"
+    assert copy.tags == {"k": "v"}
+    client.set_registered_model_alias(name, "champion", source.version)
+    by_alias = client.copy_model_version(f"models:/{name}@champion", f"{name}-copy")
+    assert by_alias.version == "2"
+
+    # the copies are their own: the original version deleted, they download whole
+    client.delete_model_version(name, source.version)
+    for version in ["1", "2"]:
+        out = download_artifacts(f"models:/{name}-copy/{version}", dst_path=str(tmp_path / version))
+        assert sha256(os.path.join(out, "weights.bin")) == sha256(weights)
+
+    with pytest.raises(MlflowException) as missing:
+        client.create_model_version(f"{name}-copy", f"models:/{name}/{source.version}")
+    assert error_code(missing) == "RESOURCE_DOES_NOT_EXIST"
+    with pytest.raises(MlflowException) as bad:
+        client.create_model_version(f"{name}-copy", f"models:/{name}/newest")
+    assert error_code(bad) == "INVALID_PARAMETER_VALUE"
+    assert "not a number" in str(bad.value)
+    assert [v.version for v in client.search_model_versions(f"name = '{name}-copy'")] == ["2", "1"]
+
+
 def test_a_file_registered_through_the_node_api_downloads_through_mlflow(client, tmp_path):
     name = unique("py-cross")
     body = safetensors(64, 3)

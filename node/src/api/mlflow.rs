@@ -627,7 +627,14 @@ async fn create_version(State(state): State<AppState>, headers: HeaderMap, raw: 
             let run_id = if request.run_id.is_empty() { model.source_run_id } else { request.run_id };
             (Some(model.artifact_location), run_id)
         }
-        None => (None, request.run_id),
+        // Another version (`copy_model_version` sends `models:/<name>/<version>`): its files.
+        None => match request.source.strip_prefix("models:/").map(str::to_owned) {
+            Some(uri) => {
+                let view = run(&state, move |r| registered(r, &uri)).await?;
+                (Some(download_uri(&view)), request.run_id)
+            }
+            None => (None, request.run_id),
+        },
     };
     let new = NewVersion {
         source: request.source,
@@ -641,6 +648,25 @@ async fn create_version(State(state): State<AppState>, headers: HeaderMap, raw: 
     };
     let view = run(&state, move |r| r.create_version(&ctx, &name, new)).await?;
     Ok(Json(json!({"model_version": version_json(&view)})))
+}
+
+/// The version a `models:/<name>/<version>` or `models:/<name>@<alias>` URI names.
+fn registered(registry: &Registry, uri: &str) -> Result<VersionView, RegistryError> {
+    let uri = uri.trim_end_matches('/');
+    if let Some((name, alias)) = uri.split_once('@') {
+        return registry.by_alias(name, alias);
+    }
+    let Some((name, number)) = uri.rsplit_once('/') else {
+        return Err(RegistryError::Invalid(format!(
+            "source 'models:/{uri}' is not models:/<name>/<version> or models:/<name>@<alias>"
+        )));
+    };
+    match number.parse::<u32>() {
+        Ok(number) => registry.version(name, number),
+        Err(_) => Err(RegistryError::Invalid(format!(
+            "source 'models:/{uri}' names version '{number}', not a number"
+        ))),
+    }
 }
 
 async fn update_version(State(state): State<AppState>, headers: HeaderMap, raw: Bytes) -> Answer {
