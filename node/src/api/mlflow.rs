@@ -844,7 +844,11 @@ async fn download_artifact(
     let lookup = path.clone();
     let record = run(&state, move |r| {
         r.check_tree_read(&ctx.actor, &lookup)?;
-        r.file(&lookup)
+        let record = r.file(&lookup)?;
+        if let Some(record) = &record {
+            r.check_content_read(&ctx.actor, &record.blake3)?;
+        }
+        Ok(record)
     })
     .await?
     .ok_or_else(|| {

@@ -32,8 +32,9 @@ use crate::{
     store::{
         Batch, Meta, MetaKey, MetaValue, Store, StoreError, Table,
         tables::{
-            ArtifactFiles, ContentVersions, FileRecord, MetricPoint, ModelFileSummary, RegistryMetrics,
-            RegistryModel, RegistryModels, RegistryNames, RegistryVersion, RegistryVersions, Versions,
+            ArtifactFiles, ContentVersions, FileRecord, MetricPoint, ModelFileSummary, Models,
+            RegistryMetrics, RegistryModel, RegistryModels, RegistryNames, RegistryVersion, RegistryVersions,
+            Versions,
         },
     },
 };
@@ -1133,6 +1134,31 @@ impl Registry {
             None => {
                 Err(RegistryError::Forbidden("files under registry/ belong to registered versions".into()))
             }
+        }
+    }
+
+    /// Content anchored on-chain is a model for sale: wherever it sits in the tree (a run's
+    /// artifacts, an upload), its bytes are read by the token's owner or an operator only.
+    pub fn check_content_read(&self, actor: &Actor, blake3: &[u8; 32]) -> Result<(), RegistryError> {
+        let Some((token, _)) = self.store.get::<ContentVersions>(&B256::from(*blake3))? else {
+            return Ok(());
+        };
+        let sold = || format!("this file is the content of model token {token}, anchored on-chain");
+        match actor {
+            Actor::Operator => Ok(()),
+            Actor::Wallet(wallet)
+                if self.store.get::<Models>(&token)?.is_some_and(|m| m.owner == *wallet) =>
+            {
+                Ok(())
+            }
+            Actor::Anonymous => Err(RegistryError::Unauthenticated(format!(
+                "{}: its owner reads it with a bearer token",
+                sold()
+            ))),
+            Actor::Wallet(_) => Err(RegistryError::Forbidden(format!(
+                "{}: its owner or an operator reads the original; buyers download their own copy",
+                sold()
+            ))),
         }
     }
 

@@ -248,6 +248,13 @@ async fn register_list_stage_metrics_download_and_anchor() {
         client.get(&artifact).bearer_auth(TOKEN).header("range", "bytes=999999-").send().await.unwrap();
     assert_eq!(beyond.status(), StatusCode::RANGE_NOT_SATISFIABLE);
 
+    // The same bytes elsewhere in the tree (a run's artifacts, an upload) are anyone's to read
+    // until they are anchored on-chain.
+    let copy = format!("{url}/api/2.0/mlflow-artifacts/artifacts/uploads/copy/weights.safetensors");
+    let r = client.put(&copy).bearer_auth(TOKEN).body(v1_bytes.clone()).send().await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(client.get(&copy).send().await.unwrap().status(), StatusCode::OK);
+
     // Anchoring version 1's hash on-chain shows up once the index has the block.
     let hash = B256::from(*blake3::hash(&v1_bytes).as_bytes());
     let token_id = market.register_content(hash, "ipfs://fraud").await;
@@ -260,6 +267,35 @@ async fn register_list_stage_metrics_download_and_anchor() {
     assert_eq!(anchored["token_id"], token_id.to_string());
     assert_eq!(anchored["version"], 1);
     assert!(anchored["block"].as_u64().unwrap() > 0);
+
+    // Anchored, the content is for sale: its copy in the tree is read by the token's owner or
+    // an operator, and refused to anyone else with the reason.
+    let read = |token: Option<String>| {
+        let (client, copy) = (client.clone(), copy.clone());
+        async move {
+            let request = client.get(&copy);
+            let request = match token {
+                Some(token) => request.bearer_auth(token),
+                None => request,
+            };
+            let r = request.send().await.unwrap();
+            (r.status(), r.bytes().await.unwrap())
+        }
+    };
+    let (status, body) = read(None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(String::from_utf8_lossy(&body).contains(&format!("content of model token {token_id}")));
+    let mut owner = agora_node::client::NodeClient::new(&url).unwrap();
+    let owner_token = owner.sign_in(&market.signer(1)).await.unwrap().to_owned();
+    let mut other = agora_node::client::NodeClient::new(&url).unwrap();
+    let other_token = other.sign_in(&market.signer(2)).await.unwrap().to_owned();
+    let (status, body) = read(Some(other_token)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(String::from_utf8_lossy(&body).contains("buyers download their own copy"));
+    for token in [owner_token, TOKEN.to_owned()] {
+        let (status, body) = read(Some(token)).await;
+        assert_eq!((status, body.as_ref()), (StatusCode::OK, v1_bytes.as_slice()));
+    }
 
     // Every change is in the audit log.
     let (_, log) = node.get("/api/v1/audit/log?limit=1000").await;
