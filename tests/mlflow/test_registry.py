@@ -214,6 +214,17 @@ def test_a_copied_version_holds_the_files_of_the_one_it_copies(client, tmp_path)
     client.set_registered_model_alias(name, "champion", source.version)
     by_alias = client.copy_model_version(f"models:/{name}@champion", f"{name}-copy")
     assert by_alias.version == "2"
+    # as MLflow's server reads model URIs: the newest version, or the newest in a stage
+    client.transition_model_version_stage(name, source.version, "Staging")
+    for which in ["latest", "Staging", "staging"]:
+        copied = client.create_model_version(f"{name}-copy", f"models:/{name}/{which}")
+        out = download_artifacts(f"models:/{name}-copy/{copied.version}", dst_path=str(tmp_path / which))
+        assert sha256(os.path.join(out, "weights.bin")) == sha256(weights)
+    with pytest.raises(MlflowException) as none_there:
+        client.create_model_version(f"{name}-copy", f"models:/{name}/Production")
+    assert error_code(none_there) == "RESOURCE_DOES_NOT_EXIST"
+    for version in ["3", "4", "5"]:
+        client.delete_model_version(f"{name}-copy", version)
 
     # the copies are their own: the original version deleted, they download whole
     client.delete_model_version(name, source.version)
@@ -227,7 +238,7 @@ def test_a_copied_version_holds_the_files_of_the_one_it_copies(client, tmp_path)
     with pytest.raises(MlflowException) as bad:
         client.create_model_version(f"{name}-copy", f"models:/{name}/newest")
     assert error_code(bad) == "INVALID_PARAMETER_VALUE"
-    assert "not a number" in str(bad.value)
+    assert "neither a version number, 'latest' nor a stage" in str(bad.value)
     assert [v.version for v in client.search_model_versions(f"name = '{name}-copy'")] == ["2", "1"]
 
 

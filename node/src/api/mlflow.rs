@@ -650,23 +650,33 @@ async fn create_version(State(state): State<AppState>, headers: HeaderMap, raw: 
     Ok(Json(json!({"model_version": version_json(&view)})))
 }
 
-/// The version a `models:/<name>/<version>` or `models:/<name>@<alias>` URI names.
+/// The version a model URI names, as MLflow reads them: `models:/<name>/<version>`,
+/// `models:/<name>@<alias>`, `models:/<name>/latest` (the newest version) or
+/// `models:/<name>/<stage>` (the newest in that stage).
 fn registered(registry: &Registry, uri: &str) -> Result<VersionView, RegistryError> {
     let uri = uri.trim_end_matches('/');
     if let Some((name, alias)) = uri.split_once('@') {
         return registry.by_alias(name, alias);
     }
-    let Some((name, number)) = uri.rsplit_once('/') else {
+    let Some((name, which)) = uri.rsplit_once('/') else {
         return Err(RegistryError::Invalid(format!(
             "source 'models:/{uri}' is not models:/<name>/<version> or models:/<name>@<alias>"
         )));
     };
-    match number.parse::<u32>() {
-        Ok(number) => registry.version(name, number),
-        Err(_) => Err(RegistryError::Invalid(format!(
-            "source 'models:/{uri}' names version '{number}', not a number"
-        ))),
+    if let Ok(number) = which.parse::<u32>() {
+        return registry.version(name, number);
     }
+    let stages = match which {
+        "latest" => Vec::new(),
+        stage => vec![Stage::parse(stage).map_err(|_| {
+            RegistryError::Invalid(format!(
+                "source 'models:/{uri}' names '{which}', which is neither a version number, 'latest' nor a stage"
+            ))
+        })?],
+    };
+    registry.latest_versions(name, &stages)?.into_iter().max_by_key(|v| v.version.version).ok_or_else(|| {
+        RegistryError::NotFound(format!("model '{name}' has no version that 'models:/{uri}' names"))
+    })
 }
 
 async fn update_version(State(state): State<AppState>, headers: HeaderMap, raw: Bytes) -> Answer {
