@@ -176,6 +176,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(registry::artifact))
         .routes(routes!(registry::webhooks))
         .routes(routes!(tracking::gc))
+        .routes(routes!(registry::artifacts_gc))
         .split_for_parts();
     // Uploads are bounded by AGORA_MAX_UPLOAD as they stream, not by axum's buffered-body limit.
     let register = OpenApiRouter::new()

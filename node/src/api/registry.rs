@@ -19,7 +19,9 @@ use super::{
     transfer,
 };
 use crate::{
-    registry::{self, Actor, Anchor, Context, NewVersion, Registry, Stage, VersionView, now_ms},
+    registry::{
+        self, Actor, Anchor, Context, NewVersion, Registry, RegistryError, Stage, VersionView, now_ms,
+    },
     store::tables::MetricPoint,
 };
 
@@ -645,4 +647,40 @@ pub async fn webhooks(
 ) -> Result<Json<registry::webhooks::WebhooksView>, ApiError> {
     auth::operator_only(&state, &headers, "sees the webhooks")?;
     Ok(Json(state.registry.webhooks()))
+}
+
+/// Collects the artifact store while the node runs: deletes blobs nothing references, objects
+/// no record knows and leftovers of writes that crashed over an hour ago (uploads in progress
+/// are never touched). An operator's call; audited as `artifacts.gc`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/artifacts/gc",
+    tag = "registry",
+    responses(
+        (status = 200, body = crate::artifacts::GcReport),
+        (status = 401, body = super::error::ErrorBody),
+        (status = 403, body = super::error::ErrorBody),
+    )
+)]
+pub async fn artifacts_gc(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<crate::artifacts::GcReport>, ApiError> {
+    auth::operator_only(&state, &headers, "collects the artifact store")?;
+    let request_id = auth::api_caller(&state, &headers)?.request_id;
+    let (artifacts, store) = (state.registry.artifacts().clone(), state.store.clone());
+    let report = tokio::task::spawn_blocking(move || {
+        let report = artifacts.gc()?;
+        let summary =
+            format!("{} blobs, {} bytes, {} partial files", report.blobs, report.bytes, report.partial_files);
+        crate::audit::Audit::new(store).record(
+            "operator",
+            "artifacts.gc",
+            &summary,
+            request_id.as_deref(),
+        )?;
+        Ok::<_, RegistryError>(report)
+    })
+    .await??;
+    Ok(Json(report))
 }

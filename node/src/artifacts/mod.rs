@@ -63,7 +63,7 @@ pub struct BlobInfo {
 }
 
 /// What a garbage collection removed.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct GcReport {
     pub blobs: u64,
     pub bytes: u64,

@@ -120,7 +120,7 @@ impl Cli {
             Command::Contracts(command) => command.run(&config).await,
             Command::Audit(audit::AuditCommand::File(args)) => audit::file(args, &config).await,
             Command::Audit(command) => tokio::task::spawn_blocking(move || command.run(&config)).await?,
-            Command::Artifacts(command) => tokio::task::spawn_blocking(move || command.run(&config)).await?,
+            Command::Artifacts(command) => command.run(config).await,
             Command::Watermark(command) => tokio::task::spawn_blocking(move || command.run()).await?,
             Command::Model(command) => command.run(&config).await,
             Command::Deploy(command) => command.run(&config).await,
