@@ -105,7 +105,13 @@ def test_runs_are_searched_ordered_and_paged(client):
     deleted = client.search_runs([experiment], run_view_type=ViewType.DELETED_ONLY)
     assert [r.info.run_id for r in deleted] == [ids[0]]
     assert client.get_run(ids[0]).info.lifecycle_stage == "deleted"
+    # a deleted run takes nothing until it is restored, files included
+    with pytest.raises(Exception) as late:
+        client.log_text(ids[0], "too late", "late.txt")
+    assert "must be in the 'active' state" in str(late.value)
     client.restore_run(ids[0])
+    client.log_text(ids[0], "in time", "late.txt")
+    assert [f.path for f in client.list_artifacts(ids[0])] == ["late.txt"]
     assert len(client.search_runs([experiment])) == 5
 
     with pytest.raises(MlflowException) as e:

@@ -1175,8 +1175,9 @@ impl Tracking {
 
     /// Whether `ctx` may write `path` of the artifact tree: a run's artifacts
     /// (`<experiment id>/<run id>/...`) and a logged model's (`<experiment id>/models/<model
-    /// id>/...`) are written by their creator or an operator; other paths are the registry's
-    /// concern.
+    /// id>/...`) are written by their creator or an operator, and not while deleted (a deleted
+    /// run takes no logging, files included, until it is restored); other paths are the
+    /// registry's concern.
     pub fn check_artifact_write(&self, ctx: &Context, path: &str) -> Result<(), RegistryError> {
         let parts: Vec<&str> = path.trim_start_matches('/').splitn(4, '/').collect();
         let Some(Ok(experiment)) = parts.first().map(|e| e.parse::<u64>()) else { return Ok(()) };
@@ -1184,14 +1185,21 @@ impl Tracking {
             let Ok(key) = parse_model_id(model) else { return Ok(()) };
             return match self.store.get::<TrackingLoggedModels>(&key)? {
                 Some(model) if model.experiment_id == experiment => {
-                    may_change(&ctx.actor, model.owner, &model.model_id())
+                    may_change(&ctx.actor, model.owner, &model.model_id())?;
+                    if model.deleted {
+                        return Err(invalid(format!("logged model {} is deleted", model.model_id())));
+                    }
+                    Ok(())
                 }
                 _ => Ok(()),
             };
         }
         let Some(Ok(key)) = parts.get(1).map(|r| parse_run_id(r)) else { return Ok(()) };
         match self.store.get::<TrackingRuns>(&key)? {
-            Some(run) if run.experiment_id == experiment => Self::may_change_run(&ctx.actor, &run),
+            Some(run) if run.experiment_id == experiment => {
+                Self::may_change_run(&ctx.actor, &run)?;
+                Self::active(&run)
+            }
             _ => Ok(()),
         }
     }

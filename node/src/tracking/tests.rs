@@ -343,6 +343,12 @@ fn logged_models_belong_to_their_creators_and_hide_once_deleted() {
     assert_eq!(found.iter().map(|m| m.model_id()).collect::<Vec<_>>(), std::slice::from_ref(&id));
     forbidden(tracking.delete_logged_model(&b, &id));
     tracking.delete_logged_model(&a, &id).unwrap();
+    refused(tracking.check_artifact_write(&a, &format!("0/models/{id}/artifacts/MLmodel")), "is deleted");
+    tracking.set_run_deleted(&a, &run.run_id(), true).unwrap();
+    let file = format!("0/{}/artifacts/plot.png", run.run_id());
+    refused(tracking.check_artifact_write(&a, &file), "must be in the 'active' state");
+    tracking.set_run_deleted(&a, &run.run_id(), false).unwrap();
+    tracking.check_artifact_write(&a, &file).unwrap();
     assert!(matches!(tracking.logged_model(&id, false), Err(RegistryError::NotFound(_))));
     assert!(tracking.logged_model(&id, true).unwrap().deleted);
     assert!(tracking.search_logged_models(&[DEFAULT_EXPERIMENT], &[], &[]).unwrap().is_empty());
