@@ -72,7 +72,10 @@ impl Tracking {
         let _guard = self.lock();
         let threshold = request.older_than_ms.map(|age| now_ms().saturating_sub(age));
         let old_enough = |at: Option<u64>| threshold.is_none_or(|t| at.is_some_and(|at| at < t));
-        let age = || request.older_than_ms.map(|ms| format!("{ms} ms")).unwrap_or_default();
+        let age = || {
+            let age = std::time::Duration::from_millis(request.older_than_ms.unwrap_or_default());
+            humantime::format_duration(age).to_string()
+        };
 
         let experiments = self.doomed_experiments(request, &old_enough, &age)?;
         let mut runs = self.doomed_runs(request, &old_enough, &age)?;

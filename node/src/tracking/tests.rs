@@ -436,7 +436,7 @@ fn collection_deletes_for_good_only_what_was_deleted() {
     refused(gc(&named(&[&r2, &r3])), &format!("Runs [{r3}] are not in the deleted lifecycle stage"));
     refused(
         gc(&GcRequest { older_than_ms: day, ..named(&[&r2, &r4]) }),
-        &format!("Runs [{r2}] were deleted less than"),
+        &format!("Runs [{r2}] were deleted less than 1day ago"),
     );
     refused(
         gc(&GcRequest { experiment_ids: Some(vec![kept.to_string()]), ..GcRequest::default() }),
