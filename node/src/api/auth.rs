@@ -91,11 +91,12 @@ pub fn load_or_create_token(path: &Path) -> std::io::Result<String> {
     Ok(token)
 }
 
-/// Passes only the node's operator: 401 without a token, 403 for anyone else, saying that
-/// only the operator `does` what was asked.
-pub fn operator_only(state: &AppState, headers: &HeaderMap, does: &str) -> Result<(), ApiError> {
-    match api_caller(state, headers)?.actor {
-        Actor::Operator => Ok(()),
+/// Passes only the node's operator (its context): 401 without a token, 403 for anyone else,
+/// saying that only the operator `does` what was asked.
+pub fn operator_only(state: &AppState, headers: &HeaderMap, does: &str) -> Result<Context, ApiError> {
+    let ctx = api_caller(state, headers)?;
+    match ctx.actor {
+        Actor::Operator => Ok(ctx),
         Actor::Anonymous => {
             Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "the operator token is required"))
         }

@@ -24,7 +24,7 @@ fn p2p(state: &AppState) -> Result<&P2p, ApiError> {
 }
 
 fn operator(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    auth::operator_only(state, headers, "shares and fetches blobs")
+    auth::operator_only(state, headers, "shares and fetches blobs").map(drop)
 }
 
 fn blob_hash(raw: &str) -> Result<[u8; 32], ApiError> {

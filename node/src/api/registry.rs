@@ -666,8 +666,7 @@ pub async fn artifacts_gc(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<crate::artifacts::GcReport>, ApiError> {
-    auth::operator_only(&state, &headers, "collects the artifact store")?;
-    let request_id = auth::api_caller(&state, &headers)?.request_id;
+    let request_id = auth::operator_only(&state, &headers, "collects the artifact store")?.request_id;
     let (artifacts, store) = (state.registry.artifacts().clone(), state.store.clone());
     let report = tokio::task::spawn_blocking(move || {
         let report = artifacts.gc()?;

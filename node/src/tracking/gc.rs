@@ -15,9 +15,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::{
-    ExperimentRecord, LoggedModelRecord, RunRecord, Tracking, invalid, members, parse_experiment_id,
-};
+use super::{LoggedModelRecord, RunRecord, Tracking, invalid, members, parse_experiment_id};
 use crate::{
     registry::{Actor, Context, RegistryError, now_ms},
     store::{
@@ -72,14 +70,35 @@ impl Tracking {
         let _guard = self.lock();
         let threshold = request.older_than_ms.map(|age| now_ms().saturating_sub(age));
         let old_enough = |at: Option<u64>| threshold.is_none_or(|t| at.is_some_and(|at| at < t));
-        let age = || {
-            let age = std::time::Duration::from_millis(request.older_than_ms.unwrap_or_default());
-            humantime::format_duration(age).to_string()
-        };
+        let age = humantime::format_duration(std::time::Duration::from_millis(
+            request.older_than_ms.unwrap_or_default(),
+        ))
+        .to_string();
 
-        let experiments = self.doomed_experiments(request, &old_enough, &age)?;
-        let mut runs = self.doomed_runs(request, &old_enough, &age)?;
-        let mut models = self.doomed_models(request, &old_enough, &age)?;
+        let limit = (&old_enough, age.as_str());
+        let experiments = self.doomed::<TrackingExperiments>(
+            request.experiment_ids.as_deref(),
+            ("Experiments", |id| self.experiment(parse_experiment_id(id)?)),
+            |e| e.deleted.then_some(Some(e.updated_ms)),
+            |e| e.id.to_string(),
+            limit,
+        )?;
+        let runs = self.doomed::<TrackingRuns>(
+            request.run_ids.as_deref(),
+            ("Runs", |id| self.run(id)),
+            |r| r.deleted.then_some(r.deleted_ms),
+            RunRecord::run_id,
+            limit,
+        )?;
+        let models = self.doomed::<TrackingLoggedModels>(
+            request.logged_model_ids.as_deref(),
+            ("Logged models", |id| self.logged_model(id, true)),
+            |m| m.deleted.then_some(Some(m.updated_ms)),
+            LoggedModelRecord::model_id,
+            limit,
+        )?;
+        let mut runs: BTreeMap<_, _> = runs.into_iter().map(|r| (r.id, r)).collect();
+        let mut models: BTreeMap<_, _> = models.into_iter().map(|m| (m.id, m)).collect();
         for experiment in &experiments {
             for run in members::<TrackingExperimentRuns, TrackingRuns>(&self.store, experiment.id)? {
                 runs.insert(run.id, run);
@@ -130,98 +149,33 @@ impl Tracking {
         Ok(report)
     }
 
-    fn doomed_experiments(
+    /// What a collection takes of one kind, table `T`: the records `named` (each must be
+    /// deleted and old enough, or the call is refused), else every deleted one old enough.
+    /// `deleted_at` is when a record was deleted (`Some(None)` when unknown), `None` while it
+    /// is not.
+    fn doomed<T: Table>(
         &self,
-        request: &GcRequest,
-        old_enough: &impl Fn(Option<u64>) -> bool,
-        age: &impl Fn() -> String,
-    ) -> Result<Vec<ExperimentRecord>, RegistryError> {
-        let Some(ids) = &request.experiment_ids else {
+        named: Option<&[String]>,
+        (kind, fetch): (&str, impl Fn(&str) -> Result<T::Value, RegistryError>),
+        deleted_at: impl Fn(&T::Value) -> Option<Option<u64>>,
+        id: impl Fn(&T::Value) -> String,
+        (old_enough, age): (&impl Fn(Option<u64>) -> bool, &str),
+    ) -> Result<Vec<T::Value>, RegistryError> {
+        let Some(named) = named else {
             let mut found = Vec::new();
-            for item in self.store.iter::<TrackingExperiments>() {
-                let (_, experiment) = item?;
-                if experiment.deleted && old_enough(Some(experiment.updated_ms)) {
-                    found.push(experiment);
+            for item in self.store.iter::<T>() {
+                let (_, record) = item?;
+                if deleted_at(&record).is_some_and(old_enough) {
+                    found.push(record);
                 }
             }
             return Ok(found);
         };
-        let mut found = Vec::new();
-        for id in ids {
-            found.push(self.experiment(parse_experiment_id(id)?)?);
-        }
-        refuse(
-            &found,
-            |e| !e.deleted,
-            |e| e.id.to_string(),
-            "Experiments",
-            "are not in the deleted lifecycle stage",
-        )?;
-        refuse(
-            &found,
-            |e| !old_enough(Some(e.updated_ms)),
-            |e| e.id.to_string(),
-            "Experiments",
-            &too_young(&age()),
-        )?;
+        let found = named.iter().map(|n| fetch(n)).collect::<Result<Vec<_>, _>>()?;
+        refuse(&found, |r| deleted_at(r).is_none(), &id, kind, "are not in the deleted lifecycle stage")?;
+        let too_young = format!("were deleted less than {age} ago");
+        refuse(&found, |r| deleted_at(r).is_some_and(|at| !old_enough(at)), &id, kind, &too_young)?;
         Ok(found)
-    }
-
-    fn doomed_runs(
-        &self,
-        request: &GcRequest,
-        old_enough: &impl Fn(Option<u64>) -> bool,
-        age: &impl Fn() -> String,
-    ) -> Result<BTreeMap<[u8; 16], RunRecord>, RegistryError> {
-        let Some(ids) = &request.run_ids else {
-            let mut found = BTreeMap::new();
-            for item in self.store.iter::<TrackingRuns>() {
-                let (_, run) = item?;
-                if run.deleted && old_enough(run.deleted_ms) {
-                    found.insert(run.id, run);
-                }
-            }
-            return Ok(found);
-        };
-        let mut found = Vec::new();
-        for id in ids {
-            found.push(self.run(id)?);
-        }
-        refuse(&found, |r| !r.deleted, RunRecord::run_id, "Runs", "are not in the deleted lifecycle stage")?;
-        refuse(&found, |r| !old_enough(r.deleted_ms), RunRecord::run_id, "Runs", &too_young(&age()))?;
-        Ok(found.into_iter().map(|r| (r.id, r)).collect())
-    }
-
-    fn doomed_models(
-        &self,
-        request: &GcRequest,
-        old_enough: &impl Fn(Option<u64>) -> bool,
-        age: &impl Fn() -> String,
-    ) -> Result<BTreeMap<[u8; 16], LoggedModelRecord>, RegistryError> {
-        let Some(ids) = &request.logged_model_ids else {
-            let mut found = BTreeMap::new();
-            for item in self.store.iter::<TrackingLoggedModels>() {
-                let (_, model) = item?;
-                if model.deleted && old_enough(Some(model.updated_ms)) {
-                    found.insert(model.id, model);
-                }
-            }
-            return Ok(found);
-        };
-        let mut found = Vec::new();
-        for id in ids {
-            found.push(self.logged_model(id, true)?);
-        }
-        let stage = "are not in the deleted lifecycle stage";
-        refuse(&found, |m| !m.deleted, LoggedModelRecord::model_id, "Logged models", stage)?;
-        refuse(
-            &found,
-            |m| !old_enough(Some(m.updated_ms)),
-            LoggedModelRecord::model_id,
-            "Logged models",
-            &too_young(&age()),
-        )?;
-        Ok(found.into_iter().map(|m| (m.id, m)).collect())
     }
 
     /// Deletes a run's metric points, a batch at a time; returns how many there were.
@@ -263,7 +217,7 @@ fn artifacts(
 fn refuse<T>(
     records: &[T],
     bad: impl Fn(&T) -> bool,
-    id: impl Fn(&T) -> String,
+    id: &impl Fn(&T) -> String,
     kind: &str,
     why: &str,
 ) -> Result<(), RegistryError> {
@@ -272,8 +226,4 @@ fn refuse<T>(
         return Ok(());
     }
     Err(invalid(format!("{kind} [{}] {why}; nothing was deleted", named.join(", "))))
-}
-
-fn too_young(age: &str) -> String {
-    format!("were deleted less than {age} ago")
 }

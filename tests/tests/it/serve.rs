@@ -616,15 +616,7 @@ async fn an_http_deployment_splits_calls_between_servers() {
     let v2 = register_shifted(&seller, "proxied", false, 0.5).await;
     let hash = format!("0x{}", v2["file"]["blake3"].as_str().unwrap()).parse().unwrap();
     market.registry.anchorVersion(token, hash).from(market.address(1)).send().await.unwrap().mined().await;
-    agora_e2e::eventually("version 2 anchored", Duration::from_secs(30), || async {
-        let (_, v) = node.get("/api/v1/models/proxied/versions").await;
-        v["versions"]
-            .as_array()?
-            .iter()
-            .any(|x| x["version"] == 2 && x["anchored"]["token_id"].is_string())
-            .then_some(())
-    })
-    .await;
+    anchored(&node, "proxied", 2).await;
     let ((a, _a), (b, b_server)) = (named_upstream("a").await, named_upstream("b").await);
     let created = seller
         .post_json(
@@ -999,16 +991,8 @@ async fn a_traffic_split_shares_calls_between_versions() {
     let v3 = register_shifted(&seller, "iris", true, 1.0).await;
     let other = market.register_content(hash_of(&v3), "iris-3").await;
     register_shifted(&seller, "iris", true, 1.5).await;
-    agora_e2e::eventually("versions 2 and 3 anchored", Duration::from_secs(30), || async {
-        let (_, v) = node.get("/api/v1/models/iris/versions").await;
-        let token_of = |n: u64| {
-            v["versions"].as_array()?.iter().find(|x| x["version"] == n)?["anchored"]["token_id"]
-                .as_str()
-                .map(str::to_owned)
-        };
-        (token_of(2) == Some(token.to_string()) && token_of(3) == Some(other.to_string())).then_some(())
-    })
-    .await;
+    assert_eq!(anchored(&node, "iris", 2).await, token.to_string());
+    assert_eq!(anchored(&node, "iris", 3).await, other.to_string());
     let created = seller
         .post_json("/api/v1/deployments/create", &json!({"model": "iris", "version": 1}))
         .await
@@ -1303,13 +1287,7 @@ async fn a_canary_whose_answers_differ_shows_it_in_its_own_drift() {
     let hash: alloy::primitives::B256 =
         format!("0x{}", v2["file"]["blake3"].as_str().unwrap()).parse().unwrap();
     market.registry.anchorVersion(token, hash).from(market.address(1)).send().await.unwrap().mined().await;
-    agora_e2e::eventually("version 2 anchored", Duration::from_secs(30), || async {
-        let (_, v) = node.get("/api/v1/models/iris/versions").await;
-        v["versions"].as_array()?.iter().find(|x| x["version"] == 2)?["anchored"]["token_id"]
-            .as_str()
-            .map(drop)
-    })
-    .await;
+    anchored(&node, "iris", 2).await;
     let created = seller
         .post_json("/api/v1/deployments/create", &json!({"model": "iris", "version": 1}))
         .await
@@ -1367,4 +1345,15 @@ async fn a_canary_whose_answers_differ_shows_it_in_its_own_drift() {
     // A reset starts the reference again, and the versions' windows with it.
     let view = seller.delete_json(&format!("/api/v1/deployments/{id}/drift")).await.unwrap();
     assert_eq!(view["traffic"][1]["output_drift"], Value::Null, "{view}");
+}
+
+/// Waits until the node shows version `n` of `model` anchored on-chain; its token id.
+async fn anchored(node: &agora_e2e::Node, model: &str, n: u64) -> String {
+    agora_e2e::eventually(&format!("version {n} of {model} anchored"), Duration::from_secs(30), || async {
+        let (_, v) = node.get(&format!("/api/v1/models/{model}/versions")).await;
+        v["versions"].as_array()?.iter().find(|x| x["version"] == n)?["anchored"]["token_id"]
+            .as_str()
+            .map(str::to_owned)
+    })
+    .await
 }
